@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Build fusedhead and run every test suite (no GPU needed):
+#   bash scripts/test.sh
+# 1. the library as users build it (CUDA backend when nvcc is present), warnings as errors:
+#    the ref/ and api/ suites, the installed-package consumer check, a demo run;
+# 2. everything again under AddressSanitizer + UBSan, including the SIMT emulator and the
+#    kernel suites that run kernels/*.cu on the CPU;
+# 3. with nvcc present: ptxas statistics for sm_80 and sm_90 (spills fail).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+bash scripts/setup.sh || exit 1
+. scripts/env.sh
+jobs=$(nproc)
+logdir="$root/build-logs"
+mkdir -p "$logdir"
+failed=0
+summary=()
+
+run_ctest() { # name builddir [ctest args]
+  local name=$1 dir=$2
+  shift 2
+  local log="$logdir/ctest-$name.log"
+  (cd "$dir" && ctest -V "$@") >"$log" 2>&1
+  local rc=$?
+  grep -E 'Synthesis|\[FAIL\]|install check: OK|tests passed|tests failed' "$log" | sed "s/^/[$name] /"
+  if [ $rc -ne 0 ]; then
+    echo "[$name] FAILED: last lines of $log:"
+    grep -E '\[FAIL\]|FAILURE|ERROR|Assertion|AddressSanitizer|runtime error' "$log" | head -n 60
+    tail -n 60 "$log"
+    failed=1
+  fi
+  summary+=("$log")
+}
+
+step() { echo; echo "=== $*"; }
+
+step "build 1: default configuration, -Werror"
+if ! { cmake -S . -B build -DFH_WERROR=ON -DFH_BUILD_EMULATOR=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo &&
+       cmake --build build -j"$jobs"; } >"$logdir/build1.log" 2>&1; then
+  tail -n 80 "$logdir/build1.log"; echo "build 1 failed"; exit 1
+fi
+grep -E 'fusedhead:' "$logdir/build1.log" || true
+run_ctest default build
+step "demo smoke run (small shape)"
+./build/demo_linear_ce 64 40 1001 || failed=1
+
+step "build 2: AddressSanitizer + UBSan, emulator and kernel suites"
+if ! { cmake -S . -B build-san -DFH_WERROR=ON -DFH_ENABLE_CUDA=OFF -DFH_BUILD_BENCH=OFF \
+         -DFH_SANITIZE=address,undefined -DCMAKE_BUILD_TYPE=RelWithDebInfo &&
+       cmake --build build-san -j"$jobs"; } >"$logdir/build2.log" 2>&1; then
+  tail -n 80 "$logdir/build2.log"; echo "build 2 failed"; exit 1
+fi
+grep -E 'fusedhead:' "$logdir/build2.log" || true
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 run_ctest sanitized build-san
+
+if command -v nvcc >/dev/null 2>&1 && [ -x scripts/ptxas_stats.sh ]; then
+  step "ptxas statistics (sm_80, sm_90)"
+  if bash scripts/ptxas_stats.sh "$logdir/ptxas.md"; then cat "$logdir/ptxas.md"; else failed=1; fi
+fi
+
+# One closing line over every Criterion run: "N passed, N failed".
+pass=0; fail=0
+for log in "${summary[@]}"; do
+  while read -r t p f c; do
+    pass=$((pass + p)); fail=$((fail + f + c))
+  done < <(sed -n 's/.*Synthesis: Tested: \([0-9]*\) | Passing: \([0-9]*\) | Failing: \([0-9]*\) | Crashing: \([0-9]*\).*/\1 \2 \3 \4/p' "$log")
+done
+[ $failed -eq 0 ] || [ $fail -gt 0 ] || fail=1
+echo
+echo "tests: $pass passed, $fail failed"
+exit $failed

@@ -1,0 +1,373 @@
+/* CPU reference for linear cross-entropy: fp64 accumulation everywhere, O(N + V + D) memory
+ * beyond inputs and outputs (it streams over the vocabulary and recomputes logits instead of
+ * storing them). Written to be obviously right, not fast; the formulas are in fusedhead.h. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fh_internal.h"
+#include "ref/linear_ce_ref.h"
+#include "ref/ref_common.h"
+
+/* Rows per block in the row-major passes: each class row C_j is converted to fp64 once per block. */
+#define ROW_BLOCK 16
+/* Classes per block in the dC pass. */
+#define CLASS_BLOCK 64
+
+static double class_weight(const fh_lce_problem_t* p, int64_t j) {
+  return p->class_weights ? (double)p->class_weights[j] : 1.0;
+}
+static double token_weight(const fh_lce_problem_t* p, int64_t i) {
+  return p->token_weights ? (double)p->token_weights[i] : 1.0;
+}
+static int row_valid(const fh_lce_problem_t* p, int64_t i) { return p->targets[i] != p->opt.ignore_index; }
+
+/* Raw logit r = e·c + b (fp64), then the processed logit z (scale, then softcap). */
+static double raw_logit(const fh_lce_problem_t* p, const double* e, const double* c, int64_t j) {
+  double r = fh_ref_dot(e, c, p->D);
+  if (p->bias) r += fh_tensor_get(p->bias, 0, j);
+  return r;
+}
+static double process_logit(const fh_lce_problem_t* p, double r) {
+  double s = (double)p->opt.logit_scale * r;
+  double cap = (double)p->opt.softcap;
+  return cap > 0.0 ? cap * tanh(s / cap) : s;
+}
+
+/* W = Σ_j w_j (V when there are no class weights). */
+static double weight_total(const fh_lce_problem_t* p) {
+  if (!p->class_weights) return (double)p->V;
+  double W = 0;
+  for (int64_t j = 0; j < p->V; ++j) W += p->class_weights[j];
+  return W;
+}
+
+/* The mean's denominators D_ce = Σ ω w_y and D_reg = Σ ω over valid rows (or the divisor). */
+static void denominators(const fh_lce_problem_t* p, double* d_ce, double* d_reg, int64_t* n_valid) {
+  double a = 0, b = 0;
+  int64_t n = 0;
+  for (int64_t i = 0; i < p->N; ++i) {
+    if (!row_valid(p, i)) continue;
+    double om = token_weight(p, i);
+    a += om * class_weight(p, p->targets[i]);
+    b += om;
+    ++n;
+  }
+  if (p->opt.divisor > 0.0f) a = b = (double)p->opt.divisor;
+  *d_ce = a;
+  *d_reg = b;
+  *n_valid = n;
+}
+
+/* x / d with the documented rule that a part over a zero denominator is 0. */
+static double safe_div(double x, double d) { return d != 0.0 ? x / d : 0.0; }
+
+fh_status_t fh_ref_lce_forward_f64(const fh_lce_problem_t* p, fh_lce_ref_forward_t* out) {
+  const int64_t N = p->N, V = p->V, D = p->D;
+  const double alpha = p->opt.label_smoothing, eps = V > 0 ? alpha / (double)V : 0.0;
+  const double lambda = p->opt.z_loss_scale, eta = p->opt.entropy_weight;
+  const double W = weight_total(p);
+  int oom = 0;
+
+#ifdef FH_HAVE_OPENMP
+#pragma omp parallel for schedule(dynamic) reduction(| : oom)
+#endif
+  for (int64_t i0 = 0; i0 < N; i0 += ROW_BLOCK) {
+    const int64_t nb = (N - i0 < ROW_BLOCK) ? N - i0 : ROW_BLOCK;
+    double* e = (double*)malloc(sizeof(double) * (size_t)(ROW_BLOCK * D + D + 1));
+    if (!e) {
+      oom = 1;
+      continue;
+    }
+    double* c = e + ROW_BLOCK * D;
+    fh_ref_softmax_stats_t st[ROW_BLOCK];
+    double sum_wz[ROW_BLOCK], z_y[ROW_BLOCK], best[ROW_BLOCK];
+    int64_t arg[ROW_BLOCK];
+    for (int64_t r = 0; r < nb; ++r) {
+      fh_ref_row_to_double(p->E, i0 + r, e + r * D);
+      fh_ref_stats_init(&st[r]);
+      sum_wz[r] = 0;
+      z_y[r] = NAN;
+      best[r] = -INFINITY;
+      arg[r] = -1;
+    }
+    for (int64_t j = 0; j < V; ++j) {
+      fh_ref_row_to_double(p->C, j, c);
+      const double wj = class_weight(p, j);
+      for (int64_t r = 0; r < nb; ++r) {
+        if (!row_valid(p, i0 + r)) continue;
+        double raw = raw_logit(p, e + r * D, c, j);
+        double z = process_logit(p, raw);
+        fh_ref_stats_add(&st[r], z);
+        sum_wz[r] += wj * z;
+        if (j == p->targets[i0 + r]) z_y[r] = z;
+        /* argmax over the raw logit (scale and softcap keep the order, and saturating tanh
+         * would create ties); NaN counts as the maximum, first occurrence wins. */
+        if (arg[r] < 0 || raw > best[r] || (isnan(raw) && !isnan(best[r]))) {
+          best[r] = raw;
+          arg[r] = j;
+        }
+      }
+    }
+    for (int64_t r = 0; r < nb; ++r) {
+      const int64_t i = i0 + r;
+      if (!row_valid(p, i)) {
+        out->lse[i] = 0;
+        out->entropy[i] = 0;
+        out->row_loss[i] = 0;
+        out->row_zloss[i] = 0;
+        out->argmax[i] = -1;
+        continue;
+      }
+      const double lse = fh_ref_stats_lse(&st[r]), h = fh_ref_stats_entropy(&st[r]);
+      const double om = token_weight(p, i), wy = class_weight(p, p->targets[i]);
+      const double ce = om * (wy * (1.0 - alpha) * (lse - z_y[r]) + eps * (W * lse - sum_wz[r]));
+      const double zl = om * lambda * lse * lse;
+      const double reg = zl + om * eta * h;
+      out->lse[i] = lse;
+      out->entropy[i] = h;
+      out->row_loss[i] = ce + reg;
+      out->row_zloss[i] = zl;
+      out->argmax[i] = arg[r];
+      /* keep ce separately for the mean: stash it in sum_wz (no longer needed) */
+      sum_wz[r] = ce;
+    }
+    free(e);
+  }
+  if (oom) return fh_set_error(FH_ERR_OUT_OF_MEMORY, "fh_linear_ce_forward", "cannot allocate reference buffers");
+
+  double d_ce, d_reg;
+  int64_t n_valid;
+  denominators(p, &d_ce, &d_reg, &n_valid);
+  /* Reductions in row order (deterministic). ce_i = row_loss − zl − ω η h. */
+  double sum_ce = 0, sum_reg = 0, sum_zl = 0;
+  int64_t correct = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    if (!row_valid(p, i)) continue;
+    const double reg = out->row_zloss[i] + token_weight(p, i) * eta * out->entropy[i];
+    sum_ce += out->row_loss[i] - reg;
+    sum_reg += reg;
+    sum_zl += out->row_zloss[i];
+    correct += out->argmax[i] == p->targets[i];
+  }
+  out->n_valid = n_valid;
+  out->denom_ce = d_ce;
+  out->denom_reg = d_reg;
+  out->accuracy = n_valid ? (double)correct / (double)n_valid : 0.0;
+  if (p->opt.reduction == FH_REDUCTION_MEAN) {
+    out->loss = safe_div(sum_ce, d_ce) + safe_div(sum_reg, d_reg);
+    out->z_loss = safe_div(sum_zl, d_reg);
+  } else {
+    out->loss = sum_ce + sum_reg;
+    out->z_loss = sum_zl;
+  }
+  return FH_SUCCESS;
+}
+
+fh_status_t fh_ref_linear_ce_forward(const fh_lce_problem_t* p, const fh_linear_ce_outputs_t* o) {
+  const int64_t N = p->N;
+  fh_lce_ref_forward_t r;
+  memset(&r, 0, sizeof r);
+  size_t n = (size_t)(N > 0 ? N : 1);
+  double* buf = (double*)malloc(sizeof(double) * 4 * n);
+  int64_t* arg = (int64_t*)malloc(sizeof(int64_t) * n);
+  if (!buf || !arg) {
+    free(buf);
+    free(arg);
+    return fh_set_error(FH_ERR_OUT_OF_MEMORY, "fh_linear_ce_forward", "cannot allocate reference buffers");
+  }
+  r.lse = buf;
+  r.entropy = buf + n;
+  r.row_loss = buf + 2 * n;
+  r.row_zloss = buf + 3 * n;
+  r.argmax = arg;
+  fh_status_t st = fh_ref_lce_forward_f64(p, &r);
+  if (st == FH_SUCCESS) {
+    const int none = p->opt.reduction == FH_REDUCTION_NONE;
+    for (int64_t i = 0; i < N; ++i) {
+      if (none) o->loss[i] = (float)r.row_loss[i];
+      if (none && o->z_loss) o->z_loss[i] = (float)r.row_zloss[i];
+      if (o->lse) o->lse[i] = (float)r.lse[i];
+      if (o->entropy) o->entropy[i] = (float)r.entropy[i];
+      if (o->argmax) o->argmax[i] = r.argmax[i];
+    }
+    if (!none) {
+      o->loss[0] = (float)r.loss;
+      if (o->z_loss) o->z_loss[0] = (float)r.z_loss;
+    }
+    if (o->accuracy) o->accuracy[0] = (float)r.accuracy;
+  }
+  free(buf);
+  free(arg);
+  return st;
+}
+
+/* Per-row factors of the backward: a_i (target-dependent part), b_i (regularizers), g_i (lse). */
+typedef struct row_coef {
+  double a, b, glse, lse, h;
+  int valid;
+} row_coef_t;
+
+/* ∂loss/∂r_ij for one entry, from the processed logit z (see fusedhead.h). */
+static double grad_entry(const fh_lce_problem_t* p, const row_coef_t* rc, int64_t y, int64_t j, double z,
+                         double W) {
+  const double alpha = p->opt.label_smoothing, eps = alpha / (double)p->V;
+  const double lambda = p->opt.z_loss_scale, eta = p->opt.entropy_weight;
+  const double logp = z - rc->lse, pj = exp(logp);
+  const double wy = class_weight(p, y), wj = class_weight(p, j);
+  double g = rc->a * (wy * (1.0 - alpha) * (pj - (j == y ? 1.0 : 0.0)) + eps * (W * pj - wj));
+  g += rc->b * (2.0 * lambda * rc->lse * pj - eta * pj * (logp + rc->h));
+  g += rc->glse * pj;
+  if (p->opt.softcap > 0.0f) {
+    const double t = z / (double)p->opt.softcap; /* tanh(s / cap) */
+    g *= 1.0 - t * t;
+  }
+  return g * (double)p->opt.logit_scale;
+}
+
+/* Store one fp64 gradient row into a caller tensor, adding the old value when accumulating. */
+static void store_row(const fh_tensor_t* t, int64_t r, const double* v, int64_t n, int accumulate) {
+  for (int64_t k = 0; k < n; ++k) {
+    double x = v[k];
+    if (accumulate) x += fh_tensor_get(t, r, k);
+    fh_tensor_set(t, r, k, x);
+  }
+}
+
+static int wanted(const fh_tensor_t* t) { return t && t->data; }
+
+fh_status_t fh_ref_lce_backward_f64(const fh_lce_problem_t* p, const double* lse, const double* entropy,
+                                    const double* grad_loss, const double* grad_lse, double* dE64,
+                                    double* dC64, double* db64, const fh_linear_ce_grads_t* grads) {
+  static const char fn[] = "fh_linear_ce_backward";
+  const int64_t N = p->N, V = p->V, D = p->D;
+  const fh_tensor_t* tE = grads && wanted(grads->dE) ? grads->dE : NULL;
+  const fh_tensor_t* tC = grads && wanted(grads->dC) ? grads->dC : NULL;
+  const fh_tensor_t* tb = grads && wanted(grads->dbias) && p->bias ? grads->dbias : NULL;
+  const int acc = p->opt.accumulate;
+  const int want_E = dE64 || tE, want_C = dC64 || tC, want_b = db64 || tb;
+  const double W = weight_total(p);
+
+  double d_ce, d_reg;
+  int64_t n_valid;
+  denominators(p, &d_ce, &d_reg, &n_valid);
+  row_coef_t* rc = (row_coef_t*)malloc(sizeof(row_coef_t) * (size_t)(N > 0 ? N : 1));
+  if (!rc) return fh_set_error(FH_ERR_OUT_OF_MEMORY, fn, "cannot allocate reference buffers");
+  for (int64_t i = 0; i < N; ++i) {
+    row_coef_t* c = &rc[i];
+    c->valid = row_valid(p, i);
+    if (!c->valid) continue;
+    const double om = token_weight(p, i);
+    double g = p->opt.reduction == FH_REDUCTION_NONE ? grad_loss[i] : grad_loss[0];
+    if (p->opt.reduction == FH_REDUCTION_MEAN) {
+      c->a = safe_div(om * g, d_ce);
+      c->b = safe_div(om * g, d_reg);
+    } else {
+      c->a = c->b = om * g;
+    }
+    c->glse = grad_lse ? grad_lse[i] : 0.0;
+    c->lse = lse[i];
+    c->h = entropy ? entropy[i] : 0.0;
+  }
+
+  int oom = 0;
+  /* dE: rows in blocks; each C_j is converted once per block. dE_i = Σ_j G_ij C_j. */
+  if (want_E) {
+#ifdef FH_HAVE_OPENMP
+#pragma omp parallel for schedule(dynamic) reduction(| : oom)
+#endif
+    for (int64_t i0 = 0; i0 < N; i0 += ROW_BLOCK) {
+      const int64_t nb = (N - i0 < ROW_BLOCK) ? N - i0 : ROW_BLOCK;
+      double* e = (double*)malloc(sizeof(double) * (size_t)(2 * ROW_BLOCK * D + D + 1));
+      if (!e) {
+        oom = 1;
+        continue;
+      }
+      double* accE = e + ROW_BLOCK * D;
+      double* c = accE + ROW_BLOCK * D;
+      memset(accE, 0, sizeof(double) * (size_t)(ROW_BLOCK * D));
+      for (int64_t r = 0; r < nb; ++r) fh_ref_row_to_double(p->E, i0 + r, e + r * D);
+      for (int64_t j = 0; j < V; ++j) {
+        fh_ref_row_to_double(p->C, j, c);
+        for (int64_t r = 0; r < nb; ++r) {
+          const int64_t i = i0 + r;
+          if (!rc[i].valid) continue;
+          const double z = process_logit(p, raw_logit(p, e + r * D, c, j));
+          const double g = grad_entry(p, &rc[i], p->targets[i], j, z, W);
+          double* a = accE + r * D;
+          for (int64_t k = 0; k < D; ++k) a[k] += g * c[k];
+        }
+      }
+      for (int64_t r = 0; r < nb; ++r) {
+        if (dE64) memcpy(dE64 + (i0 + r) * D, accE + r * D, sizeof(double) * (size_t)D);
+        if (tE) store_row(tE, i0 + r, accE + r * D, D, acc);
+      }
+      free(e);
+    }
+  }
+  /* dC and dbias: classes in blocks; each valid E_i is converted once per block. */
+  if ((want_C || want_b) && !oom) {
+#ifdef FH_HAVE_OPENMP
+#pragma omp parallel for schedule(dynamic) reduction(| : oom)
+#endif
+    for (int64_t j0 = 0; j0 < V; j0 += CLASS_BLOCK) {
+      const int64_t nb = (V - j0 < CLASS_BLOCK) ? V - j0 : CLASS_BLOCK;
+      double* c = (double*)malloc(sizeof(double) * (size_t)(2 * CLASS_BLOCK * D + D + CLASS_BLOCK + 1));
+      if (!c) {
+        oom = 1;
+        continue;
+      }
+      double* accC = c + CLASS_BLOCK * D;
+      double* e = accC + CLASS_BLOCK * D;
+      double* accb = e + D;
+      memset(accC, 0, sizeof(double) * (size_t)(CLASS_BLOCK * D));
+      memset(accb, 0, sizeof(double) * (size_t)CLASS_BLOCK);
+      for (int64_t r = 0; r < nb; ++r) fh_ref_row_to_double(p->C, j0 + r, c + r * D);
+      for (int64_t i = 0; i < N; ++i) {
+        if (!rc[i].valid) continue;
+        fh_ref_row_to_double(p->E, i, e);
+        for (int64_t r = 0; r < nb; ++r) {
+          const int64_t j = j0 + r;
+          const double z = process_logit(p, raw_logit(p, e, c + r * D, j));
+          const double g = grad_entry(p, &rc[i], p->targets[i], j, z, W);
+          accb[r] += g;
+          if (want_C) {
+            double* a = accC + r * D;
+            for (int64_t k = 0; k < D; ++k) a[k] += g * e[k];
+          }
+        }
+      }
+      for (int64_t r = 0; r < nb; ++r) {
+        const int64_t j = j0 + r;
+        if (dC64) memcpy(dC64 + j * D, accC + r * D, sizeof(double) * (size_t)D);
+        if (tC) store_row(tC, j, accC + r * D, D, acc);
+        if (db64) db64[j] = accb[r];
+        if (tb) fh_tensor_set(tb, 0, j, accb[r] + (acc ? fh_tensor_get(tb, 0, j) : 0.0));
+      }
+      free(c);
+    }
+  }
+  free(rc);
+  if (oom) return fh_set_error(FH_ERR_OUT_OF_MEMORY, fn, "cannot allocate reference buffers");
+  return FH_SUCCESS;
+}
+
+fh_status_t fh_ref_linear_ce_backward(const fh_lce_problem_t* p, const fh_linear_ce_grad_inputs_t* in,
+                                      const fh_linear_ce_grads_t* grads) {
+  const int64_t N = p->N;
+  const size_t n = (size_t)(N > 0 ? N : 1);
+  const int none = p->opt.reduction == FH_REDUCTION_NONE;
+  double* buf = (double*)malloc(sizeof(double) * 4 * n);
+  if (!buf) return fh_set_error(FH_ERR_OUT_OF_MEMORY, "fh_linear_ce_backward", "cannot allocate reference buffers");
+  double *lse = buf, *h = buf + n, *gl = buf + 2 * n, *glse = buf + 3 * n;
+  for (int64_t i = 0; i < N; ++i) {
+    lse[i] = in->lse[i];
+    h[i] = in->entropy ? in->entropy[i] : 0.0;
+    if (none) gl[i] = in->grad_loss[i];
+    glse[i] = in->grad_lse ? in->grad_lse[i] : 0.0;
+  }
+  if (!none) gl[0] = in->grad_loss[0];
+  fh_status_t st = fh_ref_lce_backward_f64(p, lse, h, gl, in->grad_lse ? glse : NULL, NULL, NULL, NULL, grads);
+  free(buf);
+  return st;
+}

@@ -1,0 +1,69 @@
+/* Small helpers shared by the CPU reference files: logits in fp64 and online softmax stats. */
+#ifndef FH_REF_COMMON_H
+#define FH_REF_COMMON_H
+
+#include <math.h>
+#include <stdint.h>
+
+#include "dtype.h"
+
+/* Copy row r of t (cols elements) into dst as doubles: exact. */
+static inline void fh_ref_row_to_double(const fh_tensor_t* t, int64_t r, double* dst) {
+  if (t->dtype == FH_DTYPE_F32) { /* the common case, kept free of per-element dispatch */
+    const float* src = (const float*)t->data + r * t->row_stride;
+    for (int64_t k = 0; k < t->cols; ++k) dst[k] = (double)src[k];
+    return;
+  }
+  for (int64_t k = 0; k < t->cols; ++k) dst[k] = fh_tensor_get(t, r, k);
+}
+
+/* Dot product with four partial sums: fp64 accumulation, and enough independent chains that
+ * the loop is not latency-bound (the reference is slow enough as it is). */
+static inline double fh_ref_dot(const double* a, const double* b, int64_t n) {
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    s0 += a[k] * b[k];
+    s1 += a[k + 1] * b[k + 1];
+    s2 += a[k + 2] * b[k + 2];
+    s3 += a[k + 3] * b[k + 3];
+  }
+  for (; k < n; ++k) s0 += a[k] * b[k];
+  return (s0 + s1) + (s2 + s3);
+}
+
+/* Online softmax statistics of a stream of logits z: m = max, Z = Σ e^{z−m},
+ * F = Σ e^{z−m}(z − m), so that lse = m + ln Z and the entropy h = ln Z − F/Z.
+ * NaN propagates through Z; −inf entries contribute nothing. */
+typedef struct fh_ref_softmax_stats {
+  double m, Z, F;
+} fh_ref_softmax_stats_t;
+
+static inline void fh_ref_stats_init(fh_ref_softmax_stats_t* s) {
+  s->m = -INFINITY;
+  s->Z = 0.0;
+  s->F = 0.0;
+}
+
+static inline void fh_ref_stats_add(fh_ref_softmax_stats_t* s, double z) {
+  if (z > s->m) {
+    if (s->Z == 0.0) { /* first finite entry: nothing to rescale (avoids 0 * inf) */
+      s->F = 0.0;
+      s->Z = 1.0;
+    } else {
+      double d = s->m - z, sc = exp(d);
+      s->F = sc * (s->F + d * s->Z);
+      s->Z = s->Z * sc + 1.0;
+    }
+    s->m = z;
+  } else if (z != -INFINITY) {
+    double t = exp(z - s->m); /* NaN z lands here and poisons Z */
+    s->Z += t;
+    s->F += t * (z - s->m);
+  }
+}
+
+static inline double fh_ref_stats_lse(const fh_ref_softmax_stats_t* s) { return s->m + log(s->Z); }
+static inline double fh_ref_stats_entropy(const fh_ref_softmax_stats_t* s) { return log(s->Z) - s->F / s->Z; }
+
+#endif

@@ -1,0 +1,96 @@
+/* Argument validation at the API boundary. Kernels and the reference trust what passes here. */
+#include <math.h>
+
+#include "fh_internal.h"
+
+fh_status_t fh_check_context(const char* fn, const fh_context_t* ctx) {
+  if (!ctx) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "ctx is NULL");
+  if ((int)ctx->backend < 0 || ctx->backend >= FH_BACKEND_COUNT)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "ctx is not a valid context");
+  return FH_SUCCESS;
+}
+
+fh_status_t fh_check_options(const char* fn, const char* name, const void* opts, size_t struct_size,
+                             size_t min_size) {
+  if (!opts) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s is NULL", name);
+  if (struct_size < min_size)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn,
+                        "%s->struct_size is %zu (at least %zu; call the *_options_init function)",
+                        name, struct_size, min_size);
+  return FH_SUCCESS;
+}
+
+fh_status_t fh_check_enum(const char* fn, const char* name, int v, int count) {
+  if (v < 0 || v >= count)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s is %d (must be in [0, %d))", name, v, count);
+  return FH_SUCCESS;
+}
+
+fh_status_t fh_check_tensor(const char* fn, const char* name, const fh_tensor_t* t, int64_t rows,
+                            int64_t cols, fh_dtype_t want_dtype) {
+  if (!t) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s is NULL", name);
+  if ((int)t->dtype < 0 || t->dtype >= FH_DTYPE_COUNT)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s->dtype is %d (must be in [0, %d))", name,
+                        (int)t->dtype, (int)FH_DTYPE_COUNT);
+  if ((int)want_dtype >= 0 && want_dtype < FH_DTYPE_COUNT && t->dtype != want_dtype)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s->dtype is %d (must match the inputs' dtype %d)",
+                        name, (int)t->dtype, (int)want_dtype);
+  if (t->rows < 0) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s->rows is %lld (negative)", name, (long long)t->rows);
+  if (t->cols < 0) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s->cols is %lld (negative)", name, (long long)t->cols);
+  if (rows >= 0 && t->rows != rows)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s->rows is %lld (expected %lld)", name,
+                        (long long)t->rows, (long long)rows);
+  if (cols >= 0 && t->cols != cols)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s->cols is %lld (expected %lld)", name,
+                        (long long)t->cols, (long long)cols);
+  if (t->row_stride < t->cols)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s->row_stride is %lld (smaller than cols %lld)", name,
+                        (long long)t->row_stride, (long long)t->cols);
+  /* The last element's offset must fit int64 with room to spare (index math is 64-bit). */
+  if (t->rows > 0 && t->row_stride > 0 && t->rows > (INT64_MAX / 4) / t->row_stride)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s is too large (rows * row_stride overflows)", name);
+  if (!t->data && t->rows > 0 && t->cols > 0)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s->data is NULL", name);
+  return FH_SUCCESS;
+}
+
+fh_status_t fh_check_ptr(const char* fn, const char* name, const void* p, int64_t n) {
+  if (!p && n > 0) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s is NULL", name);
+  return FH_SUCCESS;
+}
+
+fh_status_t fh_check_targets_host(const char* fn, const int64_t* targets, int64_t n, int64_t V,
+                                  int64_t ignore_index) {
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t y = targets[i];
+    if (y == ignore_index) continue;
+    if (y < 0 || y >= V)
+      return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn,
+                          "targets[%lld] is %lld (must be in [0, %lld) or ignore_index %lld)",
+                          (long long)i, (long long)y, (long long)V, (long long)ignore_index);
+  }
+  return FH_SUCCESS;
+}
+
+fh_status_t fh_check_weights_host(const char* fn, const char* name, const float* w, int64_t n) {
+  if (!w) return FH_SUCCESS;
+  for (int64_t i = 0; i < n; ++i)
+    if (!(isfinite(w[i]) && w[i] >= 0.0f))
+      return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s[%lld] is %g (must be finite and >= 0)", name,
+                          (long long)i, (double)w[i]);
+  return FH_SUCCESS;
+}
+
+fh_status_t fh_check_float_range(const char* fn, const char* name, double v, double lo, double hi) {
+  if (!(isfinite(v) && v >= lo && v <= hi))
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s is %g (must be finite and in [%g, %g])", name, v, lo,
+                        hi);
+  return FH_SUCCESS;
+}
+
+fh_status_t fh_check_workspace(const char* fn, const void* ws, size_t bytes, size_t need) {
+  if (bytes < need)
+    return fh_set_error(FH_ERR_INSUFFICIENT_WORKSPACE, fn, "workspace_bytes is %zu (need %zu)", bytes, need);
+  if (need > 0 && !ws) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "workspace is NULL");
+  return FH_SUCCESS;
+}
