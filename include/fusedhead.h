@@ -323,12 +323,420 @@ FH_API fh_status_t fh_linear_ce_backward(fh_context_t* ctx, const fh_linear_ce_o
 /* Distillation                                                                               */
 /* ------------------------------------------------------------------------------------------ */
 /* FH-SECTION-DISTILL-BEGIN (owned by the distillation work; keep this marker) */
+/*
+ * Knowledge distillation: an f-divergence between a teacher head and a student head, with
+ * gradients for the student only. Per row i (N rows) and class j in [0, V):
+ *     s_ij = Es_i · Cs_j + bs_j        student: Es [N x D_s], Cs [V x D_s], bs [1 x V]
+ *     t_ij = Et_i · Ct_j + bt_j        teacher: Et [N x D_t], Ct [V_t x D_t], bt [1 x V_t]
+ *     Q_i = softmax_j(s_ij / T),  P_i = softmax_j(t_ij / T)   (both over j < V only)
+ *     X = log Q, Y = log P, r = P / Q = exp(Y − X)
+ * Each divergence is D(P‖Q) = Σ_j q_j f(r_j) for a convex f with f(1) = 0, and
+ *     ∂D/∂(s_j / T) = q_j (a_j − Σ_k q_k a_k),   a = f(r) − r f′(r),
+ * so a divergence is an (f, a) pair (a matters only up to an additive constant):
+ *   FORWARD_KL        KL(P‖Q) = Σ p log(p/q)             f = r ln r            a = −r
+ *   REVERSE_KL        KL(Q‖P) = Σ q log(q/p)             f = −ln r             a = 1 − ln r
+ *   JSD (β = beta)    β KL(P‖M) + (1−β) KL(Q‖M), M = βP + (1−β)Q
+ *                     f = β r ln(r/w) − (1−β) ln w, w = βr + 1 − β;   a = −(1−β) ln w
+ *                     At β ∈ {0, 1} this is identically 0. jsd_endpoints picks what β = 0 and
+ *                     β = 1 mean: FH_DISTILL_JSD_ENDPOINTS_KL (default, Liger's convention:
+ *                     β = 0 is KL(P‖Q), β = 1 is KL(Q‖P); discontinuous, for parity) or
+ *                     FH_DISTILL_JSD_ENDPOINTS_PLAIN (the formula: 0 with zero gradient).
+ *   JSD_SCALED        JSD(β) / (β(1−β)), β in [0, 1]: continuous on [0, 1] because
+ *                     JSD(β) = β KL(P‖Q) + O(β²) and (1−β) KL(Q‖P) + O((1−β)²); its values at
+ *                     β = 0 and 1 are those limits, KL(P‖Q) and KL(Q‖P).
+ *   TVD               ½ Σ |p − q|                         f = ½|r − 1|          a = −½ sign(r − 1)
+ *                     The subgradient at p_j = q_j uses sign(0) = 0 (the midpoint of [−1, 1], and
+ *                     what makes the gradient 0 when teacher = student).
+ *   SKEW_FORWARD_KL   KL(P ‖ λP + (1−λ)Q), λ = skew        f = r ln(r/w), w = λr + 1 − λ
+ *                                                         a = −(1−λ) r / w
+ *   SKEW_REVERSE_KL   KL(Q ‖ λQ + (1−λ)P)                 f = −ln w′, w′ = λ + (1−λ) r
+ *                                                         a = −ln w′ + (1−λ) r / w′
+ *                     (λ = 0 gives the plain KLs, λ = 1 gives 0.)
+ *   ALPHA (Amari)     (1 − Σ p^α q^(1−α)) / (α(1−α)),  f = (r^α − 1 − α(r − 1)) / (α(α−1)),
+ *                     a = (1 − r^α) / α. Any finite α; α = 0 is KL(Q‖P) and α = 1 is KL(P‖Q)
+ *                     exactly (the limits, evaluated with expm1(αd)/α → d, not special cases
+ *                     that jump), and values near 0 or 1 are accurate (no 1/α cancellation).
+ *   HELLINGER         ALPHA at α = ½:  4(1 − Σ √(pq)) = 2 Σ (√p − √q)²  (4× the squared
+ *                     Hellinger distance 1 − Σ √(pq); the family's normalization).
+ *   CHI_SQUARE        ALPHA at α = 2:  ½ (Σ p²/q − 1) = ½ Σ (p − q)²/q  (half Pearson χ²(P‖Q)).
+ * Ratios are evaluated in log space (exp of differences of X and Y, log1p/expm1 forms), so
+ * q or p underflowing to 0 gives the right limit instead of 0·∞.
+ *
+ * Loss. With κ = T² when scale_by_t_squared, else 1, each valid row has
+ *     soft_i = κ D(P_i‖Q_i),   hard_i = lse_j(s_ij) − s_{i,y_i}   (untempered student CE)
+ *     loss_i = hard_weight · hard_i + soft_weight · soft_i
+ * Row i is valid when targets is NULL or targets[i] != ignore_index. Reductions: none writes
+ * loss_i (0 at ignored rows); sum Σ loss_i; mean Σ loss_i / N_valid (or / divisor when
+ * divisor > 0). Gradient: ∂loss_i/∂s_ij = soft_weight κ (1/T) q_j (a_j − Σ q a)
+ * + hard_weight (softmax(s_i)_j − δ_{j,y_i}), times the row's upstream factor; then
+ * dEs = G·Cs, dCs = Gᵀ·Es, dbs_j = Σ_i G_ij.
+ * Decisions, each with its reason:
+ *   - scale_by_t_squared defaults to 1 (Hinton et al.): probability differences shrink like
+ *     1/T, so without T² the soft gradient falls like 1/T² and every change of T would need a
+ *     new soft_weight. Liger applies no T²; set 0 for parity with it.
+ *   - soft_weight 1, hard_weight 0 by default: the default loss is the divergence itself and
+ *     targets may be NULL. (Liger's chunked trainer uses 0.5 / 0.5; set them explicitly.)
+ *   - V_t > V: the teacher's columns j >= V are never read and P is renormalized over the
+ *     shared V (softmax over t_i0 .. t_i,V−1). Zero-padding the student instead (Liger PR #634)
+ *     gives the padded ids mass in Q, and −inf padding makes KL(P‖Q) infinite.
+ *   - Every row ignored (or N = 0): loss 0 and zero gradients, not NaN (a padding-only micro-batch
+ *     must not poison an accumulated step; Liger's clamp_min(1) gives the same).
+ *   - targets, when given, must hold ignore_index or a class in [0, V) (checked on the host by
+ *     the CPU backend) even when hard_weight is 0; targets NULL needs hard_weight == 0.
+ *   - NaN or Inf in a valid row propagates to that row's loss, state and gradients; ignored rows
+ *     are never read.
+ *   - The teacher gets no gradient; its dtype may differ from the student's (each head's E, C
+ *     and bias share one dtype); D_t and D_s are independent.
+ *
+ * Sparse (offline) teacher: fh_distill_sparse_forward/backward take, instead of a teacher head,
+ * K ids [N x K] int64 and log-probabilities [N x K] fp32 per row, at temperature 1 (what serving
+ * engines return). Only FH_DISTILL_FORWARD_KL (FH_ERR_UNSUPPORTED otherwise). With S_i the ids
+ * of row i (in [0, V), no duplicates in a valid row, checked on the host; order irrelevant):
+ *   FH_DISTILL_SPARSE_RENORMALIZE (default): p_ij = exp(logp_ij / T) / Σ_{k∈S_i} exp(logp_ik / T)
+ *       on S_i, 0 elsewhere; D = KL(P‖Q). This is exactly the tempered teacher conditioned on
+ *       its support for every T (the unknown normalizer cancels). logprobs may be any reals or
+ *       −inf (p = 0), with at least one finite per valid row.
+ *   FH_DISTILL_SPARSE_REMAINDER: needs T == 1 (the tempered mass of the support depends on the
+ *       unknown tail). p_ij = exp(logp_ij) on S_i, the remainder ρ_i = max(0, 1 − Σ_S p) is one
+ *       extra bucket against the student's mass outside the support q_R = Σ_{j∉S} q_j:
+ *           D = Σ_{j∈S} p_j log(p_j / q_j) + ρ log(ρ / q_R)
+ *       (the KL of the two distributions coarsened to S ∪ {rest}; ≥ 0, 0 iff they agree there).
+ *       Equivalently it is KL(P̃‖Q) with the teacher completed by p̃_j = ρ q_j / q_R off the
+ *       support, so ∂D/∂u_j = q_j − p_j on S and q_j (1 − ρ / q_R) off it: the student is pushed
+ *       to give the rest exactly mass ρ without preferring any id in it. Σ_S p may exceed 1 by
+ *       at most 1e-3 (rounding of the engine's log-probs); when S covers all of [0, V) there is
+ *       no bucket and ρ is dropped.
+ *   The row state's slot 1 holds log Σ_S exp(logp / T) (renormalize) or log(ρ / q_R) (remainder).
+ */
+
+typedef enum fh_distill_divergence {
+  FH_DISTILL_FORWARD_KL = 0,
+  FH_DISTILL_REVERSE_KL = 1,
+  FH_DISTILL_JSD = 2,
+  FH_DISTILL_JSD_SCALED = 3,
+  FH_DISTILL_TVD = 4,
+  FH_DISTILL_SKEW_FORWARD_KL = 5,
+  FH_DISTILL_SKEW_REVERSE_KL = 6,
+  FH_DISTILL_ALPHA = 7,
+  FH_DISTILL_HELLINGER = 8,
+  FH_DISTILL_CHI_SQUARE = 9,
+  FH_DISTILL_DIVERGENCE_COUNT
+} fh_distill_divergence_t;
+
+typedef enum fh_distill_jsd_endpoints {
+  FH_DISTILL_JSD_ENDPOINTS_KL = 0,    /* Liger: β = 0 → KL(P‖Q), β = 1 → KL(Q‖P) */
+  FH_DISTILL_JSD_ENDPOINTS_PLAIN = 1, /* the formula: 0 at β ∈ {0, 1} */
+  FH_DISTILL_JSD_ENDPOINTS_COUNT
+} fh_distill_jsd_endpoints_t;
+
+typedef enum fh_distill_sparse_mass {
+  FH_DISTILL_SPARSE_RENORMALIZE = 0,
+  FH_DISTILL_SPARSE_REMAINDER = 1,
+  FH_DISTILL_SPARSE_MASS_COUNT
+} fh_distill_sparse_mass_t;
+
+typedef struct fh_distill_options {
+  size_t struct_size;                       /* sizeof(fh_distill_options_t), set by init */
+  fh_distill_divergence_t divergence;       /* default FH_DISTILL_FORWARD_KL */
+  float beta;                               /* default 0.5; JSD, JSD_SCALED; in [0, 1] */
+  fh_distill_jsd_endpoints_t jsd_endpoints; /* default FH_DISTILL_JSD_ENDPOINTS_KL (JSD only) */
+  float skew;                               /* default 0.1 (λ); SKEW_*; in [0, 1] */
+  float alpha;                              /* default 0.5; ALPHA; finite */
+  float temperature;                        /* default 1 (T); finite and > 0 */
+  int scale_by_t_squared;                   /* default 1: soft loss × T² */
+  float soft_weight;                        /* default 1; finite */
+  float hard_weight;                        /* default 0; finite; != 0 needs targets */
+  int64_t ignore_index;                     /* default -100 */
+  fh_reduction_t reduction;                 /* default FH_REDUCTION_MEAN */
+  float divisor;                            /* default 0 (N_valid); > 0 replaces the mean's
+                                               denominator (a global token count) */
+  fh_distill_sparse_mass_t sparse_mass;     /* default FH_DISTILL_SPARSE_RENORMALIZE */
+  fh_accum_mode_t accum_mode;               /* default FH_ACCUM_FP32 (CUDA backend) */
+  int accumulate;                           /* default 0: the backward overwrites dE, dC,
+                                               dbias; 1 adds into them */
+} fh_distill_options_t;
+
+/* Fill `opts` with the defaults above. */
+FH_API void fh_distill_options_init(fh_distill_options_t* opts);
+
+/* One head: E [N x D], C [V x D] and bias [1 x V] (or NULL), one dtype. */
+typedef struct fh_distill_head {
+  const fh_tensor_t* E;
+  const fh_tensor_t* C;
+  const fh_tensor_t* bias;
+} fh_distill_head_t;
+
+/* A sparse teacher: ids and logprobs are [N x K] row-major (row stride K), K >= 1. */
+typedef struct fh_distill_sparse_teacher {
+  const int64_t* ids;
+  const float* logprobs;
+  int64_t K;
+} fh_distill_sparse_teacher_t;
+
+/* Floats per row in the forward's state (fp32, [N x FH_DISTILL_ROW_STATE], 0 at ignored rows):
+ * [0] student lse of s/T, [1] teacher lse of t/T over the shared V (sparse: see above),
+ * [2] Σ_j q_j a_j, [3] student lse of s (0 when hard_weight == 0). */
+#define FH_DISTILL_ROW_STATE 4
+
+typedef struct fh_distill_outputs {
+  float* loss;      /* required: [1] for mean/sum, [N] for none */
+  float* row_state; /* [N x FH_DISTILL_ROW_STATE] or NULL; the backward needs it */
+  float* soft_loss; /* [1] or [N] (as loss) or NULL: the reduced soft_i (κ D, unweighted) */
+  float* hard_loss; /* [1] or [N] (as loss) or NULL: the reduced hard_i (unweighted) */
+} fh_distill_outputs_t;                     /* so loss = hard_weight·hard_loss + soft_weight·soft_loss */
+
+typedef struct fh_distill_grad_inputs {
+  const float* row_state; /* required: from the forward with the same inputs and options */
+  const float* grad_loss; /* required: [1] for mean/sum, [N] for none */
+} fh_distill_grad_inputs_t;
+
+/* Student gradients, each in the dtype and shape of its input, or NULL / data NULL when not
+ * wanted. They must not alias any input. */
+typedef struct fh_distill_grads {
+  fh_tensor_t* dE;
+  fh_tensor_t* dC;
+  fh_tensor_t* dbias;
+} fh_distill_grads_t;
+
+/* Problem shape for the workspace queries. K = 0: dense teacher (V_t, D_t, dtype_t used);
+ * K > 0: sparse teacher with K ids per row. */
+typedef struct fh_distill_shape {
+  int64_t N, V, D_s, V_t, D_t, K;
+  fh_dtype_t dtype_s, dtype_t;
+} fh_distill_shape_t;
+
+/* Workspace in bytes (0 on the CPU backend). CUDA: FH_ERR_UNSUPPORTED in this version. */
+FH_API fh_status_t fh_distill_forward_workspace_size(fh_context_t* ctx, const fh_distill_options_t* opts,
+                                                     const fh_distill_shape_t* shape, size_t* bytes);
+FH_API fh_status_t fh_distill_backward_workspace_size(fh_context_t* ctx, const fh_distill_options_t* opts,
+                                                      const fh_distill_shape_t* shape, size_t* bytes);
+
+/* Forward pass (dense teacher). teacher->C has V_t >= V rows; targets [N] int64 or NULL.
+ * Outputs must not alias inputs or each other.
+ * Statuses: FH_ERR_INVALID_ARGUMENT (NULLs, shapes, dtypes, strides, option ranges, targets),
+ * FH_ERR_UNSUPPORTED (CUDA backend: distillation has no CUDA kernels in this version),
+ * FH_ERR_INSUFFICIENT_WORKSPACE, FH_ERR_OUT_OF_MEMORY. */
+FH_API fh_status_t fh_distill_forward(fh_context_t* ctx, const fh_distill_options_t* opts,
+                                      const fh_distill_head_t* student, const fh_distill_head_t* teacher,
+                                      const int64_t* targets, const fh_distill_outputs_t* out,
+                                      void* workspace, size_t workspace_bytes);
+
+/* Backward pass: student gradients of the loss above times grad_loss (teacher as in the
+ * forward). Same statuses. */
+FH_API fh_status_t fh_distill_backward(fh_context_t* ctx, const fh_distill_options_t* opts,
+                                       const fh_distill_head_t* student, const fh_distill_head_t* teacher,
+                                       const int64_t* targets, const fh_distill_grad_inputs_t* in,
+                                       const fh_distill_grads_t* grads, void* workspace,
+                                       size_t workspace_bytes);
+
+/* Sparse-teacher forward and backward (see above); otherwise as the dense calls. */
+FH_API fh_status_t fh_distill_sparse_forward(fh_context_t* ctx, const fh_distill_options_t* opts,
+                                             const fh_distill_head_t* student,
+                                             const fh_distill_sparse_teacher_t* teacher,
+                                             const int64_t* targets, const fh_distill_outputs_t* out,
+                                             void* workspace, size_t workspace_bytes);
+FH_API fh_status_t fh_distill_sparse_backward(fh_context_t* ctx, const fh_distill_options_t* opts,
+                                              const fh_distill_head_t* student,
+                                              const fh_distill_sparse_teacher_t* teacher,
+                                              const int64_t* targets, const fh_distill_grad_inputs_t* in,
+                                              const fh_distill_grads_t* grads, void* workspace,
+                                              size_t workspace_bytes);
 /* FH-SECTION-DISTILL-END */
 
 /* ------------------------------------------------------------------------------------------ */
 /* Decoding                                                                                   */
 /* ------------------------------------------------------------------------------------------ */
 /* FH-SECTION-DECODE-BEGIN (owned by the decoding work; keep this marker) */
+/*
+ * Decoding: the next token of B rows, from given logits [B x V] or fused with the LM head
+ * (z_bv = H_b · C_v + bias_v, H [B x D], C [V x D], bias [1 x V]; the CPU reference computes each
+ * logit as one fp64 dot product of the exact inputs). Per row b, in this order:
+ *   1. z ← logits; z_id += value for every (id, value) of the row's sparse logit bias (repeated
+ *      ids add up, in list order); z_id ← −inf for every banned id (bans win over bias).
+ *   2. Degenerate row: z holds a NaN or +inf, or every z is −inf (e.g. all ids banned). Result:
+ *      token = opts.degenerate_token (default −1: any in-range id would be a silently wrong token),
+ *      flag FH_DECODE_FLAG_DEGENERATE, logprob/full_logprob/entropy NaN, rank 0, allowed_count 0,
+ *      lse as fh_rows_logsumexp (NaN / +inf / −inf), top-n ids −1 and logprobs NaN. Never a crash.
+ *   3. T = temperature. T == 0: greedy (below). T > 0: s = z / T. (vLLM treats T < 1e-5 as greedy;
+ *      here every T > 0 is the real tempered distribution, which is well defined in fp64; pass 0
+ *      for greedy.) Statistics: m = max s, lse = log Σ e^s, p = e^(s − lse),
+ *      h = −Σ p ln p (entropy in nats). Greedy rows report these for T = 1 (s = z).
+ *   4. Allowed set A ⊆ {v : z_v > −inf} by the row's truncation rule (opts.sampler), then
+ *      A ← A ∪ {a} where a = argmax s with the lowest id among ties: A is never empty.
+ *   5. Sampling distribution q on A: q_v = p_v / Σ_A p (renormalised), except the α-Bregman
+ *      decoder (below). token = argmax_{v ∈ A} (log q_v + g_v) (Gumbel-max; for renormalised p
+ *      the reference evaluates the equivalent s_v + g_v), g_v = −ln(−ln u_v), u_v the keyed
+ *      uniform of (seed_b, offset_b, v) defined under "Randomness". Exact ties of the key (prob. 0)
+ *      go to the lowest id.
+ * Greedy (T == 0): token = a (lowest id among maximal z), A = {a}, logprob 0 (q is a point mass),
+ * flag FH_DECODE_FLAG_GREEDY; the truncation rule and the random key are not used.
+ *
+ * Truncation rules (exact, in fp64 on the CPU reference; "≥" keeps equality; "tie-inclusive"
+ * means tokens with equal s are all in or all out):
+ *   FH_DECODE_STANDARD (default): min-p → top-k → top-p, vLLM's order, each off by default.
+ *     min-p (arXiv 2407.01082, vLLM): keep s_v ≥ m + ln(min_p), i.e. p_v ≥ min_p·p_max. min_p in
+ *       [0, 1]; 0 is off; 1 keeps the maximal tie class.
+ *     top-k: keep v with #{j in the min-p survivors : s_j > s_v} < k (tie-inclusive: FlashInfer
+ *       and vLLM masks; ties at the k-th value may give more than k tokens). k <= 0 or k >= V is
+ *       off (vLLM uses −1 for off).
+ *     top-p, FlashInfer's rule on the survivors renormalised (FlashInfer top_k_first, i.e.
+ *       sequential, not SGLang's joint rule: p = (.30,.25,.24,.11,.10), k = 3, P = .35 keeps
+ *       only the first token): r_v = p_v / Σ_{survivors} p, keep v with
+ *       Σ_{survivors j : s_j > s_v} r_j < top_p (tie-inclusive; the mass strictly above is summed
+ *       in descending order, ties by id, in fp64). top_p in (0, 1]; 1 is off.
+ *   FH_DECODE_TOP_N_SIGMA (arXiv 2411.07641): keep z_v ≥ max z − n·σ, σ the population standard
+ *     deviation (divide by the count, llama.cpp) of the finite z of the row. Evaluated on z
+ *     before temperature, so A is exactly temperature-invariant (in exact arithmetic s-space
+ *     gives the same set). n = top_n_sigma; n <= 0 or V <= 1 is off (all finite tokens).
+ *   FH_DECODE_EPSILON (arXiv 2210.15191, HF EpsilonLogitsWarper): keep p_v ≥ ε (HF removes
+ *     p < ε); ε = epsilon in [0, 1), 0 is off. Empty → {a} and FH_DECODE_FLAG_ARGMAX_FALLBACK.
+ *   FH_DECODE_ETA: keep p_v ≥ η, η = min(ε, √ε·exp(−h)) with h the entropy of p in nats
+ *     (HF EtaLogitsWarper's code; its docstring's sqrt(ε·e^−h) is wrong). Fallback as ε.
+ *   FH_DECODE_TOP_H (arXiv 2509.02510, reference code logit_processor.py): the top N =
+ *     min(top_h_candidates, V) tokens of p in (s descending, id ascending) order, p the full
+ *     softmax; τ = α·Σ_{i≤N} −p_(i) ln p_(i), H_j = Σ_{i≤j} −p_(i) ln p_(i);
+ *     A = the first k, k = max(1, max{j ≤ N : H_j ≤ τ}). Positional, as the reference code's
+ *     sort (the log base cancels; N bounds the guard at α = 1). α = top_h_alpha in (0, 1].
+ *   FH_DECODE_BREGMAN ("Foundations of Top-k Decoding", arXiv 2505.19371): these formulas follow
+ *     the derivation in REFERENCE.md §4.5, worked out from the paper's abstract and summaries,
+ *     not verified against the paper body. With p_(1) ≥ p_(2) ≥ … in (s descending, id ascending)
+ *     order, P_k = Σ_{i≤k} p_(i), p_(V+1) = 0 and λ = bregman_lambda ≥ 0:
+ *       k* = min{k ≥ 1 : ln(1 + p_(k+1)/P_k) ≤ λ}  (the first minimiser of the KL cost
+ *       J(k) = −ln P_k + λk, discretely convex in k); A = the first k* tokens (positional).
+ *     Renormalisation, α = bregman_alpha > 0: α = 1 (KL) gives q = p / P_k*; otherwise
+ *       q_v = (p_v^(α−1) + c)^(1/(α−1)) on A with the scalar c solved by bisection so that
+ *       Σ_A q = 1 (α < 1 up-weights large p more than proportionally). Evaluated as
+ *       q_v = p_(1)·exp(log1p(expm1((α−1) ln(p_v/p_(1))) + c′)/(α−1)), accurate for α near 1.
+ *       The token is the Gumbel-max of log q, which is not proportional to p here.
+ *
+ * Randomness: Philox4x32-10 (Random123, 10 rounds), key = (seed lo32, seed hi32), counter =
+ * (v lo32, v hi32, offset lo32, offset hi32); of the four output words x, u_v =
+ * ((((x0 << 32) | x1) >> 12) + 0.5)·2^−52, so u ∈ [2^−53, 1 − 2^−53], never 0 or 1 (52 bits so
+ * that k + 0.5 and the result are exact doubles; x2, x3 are reserved). The noise of
+ * token v is a function of (seed_b, offset_b, v) only: the token does not depend on the batch,
+ * the row's position in it, tiling or how the vocabulary is split (argmax over a union is the
+ * argmax of the parts' argmaxes). Use a fresh offset (e.g. the decode step) or seed per draw.
+ * A CUDA backend uses the same keying, so u is bit-identical; g = −ln(−ln u) goes through libm
+ * vs CUDA log (≤ 1 ulp apart), so tokens agree except for keys equal to ~1e-16 relative.
+ *
+ * Outputs per row (each optional except tokens; NULL = not wanted): logprob = log q_token (the
+ * final sampling distribution: renormalised on A, α-Bregman q; greedy 0); full_logprob =
+ * log p_token (untruncated softmax of s); rank = 1 + #{v : s_v > s_token} (vLLM's rank, 1 is
+ * best; ties share a rank); lse and entropy of softmax(s); allowed_count = |A|; top-n ids and
+ * log p of the n largest s (ties by lowest id), n = opts.num_logprobs; flags (FH_DECODE_FLAG_*).
+ * Degenerate rows: see 2.
+ *
+ * Parameters: scalars in the options; a per-row array (length B, host memory for the CPU
+ * backend, device memory for CUDA so that no host sync is needed) replaces its scalar when not
+ * NULL. The CPU backend checks every per-row value on the host (FH_ERR_INVALID_ARGUMENT naming
+ * the array and the row).
+ */
+
+typedef enum fh_decode_sampler {
+  FH_DECODE_STANDARD = 0,    /* min-p → top-k → top-p */
+  FH_DECODE_TOP_N_SIGMA = 1, /* top_n_sigma */
+  FH_DECODE_EPSILON = 2,     /* epsilon */
+  FH_DECODE_ETA = 3,         /* epsilon (η derived from it) */
+  FH_DECODE_TOP_H = 4,       /* top_h_alpha, top_h_candidates */
+  FH_DECODE_BREGMAN = 5,     /* bregman_lambda, bregman_alpha */
+  FH_DECODE_SAMPLER_COUNT
+} fh_decode_sampler_t;
+
+/* Row flags (bit mask, uint32). */
+#define FH_DECODE_FLAG_DEGENERATE 1u      /* NaN or +inf in z, or every z is −inf */
+#define FH_DECODE_FLAG_GREEDY 2u          /* T == 0: argmax */
+#define FH_DECODE_FLAG_ARGMAX_FALLBACK 4u /* the rule kept nothing; A = {argmax} (ε, η) */
+
+typedef struct fh_decode_options {
+  size_t struct_size;          /* sizeof(fh_decode_options_t), set by init */
+  fh_decode_sampler_t sampler; /* default FH_DECODE_STANDARD */
+  float temperature;           /* default 1; finite and >= 0; 0 is greedy */
+  int64_t top_k;               /* default 0 (off); <= 0 or >= V is off */
+  float top_p;                 /* default 1 (off); in (0, 1] */
+  float min_p;                 /* default 0 (off); in [0, 1] */
+  float top_n_sigma;           /* default 1; finite; <= 0 is off (TOP_N_SIGMA) */
+  float epsilon;               /* default 3e-4 (HF's suggested η range 3e-4..4e-3); [0, 1) */
+  float top_h_alpha;           /* default 0.4 (the reference code's); in (0, 1] */
+  int64_t top_h_candidates;    /* default 100 (the reference code's N); >= 1 */
+  float bregman_lambda;        /* default 0.1 (no anchor default); finite and >= 0 */
+  float bregman_alpha;         /* default 1 (KL renormalisation); finite and > 0 */
+  uint64_t seed;               /* default 0 */
+  uint64_t offset;             /* default 0 */
+  int64_t num_logprobs;        /* default 0: n of the top-n outputs; in [0, V] */
+  int64_t degenerate_token;    /* default -1: token of a degenerate row; -1 or in [0, V) */
+  /* Per-row arrays [B] (NULL: the scalar above for every row). */
+  const float* temperature_per_row;
+  const int64_t* top_k_per_row;
+  const float* top_p_per_row;
+  const float* min_p_per_row;
+  const float* top_n_sigma_per_row;
+  const float* epsilon_per_row;
+  const float* top_h_alpha_per_row;
+  const float* bregman_lambda_per_row;
+  const uint64_t* seed_per_row;
+  const uint64_t* offset_per_row;
+  /* Sparse logit bias: row b adds bias_values[b·bias_width + i] to z at bias_ids[b·bias_width + i]
+   * for i < bias_count[b] (count in [0, bias_width], ids in [0, V), values finite). Off when
+   * bias_width == 0 (default). */
+  int64_t bias_width;
+  const int64_t* bias_ids;
+  const float* bias_values;
+  const int64_t* bias_count;
+  /* Banned ids: z ← −inf at banned_ids[b·banned_width + i], i < banned_count[b] (ids in [0, V)).
+   * Off when banned_width == 0 (default). */
+  int64_t banned_width;
+  const int64_t* banned_ids;
+  const int64_t* banned_count;
+} fh_decode_options_t;
+
+/* Fill `opts` with the defaults above. */
+FH_API void fh_decode_options_init(fh_decode_options_t* opts);
+
+/* Outputs, buffers of the context's kind; only tokens is required. */
+typedef struct fh_decode_outputs {
+  int64_t* tokens;        /* [B] */
+  float* logprob;         /* [B] log q(token), the final sampling distribution */
+  float* full_logprob;    /* [B] log softmax(s)(token), untruncated */
+  int64_t* rank;          /* [B] 1 + #{v : s_v > s_token}; 0 for degenerate rows */
+  float* lse;             /* [B] log Σ exp(s) */
+  float* entropy;         /* [B] entropy of softmax(s), nats */
+  int64_t* allowed_count; /* [B] |A| (0 for degenerate rows) */
+  int64_t* topn_ids;      /* [B x num_logprobs] */
+  float* topn_logprobs;   /* [B x num_logprobs] log softmax(s) of topn_ids */
+  uint32_t* flags;        /* [B] FH_DECODE_FLAG_* */
+} fh_decode_outputs_t;
+
+/* Workspace in bytes for B rows of V logits (D = 0: from logits; D > 0: fused). 0 on the CPU
+ * backend. CUDA: FH_ERR_UNSUPPORTED in this version (decoding has no CUDA kernels yet). */
+FH_API fh_status_t fh_decode_workspace_size(fh_context_t* ctx, const fh_decode_options_t* opts, int64_t B,
+                                            int64_t V, int64_t D, fh_dtype_t dtype, size_t* bytes);
+
+/* Decode from logits [B x V] (fp32, fp16 or bf16, row stride honoured). V >= 1 when B > 0.
+ * Outputs must not alias inputs or each other.
+ * Statuses: FH_ERR_INVALID_ARGUMENT (NULLs, shapes, dtypes, option and per-row ranges, ids),
+ * FH_ERR_UNSUPPORTED (CUDA backend), FH_ERR_INSUFFICIENT_WORKSPACE, FH_ERR_OUT_OF_MEMORY. */
+FH_API fh_status_t fh_decode_from_logits(fh_context_t* ctx, const fh_decode_options_t* opts,
+                                         const fh_tensor_t* logits, const fh_decode_outputs_t* out,
+                                         void* workspace, size_t workspace_bytes);
+
+/* Decode fused with the head: H [B x D], C [V x D], bias [1 x V] or NULL, one dtype. The CPU
+ * reference holds one row of V doubles per thread, never B x V. Same results as
+ * fh_decode_from_logits on the fp64 logits; same statuses. */
+FH_API fh_status_t fh_decode_fused(fh_context_t* ctx, const fh_decode_options_t* opts, const fh_tensor_t* H,
+                                   const fh_tensor_t* C, const fh_tensor_t* bias,
+                                   const fh_decode_outputs_t* out, void* workspace, size_t workspace_bytes);
+
+/* Exact top-k: values [B x k] (fp32, the logit rounded once) and ids [B x k] (int64), sorted by
+ * value descending, ties by lowest id; NaN sorts above +inf (as torch.topk); −inf entries are
+ * ordinary values. 1 <= k <= V. No bias, bans or temperature. Workspace as fh_decode (D = 0 for
+ * logits); statuses as fh_decode_from_logits. */
+FH_API fh_status_t fh_topk_workspace_size(fh_context_t* ctx, int64_t B, int64_t V, int64_t D, int64_t k,
+                                          fh_dtype_t dtype, size_t* bytes);
+FH_API fh_status_t fh_topk_from_logits(fh_context_t* ctx, const fh_tensor_t* logits, int64_t k, float* values,
+                                       int64_t* ids, void* workspace, size_t workspace_bytes);
+FH_API fh_status_t fh_topk_fused(fh_context_t* ctx, const fh_tensor_t* H, const fh_tensor_t* C,
+                                 const fh_tensor_t* bias, int64_t k, float* values, int64_t* ids,
+                                 void* workspace, size_t workspace_bytes);
 /* FH-SECTION-DECODE-END */
 
 #ifdef __cplusplus

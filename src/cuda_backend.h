@@ -5,6 +5,7 @@
 #define FH_CUDA_BACKEND_H
 
 #include "fusedhead.h"
+#include "linear_ce.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -22,6 +23,19 @@ int* fh_cuda_error_flag(fh_cuda_state_t* st);
 
 fh_status_t fh_cuda_rows_logsumexp(fh_cuda_state_t* st, struct CUstream_st* stream,
                                    const fh_tensor_t* logits, float* lse);
+
+/* Linear cross-entropy (kernels/linear_ce*.cu). Workspace sizes are exact byte counts for the
+ * problem; the compute calls get a workspace at least that large (checked by the caller). */
+fh_status_t fh_cuda_linear_ce_forward_workspace(const fh_cuda_state_t* st, const fh_linear_ce_options_t* opt,
+                                                int64_t N, int64_t V, int64_t D, fh_dtype_t dtype, size_t* bytes);
+/* The backward's size assumes every gradient is wanted, in the input dtype. */
+fh_status_t fh_cuda_linear_ce_backward_workspace(const fh_cuda_state_t* st, const fh_linear_ce_options_t* opt,
+                                                 int64_t N, int64_t V, int64_t D, fh_dtype_t dtype, size_t* bytes);
+fh_status_t fh_cuda_linear_ce_forward(fh_cuda_state_t* st, struct CUstream_st* stream, const fh_lce_problem_t* p,
+                                      const fh_linear_ce_outputs_t* out, void* workspace, size_t workspace_bytes);
+fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CUstream_st* stream, const fh_lce_problem_t* p,
+                                       const fh_linear_ce_grad_inputs_t* in, const fh_linear_ce_grads_t* grads,
+                                       void* workspace, size_t workspace_bytes);
 
 #ifdef __cplusplus
 }

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "cuda_backend.h"
 #include "fh_internal.h"
 #include "linear_ce.h"
 
@@ -84,46 +85,46 @@ static fh_status_t check_problem(const char* fn, fh_context_t* ctx, const fh_lin
   return FH_SUCCESS;
 }
 
-static fh_status_t cuda_unavailable(const char* fn) {
-  return fh_set_error(FH_ERR_UNSUPPORTED, fn,
-                      "linear cross-entropy has no CUDA kernels in fusedhead %s; use FH_BACKEND_CPU",
-                      fh_version());
+/* The workspace a backend needs (the CPU reference needs none). */
+static fh_status_t workspace_need(const fh_context_t* ctx, const fh_linear_ce_options_t* o, int backward, int64_t N,
+                                  int64_t V, int64_t D, fh_dtype_t dtype, size_t* bytes) {
+  *bytes = 0;
+#ifdef FH_HAVE_CUDA
+  if (ctx->backend == FH_BACKEND_CUDA)
+    return backward ? fh_cuda_linear_ce_backward_workspace(ctx->cuda, o, N, V, D, dtype, bytes)
+                    : fh_cuda_linear_ce_forward_workspace(ctx->cuda, o, N, V, D, dtype, bytes);
+#else
+  (void)ctx, (void)o, (void)backward, (void)N, (void)V, (void)D, (void)dtype;
+#endif
+  return FH_SUCCESS;
+}
+
+/* Both workspace queries: validate the shape and ask the backend. */
+static fh_status_t workspace_query(const char* fn, fh_context_t* ctx, const fh_linear_ce_options_t* opts,
+                                   int backward, int64_t N, int64_t V, int64_t D, fh_dtype_t dtype,
+                                   size_t* bytes) {
+  fh_clear_error();
+  FH_TRY(fh_check_context(fn, ctx));
+  fh_linear_ce_options_t o;
+  FH_TRY(check_options(fn, opts, &o));
+  if (N < 0 || V < 0 || D < 0)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "N, V, D are %lld, %lld, %lld (must be >= 0)",
+                        (long long)N, (long long)V, (long long)D);
+  FH_TRY(fh_check_enum(fn, "dtype", (int)dtype, FH_DTYPE_COUNT));
+  if (!bytes) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "bytes is NULL");
+  return workspace_need(ctx, &o, backward, N, V, D, dtype, bytes);
 }
 
 fh_status_t fh_linear_ce_forward_workspace_size(fh_context_t* ctx, const fh_linear_ce_options_t* opts,
                                                 int64_t N, int64_t V, int64_t D, fh_dtype_t dtype,
                                                 size_t* bytes) {
-  static const char fn[] = "fh_linear_ce_forward_workspace_size";
-  fh_clear_error();
-  FH_TRY(fh_check_context(fn, ctx));
-  fh_linear_ce_options_t o;
-  FH_TRY(check_options(fn, opts, &o));
-  if (N < 0 || V < 0 || D < 0)
-    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "N, V, D are %lld, %lld, %lld (must be >= 0)",
-                        (long long)N, (long long)V, (long long)D);
-  FH_TRY(fh_check_enum(fn, "dtype", (int)dtype, FH_DTYPE_COUNT));
-  if (!bytes) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "bytes is NULL");
-  *bytes = 0;
-  if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
-  return FH_SUCCESS;
+  return workspace_query("fh_linear_ce_forward_workspace_size", ctx, opts, 0, N, V, D, dtype, bytes);
 }
 
 fh_status_t fh_linear_ce_backward_workspace_size(fh_context_t* ctx, const fh_linear_ce_options_t* opts,
                                                  int64_t N, int64_t V, int64_t D, fh_dtype_t dtype,
                                                  size_t* bytes) {
-  static const char fn[] = "fh_linear_ce_backward_workspace_size";
-  fh_clear_error();
-  FH_TRY(fh_check_context(fn, ctx));
-  fh_linear_ce_options_t o;
-  FH_TRY(check_options(fn, opts, &o));
-  if (N < 0 || V < 0 || D < 0)
-    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "N, V, D are %lld, %lld, %lld (must be >= 0)",
-                        (long long)N, (long long)V, (long long)D);
-  FH_TRY(fh_check_enum(fn, "dtype", (int)dtype, FH_DTYPE_COUNT));
-  if (!bytes) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "bytes is NULL");
-  *bytes = 0;
-  if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
-  return FH_SUCCESS;
+  return workspace_query("fh_linear_ce_backward_workspace_size", ctx, opts, 1, N, V, D, dtype, bytes);
 }
 
 fh_status_t fh_linear_ce_forward(fh_context_t* ctx, const fh_linear_ce_options_t* opts, const fh_tensor_t* E,
@@ -137,8 +138,13 @@ fh_status_t fh_linear_ce_forward(fh_context_t* ctx, const fh_linear_ce_options_t
   if (!out) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "out is NULL");
   if (!out->loss) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "out->loss is NULL");
   if (p.opt.reduction == FH_REDUCTION_NONE) FH_TRY(fh_check_ptr(fn, "out->loss", out->loss, p.N));
-  FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, 0));
-  if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
+  size_t need;
+  FH_TRY(workspace_need(ctx, &p.opt, 0, p.N, p.V, p.D, p.dtype, &need));
+  FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, need));
+#ifdef FH_HAVE_CUDA
+  if (ctx->backend == FH_BACKEND_CUDA)
+    return fh_cuda_linear_ce_forward(ctx->cuda, ctx->stream, &p, out, workspace, workspace_bytes);
+#endif
   return fh_ref_linear_ce_forward(&p, out);
 }
 
@@ -173,7 +179,12 @@ fh_status_t fh_linear_ce_backward(fh_context_t* ctx, const fh_linear_ce_options_
   FH_TRY(check_grad(fn, "dE", grads->dE, E, inputs, 3));
   FH_TRY(check_grad(fn, "dC", grads->dC, C, inputs, 3));
   FH_TRY(check_grad(fn, "dbias", grads->dbias, bias, inputs, 3));
-  FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, 0));
-  if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
+  size_t need;
+  FH_TRY(workspace_need(ctx, &p.opt, 1, p.N, p.V, p.D, p.dtype, &need));
+  FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, need));
+#ifdef FH_HAVE_CUDA
+  if (ctx->backend == FH_BACKEND_CUDA)
+    return fh_cuda_linear_ce_backward(ctx->cuda, ctx->stream, &p, in, grads, workspace, workspace_bytes);
+#endif
   return fh_ref_linear_ce_backward(&p, in, grads);
 }

@@ -1,0 +1,77 @@
+/* The fp64 core of the decoding reference (the semantics are documented in fusedhead.h, section
+ * Decoding). The public fh_decode_* calls on the CPU backend build each row's logits, apply the
+ * sparse bias and bans, and call fh_ref_decode_row; tests call it directly on fp64 rows (exact
+ * boundary cases such as s == m + ln min_p need logits that fp32 cannot hold) and read the
+ * allowed set and the sampling distribution it leaves in the scratch. */
+#ifndef FH_DECODE_REF_H
+#define FH_DECODE_REF_H
+
+#include <stdint.h>
+
+#include "decode.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* One row's parameters, resolved from the options and the per-row arrays. */
+typedef struct fh_decode_row_params {
+  fh_decode_sampler_t sampler;
+  double temperature; /* 0: greedy */
+  int64_t top_k;
+  double top_p, min_p, top_n_sigma, epsilon, top_h_alpha, bregman_lambda, bregman_alpha;
+  int64_t top_h_candidates;
+  uint64_t seed, offset;
+} fh_decode_row_params_t;
+
+/* Parameters of row b: the per-row array entry where given, else the scalar. */
+void fh_ref_decode_row_params(const fh_decode_options_t* o, int64_t b, fh_decode_row_params_t* prm);
+
+/* A sort entry: (s, id), ordered by s descending then id ascending. */
+typedef struct fh_decode_pair {
+  double s;
+  int64_t id;
+} fh_decode_pair_t;
+
+/* Per-thread scratch for rows of V logits. After fh_ref_decode_row: allowed[v] = 1 for v in A;
+ * logq[v] = log q_v on A (−inf off A); s = z / T (z for greedy rows); sorted = all V tokens in
+ * (s descending, id ascending) order (unset for degenerate rows). */
+typedef struct fh_decode_scratch {
+  int64_t V;
+  double* s;
+  double* logq;
+  unsigned char* allowed;
+  fh_decode_pair_t* sorted;
+} fh_decode_scratch_t;
+
+int fh_ref_decode_scratch_init(fh_decode_scratch_t* w, int64_t V); /* 1 on success */
+void fh_ref_decode_scratch_free(fh_decode_scratch_t* w);
+
+/* fp64 results of one row (see fh_decode_outputs_t). */
+typedef struct fh_decode_row_result {
+  int64_t token, rank, allowed_count;
+  double logprob, full_logprob, lse, entropy;
+  uint32_t flags;
+} fh_decode_row_result_t;
+
+/* Decode one row of processed logits z[V] (bias and bans already applied). degenerate_token is
+ * the token reported for a degenerate row. */
+void fh_ref_decode_row(const double* z, int64_t V, const fh_decode_row_params_t* prm, int64_t degenerate_token,
+                       fh_decode_scratch_t* w, fh_decode_row_result_t* r);
+
+/* qsort comparator for fh_decode_pair_t: NaN first (torch.topk), then s descending, id ascending. */
+int fh_ref_decode_pair_cmp(const void* a, const void* b);
+
+/* The keyed Gumbel-max over the allowed set, computed chunk by chunk: the vocabulary is cut into
+ * chunks of `chunk` tokens, visited in the order chunk_order[0..n_chunks) (a permutation), each
+ * chunk reports its (key, id) argmax and the partial results are merged. key_v = base[v] + g_v.
+ * Returns the lowest id among maximal keys, -1 if nothing is allowed. Tests compare it with the
+ * row decoder to show the sample does not depend on how the vocabulary is split or ordered. */
+int64_t fh_ref_gumbel_argmax_chunked(const double* base, const unsigned char* allowed, int64_t V, uint64_t seed,
+                                     uint64_t offset, int64_t chunk, const int64_t* chunk_order);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
