@@ -1,0 +1,317 @@
+/* Distillation: option defaults, argument validation and backend dispatch (dense and sparse
+ * teacher). The math is documented in fusedhead.h; the CPU reference is src/ref/distill.c. */
+#include <math.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "distill.h"
+#include "fh_internal.h"
+
+/* The size of the first published fh_distill_options_t; later fields keep their defaults when
+ * an older caller passes a smaller struct. */
+#define FH_DISTILL_OPTIONS_MIN_SIZE (offsetof(fh_distill_options_t, accumulate) + sizeof(int))
+
+/* Σ_S exp(logprobs) may exceed 1 by this much in remainder mode: engines round log-probs. */
+#define FH_DISTILL_MASS_SLACK 1e-3
+
+void fh_distill_options_init(fh_distill_options_t* o) {
+  if (!o) return;
+  memset(o, 0, sizeof *o);
+  o->struct_size = sizeof *o;
+  o->divergence = FH_DISTILL_FORWARD_KL;
+  o->beta = 0.5f;
+  o->jsd_endpoints = FH_DISTILL_JSD_ENDPOINTS_KL;
+  o->skew = 0.1f;
+  o->alpha = 0.5f;
+  o->temperature = 1.0f;
+  o->scale_by_t_squared = 1;
+  o->soft_weight = 1.0f;
+  o->hard_weight = 0.0f;
+  o->ignore_index = -100;
+  o->reduction = FH_REDUCTION_MEAN;
+  o->divisor = 0.0f;
+  o->sparse_mass = FH_DISTILL_SPARSE_RENORMALIZE;
+  o->accum_mode = FH_ACCUM_FP32;
+  o->accumulate = 0;
+}
+
+static fh_status_t check_options(const char* fn, const fh_distill_options_t* user, fh_distill_options_t* o) {
+  FH_TRY(fh_check_options(fn, "opts", user, user ? user->struct_size : 0, FH_DISTILL_OPTIONS_MIN_SIZE));
+  fh_distill_options_init(o);
+  memcpy(o, user, user->struct_size < sizeof *o ? user->struct_size : sizeof *o);
+  o->struct_size = sizeof *o;
+  FH_TRY(fh_check_enum(fn, "opts->divergence", (int)o->divergence, FH_DISTILL_DIVERGENCE_COUNT));
+  FH_TRY(fh_check_enum(fn, "opts->jsd_endpoints", (int)o->jsd_endpoints, FH_DISTILL_JSD_ENDPOINTS_COUNT));
+  FH_TRY(fh_check_enum(fn, "opts->reduction", (int)o->reduction, FH_REDUCTION_COUNT));
+  FH_TRY(fh_check_enum(fn, "opts->sparse_mass", (int)o->sparse_mass, FH_DISTILL_SPARSE_MASS_COUNT));
+  FH_TRY(fh_check_enum(fn, "opts->accum_mode", (int)o->accum_mode, FH_ACCUM_MODE_COUNT));
+  FH_TRY(fh_check_float_range(fn, "opts->beta", o->beta, 0.0, 1.0));
+  FH_TRY(fh_check_float_range(fn, "opts->skew", o->skew, 0.0, 1.0));
+  FH_TRY(fh_check_float_range(fn, "opts->alpha", o->alpha, -INFINITY, INFINITY));
+  if (!(o->temperature > 0.0f) || isinf(o->temperature))
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "opts->temperature is %g (must be finite and > 0)",
+                        (double)o->temperature);
+  FH_TRY(fh_check_float_range(fn, "opts->soft_weight", o->soft_weight, -INFINITY, INFINITY));
+  FH_TRY(fh_check_float_range(fn, "opts->hard_weight", o->hard_weight, -INFINITY, INFINITY));
+  FH_TRY(fh_check_float_range(fn, "opts->divisor", o->divisor, 0.0, INFINITY));
+  return FH_SUCCESS;
+}
+
+/* One head's tensors: E [N x D] (N = -1: any), C [V x D] (V = -1: any), bias [1 x C->rows]. */
+static fh_status_t check_head(const char* fn, const char* who, const fh_distill_head_t* h, int64_t N, int64_t V) {
+  char nE[32], nC[32], nb[32];
+  snprintf(nE, sizeof nE, "%s->E", who);
+  snprintf(nC, sizeof nC, "%s->C", who);
+  snprintf(nb, sizeof nb, "%s->bias", who);
+  if (!h) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s is NULL", who);
+  FH_TRY(fh_check_tensor(fn, nE, h->E, N, -1, FH_DTYPE_COUNT));
+  FH_TRY(fh_check_tensor(fn, nC, h->C, V, h->E->cols, h->E->dtype));
+  if (h->bias) FH_TRY(fh_check_tensor(fn, nb, h->bias, 1, h->C->rows, h->E->dtype));
+  return FH_SUCCESS;
+}
+
+/* Host-side checks of a sparse teacher (CPU backend): ids in [0, V) without duplicates and
+ * usable log-probs, in valid rows only (ignored rows are never read). */
+static fh_status_t check_sparse_host(const char* fn, const fh_distill_problem_t* p) {
+  unsigned char* seen = (unsigned char*)calloc((size_t)p->V + 1, 1);
+  if (!seen) return fh_set_error(FH_ERR_OUT_OF_MEMORY, fn, "cannot allocate the id check buffer");
+  fh_status_t st = FH_SUCCESS;
+  const int remainder = p->opt.sparse_mass == FH_DISTILL_SPARSE_REMAINDER;
+  for (int64_t i = 0; i < p->N && st == FH_SUCCESS; ++i) {
+    if (p->targets && p->targets[i] == p->opt.ignore_index) continue;
+    int64_t k = 0, n_finite = 0;
+    double mass = 0.0;
+    for (; k < p->K && st == FH_SUCCESS; ++k) {
+      const int64_t id = p->ids[i * p->K + k];
+      const float lp = p->logprobs[i * p->K + k];
+      if (id < 0 || id >= p->V)
+        st = fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "teacher->ids[%lld][%lld] is %lld (must be in [0, %lld))",
+                          (long long)i, (long long)k, (long long)id, (long long)p->V);
+      else if (seen[id])
+        st = fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "teacher->ids[%lld] holds id %lld twice", (long long)i,
+                          (long long)id);
+      else if (isnan(lp) || lp == INFINITY)
+        st = fh_set_error(FH_ERR_INVALID_ARGUMENT, fn,
+                          "teacher->logprobs[%lld][%lld] is %g (must be finite or -inf)", (long long)i,
+                          (long long)k, (double)lp);
+      else {
+        seen[id] = 1;
+        n_finite += isfinite(lp) != 0;
+        mass += exp((double)lp);
+      }
+    }
+    for (int64_t k2 = 0; k2 < k; ++k2) {
+      const int64_t id = p->ids[i * p->K + k2];
+      if (id >= 0 && id < p->V) seen[id] = 0;
+    }
+    if (st != FH_SUCCESS) break;
+    if (n_finite == 0)
+      st = fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "teacher->logprobs[%lld] is all -inf (no teacher mass)",
+                        (long long)i);
+    else if (remainder && mass > 1.0 + FH_DISTILL_MASS_SLACK)
+      st = fh_set_error(FH_ERR_INVALID_ARGUMENT, fn,
+                        "teacher->logprobs[%lld] has total probability %.6g (more than 1 + %g; remainder mode "
+                        "needs log-probabilities of one distribution)",
+                        (long long)i, mass, FH_DISTILL_MASS_SLACK);
+  }
+  free(seen);
+  return st;
+}
+
+/* Everything both passes of either teacher kind check; fills `p`. Exactly one of dense and
+ * sparse is non-NULL. */
+static fh_status_t check_problem(const char* fn, fh_context_t* ctx, const fh_distill_options_t* opts,
+                                 const fh_distill_head_t* student, const fh_distill_head_t* dense,
+                                 const fh_distill_sparse_teacher_t* sparse, const int64_t* targets,
+                                 fh_distill_problem_t* p) {
+  memset(p, 0, sizeof *p);
+  p->fn = fn;
+  FH_TRY(fh_check_context(fn, ctx));
+  FH_TRY(check_options(fn, opts, &p->opt));
+  FH_TRY(check_head(fn, "student", student, -1, -1));
+  p->N = student->E->rows;
+  p->V = student->C->rows;
+  p->D_s = student->E->cols;
+  p->Es = student->E;
+  p->Cs = student->C;
+  p->bs = student->bias;
+  if (p->V == 0 && p->N > 0) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "student->C->rows (V) is 0 with N > 0");
+  if (sparse) {
+    p->sparse = 1;
+    if (p->opt.divergence != FH_DISTILL_FORWARD_KL)
+      return fh_set_error(FH_ERR_UNSUPPORTED, fn,
+                          "opts->divergence is %d; a sparse teacher supports only FH_DISTILL_FORWARD_KL",
+                          (int)p->opt.divergence);
+    if (p->opt.sparse_mass == FH_DISTILL_SPARSE_REMAINDER && p->opt.temperature != 1.0f)
+      return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn,
+                          "opts->temperature is %g; FH_DISTILL_SPARSE_REMAINDER needs 1 (the tempered mass of "
+                          "the support depends on the unknown tail)",
+                          (double)p->opt.temperature);
+    if (sparse->K < 1)
+      return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "teacher->K is %lld (must be >= 1)", (long long)sparse->K);
+    if (sparse->K > p->V && p->N > 0)
+      return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "teacher->K is %lld (more than V = %lld)",
+                          (long long)sparse->K, (long long)p->V);
+    FH_TRY(fh_check_ptr(fn, "teacher->ids", sparse->ids, p->N));
+    FH_TRY(fh_check_ptr(fn, "teacher->logprobs", sparse->logprobs, p->N));
+    p->K = sparse->K;
+    p->ids = sparse->ids;
+    p->logprobs = sparse->logprobs;
+  } else {
+    FH_TRY(check_head(fn, "teacher", dense, p->N, -1));
+    p->V_t = dense->C->rows;
+    p->D_t = dense->E->cols;
+    if (p->V_t < p->V)
+      return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "teacher->C->rows (V_t) is %lld (must be >= V = %lld)",
+                          (long long)p->V_t, (long long)p->V);
+    p->Et = dense->E;
+    p->Ct = dense->C;
+    p->bt = dense->bias;
+  }
+  if (p->opt.hard_weight != 0.0f && !targets && p->N > 0)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "targets is NULL but opts->hard_weight is %g (needs targets)",
+                        (double)p->opt.hard_weight);
+  p->targets = targets;
+  if (ctx->backend == FH_BACKEND_CPU) {
+    if (targets) FH_TRY(fh_check_targets_host(fn, targets, p->N, p->V, p->opt.ignore_index));
+    if (p->sparse) FH_TRY(check_sparse_host(fn, p));
+  }
+  return FH_SUCCESS;
+}
+
+static fh_status_t cuda_unavailable(const char* fn) {
+  return fh_set_error(FH_ERR_UNSUPPORTED, fn,
+                      "distillation has no CUDA kernels in fusedhead %s; use FH_BACKEND_CPU", fh_version());
+}
+
+static fh_status_t workspace_size(const char* fn, fh_context_t* ctx, const fh_distill_options_t* opts,
+                                  const fh_distill_shape_t* sh, size_t* bytes) {
+  fh_clear_error();
+  FH_TRY(fh_check_context(fn, ctx));
+  fh_distill_options_t o;
+  FH_TRY(check_options(fn, opts, &o));
+  if (!sh) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "shape is NULL");
+  if (sh->N < 0 || sh->V < 0 || sh->D_s < 0 || sh->V_t < 0 || sh->D_t < 0 || sh->K < 0)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn,
+                        "shape has a negative size (N %lld, V %lld, D_s %lld, V_t %lld, D_t %lld, K %lld)",
+                        (long long)sh->N, (long long)sh->V, (long long)sh->D_s, (long long)sh->V_t,
+                        (long long)sh->D_t, (long long)sh->K);
+  FH_TRY(fh_check_enum(fn, "shape->dtype_s", (int)sh->dtype_s, FH_DTYPE_COUNT));
+  if (sh->K == 0) {
+    FH_TRY(fh_check_enum(fn, "shape->dtype_t", (int)sh->dtype_t, FH_DTYPE_COUNT));
+    if (sh->V_t < sh->V)
+      return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "shape->V_t is %lld (must be >= V = %lld)",
+                          (long long)sh->V_t, (long long)sh->V);
+  }
+  if (!bytes) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "bytes is NULL");
+  *bytes = 0;
+  if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
+  return FH_SUCCESS;
+}
+
+fh_status_t fh_distill_forward_workspace_size(fh_context_t* ctx, const fh_distill_options_t* opts,
+                                              const fh_distill_shape_t* shape, size_t* bytes) {
+  return workspace_size("fh_distill_forward_workspace_size", ctx, opts, shape, bytes);
+}
+
+fh_status_t fh_distill_backward_workspace_size(fh_context_t* ctx, const fh_distill_options_t* opts,
+                                               const fh_distill_shape_t* shape, size_t* bytes) {
+  return workspace_size("fh_distill_backward_workspace_size", ctx, opts, shape, bytes);
+}
+
+static fh_status_t forward(const char* fn, fh_context_t* ctx, const fh_distill_options_t* opts,
+                           const fh_distill_head_t* student, const fh_distill_head_t* dense,
+                           const fh_distill_sparse_teacher_t* sparse, const int64_t* targets,
+                           const fh_distill_outputs_t* out, void* workspace, size_t workspace_bytes) {
+  fh_clear_error();
+  fh_distill_problem_t p;
+  FH_TRY(check_problem(fn, ctx, opts, student, dense, sparse, targets, &p));
+  if (!out) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "out is NULL");
+  if (!out->loss) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "out->loss is NULL");
+  FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, 0));
+  if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
+  return fh_ref_distill_forward(&p, out);
+}
+
+static fh_status_t check_grad(const char* fn, const char* name, const fh_tensor_t* g, const fh_tensor_t* like,
+                              const fh_tensor_t* const* inputs, int n_inputs) {
+  if (!g || !g->data) return FH_SUCCESS;
+  if (!like) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "grads->%s is given but the student has no bias", name);
+  char full[32];
+  snprintf(full, sizeof full, "grads->%s", name);
+  FH_TRY(fh_check_tensor(fn, full, g, like->rows, like->cols, like->dtype));
+  for (int i = 0; i < n_inputs; ++i)
+    if (inputs[i] && inputs[i]->data == g->data)
+      return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "grads->%s aliases an input", name);
+  return FH_SUCCESS;
+}
+
+static fh_status_t backward(const char* fn, fh_context_t* ctx, const fh_distill_options_t* opts,
+                            const fh_distill_head_t* student, const fh_distill_head_t* dense,
+                            const fh_distill_sparse_teacher_t* sparse, const int64_t* targets,
+                            const fh_distill_grad_inputs_t* in, const fh_distill_grads_t* grads, void* workspace,
+                            size_t workspace_bytes) {
+  fh_clear_error();
+  fh_distill_problem_t p;
+  FH_TRY(check_problem(fn, ctx, opts, student, dense, sparse, targets, &p));
+  if (!in) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "in is NULL");
+  if (!grads) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "grads is NULL");
+  FH_TRY(fh_check_ptr(fn, "in->row_state", in->row_state, p.N));
+  if (!in->grad_loss) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "in->grad_loss is NULL");
+  const fh_tensor_t* inputs[6] = {p.Es, p.Cs, p.bs, p.Et, p.Ct, p.bt};
+  FH_TRY(check_grad(fn, "dE", grads->dE, p.Es, inputs, 6));
+  FH_TRY(check_grad(fn, "dC", grads->dC, p.Cs, inputs, 6));
+  FH_TRY(check_grad(fn, "dbias", grads->dbias, p.bs, inputs, 6));
+  FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, 0));
+  if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
+  return fh_ref_distill_backward(&p, in, grads);
+}
+
+fh_status_t fh_distill_forward(fh_context_t* ctx, const fh_distill_options_t* opts, const fh_distill_head_t* student,
+                               const fh_distill_head_t* teacher, const int64_t* targets,
+                               const fh_distill_outputs_t* out, void* workspace, size_t workspace_bytes) {
+  static const char fn[] = "fh_distill_forward";
+  if (!teacher) {
+    fh_clear_error();
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "teacher is NULL");
+  }
+  return forward(fn, ctx, opts, student, teacher, NULL, targets, out, workspace, workspace_bytes);
+}
+
+fh_status_t fh_distill_backward(fh_context_t* ctx, const fh_distill_options_t* opts, const fh_distill_head_t* student,
+                                const fh_distill_head_t* teacher, const int64_t* targets,
+                                const fh_distill_grad_inputs_t* in, const fh_distill_grads_t* grads, void* workspace,
+                                size_t workspace_bytes) {
+  static const char fn[] = "fh_distill_backward";
+  if (!teacher) {
+    fh_clear_error();
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "teacher is NULL");
+  }
+  return backward(fn, ctx, opts, student, teacher, NULL, targets, in, grads, workspace, workspace_bytes);
+}
+
+fh_status_t fh_distill_sparse_forward(fh_context_t* ctx, const fh_distill_options_t* opts,
+                                      const fh_distill_head_t* student, const fh_distill_sparse_teacher_t* teacher,
+                                      const int64_t* targets, const fh_distill_outputs_t* out, void* workspace,
+                                      size_t workspace_bytes) {
+  static const char fn[] = "fh_distill_sparse_forward";
+  if (!teacher) {
+    fh_clear_error();
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "teacher is NULL");
+  }
+  return forward(fn, ctx, opts, student, NULL, teacher, targets, out, workspace, workspace_bytes);
+}
+
+fh_status_t fh_distill_sparse_backward(fh_context_t* ctx, const fh_distill_options_t* opts,
+                                       const fh_distill_head_t* student, const fh_distill_sparse_teacher_t* teacher,
+                                       const int64_t* targets, const fh_distill_grad_inputs_t* in,
+                                       const fh_distill_grads_t* grads, void* workspace, size_t workspace_bytes) {
+  static const char fn[] = "fh_distill_sparse_backward";
+  if (!teacher) {
+    fh_clear_error();
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "teacher is NULL");
+  }
+  return backward(fn, ctx, opts, student, NULL, teacher, targets, in, grads, workspace, workspace_bytes);
+}

@@ -1,0 +1,38 @@
+/* The validated distillation problem, as the API layer (src/distill.c) hands it to a backend. */
+#ifndef FH_DISTILL_H
+#define FH_DISTILL_H
+
+#include "fusedhead.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct fh_distill_problem {
+  const char* fn;           /* public entry point, for error messages */
+  int64_t N, V, D_s;
+  int sparse;               /* 0: dense teacher head; 1: ids + logprobs */
+  const fh_tensor_t* Es;    /* [N x D_s] */
+  const fh_tensor_t* Cs;    /* [V x D_s] */
+  const fh_tensor_t* bs;    /* [1 x V] or NULL */
+  int64_t V_t, D_t;         /* dense teacher */
+  const fh_tensor_t* Et;    /* [N x D_t] */
+  const fh_tensor_t* Ct;    /* [V_t x D_t], V_t >= V; rows >= V are never read */
+  const fh_tensor_t* bt;    /* [1 x V_t] or NULL */
+  int64_t K;                /* sparse teacher */
+  const int64_t* ids;       /* [N x K] */
+  const float* logprobs;    /* [N x K] */
+  const int64_t* targets;   /* [N] or NULL (every row valid) */
+  fh_distill_options_t opt; /* full-size copy: caller's fields over the defaults */
+} fh_distill_problem_t;
+
+/* The CPU reference (src/ref/distill.c). */
+fh_status_t fh_ref_distill_forward(const fh_distill_problem_t* p, const fh_distill_outputs_t* out);
+fh_status_t fh_ref_distill_backward(const fh_distill_problem_t* p, const fh_distill_grad_inputs_t* in,
+                                    const fh_distill_grads_t* grads);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,407 @@
+/* CPU reference for distillation: fp64 accumulation, streaming over the vocabulary (two passes
+ * that recompute the logits: softmax statistics, then the divergence), O(V + D) scratch per
+ * thread and no N x V buffer; OpenMP over rows (forward, dE) and over class blocks (dC, dbias).
+ * Written to be obviously right, not fast; the formulas are in fusedhead.h. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fh_internal.h"
+#include "ref/distill_ref.h"
+#include "ref/ref_common.h"
+
+/* Classes per block in the dC pass. */
+#define CLASS_BLOCK 64
+#define NS FH_DISTILL_ROW_STATE
+
+static int row_valid(const fh_distill_problem_t* p, int64_t i) {
+  return !p->targets || p->targets[i] != p->opt.ignore_index;
+}
+static int want_hard(const fh_distill_problem_t* p) { return p->opt.hard_weight != 0.0f; }
+static double kappa(const fh_distill_problem_t* p) {
+  const double T = p->opt.temperature;
+  return p->opt.scale_by_t_squared ? T * T : 1.0;
+}
+
+/* Logit of class j for a row whose E is `e` (fp64), converting C_j into the scratch `c`. */
+static double logit(const fh_tensor_t* C, const fh_tensor_t* b, const double* e, double* c, int64_t j) {
+  fh_ref_row_to_double(C, j, c);
+  double r = fh_ref_dot(e, c, C->cols);
+  if (b) r += fh_tensor_get(b, 0, j);
+  return r;
+}
+
+/* Per-thread scratch: fp64 rows of E and C for both heads, and for the sparse teacher a class
+ * mask with the teacher's p at the support (O(V)). */
+typedef struct scratch {
+  double *es, *cs, *et, *ct, *pval;
+  unsigned char* mask;
+} scratch_t;
+
+static int scratch_init(const fh_distill_problem_t* p, scratch_t* s) {
+  const int64_t Ds = p->D_s, Dt = p->sparse ? 0 : p->D_t, V = p->sparse ? p->V : 0;
+  s->es = (double*)malloc(sizeof(double) * (size_t)(2 * Ds + 2 * Dt + V + 1));
+  s->mask = (unsigned char*)calloc((size_t)V + 1, 1);
+  if (!s->es || !s->mask) return 0;
+  s->cs = s->es + Ds;
+  s->et = s->cs + Ds;
+  s->ct = s->et + Dt;
+  s->pval = s->ct + Dt;
+  return 1;
+}
+static void scratch_free(scratch_t* s) {
+  free(s->es);
+  free(s->mask);
+}
+
+/* Sparse teacher of row i: log p of entry k (renormalize: logp/T − log Σ_S e^{logp/T} with the
+ * normalizer in `t1`; remainder: logp as given). */
+static double sparse_logp(const fh_distill_problem_t* p, int64_t i, int64_t k, double t1) {
+  const double lp = p->logprobs[i * p->K + k];
+  return p->opt.sparse_mass == FH_DISTILL_SPARSE_REMAINDER ? lp : lp / (double)p->opt.temperature - t1;
+}
+
+/* Mark row i's support in the scratch mask (value 1) with p̃ at each id, or clear it. */
+static void sparse_mark(const fh_distill_problem_t* p, scratch_t* s, int64_t i, double t1, int on) {
+  for (int64_t k = 0; k < p->K; ++k) {
+    const int64_t id = p->ids[i * p->K + k];
+    s->mask[id] = (unsigned char)on;
+    s->pval[id] = on ? exp(sparse_logp(p, i, k, t1)) : 0.0;
+  }
+}
+
+/* One row of the forward: fills st[NS], returns soft D and hard CE through the pointers. */
+static void forward_row(const fh_distill_problem_t* p, const fh_div_t* dv, scratch_t* s, int64_t i, double* st,
+                        double* D_out, double* hard_out) {
+  const int64_t V = p->V;
+  const double T = p->opt.temperature;
+  const int64_t y = p->targets ? p->targets[i] : -1;
+  fh_ref_softmax_stats_t su, sv, ss;
+  fh_ref_stats_init(&su);
+  fh_ref_stats_init(&sv);
+  fh_ref_stats_init(&ss);
+  double s_y = 0.0;
+  fh_ref_row_to_double(p->Es, i, s->es);
+  if (!p->sparse) fh_ref_row_to_double(p->Et, i, s->et);
+  /* Pass 1: softmax statistics of s/T, t/T (shared V only) and s. */
+  for (int64_t j = 0; j < V; ++j) {
+    const double sj = logit(p->Cs, p->bs, s->es, s->cs, j);
+    fh_ref_stats_add(&su, sj / T);
+    if (want_hard(p)) fh_ref_stats_add(&ss, sj);
+    if (j == y) s_y = sj;
+    if (!p->sparse) fh_ref_stats_add(&sv, logit(p->Ct, p->bt, s->et, s->ct, j) / T);
+  }
+  const double lse_u = fh_ref_stats_lse(&su);
+  double D = 0.0, S = 0.0, t1;
+  if (!p->sparse) {
+    /* Pass 2: the divergence and Σ q a, one (f, a) element per class. */
+    t1 = fh_ref_stats_lse(&sv);
+    for (int64_t j = 0; j < V; ++j) {
+      const double X = logit(p->Cs, p->bs, s->es, s->cs, j) / T - lse_u;
+      const double Y = logit(p->Ct, p->bt, s->et, s->ct, j) / T - t1;
+      double term, qa;
+      fh_div_eval(dv, X, Y, &term, &qa);
+      D += term;
+      S += qa;
+    }
+  } else {
+    /* Forward KL over the support: Σ_k p_k (log p_k − X_{id_k}), and S = −Σ p̃. */
+    const int remainder = p->opt.sparse_mass == FH_DISTILL_SPARSE_REMAINDER;
+    t1 = 0.0;
+    if (!remainder) {
+      fh_ref_softmax_stats_t sk;
+      fh_ref_stats_init(&sk);
+      for (int64_t k = 0; k < p->K; ++k) fh_ref_stats_add(&sk, p->logprobs[i * p->K + k] / T);
+      t1 = fh_ref_stats_lse(&sk);
+    }
+    double pi = 0.0;
+    for (int64_t k = 0; k < p->K; ++k) {
+      const double Y = sparse_logp(p, i, k, t1), pk = exp(Y);
+      const double X = logit(p->Cs, p->bs, s->es, s->cs, p->ids[i * p->K + k]) / T - lse_u;
+      if (pk > 0.0) D += pk * (Y - X);
+      pi += pk;
+    }
+    S = -pi;
+    if (remainder) {
+      /* The rest bucket: ρ = max(0, 1 − π) against q_R = Σ_{j∉S} q_j, summed in log space over
+       * the complement (1 − Σ_S q would cancel when the support holds most of Q). */
+      double rho = 1.0 - pi;
+      if (rho < 0.0) rho = 0.0;
+      t1 = -INFINITY;
+      if (p->K < V && rho > 0.0) {
+        sparse_mark(p, s, i, 0.0, 1);
+        fh_ref_softmax_stats_t sc;
+        fh_ref_stats_init(&sc);
+        for (int64_t j = 0; j < V; ++j)
+          if (!s->mask[j]) fh_ref_stats_add(&sc, logit(p->Cs, p->bs, s->es, s->cs, j) / T);
+        sparse_mark(p, s, i, 0.0, 0);
+        const double log_qR = fh_ref_stats_lse(&sc) - lse_u;
+        t1 = log(rho) - log_qR; /* log(ρ / q_R): off-support p̃_j = q_j e^{t1} */
+        D += rho * t1;
+        S -= rho;
+      }
+    }
+  }
+  st[0] = lse_u;
+  st[1] = t1;
+  st[2] = S;
+  st[3] = want_hard(p) ? fh_ref_stats_lse(&ss) : 0.0;
+  *D_out = D;
+  *hard_out = want_hard(p) ? st[3] - s_y : 0.0;
+}
+
+static double denominator(const fh_distill_problem_t* p, int64_t* n_valid) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < p->N; ++i) n += row_valid(p, i);
+  *n_valid = n;
+  return p->opt.divisor > 0.0f ? (double)p->opt.divisor : (double)n;
+}
+
+fh_status_t fh_ref_distill_forward_f64(const fh_distill_problem_t* p, fh_distill_ref_fwd_t* out) {
+  const int64_t N = p->N;
+  const double k2 = kappa(p), ws = p->opt.soft_weight, wh = p->opt.hard_weight;
+  fh_div_t dv;
+  fh_div_resolve(&p->opt, &dv);
+  int oom = 0;
+#ifdef FH_HAVE_OPENMP
+#pragma omp parallel reduction(| : oom)
+#endif
+  {
+    scratch_t s;
+    const int ok = scratch_init(p, &s);
+    if (!ok) oom = 1;
+#ifdef FH_HAVE_OPENMP
+#pragma omp for schedule(dynamic)
+#endif
+    for (int64_t i = 0; i < N; ++i) {
+      double* st = out->state + i * NS;
+      out->row_loss[i] = out->row_soft[i] = out->row_hard[i] = 0.0;
+      for (int k = 0; k < NS; ++k) st[k] = 0.0;
+      if (!ok || !row_valid(p, i)) continue;
+      double D, hard;
+      forward_row(p, &dv, &s, i, st, &D, &hard);
+      out->row_soft[i] = k2 * D;
+      out->row_hard[i] = hard;
+      out->row_loss[i] = wh * hard + ws * k2 * D;
+    }
+    scratch_free(&s);
+  }
+  if (oom) return fh_set_error(FH_ERR_OUT_OF_MEMORY, p->fn, "cannot allocate reference buffers");
+  /* Reductions in row order (deterministic). */
+  double loss = 0, soft = 0, hard = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    loss += out->row_loss[i];
+    soft += out->row_soft[i];
+    hard += out->row_hard[i];
+  }
+  out->denom = denominator(p, &out->n_valid);
+  if (p->opt.reduction == FH_REDUCTION_MEAN) {
+    /* A zero denominator (every row ignored) gives 0, not NaN: documented in fusedhead.h. */
+    const double inv = out->denom > 0.0 ? 1.0 / out->denom : 0.0;
+    loss *= inv;
+    soft *= inv;
+    hard *= inv;
+  }
+  out->loss = loss;
+  out->soft = soft;
+  out->hard = hard;
+  return FH_SUCCESS;
+}
+
+/* Per-row data of the backward. */
+typedef struct row_coef {
+  const double* st; /* the forward's state */
+  double coef;      /* upstream factor: grad_loss / denominator, grad_loss or grad_loss[i] */
+  int64_t y;
+} row_coef_t;
+
+/* ∂loss/∂s_ij from the student logit s and q a of the divergence element. */
+static double grad_entry(const fh_distill_problem_t* p, const row_coef_t* rc, int64_t j, double s, double qa) {
+  const double T = p->opt.temperature;
+  const double q = exp(s / T - rc->st[0]);
+  double g = (double)p->opt.soft_weight * kappa(p) / T * (qa - q * rc->st[2]);
+  if (want_hard(p)) g += (double)p->opt.hard_weight * (exp(s - rc->st[3]) - (j == rc->y ? 1.0 : 0.0));
+  return rc->coef * g;
+}
+
+/* q a of class j for a row: dense from the teacher logit t; sparse −p̃ from the scratch mask
+ * (support) or the remainder's e^{t1} q_j. */
+static double elem_qa(const fh_distill_problem_t* p, const fh_div_t* dv, const row_coef_t* rc, double s, double t,
+                      int on_support, double psup) {
+  const double T = p->opt.temperature, X = s / T - rc->st[0];
+  if (!p->sparse) {
+    double term, qa;
+    fh_div_eval(dv, X, t / T - rc->st[1], &term, &qa);
+    return qa;
+  }
+  if (on_support) return -psup;
+  return p->opt.sparse_mass == FH_DISTILL_SPARSE_REMAINDER ? -exp(X + rc->st[1]) : 0.0;
+}
+
+static void store_row(const fh_tensor_t* t, int64_t r, const double* v, int64_t n, int accumulate) {
+  for (int64_t k = 0; k < n; ++k) fh_tensor_set(t, r, k, v[k] + (accumulate ? fh_tensor_get(t, r, k) : 0.0));
+}
+
+static int wanted(const fh_tensor_t* t) { return t && t->data; }
+
+fh_status_t fh_ref_distill_backward_f64(const fh_distill_problem_t* p, const double* state,
+                                        const double* grad_loss, double* dE64, double* dC64, double* db64,
+                                        const fh_distill_grads_t* grads) {
+  const int64_t N = p->N, V = p->V, D = p->D_s;
+  const fh_tensor_t* tE = grads && wanted(grads->dE) ? grads->dE : NULL;
+  const fh_tensor_t* tC = grads && wanted(grads->dC) ? grads->dC : NULL;
+  const fh_tensor_t* tb = grads && wanted(grads->dbias) && p->bs ? grads->dbias : NULL;
+  const int acc = p->opt.accumulate, want_E = dE64 || tE, want_C = dC64 || tC, want_b = db64 || tb;
+  fh_div_t dv;
+  fh_div_resolve(&p->opt, &dv);
+  int64_t n_valid;
+  const double denom = denominator(p, &n_valid);
+  row_coef_t* rc = (row_coef_t*)malloc(sizeof(row_coef_t) * (size_t)(N > 0 ? N : 1));
+  if (!rc) return fh_set_error(FH_ERR_OUT_OF_MEMORY, p->fn, "cannot allocate reference buffers");
+  for (int64_t i = 0; i < N; ++i) {
+    rc[i].st = state + i * NS;
+    rc[i].y = p->targets ? p->targets[i] : -1;
+    rc[i].coef = 0.0;
+    if (!row_valid(p, i)) continue;
+    if (p->opt.reduction == FH_REDUCTION_NONE) rc[i].coef = grad_loss[i];
+    else if (p->opt.reduction == FH_REDUCTION_SUM) rc[i].coef = grad_loss[0];
+    else rc[i].coef = denom > 0.0 ? grad_loss[0] / denom : 0.0;
+  }
+  int oom = 0;
+  /* dE_i = Σ_j G_ij Cs_j, rows in parallel. */
+  if (want_E) {
+#ifdef FH_HAVE_OPENMP
+#pragma omp parallel reduction(| : oom)
+#endif
+    {
+      scratch_t s;
+      const int ok = scratch_init(p, &s);
+      double* accE = (double*)malloc(sizeof(double) * (size_t)(D + 1));
+      if (!ok || !accE) oom = 1;
+#ifdef FH_HAVE_OPENMP
+#pragma omp for schedule(dynamic)
+#endif
+      for (int64_t i = 0; i < N; ++i) {
+        if (!ok || !accE) continue;
+        memset(accE, 0, sizeof(double) * (size_t)D);
+        if (row_valid(p, i)) {
+          fh_ref_row_to_double(p->Es, i, s.es);
+          if (!p->sparse) fh_ref_row_to_double(p->Et, i, s.et);
+          else sparse_mark(p, &s, i, rc[i].st[1], 1);
+          for (int64_t j = 0; j < V; ++j) {
+            const double sj = logit(p->Cs, p->bs, s.es, s.cs, j);
+            const double tj = p->sparse ? 0.0 : logit(p->Ct, p->bt, s.et, s.ct, j);
+            const double qa = elem_qa(p, &dv, &rc[i], sj, tj, p->sparse && s.mask[j], p->sparse ? s.pval[j] : 0.0);
+            const double g = grad_entry(p, &rc[i], j, sj, qa);
+            for (int64_t k = 0; k < D; ++k) accE[k] += g * s.cs[k];
+          }
+          if (p->sparse) sparse_mark(p, &s, i, 0.0, 0);
+        }
+        if (dE64) memcpy(dE64 + i * D, accE, sizeof(double) * (size_t)D);
+        if (tE) store_row(tE, i, accE, D, acc);
+      }
+      free(accE);
+      scratch_free(&s);
+    }
+  }
+  /* dC_j = Σ_i G_ij Es_i and dbias_j = Σ_i G_ij, class blocks in parallel (each thread owns its
+   * classes, so no atomics), rows in order inside a block (deterministic). */
+  if ((want_C || want_b) && !oom) {
+#ifdef FH_HAVE_OPENMP
+#pragma omp parallel reduction(| : oom)
+#endif
+    {
+      scratch_t s;
+      const int ok = scratch_init(p, &s);
+      double* accC = (double*)malloc(sizeof(double) * (size_t)(CLASS_BLOCK * D + CLASS_BLOCK + 1));
+      if (!ok || !accC) oom = 1;
+#ifdef FH_HAVE_OPENMP
+#pragma omp for schedule(dynamic)
+#endif
+      for (int64_t j0 = 0; j0 < V; j0 += CLASS_BLOCK) {
+        if (!ok || !accC) continue;
+        const int64_t nb = (V - j0 < CLASS_BLOCK) ? V - j0 : CLASS_BLOCK;
+        double* accb = accC + CLASS_BLOCK * D;
+        memset(accC, 0, sizeof(double) * (size_t)(CLASS_BLOCK * D + CLASS_BLOCK));
+        for (int64_t i = 0; i < N; ++i) {
+          if (!row_valid(p, i)) continue;
+          fh_ref_row_to_double(p->Es, i, s.es);
+          if (!p->sparse) fh_ref_row_to_double(p->Et, i, s.et);
+          else sparse_mark(p, &s, i, rc[i].st[1], 1);
+          for (int64_t r = 0; r < nb; ++r) {
+            const int64_t j = j0 + r;
+            const double sj = logit(p->Cs, p->bs, s.es, s.cs, j);
+            const double tj = p->sparse ? 0.0 : logit(p->Ct, p->bt, s.et, s.ct, j);
+            const double qa = elem_qa(p, &dv, &rc[i], sj, tj, p->sparse && s.mask[j], p->sparse ? s.pval[j] : 0.0);
+            const double g = grad_entry(p, &rc[i], j, sj, qa);
+            accb[r] += g;
+            for (int64_t k = 0; k < D; ++k) accC[r * D + k] += g * s.es[k];
+          }
+          if (p->sparse) sparse_mark(p, &s, i, 0.0, 0);
+        }
+        for (int64_t r = 0; r < nb; ++r) {
+          const int64_t j = j0 + r;
+          if (dC64) memcpy(dC64 + j * D, accC + r * D, sizeof(double) * (size_t)D);
+          if (tC) store_row(tC, j, accC + r * D, D, acc);
+          if (db64) db64[j] = accb[r];
+          if (tb) fh_tensor_set(tb, 0, j, accb[r] + (acc ? fh_tensor_get(tb, 0, j) : 0.0));
+        }
+      }
+      free(accC);
+      scratch_free(&s);
+    }
+  }
+  free(rc);
+  if (oom) return fh_set_error(FH_ERR_OUT_OF_MEMORY, p->fn, "cannot allocate reference buffers");
+  return FH_SUCCESS;
+}
+
+/* ---- public wrappers: fp64 core, rounded once to fp32 ---- */
+
+fh_status_t fh_ref_distill_forward(const fh_distill_problem_t* p, const fh_distill_outputs_t* o) {
+  const int64_t N = p->N;
+  const size_t n = (size_t)(N > 0 ? N : 1);
+  double* buf = (double*)malloc(sizeof(double) * (3 + NS) * n);
+  if (!buf) return fh_set_error(FH_ERR_OUT_OF_MEMORY, p->fn, "cannot allocate reference buffers");
+  fh_distill_ref_fwd_t r;
+  memset(&r, 0, sizeof r);
+  r.row_loss = buf;
+  r.row_soft = buf + n;
+  r.row_hard = buf + 2 * n;
+  r.state = buf + 3 * n;
+  const fh_status_t st = fh_ref_distill_forward_f64(p, &r);
+  if (st == FH_SUCCESS) {
+    if (p->opt.reduction == FH_REDUCTION_NONE) {
+      for (int64_t i = 0; i < N; ++i) {
+        o->loss[i] = (float)r.row_loss[i];
+        if (o->soft_loss) o->soft_loss[i] = (float)r.row_soft[i];
+        if (o->hard_loss) o->hard_loss[i] = (float)r.row_hard[i];
+      }
+    } else {
+      o->loss[0] = (float)r.loss;
+      if (o->soft_loss) o->soft_loss[0] = (float)r.soft;
+      if (o->hard_loss) o->hard_loss[0] = (float)r.hard;
+    }
+    if (o->row_state)
+      for (int64_t k = 0; k < N * NS; ++k) o->row_state[k] = (float)r.state[k];
+  }
+  free(buf);
+  return st;
+}
+
+fh_status_t fh_ref_distill_backward(const fh_distill_problem_t* p, const fh_distill_grad_inputs_t* in,
+                                    const fh_distill_grads_t* grads) {
+  const int64_t N = p->N;
+  const size_t n = (size_t)(N > 0 ? N : 1);
+  double* buf = (double*)malloc(sizeof(double) * (1 + NS) * n);
+  if (!buf) return fh_set_error(FH_ERR_OUT_OF_MEMORY, p->fn, "cannot allocate reference buffers");
+  double *gl = buf, *state = buf + n;
+  for (int64_t k = 0; k < N * NS; ++k) state[k] = in->row_state[k];
+  if (p->opt.reduction == FH_REDUCTION_NONE)
+    for (int64_t i = 0; i < N; ++i) gl[i] = in->grad_loss[i];
+  else
+    gl[0] = in->grad_loss[0];
+  const fh_status_t st = fh_ref_distill_backward_f64(p, state, gl, NULL, NULL, NULL, grads);
+  free(buf);
+  return st;
+}
