@@ -126,6 +126,13 @@ typedef enum fh_dtype {
   FH_DTYPE_F32 = 0,  /* IEEE binary32 */
   FH_DTYPE_F16 = 1,  /* IEEE binary16 */
   FH_DTYPE_BF16 = 2, /* bfloat16: the upper 16 bits of a binary32 */
+  FH_DTYPE_F64 = 3,  /* IEEE binary64: CPU backend only (FH_ERR_UNSUPPORTED on CUDA), for
+                        checking against float64 frameworks (gradcheck). With fp64 inputs the
+                        per-row and scalar float arrays of the ops with gradients are double
+                        instead of float (pass a double* cast to the float* field): linear
+                        cross-entropy's outputs, weights and backward inputs; distillation's
+                        outputs, row_state and grad_loss, keyed on the student's dtype (sparse
+                        teacher logprobs stay fp32). Decoding and fh_rows_logsumexp keep fp32. */
   FH_DTYPE_COUNT
 } fh_dtype_t;
 
@@ -248,8 +255,9 @@ typedef struct fh_linear_ce_options {
 /* Fill `opts` with the defaults above. */
 FH_API void fh_linear_ce_options_init(fh_linear_ce_options_t* opts);
 
-/* Forward outputs. Each pointer is a buffer of the context's kind (host or device), fp32,
- * except argmax. NULL means "not wanted", except `loss`. */
+/* Forward outputs. Each pointer is a buffer of the context's kind (host or device), fp32
+ * (double with FH_DTYPE_F64 inputs, as are class_weights, token_weights and the backward's
+ * lse, entropy, grad_loss, grad_lse), except argmax. NULL means "not wanted", except `loss`. */
 typedef struct fh_linear_ce_outputs {
   float* loss;      /* required: [1] for mean/sum, [N] for none */
   float* lse;       /* [N]: lse_i, 0 at ignored rows; the backward needs it */
@@ -339,8 +347,10 @@ FH_API fh_status_t fh_linear_ce_backward(fh_context_t* ctx, const fh_linear_ce_o
  *                     f = β r ln(r/w) − (1−β) ln w, w = βr + 1 − β;   a = −(1−β) ln w
  *                     At β ∈ {0, 1} this is identically 0. jsd_endpoints picks what β = 0 and
  *                     β = 1 mean: FH_DISTILL_JSD_ENDPOINTS_KL (default, Liger's convention:
- *                     β = 0 is KL(P‖Q), β = 1 is KL(Q‖P); discontinuous, for parity) or
- *                     FH_DISTILL_JSD_ENDPOINTS_PLAIN (the formula: 0 with zero gradient).
+ *                     β = 0 is KL(P‖Q), β = 1 is KL(Q‖P); discontinuous in β, but a caller
+ *                     asking for an endpoint wants a KL, not a loss that is 0 whatever the
+ *                     heads are) or FH_DISTILL_JSD_ENDPOINTS_PLAIN (the formula: 0, zero
+ *                     gradient). JSD_SCALED is the continuous alternative.
  *   JSD_SCALED        JSD(β) / (β(1−β)), β in [0, 1]: continuous on [0, 1] because
  *                     JSD(β) = β KL(P‖Q) + O(β²) and (1−β) KL(Q‖P) + O((1−β)²); its values at
  *                     β = 0 and 1 are those limits, KL(P‖Q) and KL(Q‖P).
@@ -406,7 +416,8 @@ FH_API fh_status_t fh_linear_ce_backward(fh_context_t* ctx, const fh_linear_ce_o
  *       to give the rest exactly mass ρ without preferring any id in it. Σ_S p may exceed 1 by
  *       at most 1e-3 (rounding of the engine's log-probs); when S covers all of [0, V) there is
  *       no bucket and ρ is dropped.
- *   The row state's slot 1 holds log Σ_S exp(logp / T) (renormalize) or log(ρ / q_R) (remainder).
+ *   The row state's slot 1 holds log Σ_S exp(logp / T) (renormalize) or log(ρ / q_R) (remainder;
+ *   −inf when ρ = 0 or there is no bucket).
  */
 
 typedef enum fh_distill_divergence {
@@ -475,7 +486,8 @@ typedef struct fh_distill_sparse_teacher {
 
 /* Floats per row in the forward's state (fp32, [N x FH_DISTILL_ROW_STATE], 0 at ignored rows):
  * [0] student lse of s/T, [1] teacher lse of t/T over the shared V (sparse: see above),
- * [2] Σ_j q_j a_j, [3] student lse of s (0 when hard_weight == 0). */
+ * [2] Σ_j q_j a_j (for the additive constant of a the implementation chose: pass the state back
+ * unchanged, do not interpret it), [3] student lse of s (0 when hard_weight == 0). */
 #define FH_DISTILL_ROW_STATE 4
 
 typedef struct fh_distill_outputs {

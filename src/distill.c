@@ -235,19 +235,6 @@ static fh_status_t forward(const char* fn, fh_context_t* ctx, const fh_distill_o
   return fh_ref_distill_forward(&p, out);
 }
 
-static fh_status_t check_grad(const char* fn, const char* name, const fh_tensor_t* g, const fh_tensor_t* like,
-                              const fh_tensor_t* const* inputs, int n_inputs) {
-  if (!g || !g->data) return FH_SUCCESS;
-  if (!like) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "grads->%s is given but the student has no bias", name);
-  char full[32];
-  snprintf(full, sizeof full, "grads->%s", name);
-  FH_TRY(fh_check_tensor(fn, full, g, like->rows, like->cols, like->dtype));
-  for (int i = 0; i < n_inputs; ++i)
-    if (inputs[i] && inputs[i]->data == g->data)
-      return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "grads->%s aliases an input", name);
-  return FH_SUCCESS;
-}
-
 static fh_status_t backward(const char* fn, fh_context_t* ctx, const fh_distill_options_t* opts,
                             const fh_distill_head_t* student, const fh_distill_head_t* dense,
                             const fh_distill_sparse_teacher_t* sparse, const int64_t* targets,
@@ -261,9 +248,9 @@ static fh_status_t backward(const char* fn, fh_context_t* ctx, const fh_distill_
   FH_TRY(fh_check_ptr(fn, "in->row_state", in->row_state, p.N));
   if (!in->grad_loss) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "in->grad_loss is NULL");
   const fh_tensor_t* inputs[6] = {p.Es, p.Cs, p.bs, p.Et, p.Ct, p.bt};
-  FH_TRY(check_grad(fn, "dE", grads->dE, p.Es, inputs, 6));
-  FH_TRY(check_grad(fn, "dC", grads->dC, p.Cs, inputs, 6));
-  FH_TRY(check_grad(fn, "dbias", grads->dbias, p.bs, inputs, 6));
+  FH_TRY(fh_check_grad_tensor(fn, "dE", grads->dE, p.Es, inputs, 6));
+  FH_TRY(fh_check_grad_tensor(fn, "dC", grads->dC, p.Cs, inputs, 6));
+  FH_TRY(fh_check_grad_tensor(fn, "dbias", grads->dbias, p.bs, inputs, 6));
   FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, 0));
   if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
   return fh_ref_distill_backward(&p, in, grads);

@@ -56,6 +56,7 @@ double fh_load(const void* base, fh_dtype_t dtype, int64_t idx) {
     case FH_DTYPE_F32: return (double)((const float*)base)[idx];
     case FH_DTYPE_F16: return fh_half_bits_to_double(((const uint16_t*)base)[idx]);
     case FH_DTYPE_BF16: return fh_bf16_bits_to_double(((const uint16_t*)base)[idx]);
+    case FH_DTYPE_F64: return ((const double*)base)[idx];
     default: return NAN;
   }
 }
@@ -65,6 +66,17 @@ void fh_store(void* base, fh_dtype_t dtype, int64_t idx, double v) {
     case FH_DTYPE_F32: ((float*)base)[idx] = (float)v; break;
     case FH_DTYPE_F16: ((uint16_t*)base)[idx] = fh_double_to_half_bits(v); break;
     case FH_DTYPE_BF16: ((uint16_t*)base)[idx] = fh_double_to_bf16_bits(v); break;
+    case FH_DTYPE_F64: ((double*)base)[idx] = v; break;
     default: break;
+  }
+}
+
+size_t fh_dtype_size(fh_dtype_t dtype) {
+  switch (dtype) {
+    case FH_DTYPE_F32: return 4;
+    case FH_DTYPE_F16: return 2;
+    case FH_DTYPE_BF16: return 2;
+    case FH_DTYPE_F64: return 8;
+    default: return 0;
   }
 }

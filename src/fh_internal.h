@@ -58,10 +58,18 @@ fh_status_t fh_check_targets_host(const char* fn, const int64_t* targets, int64_
                                   int64_t ignore_index);
 /* Host-side check that n weights are finite and >= 0 (CPU backend only). */
 fh_status_t fh_check_weights_host(const char* fn, const char* name, const float* w, int64_t n);
+/* FH_ERR_UNSUPPORTED for a dtype the context's backend cannot compute (fp64 on CUDA). */
+fh_status_t fh_check_backend_dtype(const char* fn, const char* name, const fh_context_t* ctx, fh_dtype_t dtype);
+/* Host-side check of n weights stored as fp32, or fp64 when `f64` (CPU backend only). */
+fh_status_t fh_check_weights_host_any(const char* fn, const char* name, const void* w, int64_t n, int f64);
 /* A float option that must be finite and lie in [lo, hi]. */
 fh_status_t fh_check_float_range(const char* fn, const char* name, double v, double lo, double hi);
 /* An enum value in [0, count). */
 fh_status_t fh_check_enum(const char* fn, const char* name, int v, int count);
+/* An optional gradient output (NULL or data NULL: not wanted) shaped and typed like `like` (NULL:
+ * the input does not exist, e.g. no bias) and not aliasing any of the n inputs. */
+fh_status_t fh_check_grad_tensor(const char* fn, const char* name, const fh_tensor_t* g, const fh_tensor_t* like,
+                                 const fh_tensor_t* const* inputs, int n_inputs);
 /* Workspace: at least `need` bytes (a NULL pointer is fine when need == 0). */
 fh_status_t fh_check_workspace(const char* fn, const void* ws, size_t bytes, size_t need);
 

@@ -65,6 +65,7 @@ static fh_status_t check_problem(const char* fn, fh_context_t* ctx, const fh_lin
   FH_TRY(fh_check_tensor(fn, "E", E, -1, -1, FH_DTYPE_COUNT));
   FH_TRY(fh_check_tensor(fn, "C", C, -1, E->cols, E->dtype));
   if (bias) FH_TRY(fh_check_tensor(fn, "bias", bias, 1, C->rows, E->dtype));
+  FH_TRY(fh_check_backend_dtype(fn, "E->dtype", ctx, E->dtype));
   p->N = E->rows;
   p->V = C->rows;
   p->D = E->cols;
@@ -79,8 +80,9 @@ static fh_status_t check_problem(const char* fn, fh_context_t* ctx, const fh_lin
   p->token_weights = token_weights;
   if (ctx->backend == FH_BACKEND_CPU) {
     FH_TRY(fh_check_targets_host(fn, targets, p->N, p->V, p->opt.ignore_index));
-    FH_TRY(fh_check_weights_host(fn, "class_weights", class_weights, p->V));
-    FH_TRY(fh_check_weights_host(fn, "token_weights", token_weights, p->N));
+    const int f64 = p->dtype == FH_DTYPE_F64;
+    FH_TRY(fh_check_weights_host_any(fn, "class_weights", class_weights, p->V, f64));
+    FH_TRY(fh_check_weights_host_any(fn, "token_weights", token_weights, p->N, f64));
   }
   return FH_SUCCESS;
 }
@@ -111,6 +113,7 @@ static fh_status_t workspace_query(const char* fn, fh_context_t* ctx, const fh_l
     return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "N, V, D are %lld, %lld, %lld (must be >= 0)",
                         (long long)N, (long long)V, (long long)D);
   FH_TRY(fh_check_enum(fn, "dtype", (int)dtype, FH_DTYPE_COUNT));
+  FH_TRY(fh_check_backend_dtype(fn, "dtype", ctx, dtype));
   if (!bytes) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "bytes is NULL");
   return workspace_need(ctx, &o, backward, N, V, D, dtype, bytes);
 }
@@ -148,19 +151,6 @@ fh_status_t fh_linear_ce_forward(fh_context_t* ctx, const fh_linear_ce_options_t
   return fh_ref_linear_ce_forward(&p, out);
 }
 
-static fh_status_t check_grad(const char* fn, const char* name, const fh_tensor_t* g, const fh_tensor_t* like,
-                              const fh_tensor_t* const* inputs, int n_inputs) {
-  if (!g || !g->data) return FH_SUCCESS;
-  if (!like) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "grads->%s is given but there is no bias", name);
-  char full[32];
-  snprintf(full, sizeof full, "grads->%s", name);
-  FH_TRY(fh_check_tensor(fn, full, g, like->rows, like->cols, like->dtype));
-  for (int i = 0; i < n_inputs; ++i)
-    if (inputs[i] && inputs[i]->data == g->data)
-      return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "grads->%s aliases an input", name);
-  return FH_SUCCESS;
-}
-
 fh_status_t fh_linear_ce_backward(fh_context_t* ctx, const fh_linear_ce_options_t* opts, const fh_tensor_t* E,
                                   const fh_tensor_t* C, const fh_tensor_t* bias, const int64_t* targets,
                                   const float* class_weights, const float* token_weights,
@@ -176,9 +166,9 @@ fh_status_t fh_linear_ce_backward(fh_context_t* ctx, const fh_linear_ce_options_
   if (!in->grad_loss) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "in->grad_loss is NULL");
   if (p.opt.entropy_weight != 0.0f) FH_TRY(fh_check_ptr(fn, "in->entropy (entropy_weight != 0)", in->entropy, p.N));
   const fh_tensor_t* inputs[3] = {E, C, bias};
-  FH_TRY(check_grad(fn, "dE", grads->dE, E, inputs, 3));
-  FH_TRY(check_grad(fn, "dC", grads->dC, C, inputs, 3));
-  FH_TRY(check_grad(fn, "dbias", grads->dbias, bias, inputs, 3));
+  FH_TRY(fh_check_grad_tensor(fn, "dE", grads->dE, E, inputs, 3));
+  FH_TRY(fh_check_grad_tensor(fn, "dC", grads->dC, C, inputs, 3));
+  FH_TRY(fh_check_grad_tensor(fn, "dbias", grads->dbias, bias, inputs, 3));
   size_t need;
   FH_TRY(workspace_need(ctx, &p.opt, 1, p.N, p.V, p.D, p.dtype, &need));
   FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, need));

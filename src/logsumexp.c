@@ -30,6 +30,7 @@ fh_status_t fh_rows_logsumexp(fh_context_t* ctx, const fh_tensor_t* logits, floa
   fh_clear_error();
   FH_TRY(fh_check_context(fn, ctx));
   FH_TRY(fh_check_tensor(fn, "logits", logits, -1, -1, FH_DTYPE_COUNT));
+  FH_TRY(fh_check_backend_dtype(fn, "logits->dtype", ctx, logits->dtype));
   FH_TRY(fh_check_ptr(fn, "lse", lse, logits->rows));
   if (logits->rows == 0) return FH_SUCCESS;
 #ifdef FH_HAVE_CUDA

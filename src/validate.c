@@ -1,5 +1,6 @@
 /* Argument validation at the API boundary. Kernels and the reference trust what passes here. */
 #include <math.h>
+#include <stdio.h>
 
 #include "fh_internal.h"
 
@@ -72,12 +73,24 @@ fh_status_t fh_check_targets_host(const char* fn, const int64_t* targets, int64_
   return FH_SUCCESS;
 }
 
-fh_status_t fh_check_weights_host(const char* fn, const char* name, const float* w, int64_t n) {
+fh_status_t fh_check_weights_host_any(const char* fn, const char* name, const void* w, int64_t n, int f64) {
   if (!w) return FH_SUCCESS;
-  for (int64_t i = 0; i < n; ++i)
-    if (!(isfinite(w[i]) && w[i] >= 0.0f))
+  for (int64_t i = 0; i < n; ++i) {
+    double v = f64 ? ((const double*)w)[i] : (double)((const float*)w)[i];
+    if (!(isfinite(v) && v >= 0.0))
       return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s[%lld] is %g (must be finite and >= 0)", name,
-                          (long long)i, (double)w[i]);
+                          (long long)i, v);
+  }
+  return FH_SUCCESS;
+}
+
+fh_status_t fh_check_weights_host(const char* fn, const char* name, const float* w, int64_t n) {
+  return fh_check_weights_host_any(fn, name, w, n, 0);
+}
+
+fh_status_t fh_check_backend_dtype(const char* fn, const char* name, const fh_context_t* ctx, fh_dtype_t dtype) {
+  if (ctx->backend == FH_BACKEND_CUDA && dtype == FH_DTYPE_F64)
+    return fh_set_error(FH_ERR_UNSUPPORTED, fn, "%s is fp64, which only the CPU backend computes", name);
   return FH_SUCCESS;
 }
 
@@ -92,5 +105,18 @@ fh_status_t fh_check_workspace(const char* fn, const void* ws, size_t bytes, siz
   if (bytes < need)
     return fh_set_error(FH_ERR_INSUFFICIENT_WORKSPACE, fn, "workspace_bytes is %zu (need %zu)", bytes, need);
   if (need > 0 && !ws) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "workspace is NULL");
+  return FH_SUCCESS;
+}
+
+fh_status_t fh_check_grad_tensor(const char* fn, const char* name, const fh_tensor_t* g, const fh_tensor_t* like,
+                                 const fh_tensor_t* const* inputs, int n_inputs) {
+  if (!g || !g->data) return FH_SUCCESS;
+  if (!like) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "grads->%s is given but there is no bias", name);
+  char full[32];
+  snprintf(full, sizeof full, "grads->%s", name);
+  FH_TRY(fh_check_tensor(fn, full, g, like->rows, like->cols, like->dtype));
+  for (int i = 0; i < n_inputs; ++i)
+    if (inputs[i] && inputs[i]->data == g->data)
+      return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "grads->%s aliases an input", name);
   return FH_SUCCESS;
 }

@@ -370,20 +370,21 @@ fh_status_t fh_ref_distill_forward(const fh_distill_problem_t* p, const fh_disti
   r.row_hard = buf + 2 * n;
   r.state = buf + 3 * n;
   const fh_status_t st = fh_ref_distill_forward_f64(p, &r);
+  const int f64 = p->Es->dtype == FH_DTYPE_F64;
   if (st == FH_SUCCESS) {
     if (p->opt.reduction == FH_REDUCTION_NONE) {
       for (int64_t i = 0; i < N; ++i) {
-        o->loss[i] = (float)r.row_loss[i];
-        if (o->soft_loss) o->soft_loss[i] = (float)r.row_soft[i];
-        if (o->hard_loss) o->hard_loss[i] = (float)r.row_hard[i];
+        fh_ref_stat_put(o->loss, i, r.row_loss[i], f64);
+        if (o->soft_loss) fh_ref_stat_put(o->soft_loss, i, r.row_soft[i], f64);
+        if (o->hard_loss) fh_ref_stat_put(o->hard_loss, i, r.row_hard[i], f64);
       }
     } else {
-      o->loss[0] = (float)r.loss;
-      if (o->soft_loss) o->soft_loss[0] = (float)r.soft;
-      if (o->hard_loss) o->hard_loss[0] = (float)r.hard;
+      fh_ref_stat_put(o->loss, 0, r.loss, f64);
+      if (o->soft_loss) fh_ref_stat_put(o->soft_loss, 0, r.soft, f64);
+      if (o->hard_loss) fh_ref_stat_put(o->hard_loss, 0, r.hard, f64);
     }
     if (o->row_state)
-      for (int64_t k = 0; k < N * NS; ++k) o->row_state[k] = (float)r.state[k];
+      for (int64_t k = 0; k < N * NS; ++k) fh_ref_stat_put(o->row_state, k, r.state[k], f64);
   }
   free(buf);
   return st;
@@ -396,11 +397,12 @@ fh_status_t fh_ref_distill_backward(const fh_distill_problem_t* p, const fh_dist
   double* buf = (double*)malloc(sizeof(double) * (1 + NS) * n);
   if (!buf) return fh_set_error(FH_ERR_OUT_OF_MEMORY, p->fn, "cannot allocate reference buffers");
   double *gl = buf, *state = buf + n;
-  for (int64_t k = 0; k < N * NS; ++k) state[k] = in->row_state[k];
+  const int f64 = p->Es->dtype == FH_DTYPE_F64;
+  for (int64_t k = 0; k < N * NS; ++k) state[k] = fh_ref_stat_get(in->row_state, k, f64);
   if (p->opt.reduction == FH_REDUCTION_NONE)
-    for (int64_t i = 0; i < N; ++i) gl[i] = in->grad_loss[i];
+    for (int64_t i = 0; i < N; ++i) gl[i] = fh_ref_stat_get(in->grad_loss, i, f64);
   else
-    gl[0] = in->grad_loss[0];
+    gl[0] = fh_ref_stat_get(in->grad_loss, 0, f64);
   const fh_status_t st = fh_ref_distill_backward_f64(p, state, gl, NULL, NULL, NULL, grads);
   free(buf);
   return st;

@@ -14,11 +14,17 @@
 /* Classes per block in the dC pass. */
 #define CLASS_BLOCK 64
 
+static double stat_at(const fh_lce_problem_t* p, const float* a, int64_t i) {
+  return fh_ref_stat_get(a, i, p->dtype == FH_DTYPE_F64);
+}
+static void stat_put(const fh_lce_problem_t* p, float* a, int64_t i, double v) {
+  fh_ref_stat_put(a, i, v, p->dtype == FH_DTYPE_F64);
+}
 static double class_weight(const fh_lce_problem_t* p, int64_t j) {
-  return p->class_weights ? (double)p->class_weights[j] : 1.0;
+  return p->class_weights ? stat_at(p, p->class_weights, j) : 1.0;
 }
 static double token_weight(const fh_lce_problem_t* p, int64_t i) {
-  return p->token_weights ? (double)p->token_weights[i] : 1.0;
+  return p->token_weights ? stat_at(p, p->token_weights, i) : 1.0;
 }
 static int row_valid(const fh_lce_problem_t* p, int64_t i) { return p->targets[i] != p->opt.ignore_index; }
 
@@ -38,7 +44,7 @@ static double process_logit(const fh_lce_problem_t* p, double r) {
 static double weight_total(const fh_lce_problem_t* p) {
   if (!p->class_weights) return (double)p->V;
   double W = 0;
-  for (int64_t j = 0; j < p->V; ++j) W += p->class_weights[j];
+  for (int64_t j = 0; j < p->V; ++j) W += class_weight(p, j); /* double with fp64 inputs */
   return W;
 }
 
@@ -185,17 +191,17 @@ fh_status_t fh_ref_linear_ce_forward(const fh_lce_problem_t* p, const fh_linear_
   if (st == FH_SUCCESS) {
     const int none = p->opt.reduction == FH_REDUCTION_NONE;
     for (int64_t i = 0; i < N; ++i) {
-      if (none) o->loss[i] = (float)r.row_loss[i];
-      if (none && o->z_loss) o->z_loss[i] = (float)r.row_zloss[i];
-      if (o->lse) o->lse[i] = (float)r.lse[i];
-      if (o->entropy) o->entropy[i] = (float)r.entropy[i];
+      if (none) stat_put(p, o->loss, i, r.row_loss[i]);
+      if (none && o->z_loss) stat_put(p, o->z_loss, i, r.row_zloss[i]);
+      if (o->lse) stat_put(p, o->lse, i, r.lse[i]);
+      if (o->entropy) stat_put(p, o->entropy, i, r.entropy[i]);
       if (o->argmax) o->argmax[i] = r.argmax[i];
     }
     if (!none) {
-      o->loss[0] = (float)r.loss;
-      if (o->z_loss) o->z_loss[0] = (float)r.z_loss;
+      stat_put(p, o->loss, 0, r.loss);
+      if (o->z_loss) stat_put(p, o->z_loss, 0, r.z_loss);
     }
-    if (o->accuracy) o->accuracy[0] = (float)r.accuracy;
+    if (o->accuracy) stat_put(p, o->accuracy, 0, r.accuracy);
   }
   free(buf);
   free(arg);
@@ -361,12 +367,12 @@ fh_status_t fh_ref_linear_ce_backward(const fh_lce_problem_t* p, const fh_linear
   if (!buf) return fh_set_error(FH_ERR_OUT_OF_MEMORY, "fh_linear_ce_backward", "cannot allocate reference buffers");
   double *lse = buf, *h = buf + n, *gl = buf + 2 * n, *glse = buf + 3 * n;
   for (int64_t i = 0; i < N; ++i) {
-    lse[i] = in->lse[i];
-    h[i] = in->entropy ? in->entropy[i] : 0.0;
-    if (none) gl[i] = in->grad_loss[i];
-    glse[i] = in->grad_lse ? in->grad_lse[i] : 0.0;
+    lse[i] = stat_at(p, in->lse, i);
+    h[i] = in->entropy ? stat_at(p, in->entropy, i) : 0.0;
+    if (none) gl[i] = stat_at(p, in->grad_loss, i);
+    glse[i] = in->grad_lse ? stat_at(p, in->grad_lse, i) : 0.0;
   }
-  if (!none) gl[0] = in->grad_loss[0];
+  if (!none) gl[0] = stat_at(p, in->grad_loss, 0);
   fh_status_t st = fh_ref_lce_backward_f64(p, lse, h, gl, in->grad_lse ? glse : NULL, NULL, NULL, NULL, grads);
   free(buf);
   return st;

@@ -32,6 +32,18 @@ static inline double fh_ref_dot(const double* a, const double* b, int64_t n) {
   return (s0 + s1) + (s2 + s3);
 }
 
+/* The per-row and scalar float arrays of the ops with gradients hold doubles when the inputs
+ * are FH_DTYPE_F64 (fusedhead.h); these read and write them either way. */
+static inline double fh_ref_stat_get(const float* a, int64_t i, int f64) {
+  return f64 ? ((const double*)(const void*)a)[i] : (double)a[i];
+}
+static inline void fh_ref_stat_put(float* a, int64_t i, double v, int f64) {
+  if (f64)
+    ((double*)(void*)a)[i] = v;
+  else
+    a[i] = (float)v;
+}
+
 /* Online softmax statistics of a stream of logits z: m = max, Z = Σ e^{z−m},
  * F = Σ e^{z−m}(z − m), so that lse = m + ln Z and the entropy h = ln Z − F/Z.
  * NaN propagates through Z; −inf entries contribute nothing. */
