@@ -170,13 +170,25 @@ typedef enum fh_reduction {
 } fh_reduction_t;
 
 /* Where gradients are accumulated (CUDA backend; the CPU reference always accumulates in fp64
- * and rounds once into the output dtype). */
+ * and rounds once into the output dtype). Costs are for linear cross-entropy's backward; with
+ * fp32 gradient outputs every mode accumulates directly in the outputs.
+ *   FH_ACCUM_FP32 (default): one recompute of the logits, 6·N·V·D tensor-core FLOPs before the
+ *     filter. dC and dbias have one owner block each and are summed in fp32 (for 16-bit
+ *     outputs as "split fp32": the high 16 bits in the output, the low 16 in the workspace,
+ *     rounded once at the end); dE by fp32 atomics. Workspace for 16-bit outputs
+ *     2·V·D + 4·N·D bytes. Reproducible except the order of dE's atomic additions.
+ *   FH_ACCUM_OUTPUT_DTYPE (low memory): O(N) workspace; dE and dC are read, added and written
+ *     in the output dtype by their owner block (one rounding per 64-class tile or 64-row
+ *     block), dbias in fp32; 8·N·V·D FLOPs; deterministic. bf16 outputs carry about 10x the
+ *     error of fp32 accumulation (measured at V = 4099).
+ *   FH_ACCUM_DETERMINISTIC: bitwise identical results run to run and under any block order:
+ *     every gradient element has one owner adding in a fixed order, fp32-accurate (split fp32
+ *     for 16-bit outputs, workspace 2·(N + V)·D bytes); the logits are recomputed twice,
+ *     8·N·V·D FLOPs (+33% over FH_ACCUM_FP32). */
 typedef enum fh_accum_mode {
-  FH_ACCUM_FP32 = 0,          /* fp32 accumulation: in the outputs when they are fp32, else in an
-                                 fp32 workspace cast down at the end (default) */
-  FH_ACCUM_OUTPUT_DTYPE = 1,  /* low memory: accumulate in the output dtype, no gradient-sized
-                                 workspace; bf16/fp16 outputs lose precision */
-  FH_ACCUM_DETERMINISTIC = 2, /* bitwise identical results run to run, at extra cost */
+  FH_ACCUM_FP32 = 0,
+  FH_ACCUM_OUTPUT_DTYPE = 1,
+  FH_ACCUM_DETERMINISTIC = 2,
   FH_ACCUM_MODE_COUNT
 } fh_accum_mode_t;
 
@@ -219,9 +231,11 @@ FH_API fh_status_t fh_rows_logsumexp(fh_context_t* ctx, const fh_tensor_t* logit
  *           options.divisor > 0 replaces both denominators (a global token count in gradient
  *           accumulation, "num_items_in_batch").
  * Decisions, each with its reason:
- *   - A denominator that is 0 (every row ignored, or all weights 0) gives loss 0 and zero
- *     gradients, not NaN (PyTorch gives NaN): a padding-only micro-batch must not poison an
- *     accumulated step. Liger and torchtune's LinearCrossEntropyLoss also return 0.
+ *   - Each part of the mean over a zero denominator is 0, with zero gradient, not NaN
+ *     (PyTorch gives NaN): so every row ignored, or all weights 0, gives loss 0 and zero
+ *     gradients, because a padding-only micro-batch must not poison an accumulated step
+ *     (Liger and torchtune's LinearCrossEntropyLoss also return 0). When only D_ce is 0
+ *     (every valid target has class weight 0), the z-loss and entropy parts keep their mean.
  *   - The z-loss is part of `loss` and its gradient; `z_loss` reports the λ lse² part alone,
  *     with the same reduction and denominator D_reg.
  *   - NaN or Inf in a valid row's logits propagates to that row's loss, lse and gradients (and
@@ -244,7 +258,11 @@ typedef struct fh_linear_ce_options {
   float entropy_weight;        /* default 0 (η); finite, may be negative (entropy bonus) */
   float divisor;               /* default 0 (automatic denominators); > 0 overrides them (mean) */
   float filter_eps;            /* default FH_FILTER_EPS_AUTO; 0 turns the backward's tile
-                                  filter off; ignored by the CPU reference */
+                                  filter off. A logit tile is skipped when every |p − δ| in it
+                                  is below the threshold (CCE's rule). Ignored by the CPU
+                                  reference; the CUDA backend turns it off when
+                                  label_smoothing or entropy_weight != 0 (their gradient terms
+                                  are not bounded by p, so skipping would drop them) */
   int filter_e_grad;           /* default 1: the filter may skip tiles for dE */
   int filter_c_grad;           /* default 1: the filter may skip tiles for dC and dbias */
   fh_accum_mode_t accum_mode;  /* default FH_ACCUM_FP32 (CUDA backend) */
@@ -263,7 +281,9 @@ typedef struct fh_linear_ce_outputs {
   float* lse;       /* [N]: lse_i, 0 at ignored rows; the backward needs it */
   float* entropy;   /* [N]: h_i, 0 at ignored rows; the backward needs it when η != 0 */
   float* z_loss;    /* [1] or [N] (as loss): the λ lse² part of the loss */
-  int64_t* argmax;  /* [N]: first index of the row's maximum logit z, -1 at ignored rows */
+  int64_t* argmax;  /* [N]: first index of the row's maximum raw logit r (the order of z, but
+                       ties that a saturating softcap creates are broken by r; NaN counts as
+                       the maximum), -1 at ignored rows */
   float* accuracy;  /* [1]: mean over valid rows of [argmax == target] (unweighted), 0 if none */
 } fh_linear_ce_outputs_t;
 
@@ -294,7 +314,9 @@ typedef struct fh_linear_ce_grad_inputs {
   const float* entropy;   /* [N] from the forward; required when entropy_weight != 0 */
   const float* grad_loss; /* required: [1] for mean/sum, [N] for none (upstream gradient) */
   const float* grad_lse;  /* [N] upstream gradient of the lse output, or NULL (a user-side
-                             z-loss): adds grad_lse_i · p_ij to ∂/∂z_ij of valid rows */
+                             z-loss): adds grad_lse_i · p_ij to ∂/∂z_ij of valid rows. It is
+                             the gradient of the lse output itself, so token weights do not
+                             scale it. */
 } fh_linear_ce_grad_inputs_t;
 
 /* Gradient outputs, each in the dtype and shape of its input (dE like E, dC like C, dbias like

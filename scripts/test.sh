@@ -2,7 +2,8 @@
 # Build fusedhead and run every test suite (no GPU needed):
 #   bash scripts/test.sh
 # 1. the library as users build it (CUDA backend when nvcc is present), warnings as errors:
-#    the ref/ and api/ suites, the installed-package consumer check, a demo run;
+#    the ref/ and api/ suites, the installed-package consumer check, a demo run, and the
+#    PyTorch bindings' tests (python/tests, with Debian's python3-torch);
 # 2. everything again under AddressSanitizer + UBSan, including the SIMT emulator and the
 #    kernel suites that run kernels/*.cu on the CPU;
 # 3. with nvcc present: ptxas statistics for sm_80 and sm_90 (spills fail).
@@ -45,6 +46,11 @@ run_ctest default build
 step "demo smoke run (small shape)"
 ./build/demo_linear_ce 64 40 1001 || failed=1
 
+step "python: PyTorch integration (python3-torch, Debian's /usr/bin/python3)"
+pylog="$logdir/python.log"
+bash scripts/test_python.sh build >"$pylog" 2>&1 || { failed=1; tail -n 60 "$pylog"; }
+grep '^python: ' "$pylog" | tail -n 1
+
 step "build 2: AddressSanitizer + UBSan, emulator and kernel suites"
 if ! { cmake -S . -B build-san -DFH_WERROR=ON -DFH_ENABLE_CUDA=OFF -DFH_BUILD_BENCH=OFF \
          -DFH_SANITIZE=address,undefined -DCMAKE_BUILD_TYPE=RelWithDebInfo &&
@@ -66,6 +72,10 @@ for log in "${summary[@]}"; do
     pass=$((pass + p)); fail=$((fail + f + c))
   done < <(sed -n 's/.*Synthesis: Tested: \([0-9]*\) | Passing: \([0-9]*\) | Failing: \([0-9]*\) | Crashing: \([0-9]*\).*/\1 \2 \3 \4/p' "$log")
 done
+if [ -f "$pylog" ]; then
+  read -r p f < <(sed -n 's/^python: \([0-9]*\) passed, \([0-9]*\) failed$/\1 \2/p' "$pylog" | tail -n 1) || true
+  pass=$((pass + ${p:-0})); fail=$((fail + ${f:-0}))
+fi
 [ $failed -eq 0 ] || [ $fail -gt 0 ] || fail=1
 echo
 echo "tests: $pass passed, $fail failed"

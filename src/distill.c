@@ -229,7 +229,7 @@ static fh_status_t forward(const char* fn, fh_context_t* ctx, const fh_distill_o
   fh_distill_problem_t p;
   FH_TRY(check_problem(fn, ctx, opts, student, dense, sparse, targets, &p));
   if (!out) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "out is NULL");
-  if (!out->loss) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "out->loss is NULL");
+  FH_TRY(fh_check_reduced_ptr(fn, "out->loss", out->loss, p.opt.reduction, p.N));
   FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, 0));
   if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
   return fh_ref_distill_forward(&p, out);
@@ -246,7 +246,7 @@ static fh_status_t backward(const char* fn, fh_context_t* ctx, const fh_distill_
   if (!in) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "in is NULL");
   if (!grads) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "grads is NULL");
   FH_TRY(fh_check_ptr(fn, "in->row_state", in->row_state, p.N));
-  if (!in->grad_loss) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "in->grad_loss is NULL");
+  FH_TRY(fh_check_reduced_ptr(fn, "in->grad_loss", in->grad_loss, p.opt.reduction, p.N));
   const fh_tensor_t* inputs[6] = {p.Es, p.Cs, p.bs, p.Et, p.Ct, p.bt};
   FH_TRY(fh_check_grad_tensor(fn, "dE", grads->dE, p.Es, inputs, 6));
   FH_TRY(fh_check_grad_tensor(fn, "dC", grads->dC, p.Cs, inputs, 6));

@@ -70,6 +70,9 @@ fh_status_t fh_check_enum(const char* fn, const char* name, int v, int count);
  * the input does not exist, e.g. no bias) and not aliasing any of the n inputs. */
 fh_status_t fh_check_grad_tensor(const char* fn, const char* name, const fh_tensor_t* g, const fh_tensor_t* like,
                                  const fh_tensor_t* const* inputs, int n_inputs);
+/* A loss-shaped array: [n] for FH_REDUCTION_NONE (may be NULL when n == 0), else [1]. */
+fh_status_t fh_check_reduced_ptr(const char* fn, const char* name, const void* p, fh_reduction_t reduction,
+                                 int64_t n);
 /* Workspace: at least `need` bytes (a NULL pointer is fine when need == 0). */
 fh_status_t fh_check_workspace(const char* fn, const void* ws, size_t bytes, size_t need);
 

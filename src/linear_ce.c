@@ -139,8 +139,7 @@ fh_status_t fh_linear_ce_forward(fh_context_t* ctx, const fh_linear_ce_options_t
   fh_lce_problem_t p;
   FH_TRY(check_problem(fn, ctx, opts, E, C, bias, targets, class_weights, token_weights, &p));
   if (!out) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "out is NULL");
-  if (!out->loss) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "out->loss is NULL");
-  if (p.opt.reduction == FH_REDUCTION_NONE) FH_TRY(fh_check_ptr(fn, "out->loss", out->loss, p.N));
+  FH_TRY(fh_check_reduced_ptr(fn, "out->loss", out->loss, p.opt.reduction, p.N));
   size_t need;
   FH_TRY(workspace_need(ctx, &p.opt, 0, p.N, p.V, p.D, p.dtype, &need));
   FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, need));
@@ -163,7 +162,7 @@ fh_status_t fh_linear_ce_backward(fh_context_t* ctx, const fh_linear_ce_options_
   if (!in) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "in is NULL");
   if (!grads) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "grads is NULL");
   FH_TRY(fh_check_ptr(fn, "in->lse", in->lse, p.N));
-  if (!in->grad_loss) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "in->grad_loss is NULL");
+  FH_TRY(fh_check_reduced_ptr(fn, "in->grad_loss", in->grad_loss, p.opt.reduction, p.N));
   if (p.opt.entropy_weight != 0.0f) FH_TRY(fh_check_ptr(fn, "in->entropy (entropy_weight != 0)", in->entropy, p.N));
   const fh_tensor_t* inputs[3] = {E, C, bias};
   FH_TRY(fh_check_grad_tensor(fn, "dE", grads->dE, E, inputs, 3));

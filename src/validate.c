@@ -120,3 +120,10 @@ fh_status_t fh_check_grad_tensor(const char* fn, const char* name, const fh_tens
       return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "grads->%s aliases an input", name);
   return FH_SUCCESS;
 }
+
+fh_status_t fh_check_reduced_ptr(const char* fn, const char* name, const void* p, fh_reduction_t reduction,
+                                 int64_t n) {
+  /* [n] for none (NULL is fine when n == 0, as an empty framework tensor's data pointer), [1]
+   * otherwise. */
+  return fh_check_ptr(fn, name, p, reduction == FH_REDUCTION_NONE ? n : 1);
+}

@@ -76,7 +76,7 @@ fh_status_t fh_ref_lce_forward_f64(const fh_lce_problem_t* p, fh_lce_ref_forward
   int oom = 0;
 
 #ifdef FH_HAVE_OPENMP
-#pragma omp parallel for schedule(dynamic) reduction(| : oom)
+#pragma omp parallel for schedule(dynamic) reduction(| : oom) if (fh_ref_parallel(N, V, D))
 #endif
   for (int64_t i0 = 0; i0 < N; i0 += ROW_BLOCK) {
     const int64_t nb = (N - i0 < ROW_BLOCK) ? N - i0 : ROW_BLOCK;
@@ -280,7 +280,7 @@ fh_status_t fh_ref_lce_backward_f64(const fh_lce_problem_t* p, const double* lse
   /* dE: rows in blocks; each C_j is converted once per block. dE_i = Σ_j G_ij C_j. */
   if (want_E) {
 #ifdef FH_HAVE_OPENMP
-#pragma omp parallel for schedule(dynamic) reduction(| : oom)
+#pragma omp parallel for schedule(dynamic) reduction(| : oom) if (fh_ref_parallel(N, V, D))
 #endif
     for (int64_t i0 = 0; i0 < N; i0 += ROW_BLOCK) {
       const int64_t nb = (N - i0 < ROW_BLOCK) ? N - i0 : ROW_BLOCK;
@@ -314,7 +314,7 @@ fh_status_t fh_ref_lce_backward_f64(const fh_lce_problem_t* p, const double* lse
   /* dC and dbias: classes in blocks; each valid E_i is converted once per block. */
   if ((want_C || want_b) && !oom) {
 #ifdef FH_HAVE_OPENMP
-#pragma omp parallel for schedule(dynamic) reduction(| : oom)
+#pragma omp parallel for schedule(dynamic) reduction(| : oom) if (fh_ref_parallel(N, V, D))
 #endif
     for (int64_t j0 = 0; j0 < V; j0 += CLASS_BLOCK) {
       const int64_t nb = (V - j0 < CLASS_BLOCK) ? V - j0 : CLASS_BLOCK;

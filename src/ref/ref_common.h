@@ -7,6 +7,13 @@
 
 #include "dtype.h"
 
+/* Whether a pass of about n·v·d multiply-adds is worth an OpenMP team: below ~2e6 starting
+ * the team costs more than the work (the test suites' tiny shapes). Results do not depend on
+ * it: rows are independent and every reduction runs in a fixed order. */
+static inline int fh_ref_parallel(int64_t n, int64_t v, int64_t d) {
+  return (double)n * (double)v * (double)(d > 0 ? d : 1) > 2e6;
+}
+
 /* Copy row r of t (cols elements) into dst as doubles: exact. */
 static inline void fh_ref_row_to_double(const fh_tensor_t* t, int64_t r, double* dst) {
   if (t->dtype == FH_DTYPE_F32) { /* the common case, kept free of per-element dispatch */

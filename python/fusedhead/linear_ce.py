@@ -1,0 +1,167 @@
+"""Linear cross-entropy: loss = CE(E·Cᵀ + bias, targets) without materializing the logits."""
+import ctypes
+
+import torch
+
+from . import _lib as L
+
+_FN = "fusedhead.linear_cross_entropy"
+
+
+def _options(ignore_index, reduction, softcap, label_smoothing, logit_scale, z_loss_scale,
+             entropy_weight, divisor):
+    o = L.new_options(L.LinearCEOptions, "fh_linear_ce_options_init")
+    o.ignore_index = int(ignore_index)
+    o.reduction = L.reduction_code(_FN, reduction)
+    o.softcap = float(softcap or 0.0)
+    o.label_smoothing = float(label_smoothing)
+    o.logit_scale = float(logit_scale)
+    o.z_loss_scale = float(z_loss_scale)
+    o.entropy_weight = float(entropy_weight)
+    o.divisor = float(divisor or 0.0)
+    return o
+
+
+class _Problem:
+    """The fh_tensor_t views and buffers shared by the forward and backward calls."""
+
+    def __init__(self, e, c, bias, targets, weight, token_weights):
+        self.e, self.E = L.matrix(_FN, "e", e)
+        self.c, self.C = L.matrix(_FN, "c", c)
+        self.bias, self.B = (None, None) if bias is None else L.vector_as_row(_FN, "bias", bias)
+        self.targets = targets
+        self.weight = weight
+        self.token_weights = token_weights
+        self.N, self.D = e.shape
+        self.V = c.shape[0]
+
+    def args(self):
+        return (L.tensor_ptr(self.E), L.tensor_ptr(self.C), L.tensor_ptr(self.B), L.ptr(self.targets),
+                L.ptr(self.weight), L.ptr(self.token_weights))
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Inputs are already flattened and checked by linear_cross_entropy(); outputs (loss, lse)."""
+
+    @staticmethod
+    def forward(ctx, e, c, bias, targets, weight, token_weights, opts_tuple):
+        opts = _options(*opts_tuple)
+        st = L.stats_dtype(e)
+        dev = e.device
+        prob = _Problem(e, c, bias, targets, weight, token_weights)
+        N = prob.N
+        loss = L.out_buffer((N,) if opts.reduction == L.REDUCTIONS["none"] else (), st, dev)
+        lse = L.out_buffer((N,), st, dev)
+        entropy = torch.empty(N, dtype=st, device=dev) if opts.entropy_weight != 0.0 else None
+        out = L.LinearCEOutputs(loss=L.ptr(loss), lse=L.ptr(lse), entropy=L.ptr(entropy))
+        h = L.context_for(dev)
+        nbytes = ctypes.c_size_t()
+        L.check(L.lib.fh_linear_ce_forward_workspace_size(h, ctypes.byref(opts), N, prob.V, prob.D,
+                                                          prob.E.dtype, ctypes.byref(nbytes)))
+        ws, wsp = L.workspace(dev, nbytes.value)
+        L.check(L.lib.fh_linear_ce_forward(h, ctypes.byref(opts), *prob.args(), ctypes.byref(out),
+                                           wsp, nbytes.value))
+        ctx.opts_tuple = opts_tuple
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(e, c, bias, targets, weight, token_weights, lse, entropy)
+        ctx.set_materialize_grads(False)
+        return loss, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_lse):
+        e, c, bias, targets, weight, token_weights, lse, entropy = ctx.saved_tensors
+        need_e, need_c, need_b = ctx.needs_input_grad[:3]
+        n_out = 7
+        if not (need_e or need_c or (need_b and bias is not None)) or (grad_loss is None and grad_lse is None):
+            return (None,) * n_out
+        if e.shape[0] == 0:
+            # No rows, no contribution (and empty per-row buffers would be NULL pointers).
+            return (torch.zeros_like(e) if need_e else None, torch.zeros_like(c) if need_c else None,
+                    torch.zeros_like(bias) if (need_b and bias is not None) else None) + (None,) * 4
+        opts = _options(*ctx.opts_tuple)
+        st = L.stats_dtype(e)
+        dev = e.device
+        if grad_loss is None:
+            shape = (e.shape[0],) if opts.reduction == L.REDUCTIONS["none"] else ()
+            grad_loss = torch.zeros(shape, dtype=st, device=dev)
+        grad_loss = grad_loss.to(st).contiguous()
+        if grad_lse is not None:
+            grad_lse = grad_lse.to(st).contiguous()
+        prob = _Problem(e, c, bias, targets, weight, token_weights)
+        gin = L.LinearCEGradInputs(lse=L.ptr(lse), entropy=L.ptr(entropy), grad_loss=L.ptr(grad_loss),
+                                   grad_lse=L.ptr(grad_lse))
+        de = torch.empty(e.shape, dtype=e.dtype, device=dev) if need_e else None
+        dc = torch.empty(c.shape, dtype=c.dtype, device=dev) if need_c else None
+        db = torch.empty(bias.shape, dtype=bias.dtype, device=dev) if (need_b and bias is not None) else None
+        tE = L.matrix(_FN, "grad e", de)[1] if de is not None else None
+        tC = L.matrix(_FN, "grad c", dc)[1] if dc is not None else None
+        tB = L.vector_as_row(_FN, "grad bias", db)[1] if db is not None else None
+        grads = L.Grads(L.tensor_ptr(tE), L.tensor_ptr(tC), L.tensor_ptr(tB))
+        h = L.context_for(dev)
+        nbytes = ctypes.c_size_t()
+        L.check(L.lib.fh_linear_ce_backward_workspace_size(h, ctypes.byref(opts), prob.N, prob.V, prob.D,
+                                                           prob.E.dtype, ctypes.byref(nbytes)))
+        ws, wsp = L.workspace(dev, nbytes.value)
+        L.check(L.lib.fh_linear_ce_backward(h, ctypes.byref(opts), *prob.args(), ctypes.byref(gin),
+                                            ctypes.byref(grads), wsp, nbytes.value))
+        return de, dc, db, None, None, None, None
+
+
+def linear_cross_entropy(e, c, targets, bias=None, *, ignore_index=-100, reduction="mean", softcap=None,
+                         label_smoothing=0.0, weight=None, token_weights=None, z_loss_scale=0.0,
+                         logit_scale=None, temperature=None, entropy_weight=0.0, divisor=None,
+                         return_lse=False):
+    """Cross-entropy of the logits e·cᵀ + bias against targets, never materialized.
+
+    Same meaning as F.cross_entropy(F.linear(e, c, bias), targets, weight=weight,
+    ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing) for the
+    options PyTorch has, except that a mean over no valid row (or zero total weight) is 0, not NaN.
+    Extra options (include/fusedhead.h defines each): softcap (z = softcap·tanh(s/softcap)),
+    token_weights ([...] like targets), z_loss_scale (λ·lse²), logit_scale or temperature
+    (s = logit_scale·r = r / temperature, applied before the softcap), entropy_weight (η·entropy),
+    divisor (replaces the mean's denominators, e.g. a global token count).
+
+    e: [..., D]; c: [V, D]; bias: [V] or None; targets: integer [...] (e.shape[:-1]).
+    dtypes float32/float16/bfloat16/float64 (all of e, c, bias the same). Returns the loss
+    (scalar, or shaped like targets for reduction='none'), and with return_lse=True also the
+    per-row logsumexp of the final logits z (shaped like targets, 0 at ignored rows),
+    differentiable (for a user-side z-loss). Gradients flow to e, c and bias only.
+    """
+    for name, t in (("e", e), ("c", c), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            L.fail(_FN, "%s must be a torch.Tensor (got %s)" % (name, type(t).__name__))
+    L.same_device(_FN, e=e, c=c, targets=targets, bias=bias, weight=weight, token_weights=token_weights)
+    if e.dim() < 1:
+        L.fail(_FN, "e must have at least 1 dimension [..., D] (got a scalar)")
+    if c.dim() != 2:
+        L.fail(_FN, "c must be 2-D [V, D] (got shape %s)" % (tuple(c.shape),))
+    L.fh_dtype(_FN, "e", e)
+    if tuple(targets.shape) != tuple(e.shape[:-1]):
+        L.fail(_FN, "targets has shape %s (expected e.shape[:-1] = %s)" % (tuple(targets.shape),
+                                                                          tuple(e.shape[:-1])))
+    if temperature is not None and logit_scale is not None:
+        L.fail(_FN, "give logit_scale or temperature, not both")
+    if temperature is not None:
+        if not temperature > 0:
+            L.fail(_FN, "temperature is %r (must be > 0)" % (temperature,))
+        logit_scale = 1.0 / float(temperature)
+    if logit_scale is None:
+        logit_scale = 1.0
+    batch_shape = targets.shape
+    e2 = e.reshape(-1, e.shape[-1])
+    N = e2.shape[0]
+    st = L.stats_dtype(e)
+    t64 = L.int64_buffer(_FN, "targets", targets).reshape(N)
+    w = None if weight is None else L.dense(_FN, "weight", weight, st, (c.shape[0],))
+    tw = None if token_weights is None else L.dense(_FN, "token_weights", token_weights, st,
+                                                    tuple(batch_shape)).reshape(N)
+    opts_tuple = (ignore_index, reduction, softcap, label_smoothing, logit_scale, z_loss_scale,
+                  entropy_weight, divisor)
+    L.reduction_code(_FN, reduction)
+    loss, lse = LinearCrossEntropyFunction.apply(e2, c, bias, t64, w, tw, opts_tuple)
+    if reduction == "none":
+        loss = loss.reshape(batch_shape)
+    if return_lse:
+        return loss, lse.reshape(batch_shape)
+    return loss

@@ -1,0 +1,299 @@
+/* emu_runtime.cpp: the CUDA runtime calls the launchers use, on host memory, with the
+ * declarations of CUDA's own cuda_runtime_api.h (so a wrong call does not compile here either).
+ *
+ * Device: one, an H100 SXM (sm_90): 132 SMs, 228 KiB shared memory per SM, 48 KiB per block by
+ * default and 227 KiB with cudaFuncAttributeMaxDynamicSharedMemorySize. Work is synchronous: a
+ * launch or an async copy has finished when the call returns, so streams and events only keep
+ * their bookkeeping (event times are host wall-clock times, not GPU times). */
+#include "emu_internal.h"
+
+#include <chrono>
+#include <cstdlib>
+#include <mutex>
+#include <unordered_map>
+
+namespace {
+
+const size_t kSmemDefault = 48 * 1024;
+const size_t kSmemOptin = 227 * 1024;
+const size_t kSmemPerSm = 228 * 1024;
+const int kSmCount = 132;
+const int kNumDevices = 1;
+
+thread_local cudaError_t tls_last_error = cudaSuccess;
+thread_local int tls_device = 0;
+
+std::mutex g_attr_mutex;
+std::unordered_map<const void*, int> g_max_dyn_smem; /* cudaFuncSetAttribute per kernel */
+
+struct EmuEvent {
+  std::chrono::steady_clock::time_point t;
+  bool recorded;
+};
+
+cudaError_t fail(cudaError_t e) { return fh_emu::set_last_error(e); }
+
+} // namespace
+
+struct CUstream_st {
+  unsigned flags;
+};
+
+namespace fh_emu {
+
+cudaError_t set_last_error(cudaError_t e) {
+  if (e != cudaSuccess) tls_last_error = e;
+  return e;
+}
+
+void launch(const LaunchConfig& cfg, std::function<void()> body) {
+  const dim3 b = cfg.block, g = cfg.grid;
+  const uint64_t threads = (uint64_t)b.x * b.y * b.z;
+  if (threads == 0 || threads > 1024 || b.x > 1024 || b.y > 1024 || b.z > 64 || g.x == 0 || g.y == 0 || g.z == 0 ||
+      g.x > 2147483647u || g.y > 65535 || g.z > 65535) {
+    fail(cudaErrorInvalidConfiguration);
+    return;
+  }
+  size_t limit = kSmemDefault;
+  {
+    std::lock_guard<std::mutex> lock(g_attr_mutex);
+    auto it = g_max_dyn_smem.find(cfg.func);
+    if (it != g_max_dyn_smem.end()) limit = (size_t)it->second;
+  }
+  if (cfg.smem > limit) {
+    fail(cudaErrorInvalidValue);
+    return;
+  }
+  LaunchState L{cfg, std::move(body)};
+  run_launch(L);
+}
+
+} // namespace fh_emu
+
+/* ---- errors ---- */
+
+cudaError_t cudaGetLastError(void) {
+  cudaError_t e = tls_last_error;
+  tls_last_error = cudaSuccess;
+  return e;
+}
+cudaError_t cudaPeekAtLastError(void) { return tls_last_error; }
+
+const char* cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorInvalidMemcpyDirection: return "cudaErrorInvalidMemcpyDirection";
+    case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
+    case cudaErrorNotReady: return "cudaErrorNotReady";
+    default: return "cudaErrorUnknown";
+  }
+}
+const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInvalidMemcpyDirection: return "invalid copy direction for memcpy";
+    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+    case cudaErrorNotReady: return "device not ready";
+    default: return "unknown error";
+  }
+}
+
+/* ---- device ---- */
+
+cudaError_t cudaGetDeviceCount(int* count) {
+  if (!count) return fail(cudaErrorInvalidValue);
+  *count = kNumDevices;
+  return cudaSuccess;
+}
+cudaError_t cudaGetDevice(int* device) {
+  if (!device) return fail(cudaErrorInvalidValue);
+  *device = tls_device;
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int device) {
+  if (device < 0 || device >= kNumDevices) return fail(cudaErrorInvalidDevice);
+  tls_device = device;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+
+cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp* p, int device) {
+  if (!p) return fail(cudaErrorInvalidValue);
+  if (device < 0 || device >= kNumDevices) return fail(cudaErrorInvalidDevice);
+  std::memset(p, 0, sizeof *p);
+  std::snprintf(p->name, sizeof p->name, "NVIDIA H100 80GB HBM3 (fusedhead SIMT emulator)");
+  p->totalGlobalMem = 80ull << 30;
+  p->sharedMemPerBlock = kSmemDefault;
+  p->sharedMemPerBlockOptin = kSmemOptin;
+  p->sharedMemPerMultiprocessor = kSmemPerSm;
+  p->reservedSharedMemPerBlock = 1024;
+  p->regsPerBlock = 65536;
+  p->regsPerMultiprocessor = 65536;
+  p->warpSize = 32;
+  p->maxThreadsPerBlock = 1024;
+  p->maxThreadsDim[0] = 1024, p->maxThreadsDim[1] = 1024, p->maxThreadsDim[2] = 64;
+  p->maxGridSize[0] = 2147483647, p->maxGridSize[1] = 65535, p->maxGridSize[2] = 65535;
+  p->totalConstMem = 65536;
+  p->major = 9;
+  p->minor = 0;
+  p->multiProcessorCount = kSmCount;
+  p->maxThreadsPerMultiProcessor = 2048;
+  p->maxBlocksPerMultiProcessor = 32;
+  p->l2CacheSize = 50 * 1024 * 1024;
+  p->memoryBusWidth = 5120;
+  p->concurrentKernels = 1;
+  p->unifiedAddressing = 1;
+  p->cooperativeLaunch = 1;
+  p->clusterLaunch = 1;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device) {
+  if (!value) return fail(cudaErrorInvalidValue);
+  if (device < 0 || device >= kNumDevices) return fail(cudaErrorInvalidDevice);
+  cudaDeviceProp p;
+  cudaGetDeviceProperties(&p, device);
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = p.multiProcessorCount; break;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = (int)p.sharedMemPerBlock; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = (int)p.sharedMemPerBlockOptin; break;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = (int)p.sharedMemPerMultiprocessor; break;
+    case cudaDevAttrComputeCapabilityMajor: *value = p.major; break;
+    case cudaDevAttrComputeCapabilityMinor: *value = p.minor; break;
+    case cudaDevAttrMaxThreadsPerBlock: *value = p.maxThreadsPerBlock; break;
+    case cudaDevAttrMaxThreadsPerMultiProcessor: *value = p.maxThreadsPerMultiProcessor; break;
+    case cudaDevAttrMaxBlocksPerMultiprocessor: *value = p.maxBlocksPerMultiProcessor; break;
+    case cudaDevAttrWarpSize: *value = p.warpSize; break;
+    case cudaDevAttrMaxRegistersPerBlock: *value = p.regsPerBlock; break;
+    case cudaDevAttrMaxRegistersPerMultiprocessor: *value = p.regsPerMultiprocessor; break;
+    case cudaDevAttrL2CacheSize: *value = p.l2CacheSize; break;
+    case cudaDevAttrMaxBlockDimX: *value = p.maxThreadsDim[0]; break;
+    case cudaDevAttrMaxBlockDimY: *value = p.maxThreadsDim[1]; break;
+    case cudaDevAttrMaxBlockDimZ: *value = p.maxThreadsDim[2]; break;
+    case cudaDevAttrMaxGridDimX: *value = p.maxGridSize[0]; break;
+    case cudaDevAttrMaxGridDimY: *value = p.maxGridSize[1]; break;
+    case cudaDevAttrMaxGridDimZ: *value = p.maxGridSize[2]; break;
+    default: return fail(cudaErrorInvalidValue); /* not modelled: fail loudly rather than guess */
+  }
+  return cudaSuccess;
+}
+
+cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, int value) {
+  if (!func) return fail(cudaErrorInvalidDeviceFunction);
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    if (value < 0 || (size_t)value > kSmemOptin) return fail(cudaErrorInvalidValue);
+    std::lock_guard<std::mutex> lock(g_attr_mutex);
+    g_max_dyn_smem[func] = value;
+    return cudaSuccess;
+  }
+  if (attr == cudaFuncAttributePreferredSharedMemoryCarveout) return cudaSuccess; /* a hint */
+  return fail(cudaErrorInvalidValue);
+}
+
+/* ---- memory ---- */
+
+cudaError_t cudaMalloc(void** p, size_t size) {
+  if (!p) return fail(cudaErrorInvalidValue);
+  *p = nullptr;
+  if (size == 0) return cudaSuccess;
+  /* 256-byte aligned like cudaMalloc, exact size so ASan sees a read one past the end. */
+  if (posix_memalign(p, 256, size) != 0) {
+    *p = nullptr;
+    return fail(cudaErrorMemoryAllocation);
+  }
+  std::memset(*p, 0xff, size); /* all-ones: NaN in fp32, fp16 and bf16 */
+  return cudaSuccess;
+}
+cudaError_t cudaFree(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}
+cudaError_t cudaMallocAsync(void** p, size_t size, cudaStream_t) { return cudaMalloc(p, size); }
+cudaError_t cudaFreeAsync(void* p, cudaStream_t) { return cudaFree(p); }
+cudaError_t cudaMallocHost(void** p, size_t size) { return cudaMalloc(p, size); }
+cudaError_t cudaFreeHost(void* p) { return cudaFree(p); }
+
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, enum cudaMemcpyKind kind) {
+  if (kind < cudaMemcpyHostToHost || kind > cudaMemcpyDefault) return fail(cudaErrorInvalidMemcpyDirection);
+  if (count == 0) return cudaSuccess;
+  if (!dst || !src) return fail(cudaErrorInvalidValue);
+  std::memcpy(dst, src, count); /* overlapping ranges are an error for cudaMemcpy too: ASan reports it */
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, enum cudaMemcpyKind kind, cudaStream_t) {
+  return cudaMemcpy(dst, src, count, kind);
+}
+cudaError_t cudaMemcpy2D(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
+                         enum cudaMemcpyKind kind) {
+  if (width > dpitch || width > spitch) return fail(cudaErrorInvalidValue);
+  for (size_t r = 0; r < height; ++r) {
+    cudaError_t e = cudaMemcpy(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch, width, kind);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
+                              enum cudaMemcpyKind kind, cudaStream_t) {
+  return cudaMemcpy2D(dst, dpitch, src, spitch, width, height, kind);
+}
+cudaError_t cudaMemset(void* p, int value, size_t count) {
+  if (count == 0) return cudaSuccess;
+  if (!p) return fail(cudaErrorInvalidValue);
+  std::memset(p, value, count);
+  return cudaSuccess;
+}
+cudaError_t cudaMemsetAsync(void* p, int value, size_t count, cudaStream_t) { return cudaMemset(p, value, count); }
+
+/* ---- streams and events ---- */
+
+cudaError_t cudaStreamCreate(cudaStream_t* s) { return cudaStreamCreateWithFlags(s, cudaStreamDefault); }
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned int flags) {
+  if (!s) return fail(cudaErrorInvalidValue);
+  *s = new CUstream_st{flags};
+  return cudaSuccess;
+}
+cudaError_t cudaStreamDestroy(cudaStream_t s) {
+  delete s;
+  return cudaSuccess;
+}
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaStreamQuery(cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t e, unsigned int) {
+  return e ? cudaSuccess : fail(cudaErrorInvalidResourceHandle);
+}
+
+cudaError_t cudaEventCreate(cudaEvent_t* e) { return cudaEventCreateWithFlags(e, cudaEventDefault); }
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned int) {
+  if (!e) return fail(cudaErrorInvalidValue);
+  *e = reinterpret_cast<cudaEvent_t>(new EmuEvent{std::chrono::steady_clock::now(), false});
+  return cudaSuccess;
+}
+cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  delete reinterpret_cast<EmuEvent*>(e);
+  return cudaSuccess;
+}
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) {
+  if (!e) return fail(cudaErrorInvalidResourceHandle);
+  EmuEvent* ev = reinterpret_cast<EmuEvent*>(e);
+  ev->t = std::chrono::steady_clock::now();
+  ev->recorded = true;
+  return cudaSuccess;
+}
+cudaError_t cudaEventSynchronize(cudaEvent_t e) { return e ? cudaSuccess : fail(cudaErrorInvalidResourceHandle); }
+cudaError_t cudaEventQuery(cudaEvent_t e) { return e ? cudaSuccess : fail(cudaErrorInvalidResourceHandle); }
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+  if (!ms || !start || !end) return fail(cudaErrorInvalidValue);
+  EmuEvent* a = reinterpret_cast<EmuEvent*>(start);
+  EmuEvent* b = reinterpret_cast<EmuEvent*>(end);
+  if (!a->recorded || !b->recorded) return fail(cudaErrorInvalidResourceHandle);
+  *ms = std::chrono::duration<float, std::milli>(b->t - a->t).count();
+  return cudaSuccess;
+}

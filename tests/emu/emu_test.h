@@ -1,0 +1,48 @@
+/* emu_test.h: helpers for the emulator's own Criterion suites (test_*.cu, compiled as host C++
+ * with emu_device.h force-included). Device buffers come from the emulated cudaMalloc, so they
+ * start as 0xFF bytes (NaN) exactly as the kernels will see them. */
+#ifndef FH_EMU_TEST_H
+#define FH_EMU_TEST_H
+
+#include <criterion/criterion.h>
+
+#include <vector>
+
+#include "common.cuh"
+#include "fh_emu.h"
+
+/* Test buffers are freed when the test's process exits (before LeakSanitizer looks), so the
+ * tests need no cleanup code and a leak report always means a leak in the library. */
+struct DevAllocations {
+  std::vector<void*> ptrs;
+  ~DevAllocations() {
+    for (void* p : ptrs) cudaFree(p);
+  }
+};
+inline DevAllocations& dev_allocations() {
+  static DevAllocations a;
+  return a;
+}
+template <class T>
+T* dev_alloc(size_t n) {
+  void* p = nullptr;
+  cr_assert_eq(cudaMalloc(&p, n * sizeof(T)), cudaSuccess);
+  dev_allocations().ptrs.push_back(p);
+  return static_cast<T*>(p);
+}
+template <class T>
+T* dev_upload(const std::vector<T>& h) {
+  T* d = dev_alloc<T>(h.size());
+  cr_assert_eq(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+  return d;
+}
+template <class T>
+std::vector<T> dev_download(const T* d, size_t n) {
+  std::vector<T> h(n);
+  cr_assert_eq(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+  return h;
+}
+/* Every launch in a test is followed by this: a launch error is a test failure. */
+#define EMU_CHECK_LAUNCH() cr_assert_eq(cudaGetLastError(), cudaSuccess, "launch failed")
+
+#endif

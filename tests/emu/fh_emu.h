@@ -1,0 +1,48 @@
+/* fh_emu.h: the C-callable control surface of the SIMT emulator (tests/emu), for the kernel
+ * test suites and bench programs built against the `fusedhead_emu` target.
+ *
+ * The emulator runs the kernels/ .cu files on the CPU; see tests/emu/README.md for what it models. All
+ * functions here are thread-safe. Counters describe kernel launches made through FH_LAUNCH. */
+#ifndef FH_EMU_H
+#define FH_EMU_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct fh_emu_counters {
+  uint64_t launches;         /* kernel launches that ran (1 in fh_emu_last_counters) */
+  uint64_t blocks;           /* thread blocks executed */
+  uint64_t threads;          /* CUDA threads executed (blocks x threads per block) */
+  uint64_t barriers;         /* completed __syncthreads* barriers, summed over blocks */
+  uint64_t warp_collectives; /* completed warp collectives: shuffles, votes, __syncwarp, reduces */
+  uint64_t shuffles;         /* of which __shfl*_sync */
+  uint64_t atomics;          /* atomic* calls, per thread */
+  uint64_t mma_ops;          /* wmma::mma_sync calls, per warp (one tensor-core MMA each) */
+  uint64_t mma_flops;        /* 2*M*N*K per MMA: the FLOPs the kernel really issued */
+  char kernel[96];           /* name of the (last) kernel, as written in FH_LAUNCH */
+} fh_emu_counters_t;
+
+/* Counters of the most recent launch that ran (zeros before any launch). */
+fh_emu_counters_t fh_emu_last_counters(void);
+/* Counters summed over every launch since the last fh_emu_reset_counters(). */
+fh_emu_counters_t fh_emu_total_counters(void);
+void fh_emu_reset_counters(void);
+
+/* Block order: every launch shuffles its blocks with a seed derived from this base seed and
+ * the launch index; setting the seed also resets the launch index, so a test is reproducible.
+ * Default: FH_EMU_SEED from the environment, else a fixed constant. */
+void fh_emu_set_seed(uint64_t seed);
+uint64_t fh_emu_get_seed(void);
+
+/* OS threads that execute the blocks of a launch (default: FH_EMU_WORKERS, else 2; 1..64). */
+void fh_emu_set_workers(int n);
+int fh_emu_get_workers(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
