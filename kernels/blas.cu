@@ -8,7 +8,6 @@
 #ifdef __CUDACC__
 #include <cublas_v2.h>
 #include <cub/device/device_scan.cuh>
-#include <cub/device/device_select.cuh>
 
 #include "blas.cuh"
 #include "common.cuh"
@@ -53,10 +52,4 @@ fh_status_t fh_exclusive_sum_i32(void* temp, size_t* temp_bytes, const int32_t* 
                         "cub::DeviceScan::ExclusiveSum");
 }
 
-fh_status_t fh_select_flagged_i32(void* temp, size_t* temp_bytes, const int32_t* in, const uint8_t* flags,
-                                  int32_t* out, int32_t* num_selected, int n, struct CUstream_st* stream,
-                                  const char* fn) {
-  return fh_cuda_status(cub::DeviceSelect::Flagged(temp, *temp_bytes, in, flags, out, num_selected, n, stream), fn,
-                        "cub::DeviceSelect::Flagged");
-}
 #endif

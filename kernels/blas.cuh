@@ -34,10 +34,5 @@ fh_status_t fh_gemm(void* handle, struct CUstream_st* stream, const char* fn, fh
 fh_status_t fh_exclusive_sum_i32(void* temp, size_t* temp_bytes, const int32_t* in, int32_t* out, int n,
                                  struct CUstream_st* stream, const char* fn);
 
-/* cub::DeviceSelect::Flagged on int32: out receives, in order, the in[i] with flags[i] != 0;
- * *num_selected (device memory) their count. Same temp-storage protocol. */
-fh_status_t fh_select_flagged_i32(void* temp, size_t* temp_bytes, const int32_t* in, const uint8_t* flags,
-                                  int32_t* out, int32_t* num_selected, int n, struct CUstream_st* stream,
-                                  const char* fn);
 
 #endif

@@ -1,5 +1,5 @@
-/* emu_blas.cpp: the emulator twins of kernels/blas.cuh: cublasGemmEx, cub::DeviceScan::
- * ExclusiveSum and cub::DeviceSelect::Flagged, with their documented semantics and argument
+/* emu_blas.cpp: the emulator twins of kernels/blas.cuh: cublasGemmEx and cub::DeviceScan::
+ * ExclusiveSum, with their documented semantics and argument
  * checks, on host memory. The GEMM accumulates in fp64 and rounds once into C's dtype (cuBLAS:
  * fp32 with an unspecified order), so kernel tests compare against it with fp32 tolerances. */
 #include <cstring>
@@ -80,14 +80,3 @@ fh_status_t fh_exclusive_sum_i32(void* temp, size_t* temp_bytes, const int32_t* 
   return FH_SUCCESS;
 }
 
-fh_status_t fh_select_flagged_i32(void* temp, size_t* temp_bytes, const int32_t* in, const uint8_t* flags, int32_t* out,
-                                  int32_t* num_selected, int n, struct CUstream_st*, const char* fn) {
-  const bool query = temp == nullptr;
-  FH_TRY(temp_protocol(temp, temp_bytes, scan_temp_bytes(n), fn, "cub::DeviceSelect::Flagged"));
-  if (query) return FH_SUCCESS;
-  int32_t count = 0;
-  for (int i = 0; i < n; ++i)
-    if (flags[i]) out[count++] = in[i];
-  *num_selected = count;
-  return FH_SUCCESS;
-}

@@ -113,6 +113,25 @@ cudaError_t cudaGetDeviceCount(int* count) {
   *count = kNumDevices;
   return cudaSuccess;
 }
+/* Versions of the toolkit the emulator stands in for (CUDA 13.0). */
+cudaError_t cudaDriverGetVersion(int* version) {
+  if (!version) return fail(cudaErrorInvalidValue);
+  *version = 13000;
+  return cudaSuccess;
+}
+cudaError_t cudaRuntimeGetVersion(int* version) {
+  if (!version) return fail(cudaErrorInvalidValue);
+  *version = 13000;
+  return cudaSuccess;
+}
+/* The emulated device has the H100's 80 GiB and reports all of it free: allocations are host
+ * memory, so the number only lets callers size problems as they would on the real device. */
+cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
+  if (!free_bytes || !total_bytes) return fail(cudaErrorInvalidValue);
+  *total_bytes = (size_t)80 << 30;
+  *free_bytes = *total_bytes;
+  return cudaSuccess;
+}
 cudaError_t cudaGetDevice(int* device) {
   if (!device) return fail(cudaErrorInvalidValue);
   *device = tls_device;

@@ -183,25 +183,3 @@ Test(emu_runtime, exclusive_sum_twin) {
   cr_assert(dev_download(d_in, n) == o);
 }
 
-Test(emu_runtime, select_flagged_twin) {
-  const int n = 777;
-  std::vector<int32_t> h(n);
-  std::vector<uint8_t> f(n);
-  std::vector<int32_t> ref;
-  for (int i = 0; i < n; ++i) {
-    h[i] = i * 3 - 100;
-    f[i] = (uint8_t)((i * 7) % 5 == 0 ? 1 + i % 3 : 0);
-    if (f[i]) ref.push_back(h[i]);
-  }
-  int32_t* d_in = dev_upload(h);
-  uint8_t* d_f = dev_upload(f);
-  int32_t* d_out = dev_alloc<int32_t>(n);
-  int32_t* d_num = dev_alloc<int32_t>(1);
-  size_t bytes = 0;
-  cr_assert_eq(fh_select_flagged_i32(nullptr, &bytes, d_in, d_f, d_out, d_num, n, nullptr, "t"), FH_SUCCESS);
-  void* temp = dev_alloc<unsigned char>(bytes);
-  cr_assert_eq(fh_select_flagged_i32(temp, &bytes, d_in, d_f, d_out, d_num, n, nullptr, "t"), FH_SUCCESS);
-  const int32_t num = dev_download(d_num, 1)[0];
-  cr_assert_eq(num, (int32_t)ref.size());
-  cr_assert(dev_download(d_out, (size_t)num) == ref);
-}

@@ -95,6 +95,17 @@ void lk_naive_backward(const lk_problem_t* P, const lk_bwd_in_t* in, const lk_fw
 int lk_compare(const char* name, const double* x, const double* ref, const double* naive, int64_t n, double factor,
                double atol_terms, const double* extra);
 
+/* Where lk_run_forward/lk_run_backward put the CUDA backend's buffers. By default (NULL hooks)
+ * the host buffers themselves: the emulator runs on host memory. A gpu suite installs hooks
+ * that allocate device memory and copy, so the same runs work on a real device. */
+typedef struct lk_memory {
+  void* (*alloc)(size_t bytes);                              /* NULL on failure */
+  void (*release)(void* p);
+  int (*to_device)(void* dst, const void* src, size_t bytes); /* 0 on success */
+  int (*to_host)(void* dst, const void* src, size_t bytes);
+} lk_memory_t;
+void lk_set_memory(const lk_memory_t* m); /* NULL: back to host memory */
+
 /* Bitwise equality of two double arrays (NaN == NaN). */
 int lk_same_bits(const double* a, const double* b, int64_t n);
 
