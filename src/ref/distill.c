@@ -238,10 +238,6 @@ static double elem_qa(const fh_distill_problem_t* p, const fh_div_t* dv, const r
   return p->opt.sparse_mass == FH_DISTILL_SPARSE_REMAINDER ? -exp(X + rc->st[1]) : 0.0;
 }
 
-static void store_row(const fh_tensor_t* t, int64_t r, const double* v, int64_t n, int accumulate) {
-  for (int64_t k = 0; k < n; ++k) fh_tensor_set(t, r, k, v[k] + (accumulate ? fh_tensor_get(t, r, k) : 0.0));
-}
-
 static int wanted(const fh_tensor_t* t) { return t && t->data; }
 
 fh_status_t fh_ref_distill_backward_f64(const fh_distill_problem_t* p, const double* state,
@@ -298,7 +294,7 @@ fh_status_t fh_ref_distill_backward_f64(const fh_distill_problem_t* p, const dou
           if (p->sparse) sparse_mark(p, &s, i, 0.0, 0);
         }
         if (dE64) memcpy(dE64 + i * D, accE, sizeof(double) * (size_t)D);
-        if (tE) store_row(tE, i, accE, D, acc);
+        if (tE) fh_ref_store_row(tE, i, accE, D, acc);
       }
       free(accE);
       scratch_free(&s);
@@ -339,13 +335,7 @@ fh_status_t fh_ref_distill_backward_f64(const fh_distill_problem_t* p, const dou
           }
           if (p->sparse) sparse_mark(p, &s, i, 0.0, 0);
         }
-        for (int64_t r = 0; r < nb; ++r) {
-          const int64_t j = j0 + r;
-          if (dC64) memcpy(dC64 + j * D, accC + r * D, sizeof(double) * (size_t)D);
-          if (tC) store_row(tC, j, accC + r * D, D, acc);
-          if (db64) db64[j] = accb[r];
-          if (tb) fh_tensor_set(tb, 0, j, accb[r] + (acc ? fh_tensor_get(tb, 0, j) : 0.0));
-        }
+        fh_ref_store_class_block(j0, nb, D, accC, accb, dC64, tC, db64, tb, acc);
       }
       free(accC);
       scratch_free(&s);

@@ -231,15 +231,6 @@ static double grad_entry(const fh_lce_problem_t* p, const row_coef_t* rc, int64_
   return g * (double)p->opt.logit_scale;
 }
 
-/* Store one fp64 gradient row into a caller tensor, adding the old value when accumulating. */
-static void store_row(const fh_tensor_t* t, int64_t r, const double* v, int64_t n, int accumulate) {
-  for (int64_t k = 0; k < n; ++k) {
-    double x = v[k];
-    if (accumulate) x += fh_tensor_get(t, r, k);
-    fh_tensor_set(t, r, k, x);
-  }
-}
-
 static int wanted(const fh_tensor_t* t) { return t && t->data; }
 
 fh_status_t fh_ref_lce_backward_f64(const fh_lce_problem_t* p, const double* lse, const double* entropy,
@@ -306,7 +297,7 @@ fh_status_t fh_ref_lce_backward_f64(const fh_lce_problem_t* p, const double* lse
       }
       for (int64_t r = 0; r < nb; ++r) {
         if (dE64) memcpy(dE64 + (i0 + r) * D, accE + r * D, sizeof(double) * (size_t)D);
-        if (tE) store_row(tE, i0 + r, accE + r * D, D, acc);
+        if (tE) fh_ref_store_row(tE, i0 + r, accE + r * D, D, acc);
       }
       free(e);
     }
@@ -343,13 +334,7 @@ fh_status_t fh_ref_lce_backward_f64(const fh_lce_problem_t* p, const double* lse
           }
         }
       }
-      for (int64_t r = 0; r < nb; ++r) {
-        const int64_t j = j0 + r;
-        if (dC64) memcpy(dC64 + j * D, accC + r * D, sizeof(double) * (size_t)D);
-        if (tC) store_row(tC, j, accC + r * D, D, acc);
-        if (db64) db64[j] = accb[r];
-        if (tb) fh_tensor_set(tb, 0, j, accb[r] + (acc ? fh_tensor_get(tb, 0, j) : 0.0));
-      }
+      fh_ref_store_class_block(j0, nb, D, accC, accb, dC64, tC, db64, tb, acc);
       free(c);
     }
   }

@@ -51,6 +51,27 @@ static inline void fh_ref_stat_put(float* a, int64_t i, double v, int f64) {
     a[i] = (float)v;
 }
 
+/* Store one fp64 gradient row into a caller tensor, adding the old value when accumulating:
+ * the single rounding into the output dtype. */
+static inline void fh_ref_store_row(const fh_tensor_t* t, int64_t r, const double* v, int64_t n, int accumulate) {
+  for (int64_t k = 0; k < n; ++k) fh_tensor_set(t, r, k, v[k] + (accumulate ? fh_tensor_get(t, r, k) : 0.0));
+}
+
+/* The end of a class block [j0, j0 + nb) of a backward: its dC rows (accC, nb x D) and dbias
+ * entries (accb) to the fp64 copies and/or the caller's tensors (each may be NULL). */
+static inline void fh_ref_store_class_block(int64_t j0, int64_t nb, int64_t D, const double* accC, const double* accb,
+                                            double* dC64, const fh_tensor_t* tC, double* db64,
+                                            const fh_tensor_t* tb, int accumulate) {
+  for (int64_t r = 0; r < nb; ++r) {
+    const int64_t j = j0 + r;
+    if (dC64)
+      for (int64_t k = 0; k < D; ++k) dC64[j * D + k] = accC[r * D + k];
+    if (tC) fh_ref_store_row(tC, j, accC + r * D, D, accumulate);
+    if (db64) db64[j] = accb[r];
+    if (tb) fh_tensor_set(tb, 0, j, accb[r] + (accumulate ? fh_tensor_get(tb, 0, j) : 0.0));
+  }
+}
+
 /* Online softmax statistics of a stream of logits z: m = max, Z = Σ e^{z−m},
  * F = Σ e^{z−m}(z − m), so that lse = m + ln Z and the entropy h = ln Z − F/Z.
  * NaN propagates through Z; −inf entries contribute nothing. */
