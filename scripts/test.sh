@@ -37,7 +37,7 @@ run_ctest() { # name builddir [ctest args]
 step() { echo; echo "=== $*"; }
 
 step "build 1: default configuration, -Werror"
-if ! { cmake -S . -B build -DFH_WERROR=ON -DFH_BUILD_EMULATOR=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo &&
+if ! { cmake -S . -B build -DFH_WERROR=ON -DFH_BUILD_EMULATOR=OFF -DCMAKE_BUILD_TYPE=Release &&
        cmake --build build -j"$jobs"; } >"$logdir/build1.log" 2>&1; then
   tail -n 80 "$logdir/build1.log"; echo "build 1 failed"; exit 1
 fi

@@ -40,6 +40,7 @@ typedef struct scratch {
 
 static int scratch_init(const fh_distill_problem_t* p, scratch_t* s) {
   const int64_t Ds = p->D_s, Dt = p->sparse ? 0 : p->D_t, V = p->sparse ? p->V : 0;
+  memset(s, 0, sizeof *s); /* every field defined even when an allocation fails */
   s->es = (double*)malloc(sizeof(double) * (size_t)(2 * Ds + 2 * Dt + V + 1));
   s->mask = (unsigned char*)calloc((size_t)V + 1, 1);
   if (!s->es || !s->mask) return 0;
