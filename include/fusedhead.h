@@ -11,9 +11,11 @@
  *   - The library never exits, aborts or prints.
  *   - Tensors are described by fh_tensor_t (row-major, row stride in elements). For the CPU
  *     backend pointers are host pointers, for the CUDA backend device pointers.
- *   - Every compute call takes caller-owned workspace and has a *_workspace_size query. The CPU
- *     backend is a reference implementation: it reports 0 bytes of workspace and allocates its
- *     O(N + V + D) temporaries itself (FH_ERR_OUT_OF_MEMORY when that fails).
+ *   - Every compute call takes caller-owned workspace and has a *_workspace_size query; a
+ *     non-empty workspace must be FH_WORKSPACE_ALIGNMENT-byte aligned (cudaMalloc and framework
+ *     allocators are). The CPU backend is a reference implementation: it reports 0 bytes of
+ *     workspace and allocates its O(N + V + D) temporaries itself (FH_ERR_OUT_OF_MEMORY when
+ *     that fails).
  *   - Options structs carry `struct_size` and are set up by their *_options_init(); fields are
  *     only ever appended, so a caller compiled against an older header keeps working.
  *   - CUDA backend calls are asynchronous on the context's stream: they return once enqueued
@@ -191,6 +193,9 @@ typedef enum fh_accum_mode {
   FH_ACCUM_DETERMINISTIC = 2,
   FH_ACCUM_MODE_COUNT
 } fh_accum_mode_t;
+
+/* Required alignment, in bytes, of a non-empty workspace (FH_ERR_INVALID_ARGUMENT otherwise). */
+#define FH_WORKSPACE_ALIGNMENT 16
 
 /* filter_eps value meaning "machine epsilon of the input dtype / 32" (2^-12 bf16, 2^-15
  * fp16, 2^-28 fp32), as Cut Cross-Entropy's "auto". */

@@ -434,13 +434,6 @@ bwd_layout bwd_layout_of(int64_t N, int64_t V, int64_t D, fh_dtype_t dtype, fh_a
   return L;
 }
 
-fh_status_t check_shape(const char* fn, int64_t N, int64_t V, int64_t D) {
-  if (N >= INT32_MAX || V >= INT32_MAX || D >= INT32_MAX)
-    return fh_set_error(FH_ERR_UNSUPPORTED, fn, "N, V, D = %lld, %lld, %lld: each must be < 2^31 on the CUDA backend",
-                        (long long)N, (long long)V, (long long)D);
-  return FH_SUCCESS;
-}
-
 unsigned grid_stride_blocks(int64_t n) {
   const int64_t b = (n + 255) / 256;
   return (unsigned)(b > 4096 ? 4096 : b);
@@ -492,7 +485,7 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward_workspace(const fh_cuda_state_
                                                             int64_t N, int64_t V, int64_t D, fh_dtype_t dtype,
                                                             size_t* bytes) {
   (void)st;
-  FH_TRY(check_shape("fh_linear_ce_backward_workspace_size", N, V, D));
+  FH_TRY(lce_check_shape("fh_linear_ce_backward_workspace_size", N, V, D));
   *bytes = bwd_layout_of(N, V, D, dtype, opt->accum_mode).total;
   return FH_SUCCESS;
 }
@@ -503,7 +496,7 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CU
                                                   size_t workspace_bytes) {
   static const char fn[] = "fh_linear_ce_backward";
   (void)workspace_bytes; /* checked by the caller against the query */
-  FH_TRY(check_shape(fn, p->N, p->V, p->D));
+  FH_TRY(lce_check_shape(fn, p->N, p->V, p->D));
   const fh_linear_ce_options_t* o = &p->opt;
   const fh_accum_mode_t mode = o->accum_mode;
   const bwd_layout L = bwd_layout_of(p->N, p->V, p->D, p->dtype, mode);

@@ -96,6 +96,16 @@ struct mma_traits<__nv_bfloat16> {
 static inline unsigned lce_blocks(int64_t n, int per) { return (unsigned)((n + per - 1) / per); }
 static inline size_t lce_align(size_t x) { return (x + 255) & ~(size_t)255; }
 
+/* Rows and classes are int in the kernels (index math that multiplies them is 64-bit), and grid-
+ * stride loops step by up to 256 past the last index: keep every size 256 below 2^31. */
+static inline fh_status_t lce_check_shape(const char* fn, int64_t N, int64_t V, int64_t D) {
+  const int64_t lim = (int64_t)INT32_MAX - 256;
+  if (N > lim || V > lim || D > lim)
+    return fh_set_error(FH_ERR_UNSUPPORTED, fn, "N, V, D = %lld, %lld, %lld: each must be <= 2^31 - 257 on the CUDA backend",
+                        (long long)N, (long long)V, (long long)D);
+  return FH_SUCCESS;
+}
+
 /* z = softcap(scale · r) (fusedhead.h: scale first, then c·tanh(s/c)). */
 __device__ __forceinline__ float lce_process(float r, float scale, float cap) {
   const float s = scale * r;
@@ -198,6 +208,9 @@ fh_status_t lce_launch_prep(const char* fn, cudaStream_t stream, const fh_lce_pr
 /* Sums n doubles per thread across the block in a fixed tree order (common.cuh's fh_block_sum
  * is one float; the forward's reductions want fp64 and several values at once); results in red[0..n) of
  * thread 0's view (every thread may read them after the call). red: [n x blockDim] doubles. */
+/* Block sum of n fp64 values per thread into red[q * blockDim.x] (every thread may read the
+ * results afterwards). Once per kernel: a second call would overwrite `red` while other threads
+ * may still read the first results, unless a __syncthreads separates them. */
 __device__ __forceinline__ void lce_block_sum(double* red, const double* v, int n) {
   const int t = threadIdx.x, nt = blockDim.x;
   for (int q = 0; q < n; ++q) red[q * nt + t] = v[q];

@@ -321,14 +321,6 @@ __global__ void __launch_bounds__(256) lce_fwd_reduce_kernel(red_params p) {
 
 using namespace fh_lce;
 
-static fh_status_t lce_check_shape(const char* fn, int64_t N, int64_t V, int64_t D) {
-  /* Rows and classes are int in the kernels (index math that multiplies them is 64-bit). */
-  if (N >= INT32_MAX || V >= INT32_MAX || D >= INT32_MAX)
-    return fh_set_error(FH_ERR_UNSUPPORTED, fn, "N, V, D = %lld, %lld, %lld: each must be < 2^31 on the CUDA backend",
-                        (long long)N, (long long)V, (long long)D);
-  return FH_SUCCESS;
-}
-
 extern "C" fh_status_t fh_cuda_linear_ce_forward_workspace(const fh_cuda_state_t* st, const fh_linear_ce_options_t* opt,
                                                            int64_t N, int64_t V, int64_t D, fh_dtype_t dtype,
                                                            size_t* bytes) {

@@ -48,6 +48,9 @@ extern "C" fh_status_t fh_cuda_state_create(int device, fh_cuda_state_t** out) {
     else s = fh_cuda_status(e, fn, "cudaMalloc");
   }
   if (s == FH_SUCCESS) s = fh_cuda_status(cudaMemset(st->d_error, 0, sizeof(int)), fn, "cudaMemset");
+  /* cudaMemset is asynchronous on the legacy stream, which a cudaStreamNonBlocking user stream does
+   * not wait for: finish it before any kernel can raise the flag. */
+  if (s == FH_SUCCESS) s = fh_cuda_status(cudaDeviceSynchronize(), fn, "cudaDeviceSynchronize");
   if (s == FH_SUCCESS) s = fh_blas_create(&st->blas, fn);
   if (s != FH_SUCCESS) {
     fh_cuda_state_destroy(st);
@@ -72,7 +75,9 @@ extern "C" fh_status_t fh_cuda_check(fh_cuda_state_t* st, struct CUstream_st* st
   int code = 0;
   FH_TRY(fh_cuda_status(cudaMemcpy(&code, st->d_error, sizeof code, cudaMemcpyDeviceToHost), fn, "cudaMemcpy"));
   if (code == FH_DEVERR_NONE) return FH_SUCCESS;
-  /* Clear before returning, so one bad call is reported once. */
-  FH_TRY(fh_cuda_status(cudaMemset(st->d_error, 0, sizeof(int)), fn, "cudaMemset"));
+  /* Clear before returning, so one bad call is reported once. On the context's stream: a legacy-
+   * stream cudaMemset is not ordered before the next kernels of a non-blocking stream and could
+   * erase the error one of them raises. */
+  FH_TRY(fh_cuda_status(cudaMemsetAsync(st->d_error, 0, sizeof(int), stream), fn, "cudaMemsetAsync"));
   return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s (device error code %d)", device_error_text(code), code);
 }

@@ -1,5 +1,6 @@
 /* Argument validation at the API boundary. Kernels and the reference trust what passes here. */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 
 #include "fh_internal.h"
@@ -105,6 +106,11 @@ fh_status_t fh_check_workspace(const char* fn, const void* ws, size_t bytes, siz
   if (bytes < need)
     return fh_set_error(FH_ERR_INSUFFICIENT_WORKSPACE, fn, "workspace_bytes is %zu (need %zu)", bytes, need);
   if (need > 0 && !ws) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "workspace is NULL");
+  /* Kernels carve the workspace at 256-byte offsets from its base and keep fp64 values there: a
+   * misaligned base would fault on the GPU (and poison the CUDA context). */
+  if (need > 0 && (uintptr_t)ws % FH_WORKSPACE_ALIGNMENT != 0)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "workspace %p is not %d-byte aligned", ws,
+                        FH_WORKSPACE_ALIGNMENT);
   return FH_SUCCESS;
 }
 
