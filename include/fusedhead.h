@@ -177,8 +177,10 @@ typedef enum fh_reduction {
  *   FH_ACCUM_FP32 (default): one recompute of the logits, 6·N·V·D tensor-core FLOPs before the
  *     filter. dC and dbias have one owner block each and are summed in fp32 (for 16-bit
  *     outputs as "split fp32": the high 16 bits in the output, the low 16 in the workspace,
- *     rounded once at the end); dE by fp32 atomics. Workspace for 16-bit outputs
- *     2·V·D + 4·N·D bytes. Reproducible except the order of dE's atomic additions.
+ *     rounded once at the end); dE by fp32 atomics into an fp32 copy, which holds half the rows
+ *     at a time when N >= 2048 (two passes over the rows, no extra recompute). Workspace for
+ *     16-bit outputs 2·V·D + 2·N·D (+ 4·V) bytes for N >= 2048, 2·V·D + 4·N·D below.
+ *     Reproducible except the order of dE's atomic additions.
  *   FH_ACCUM_OUTPUT_DTYPE (low memory): O(N) workspace; dE and dC are read, added and written
  *     in the output dtype by their owner block (one rounding per 64-class tile or 64-row
  *     block), dbias in fp32; 8·N·V·D FLOPs; deterministic. bf16 outputs carry about 10x the

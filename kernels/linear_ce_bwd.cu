@@ -34,8 +34,11 @@
  *     dC accumulates exclusively in fp32: in the output when fp32, else as "split fp32" (the high
  *     16 bits of each fp32 accumulator live in the caller's 16-bit dC buffer, the low 16 bits in
  *     the workspace, combined and rounded to nearest once at the end). dE: fp32 atomics into the
- *     output (fp32) or an fp32 workspace cast down at the end. Workspace 2 B·V·D + 4 B·N·D.
- *     dE is the only non-deterministic part (atomic order).
+ *     output (fp32) or an fp32 workspace cast down at the end. That copy holds half the rows
+ *     when N >= 2048: the cols kernel then runs twice, once per half (no extra recompute beyond
+ *     one partial tile per class tile and pass), and dbias is carried in fp32 between the passes.
+ *     Workspace 2 B·V·D + 2 B·N·D (+ 4 B·V) for N >= 2048, 2 B·V·D + 4 B·N·D below. dE is the
+ *     only non-deterministic part (atomic order).
  *   FH_ACCUM_DETERMINISTIC: rows kernel for dE + cols kernel for dC/dbias, no atomics; fp32
  *     accumulation (direct or split fp32 for both). Bitwise identical under any block order.
  *     Costs a second logit recompute: 8·N_valid·V·D FLOPs (+33%). Workspace 2 B·(N + V)·D.
@@ -62,6 +65,7 @@ struct grad_dst {
   uint16_t* lo;
   float* f32;
   int64_t ld32;
+  int64_t row_base; /* ATOMIC: f32 holds rows [row_base, ...) only (FP32 mode's row passes) */
 };
 
 struct bwd_params {
@@ -80,6 +84,9 @@ struct bwd_params {
   grad_dst dE, dC;
   void* dbias; /* T [V] or NULL */
   int accumulate;
+  int r_lo, r_hi; /* cols kernel: only the valid rows with original index in [r_lo, r_hi) */
+  float* db32;    /* cols kernel over several row passes: dbias carried in fp32 between them */
+  int db_last;    /* ... and rounded into dbias by the last pass */
 };
 
 template <typename T>
@@ -87,7 +94,7 @@ __device__ __forceinline__ void dst_add(const grad_dst& g, int64_t row, int d, i
   if (g.kind == ST_F32) {
     g.f32[row * g.ld32 + d] += v;
   } else if (g.kind == ST_ATOMIC) {
-    atomicAdd(g.f32 + row * g.ld32 + d, v);
+    atomicAdd(g.f32 + (row - g.row_base) * g.ld32 + d, v);
   } else if (g.kind == ST_SPLIT) {
     uint16_t* hi = (uint16_t*)g.out + row * g.ld + d;
     uint16_t* lo = g.lo + row * (int64_t)D + d;
@@ -295,9 +302,24 @@ __global__ void __launch_bounds__(THREADS, 2) lce_bwd_cols_kernel(bwd_params p) 
   bwd_smem<T> sm(smem);
   const int count = p.hdr->count, v0 = blockIdx.x * BV;
   const int c = threadIdx.x;
+  /* The compacted rows [c_lo, c_hi) whose original index lies in [r_lo, r_hi): rows[] is
+   * increasing (compaction keeps row order), so two binary searches find them. */
+  __shared__ int range[2];
+  if (threadIdx.x < 2) {
+    const int key = threadIdx.x == 0 ? p.r_lo : p.r_hi;
+    int lo = 0, hi = count;
+    while (lo < hi) {
+      const int mid = lo + (hi - lo) / 2;
+      if (p.rows[mid] < key) lo = mid + 1;
+      else hi = mid;
+    }
+    range[threadIdx.x] = lo;
+  }
+  __syncthreads();
+  const int c_lo = range[0], c_hi = range[1];
   float db = 0.0f; /* thread c < 64 owns dbias[v0 + c] */
-  for (int row0 = 0; row0 < count; row0 += BM) { /* row order: fixed, so dC and dbias are deterministic */
-    const int nr = count - row0 < BM ? count - row0 : BM;
+  for (int row0 = c_lo; row0 < c_hi; row0 += BM) { /* row order: fixed, so dC and dbias are deterministic */
+    const int nr = c_hi - row0 < BM ? c_hi - row0 : BM;
     __syncthreads(); /* the previous block's readers of the row data are done */
     load_row_block<T>(p, sm, row0, nr);
     const int keep = g_tile<T>(p, sm, nr, v0);
@@ -311,6 +333,11 @@ __global__ void __launch_bounds__(THREADS, 2) lce_bwd_cols_kernel(bwd_params p) 
     if (do_e) accumulate_dE<T>(p, sm, p.dE, nr, v0);
   }
   if (p.dbias && c < BV && v0 + c < p.V) {
+    if (p.db32) { /* several row passes: carry the fp32 sum, round once in the last */
+      db += p.db32[v0 + c];
+      p.db32[v0 + c] = db;
+      if (!p.db_last) return;
+    }
     T* b = (T*)p.dbias + v0 + c;
     const float old = p.accumulate ? mma_traits<T>::to_float(*b) : 0.0f;
     *b = mma_traits<T>::store_round(old + db);
@@ -415,22 +442,39 @@ using namespace fh_lce;
 
 namespace {
 
+/* FP32 mode, 16-bit dE: from this many rows on, dE's fp32 atomic copy covers half the rows and
+ * the class-owner kernel runs twice (bwd_layout_of). */
+constexpr int64_t ROW_PASS_MIN_ROWS = 2048;
+
 struct bwd_layout {
-  size_t rows_off, coef_off, e_off, c_off, total;
+  size_t rows_off, coef_off, e_off, c_off, db_off, total;
+  int64_t e_rows; /* FP32 mode, 16-bit outputs: rows of dE per atomic pass */
 };
 
 /* Exact workspace of the backward, assuming every gradient is wanted (the query's contract). */
 bwd_layout bwd_layout_of(int64_t N, int64_t V, int64_t D, fh_dtype_t dtype, fh_accum_mode_t mode) {
   bwd_layout L;
   const bool wide = dtype != FH_DTYPE_F32; /* 16-bit outputs need fp32 help from the workspace */
-  size_t e = 0, c = 0;
-  if (wide && mode == FH_ACCUM_FP32) e = 4 * (size_t)N * (size_t)D, c = 2 * (size_t)V * (size_t)D;
+  size_t e = 0, c = 0, db = 0;
+  /* FP32 mode: dE's fp32 atomics need an fp32 copy of the rows they add into. Two passes over
+   * halves of the rows halve it to 2·N·D bytes, as much as the split-fp32 low halves would take:
+   * the total then stays within CCE's fp32 ("Kahan") figure at the Gemma-2 shape. The logit
+   * recompute is not repeated (each pass covers other rows); dbias crosses passes in fp32. */
+  L.e_rows = N;
+  if (wide && mode == FH_ACCUM_FP32) {
+    /* Each pass may add one partially filled 64-row tile per class tile to the recompute, so
+     * small batches (where the copy is small anyway) keep one pass. */
+    if (N >= ROW_PASS_MIN_ROWS) L.e_rows = (N + 1) / 2;
+    e = 4 * (size_t)L.e_rows * (size_t)D, c = 2 * (size_t)V * (size_t)D;
+    db = L.e_rows < N ? sizeof(float) * (size_t)V : 0;
+  }
   if (wide && mode == FH_ACCUM_DETERMINISTIC) e = 2 * (size_t)N * (size_t)D, c = 2 * (size_t)V * (size_t)D;
   L.rows_off = 256;
   L.coef_off = L.rows_off + lce_align(sizeof(int) * (size_t)N);
   L.e_off = L.coef_off + lce_align(sizeof(float) * NCOEF * (size_t)N);
   L.c_off = L.e_off + lce_align(e);
-  L.total = L.c_off + lce_align(c);
+  L.db_off = L.c_off + lce_align(c);
+  L.total = L.db_off + lce_align(db);
   return L;
 }
 
@@ -476,6 +520,7 @@ grad_dst make_dst(int kind, const fh_tensor_t* t, uint16_t* lo, float* ws32) {
   g.lo = lo;
   g.f32 = ws32 ? ws32 : (kind == ST_F32 || kind == ST_ATOMIC) ? (float*)g.out : NULL;
   g.ld32 = ws32 ? (t ? t->cols : 0) : g.ld;
+  g.row_base = 0;
   return g;
 }
 
@@ -530,6 +575,8 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CU
   bp.dC = make_dst(kC, tC, lo_c, NULL);
   bp.dbias = tb ? tb->data : NULL;
   bp.accumulate = o->accumulate != 0;
+  bp.r_lo = 0, bp.r_hi = bp.N;
+  bp.db32 = NULL, bp.db_last = 1;
 
   FH_TRY(lce_launch_prep(fn, stream, p, rows, hdr, fh_cuda_error_flag(st)));
   coef_params cp;
@@ -544,7 +591,7 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CU
 
   LCE_DTYPE_SWITCH(p->dtype, T, {
     const size_t smem = bwd_smem<T>::bytes;
-    FH_TRY(launch_init<T>(fn, stream, bp.dE, p->N, bp.D, bp.accumulate));
+    if (!ws_e) FH_TRY(launch_init<T>(fn, stream, bp.dE, p->N, bp.D, bp.accumulate)); /* else per row pass */
     FH_TRY(launch_init<T>(fn, stream, bp.dC, p->V, bp.D, bp.accumulate));
     if (tE && !e_atomic && p->N > 0) {
       FH_LAUNCH(lce_bwd_rows_kernel<T>, dim3(lce_blocks(p->N, BM)), dim3(THREADS), smem, stream, bp);
@@ -553,10 +600,29 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CU
     if (cols && bp.vt > 0) {
       bwd_params cpar = bp;
       if (!e_atomic) cpar.dE.kind = ST_NONE;
-      FH_LAUNCH(lce_bwd_cols_kernel<T>, dim3((unsigned)bp.vt), dim3(THREADS), smem, stream, cpar);
-      LCE_CHECK_LAUNCH(fn, "lce_bwd_cols_kernel");
+      /* Row passes: one, except FP32 mode with a 16-bit dE, whose fp32 atomic copy holds
+       * L.e_rows rows at a time (see bwd_layout_of). */
+      const int64_t step = ws_e ? L.e_rows : p->N;
+      const int64_t passes = step > 0 ? (p->N + step - 1) / step : 0;
+      if (passes > 1 && tb) {
+        cpar.db32 = (float*)(ws + L.db_off);
+        FH_TRY(fh_cuda_status(cudaMemsetAsync(cpar.db32, 0, sizeof(float) * (size_t)p->V, stream), fn,
+                              "cudaMemsetAsync"));
+      }
+      for (int64_t k = 0; k < (passes > 0 ? passes : 1); ++k) {
+        const int64_t r0 = k * step, r1 = r0 + step < p->N ? r0 + step : p->N;
+        grad_dst chunk = bp.dE; /* the pass's rows of dE, for the fp32 copy's set-up and rounding */
+        if (ws_e) chunk.out = (T*)bp.dE.out + r0 * bp.dE.ld;
+        if (ws_e) FH_TRY(launch_init<T>(fn, stream, chunk, r1 - r0, bp.D, bp.accumulate));
+        cpar.r_lo = (int)r0, cpar.r_hi = (int)r1;
+        cpar.dE.row_base = ws_e ? r0 : 0;
+        cpar.db_last = k + 1 >= passes;
+        FH_LAUNCH(lce_bwd_cols_kernel<T>, dim3((unsigned)bp.vt), dim3(THREADS), smem, stream, cpar);
+        LCE_CHECK_LAUNCH(fn, "lce_bwd_cols_kernel");
+        if (ws_e) FH_TRY(launch_final<T>(fn, stream, chunk, r1 - r0, bp.D));
+      }
     }
-    FH_TRY(launch_final<T>(fn, stream, bp.dE, p->N, bp.D));
+    if (!ws_e) FH_TRY(launch_final<T>(fn, stream, bp.dE, p->N, bp.D));
     FH_TRY(launch_final<T>(fn, stream, bp.dC, p->V, bp.D));
   });
   return FH_SUCCESS;
