@@ -360,6 +360,17 @@ struct coef_params {
   float* coef;
 };
 
+/* 1/x for a finite x > 0 in fp64: scale to [0.5, 1), start from the fp32 reciprocal (24 bits)
+ * and take two Newton steps (48, then the full 53 bits), scale back. */
+__device__ __forceinline__ double lce_recip(double x) {
+  int e = 0;
+  const double m = frexp(x, &e);
+  double r = (double)(1.0f / (float)m);
+  r = r * (2.0 - m * r);
+  r = r * (2.0 - m * r);
+  return ldexp(r, -e);
+}
+
 __global__ void __launch_bounds__(256) lce_bwd_coef_kernel(coef_params p) {
   __shared__ double red[2 * 256];
   double v[2] = {0.0, 0.0};
@@ -373,9 +384,10 @@ __global__ void __launch_bounds__(256) lce_bwd_coef_kernel(coef_params p) {
   lce_block_sum(red, v, 2);
   double dce = red[0], dreg = red[256];
   if (p.divisor > 0.0f) dce = dreg = p.divisor;
-  /* fp32 reciprocals: the coefficients are rounded to fp32 anyway, and an fp64 division pulls
-   * in a slow-path subroutine that spills on sm_90. */
-  const float inv_ce = dce != 0.0 ? 1.0f / (float)dce : 0.0f, inv_reg = dreg != 0.0 ? 1.0f / (float)dreg : 0.0f;
+  /* fp64 reciprocals without an fp64 division (that pulls in a slow-path subroutine which spills
+   * on sm_90), and without going through fp32, where a denominator below ~1e-38 (tiny weights)
+   * would become 0 and the gradients infinite. */
+  const double inv_ce = dce != 0.0 ? lce_recip(dce) : 0.0, inv_reg = dreg != 0.0 ? lce_recip(dreg) : 0.0;
   const double W = p.hdr->W, alpha = p.alpha, eps = (double)(p.alpha / (float)p.V);
   const size_t N = (size_t)p.N;
   for (int i = threadIdx.x; i < p.N; i += 256) {

@@ -181,6 +181,25 @@ Test(kernel_linear_ce_bwd, fp32_mode_row_passes, .timeout = 900) {
   run(2049, 101, 19, 2, &full, o_strided, "row-passes");
 }
 
+/* The mean is invariant to the scale of the weights, so weights of ~1e-22 (products ~1e-44, far below
+ * fp32's normal range) must give the ordinary gradients: the backward's reciprocals of the
+ * denominators are formed in fp64. */
+Test(kernel_linear_ce_bwd, tiny_weight_denominators, .timeout = 600) {
+  for (int dt = 0; dt < 3; dt += 2) {
+    lk_spec_t s = lk_default(37, 101, 19, DTYPES[dt]);
+    s.class_weights = 1, s.token_weights = 1;
+    lk_problem_t P;
+    lk_init(&P, &s);
+    for (int64_t j = 0; j < s.V; ++j) P.f.cw[j] *= 1e-22f;
+    for (int64_t i = 0; i < s.N; ++i) P.f.tw[i] *= 1e-22f;
+    const bcase_t bc = {FH_ACCUM_FP32, 7, 0, 0, 0.0f};
+    char label[64];
+    snprintf(label, sizeof label, "tiny-weights/%s", DNAME[dt]);
+    cr_expect(check_backward(label, &P, &bc, NULL), "%s failed (see above)", label);
+    lk_free(&P);
+  }
+}
+
 static void o_softcap(lk_spec_t* s, fh_linear_ce_options_t* o) { if (o) o->softcap = 2.0f; (void)s; }
 static void o_smooth(lk_spec_t* s, fh_linear_ce_options_t* o) { if (o) o->label_smoothing = 0.1f; (void)s; }
 static void o_scale(lk_spec_t* s, fh_linear_ce_options_t* o) { if (o) o->logit_scale = 0.5f; (void)s; }
