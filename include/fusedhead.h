@@ -523,7 +523,8 @@ typedef struct fh_distill_outputs {
   float* loss;      /* required: [1] for mean/sum, [N] for none */
   float* row_state; /* [N x FH_DISTILL_ROW_STATE] or NULL; the backward needs it */
   float* soft_loss; /* [1] or [N] (as loss) or NULL: the reduced soft_i (κ D, unweighted) */
-  float* hard_loss; /* [1] or [N] (as loss) or NULL: the reduced hard_i (unweighted) */
+  float* hard_loss; /* [1] or [N] (as loss) or NULL: the reduced hard_i (unweighted); 0 when
+                       hard_weight == 0 (it is computed only when it is part of the loss) */
 } fh_distill_outputs_t;                     /* so loss = hard_weight·hard_loss + soft_weight·soft_loss */
 
 typedef struct fh_distill_grad_inputs {

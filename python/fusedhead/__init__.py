@@ -9,8 +9,8 @@ from ._lib import FusedHeadError, library_path, version
 from .decode import (FLAG_ARGMAX_FALLBACK, FLAG_DEGENERATE, FLAG_GREEDY, SampleOutput, logsumexp, sample,
                      sample_fused, topk, topk_fused)
 from .distill import distillation_loss, sparse_distillation_loss
-from .linear_ce import LinearCrossEntropyFunction, linear_cross_entropy
+from .linear_ce import CrossEntropyOutput, LinearCrossEntropyFunction, linear_cross_entropy
 
-__all__ = ["FusedHeadError", "library_path", "version", "linear_cross_entropy", "LinearCrossEntropyFunction",
+__all__ = ["FusedHeadError", "library_path", "version", "linear_cross_entropy", "LinearCrossEntropyFunction", "CrossEntropyOutput",
            "distillation_loss", "sparse_distillation_loss", "sample", "sample_fused", "topk", "topk_fused",
            "logsumexp", "SampleOutput", "FLAG_DEGENERATE", "FLAG_GREEDY", "FLAG_ARGMAX_FALLBACK"]

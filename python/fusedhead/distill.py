@@ -67,10 +67,12 @@ def _shape(student, teacher, sparse, N):
 
 
 class DistillationFunction(torch.autograd.Function):
-    """Student (e, c, bias) get gradients; the teacher tuple and targets are constants."""
+    """Student (e, c, bias) get gradients; the teacher tuple and targets are constants. `components`,
+    when given, is a dict that forward fills with "soft" and "hard" (the reduced soft and hard
+    losses, no gradient)."""
 
     @staticmethod
-    def forward(ctx, e, c, bias, teacher, targets, fn, kw):
+    def forward(ctx, e, c, bias, teacher, targets, fn, kw, components=None):
         opts = _options(fn, kw)
         st = L.stats_dtype(e)
         dev = e.device
@@ -80,7 +82,11 @@ class DistillationFunction(torch.autograd.Function):
         per_row = opts.reduction == L.REDUCTIONS["none"]
         loss = L.out_buffer((N,) if per_row else (), st, dev)
         row_state = L.out_buffer((N, L.DISTILL_ROW_STATE), st, dev)
-        out = L.DistillOutputs(loss=L.ptr(loss), row_state=L.ptr(row_state))
+        soft = hard = None
+        if components is not None:
+            soft, hard = L.out_buffer(loss.shape, st, dev), L.out_buffer(loss.shape, st, dev)
+        out = L.DistillOutputs(loss=L.ptr(loss), row_state=L.ptr(row_state), soft_loss=L.ptr(soft),
+                               hard_loss=L.ptr(hard))
         h = L.context_for(dev)
         shape = _shape(student, tstruct, sparse, N)
         nbytes = ctypes.c_size_t()
@@ -91,6 +97,8 @@ class DistillationFunction(torch.autograd.Function):
         tp = ctypes.byref(tstruct) if sparse else ctypes.byref(tstruct.head)
         L.check(call(h, ctypes.byref(opts), ctypes.byref(student.head), tp, L.ptr(targets), ctypes.byref(out),
                      wsp, nbytes.value))
+        if components is not None:
+            components["soft"], components["hard"] = soft, hard
         ctx.fn, ctx.kw, ctx.teacher = fn, kw, teacher
         ctx.save_for_backward(e, c, bias, targets, row_state)
         return loss
@@ -100,13 +108,13 @@ class DistillationFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         e, c, bias, targets, row_state = ctx.saved_tensors
         need_e, need_c, need_b = ctx.needs_input_grad[:3]
-        nothing = (None,) * 7
+        nothing = (None,) * 8  # one per forward input, components included
         if not (need_e or need_c or (need_b and bias is not None)):
             return nothing
         if e.shape[0] == 0:
             # No rows, no contribution (and empty per-row buffers would be NULL pointers).
             return (torch.zeros_like(e) if need_e else None, torch.zeros_like(c) if need_c else None,
-                    torch.zeros_like(bias) if (need_b and bias is not None) else None) + (None,) * 4
+                    torch.zeros_like(bias) if (need_b and bias is not None) else None) + (None,) * 5
         opts = _options(ctx.fn, ctx.kw)
         st = L.stats_dtype(e)
         dev = e.device
@@ -131,7 +139,7 @@ class DistillationFunction(torch.autograd.Function):
         tp = ctypes.byref(tstruct) if sparse else ctypes.byref(tstruct.head)
         L.check(call(h, ctypes.byref(opts), ctypes.byref(student.head), tp, L.ptr(targets), ctypes.byref(gin),
                      ctypes.byref(grads), wsp, nbytes.value))
-        return de, dc, db, None, None, None, None
+        return de, dc, db, None, None, None, None, None
 
 
 def _common(fn, student_e, student_c, targets, student_bias, kw, **others):
@@ -153,8 +161,14 @@ def _common(fn, student_e, student_c, targets, student_bias, kw, **others):
     return batch, N, student_e.reshape(N, student_e.shape[-1]), t64
 
 
-def _finish(loss, kw, batch):
-    return loss.reshape(batch) if kw["reduction"] == "none" else loss
+def _apply(e2, c, bias, teacher, t64, fn, kw, batch, return_components):
+    """Run the Function; reshape per-row results to the batch shape; add the components if asked."""
+    components = {} if return_components else None
+    loss = DistillationFunction.apply(e2, c, bias, teacher, t64, fn, kw, components)
+    parts = [loss] + ([components["soft"], components["hard"]] if return_components else [])
+    if kw["reduction"] == "none":
+        parts = [p.reshape(batch) for p in parts]
+    return tuple(parts) if return_components else parts[0]
 
 
 def _kw(divergence, beta, jsd_endpoints, skew, alpha, temperature, scale_by_t_squared, soft_weight,
@@ -168,7 +182,7 @@ def _kw(divergence, beta, jsd_endpoints, skew, alpha, temperature, scale_by_t_sq
 def distillation_loss(student_e, student_c, teacher_e, teacher_c, targets=None, student_bias=None,
                       teacher_bias=None, *, divergence="forward_kl", beta=0.5, jsd_endpoints="kl", skew=0.1,
                       alpha=0.5, temperature=1.0, scale_by_t_squared=True, soft_weight=1.0, hard_weight=0.0,
-                      ignore_index=-100, reduction="mean", divisor=None):
+                      ignore_index=-100, reduction="mean", divisor=None, return_components=False):
     """Distillation loss between a dense teacher head and the student head (include/fusedhead.h,
     "Distillation", defines every option).
 
@@ -179,6 +193,11 @@ def distillation_loss(student_e, student_c, teacher_e, teacher_c, targets=None, 
     (alpha), 'hellinger', 'chi_square'. student_e [..., D_s], student_c [V, D_s], teacher_e
     [..., D_t], teacher_c [V_t >= V, D_t]; targets [...] or None. The teacher gets no gradient.
     Returns the mean/sum scalar or the per-row loss (reduction='none'); all-ignored mean is 0.
+    With return_components=True returns (loss, soft_loss, hard_loss): soft_loss = κ·D and
+    hard_loss = CE, each reduced like loss and unweighted, so loss = hard_weight·hard_loss +
+    soft_weight·soft_loss; the components are detached (for logging; gradients flow through loss).
+    hard_loss is 0 when hard_weight is 0 (the library then skips the cross-entropy) or targets is
+    None.
     """
     kw = _kw(divergence, beta, jsd_endpoints, skew, alpha, temperature, scale_by_t_squared, soft_weight,
              hard_weight, ignore_index, reduction, divisor)
@@ -190,19 +209,19 @@ def distillation_loss(student_e, student_c, teacher_e, teacher_c, targets=None, 
     L.fh_dtype(fn, "teacher_e", teacher_e)
     te2 = teacher_e.detach().reshape(N, teacher_e.shape[-1])
     teacher = ("dense", te2, teacher_c.detach(), None if teacher_bias is None else teacher_bias.detach())
-    loss = DistillationFunction.apply(e2, student_c, student_bias, teacher, t64, fn, kw)
-    return _finish(loss, kw, batch)
+    return _apply(e2, student_c, student_bias, teacher, t64, fn, kw, batch, return_components)
 
 
 def sparse_distillation_loss(student_e, student_c, teacher_ids, teacher_logprobs, targets=None,
                              student_bias=None, *, sparse_mass="renormalize", temperature=1.0,
                              scale_by_t_squared=True, soft_weight=1.0, hard_weight=0.0, ignore_index=-100,
-                             reduction="mean", divisor=None):
+                             reduction="mean", divisor=None, return_components=False):
     """Forward-KL distillation from a sparse (offline) teacher: teacher_ids [..., K] (integer, in
     [0, V), no duplicates) and teacher_logprobs [..., K] (temperature-1 log-probabilities, as a
     serving engine returns them). sparse_mass 'renormalize' (the teacher conditioned on its
     support, any T) or 'remainder' (T = 1; the missing mass is one extra bucket against the
-    student's mass outside the support). Other arguments as distillation_loss."""
+    student's mass outside the support). Other arguments (return_components included) as
+    distillation_loss."""
     kw = _kw("forward_kl", 0.5, "kl", 0.1, 0.5, temperature, scale_by_t_squared, soft_weight, hard_weight,
              ignore_index, reduction, divisor, sparse_mass)
     fn = _FN_SPARSE
@@ -218,5 +237,4 @@ def sparse_distillation_loss(student_e, student_c, teacher_ids, teacher_logprobs
         L.fail(fn, "teacher_logprobs has dtype %s (must be floating point)" % teacher_logprobs.dtype)
     # The sparse teacher's log-probs are fp32 whatever the student dtype (header).
     lp = teacher_logprobs.detach().to(torch.float32).contiguous().reshape(N, K)
-    loss = DistillationFunction.apply(e2, student_c, student_bias, ("sparse", ids, lp), t64, fn, kw)
-    return _finish(loss, kw, batch)
+    return _apply(e2, student_c, student_bias, ("sparse", ids, lp), t64, fn, kw, batch, return_components)

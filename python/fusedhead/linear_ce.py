@@ -1,5 +1,7 @@
 """Linear cross-entropy: loss = CE(E·Cᵀ + bias, targets) without materializing the logits."""
+import collections
 import ctypes
+import math
 
 import torch
 
@@ -7,9 +9,22 @@ from . import _lib as L
 
 _FN = "fusedhead.linear_cross_entropy"
 
+ACCUM_MODES = {"fp32": 0, "output_dtype": 1, "deterministic": 2}
+FILTER_EPS_AUTO = -1.0  # FH_FILTER_EPS_AUTO
+
+CrossEntropyOutput = collections.namedtuple(
+    "CrossEntropyOutput", ["loss", "lse", "z_loss", "token_accuracy", "predicted_tokens", "entropy"])
+CrossEntropyOutput.__doc__ = """What linear_cross_entropy returns when a return_* flag beyond return_lse is set.
+Fields that were not asked for are None. Only `loss` and `lse` carry gradients."""
+
+# Forward outputs beyond (loss, lse) that the caller may ask for: name in the extras dict -> field of
+# fh_linear_ce_outputs_t.
+_EXTRA_FIELDS = ("z_loss", "accuracy", "argmax", "entropy")
+
 
 def _options(ignore_index, reduction, softcap, label_smoothing, logit_scale, z_loss_scale,
-             entropy_weight, divisor):
+             entropy_weight, divisor, filter_eps=None, filter_e_grad=True, filter_c_grad=True,
+             accum_mode="fp32"):
     o = L.new_options(L.LinearCEOptions, "fh_linear_ce_options_init")
     o.ignore_index = int(ignore_index)
     o.reduction = L.reduction_code(_FN, reduction)
@@ -19,6 +34,20 @@ def _options(ignore_index, reduction, softcap, label_smoothing, logit_scale, z_l
     o.z_loss_scale = float(z_loss_scale)
     o.entropy_weight = float(entropy_weight)
     o.divisor = float(divisor or 0.0)
+    if filter_eps is None:
+        o.filter_eps = FILTER_EPS_AUTO
+    else:
+        # Checked here, not in C: C reads -1 as "auto", which a negative Python value must not
+        # silently become.
+        eps = float(filter_eps)
+        if not (eps >= 0.0 and math.isfinite(eps)):
+            L.fail(_FN, "filter_eps is %r (must be finite and >= 0; 0 is off, None is auto)" % (filter_eps,))
+        o.filter_eps = eps
+    o.filter_e_grad = 1 if filter_e_grad else 0
+    o.filter_c_grad = 1 if filter_c_grad else 0
+    if not isinstance(accum_mode, str) or accum_mode not in ACCUM_MODES:
+        L.fail(_FN, "accum_mode is %r (must be 'fp32', 'output_dtype' or 'deterministic')" % (accum_mode,))
+    o.accum_mode = ACCUM_MODES[accum_mode]
     return o
 
 
@@ -41,10 +70,13 @@ class _Problem:
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Inputs are already flattened and checked by linear_cross_entropy(); outputs (loss, lse)."""
+    """Inputs are already flattened and checked by linear_cross_entropy(); outputs (loss, lse).
+    opts_tuple holds _options()' arguments in order (the last four may be left out). `extras`, when
+    given, is a dict whose keys (of "z_loss", "accuracy", "argmax", "entropy") name the further
+    forward outputs wanted; forward stores each there as a tensor without gradient."""
 
     @staticmethod
-    def forward(ctx, e, c, bias, targets, weight, token_weights, opts_tuple):
+    def forward(ctx, e, c, bias, targets, weight, token_weights, opts_tuple, extras=None):
         opts = _options(*opts_tuple)
         st = L.stats_dtype(e)
         dev = e.device
@@ -52,8 +84,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         N = prob.N
         loss = L.out_buffer((N,) if opts.reduction == L.REDUCTIONS["none"] else (), st, dev)
         lse = L.out_buffer((N,), st, dev)
-        entropy = torch.empty(N, dtype=st, device=dev) if opts.entropy_weight != 0.0 else None
-        out = L.LinearCEOutputs(loss=L.ptr(loss), lse=L.ptr(lse), entropy=L.ptr(entropy))
+        want = extras if extras is not None else {}
+        need_entropy = opts.entropy_weight != 0.0 or "entropy" in want
+        entropy = L.out_buffer((N,), st, dev) if need_entropy else None
+        z_loss = L.out_buffer(loss.shape, st, dev) if "z_loss" in want else None
+        argmax = L.out_buffer((N,), torch.int64, dev) if "argmax" in want else None
+        accuracy = L.out_buffer((), st, dev) if "accuracy" in want else None
+        out = L.LinearCEOutputs(loss=L.ptr(loss), lse=L.ptr(lse), entropy=L.ptr(entropy), z_loss=L.ptr(z_loss),
+                                argmax=L.ptr(argmax), accuracy=L.ptr(accuracy))
         h = L.context_for(dev)
         nbytes = ctypes.c_size_t()
         L.check(L.lib.fh_linear_ce_forward_workspace_size(h, ctypes.byref(opts), N, prob.V, prob.D,
@@ -61,9 +99,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ws, wsp = L.workspace(dev, nbytes.value)
         L.check(L.lib.fh_linear_ce_forward(h, ctypes.byref(opts), *prob.args(), ctypes.byref(out),
                                            wsp, nbytes.value))
+        for name, t in (("z_loss", z_loss), ("accuracy", accuracy), ("argmax", argmax), ("entropy", entropy)):
+            if name in want:
+                # A copy for entropy: the saved buffer must not be the user's tensor (in-place edits).
+                want[name] = t.clone() if name == "entropy" else t
         ctx.opts_tuple = opts_tuple
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(e, c, bias, targets, weight, token_weights, lse, entropy)
+        # The backward reads entropy only when entropy_weight != 0 (header).
+        ctx.save_for_backward(e, c, bias, targets, weight, token_weights, lse,
+                              entropy if opts.entropy_weight != 0.0 else None)
         ctx.set_materialize_grads(False)
         return loss, lse
 
@@ -72,13 +116,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_lse):
         e, c, bias, targets, weight, token_weights, lse, entropy = ctx.saved_tensors
         need_e, need_c, need_b = ctx.needs_input_grad[:3]
-        n_out = 7
+        n_out = 8  # one per forward input (extras included; PyTorch accepts None for an input not passed)
         if not (need_e or need_c or (need_b and bias is not None)) or (grad_loss is None and grad_lse is None):
             return (None,) * n_out
         if e.shape[0] == 0:
             # No rows, no contribution (and empty per-row buffers would be NULL pointers).
             return (torch.zeros_like(e) if need_e else None, torch.zeros_like(c) if need_c else None,
-                    torch.zeros_like(bias) if (need_b and bias is not None) else None) + (None,) * 4
+                    torch.zeros_like(bias) if (need_b and bias is not None) else None) + (None,) * 5
         opts = _options(*ctx.opts_tuple)
         st = L.stats_dtype(e)
         dev = e.device
@@ -105,13 +149,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ws, wsp = L.workspace(dev, nbytes.value)
         L.check(L.lib.fh_linear_ce_backward(h, ctypes.byref(opts), *prob.args(), ctypes.byref(gin),
                                             ctypes.byref(grads), wsp, nbytes.value))
-        return de, dc, db, None, None, None, None
+        return de, dc, db, None, None, None, None, None
 
 
 def linear_cross_entropy(e, c, targets, bias=None, *, ignore_index=-100, reduction="mean", softcap=None,
                          label_smoothing=0.0, weight=None, token_weights=None, z_loss_scale=0.0,
                          logit_scale=None, temperature=None, entropy_weight=0.0, divisor=None,
-                         return_lse=False):
+                         return_lse=False, return_z_loss=False, return_token_accuracy=False,
+                         return_predicted_tokens=False, return_entropy=False, filter_eps=None,
+                         filter_e_grad=True, filter_c_grad=True, accum_mode="fp32"):
     """Cross-entropy of the logits e·cᵀ + bias against targets, never materialized.
 
     Same meaning as F.cross_entropy(F.linear(e, c, bias), targets, weight=weight,
@@ -127,6 +173,31 @@ def linear_cross_entropy(e, c, targets, bias=None, *, ignore_index=-100, reducti
     (scalar, or shaped like targets for reduction='none'), and with return_lse=True also the
     per-row logsumexp of the final logits z (shaped like targets, 0 at ignored rows),
     differentiable (for a user-side z-loss). Gradients flow to e, c and bias only.
+
+    Further forward outputs (as Liger's CrossEntropyOutput): when any of return_z_loss,
+    return_token_accuracy, return_predicted_tokens or return_entropy is True the result is a
+    CrossEntropyOutput(loss, lse, z_loss, token_accuracy, predicted_tokens, entropy) namedtuple
+    in which every field not asked for is None (lse is filled only with return_lse=True). Only
+    loss and lse carry gradients; the others are detached (requires_grad False):
+      z_loss: the z_loss_scale·lse² part already included in loss, reduced like loss (same
+        shape, mean over the token weights of the valid rows; 0 when z_loss_scale is 0);
+      token_accuracy: scalar, the unweighted mean over valid rows of [predicted == target]
+        (0 when no row is valid);
+      predicted_tokens: int64 shaped like targets, the first index of the row's largest logit,
+        -1 at ignored rows;
+      entropy: shaped like targets, -Σ p log p of the final softmax (after logit_scale and
+        softcap), 0 at ignored rows. Detached even when entropy_weight != 0 (the entropy term's
+        gradient reaches e, c, bias through loss).
+    With only return_lse=True the result stays the plain tuple (loss, lse).
+
+    Backward tuning, passed to the library; the CPU backend ignores all four (its results do not
+    depend on them), they matter only for CUDA tensors (include/fusedhead.h):
+      filter_eps: None (default, "auto": the input dtype's epsilon / 32), 0 (filter off) or a
+        finite threshold > 0 below which a logit tile's gradient is skipped (Cut Cross-Entropy);
+      filter_e_grad, filter_c_grad: let that filter skip tiles for the gradient of e, resp. of
+        c and bias (default True);
+      accum_mode: "fp32" (default), "output_dtype" (low memory) or "deterministic" (bitwise
+        reproducible gradients).
     """
     for name, t in (("e", e), ("c", c), ("targets", targets)):
         if not isinstance(t, torch.Tensor):
@@ -157,11 +228,20 @@ def linear_cross_entropy(e, c, targets, bias=None, *, ignore_index=-100, reducti
     tw = None if token_weights is None else L.dense(_FN, "token_weights", token_weights, st,
                                                     tuple(batch_shape)).reshape(N)
     opts_tuple = (ignore_index, reduction, softcap, label_smoothing, logit_scale, z_loss_scale,
-                  entropy_weight, divisor)
-    L.reduction_code(_FN, reduction)
-    loss, lse = LinearCrossEntropyFunction.apply(e2, c, bias, t64, w, tw, opts_tuple)
+                  entropy_weight, divisor, filter_eps, filter_e_grad, filter_c_grad, accum_mode)
+    _options(*opts_tuple)  # argument errors before any work
+    asked = {"z_loss": return_z_loss, "accuracy": return_token_accuracy, "argmax": return_predicted_tokens,
+             "entropy": return_entropy}
+    extras = {name: None for name, on in asked.items() if on}
+    loss, lse = LinearCrossEntropyFunction.apply(e2, c, bias, t64, w, tw, opts_tuple, extras)
     if reduction == "none":
         loss = loss.reshape(batch_shape)
-    if return_lse:
-        return loss, lse.reshape(batch_shape)
-    return loss
+    lse = lse.reshape(batch_shape)
+    if not extras:
+        return (loss, lse) if return_lse else loss
+    z_loss = extras.get("z_loss")
+    if z_loss is not None:
+        z_loss = z_loss.reshape(loss.shape)
+    per_row = {k: (extras[k].reshape(batch_shape) if k in extras else None) for k in ("argmax", "entropy")}
+    return CrossEntropyOutput(loss, lse if return_lse else None, z_loss, extras.get("accuracy"),
+                              per_row["argmax"], per_row["entropy"])

@@ -95,6 +95,26 @@ class Errors(unittest.TestCase):
         self.expect(lambda: fh.linear_cross_entropy(e, c, t, logit_scale=2.0, temperature=0.5),
                     _lib.ERR_INVALID_ARGUMENT, "not both")
 
+    def test_lce_bad_accum_mode(self):
+        e, c, t = lce_inputs()
+        for mode in ("fast", "FP32", 0, None):
+            self.expect(lambda: fh.linear_cross_entropy(e, c, t, accum_mode=mode), _lib.ERR_INVALID_ARGUMENT,
+                        "fusedhead.linear_cross_entropy", "accum_mode is %r" % (mode,), "'deterministic'")
+
+    def test_lce_bad_filter_eps(self):
+        """-1.0 is C's FH_FILTER_EPS_AUTO; from Python it is an error, not a silent 'auto' (None is)."""
+        e, c, t = lce_inputs()
+        for eps in (-1.0, -1e-3, float("nan"), float("inf")):
+            self.expect(lambda: fh.linear_cross_entropy(e, c, t, filter_eps=eps), _lib.ERR_INVALID_ARGUMENT,
+                        "fusedhead.linear_cross_entropy", "filter_eps is %r" % (eps,))
+
+    def test_lce_option_errors_before_any_work(self):
+        """A bad option with an otherwise-failing call reports the option (checked first, no C call)."""
+        e, c, t = lce_inputs()
+        t[0] = V  # out of range: C would report targets[0]
+        self.expect(lambda: fh.linear_cross_entropy(e, c, t, accum_mode="fast"), _lib.ERR_INVALID_ARGUMENT,
+                    "accum_mode")
+
     def test_mismatched_devices(self):
         """The 'meta' device stands in for a second device (no GPU here): checked before C sees a pointer."""
         e, c, t = lce_inputs()
