@@ -770,8 +770,10 @@ FH_API fh_status_t fh_decode_fused(fh_context_t* ctx, const fh_decode_options_t*
 
 /* Exact top-k: values [B x k] (fp32, the logit rounded once) and ids [B x k] (int64), sorted by
  * value descending, ties by lowest id; NaN sorts above +inf (as torch.topk); −inf entries are
- * ordinary values. 1 <= k <= V. No bias, bans or temperature. Workspace as fh_decode (D = 0 for
- * logits); statuses as fh_decode_from_logits. */
+ * ordinary values. 1 <= k <= V. No bias, bans or temperature. Statuses as fh_decode_from_logits.
+ * CUDA backend (the only decoding op it runs): k <= 256 (larger k: FH_ERR_UNSUPPORTED); from
+ * logits needs no workspace; fused needs 16·B·S·k bytes, S = ceil(T / ceil(T / 16)) vocabulary
+ * splits of T = ceil(V / 64) tiles (at most 256·B·k bytes). The CPU backend needs none. */
 FH_API fh_status_t fh_topk_workspace_size(fh_context_t* ctx, int64_t B, int64_t V, int64_t D, int64_t k,
                                           fh_dtype_t dtype, size_t* bytes);
 FH_API fh_status_t fh_topk_from_logits(fh_context_t* ctx, const fh_tensor_t* logits, int64_t k, float* values,

@@ -84,9 +84,12 @@ struct mma_traits<__nv_bfloat16> {
     } else if ((dtype) == FH_DTYPE_F16) {               \
       typedef __half T;                                 \
       __VA_ARGS__;                                      \
-    } else {                                            \
+    } else if ((dtype) == FH_DTYPE_BF16) {              \
       typedef __nv_bfloat16 T;                          \
       __VA_ARGS__;                                      \
+    } else { /* validation keeps other dtypes out */    \
+      return fh_set_error(FH_ERR_INTERNAL, "fusedhead", \
+                          "dtype %d reached a CUDA kernel", (int)(dtype)); \
     }                                                   \
   } while (0)
 

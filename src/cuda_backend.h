@@ -24,6 +24,15 @@ int* fh_cuda_error_flag(fh_cuda_state_t* st);
 fh_status_t fh_cuda_rows_logsumexp(fh_cuda_state_t* st, struct CUstream_st* stream,
                                    const fh_tensor_t* logits, float* lse);
 
+/* Exact top-k (kernels/topk.cu): from logits (H, C, bias NULL) or fused (logits NULL). k must be
+ * <= FH_CUDA_TOPK_MAX_K (larger: FH_ERR_UNSUPPORTED). The workspace (fused only) is
+ * fh_cuda_topk_workspace(B, V, D, k) bytes; 0 when D == 0 (from logits). */
+#define FH_CUDA_TOPK_MAX_K 256
+size_t fh_cuda_topk_workspace(int64_t B, int64_t V, int64_t D, int64_t k);
+fh_status_t fh_cuda_topk(fh_cuda_state_t* st, struct CUstream_st* stream, const char* fn, const fh_tensor_t* logits,
+                         const fh_tensor_t* H, const fh_tensor_t* C, const fh_tensor_t* bias, int64_t k, float* values,
+                         int64_t* ids, void* workspace);
+
 /* Linear cross-entropy (kernels/linear_ce*.cu). Workspace sizes are exact byte counts for the
  * problem; the compute calls get a workspace at least that large (checked by the caller). */
 fh_status_t fh_cuda_linear_ce_forward_workspace(const fh_cuda_state_t* st, const fh_linear_ce_options_t* opt,

@@ -1,6 +1,7 @@
 /* Decoding: option defaults, argument validation and backend dispatch for fh_decode_* and
  * fh_topk_*. The semantics are documented in fusedhead.h; the CPU reference is src/ref/decode*.c.
- * The CUDA backend has no decoding kernels in this version and says so. */
+ * The CUDA backend runs top-k (kernels/topk.cu); its samplers have no kernels in this version
+ * and say so. */
 #include <math.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -8,6 +9,9 @@
 
 #include "decode.h"
 #include "fh_internal.h"
+#ifdef FH_HAVE_CUDA
+#include "cuda_backend.h"
+#endif
 
 /* The size of the first published fh_decode_options_t; later fields keep their defaults when an
  * older caller passes a smaller struct. */
@@ -275,7 +279,14 @@ fh_status_t fh_topk_workspace_size(fh_context_t* ctx, int64_t B, int64_t V, int6
   FH_TRY(fh_check_enum(fn, "dtype", (int)dtype, FH_DTYPE_COUNT));
   if (!bytes) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "bytes is NULL");
   *bytes = 0;
+#ifdef FH_HAVE_CUDA
+  if (ctx->backend == FH_BACKEND_CUDA) {
+    FH_TRY(fh_check_backend_dtype(fn, "dtype", ctx, dtype));
+    *bytes = fh_cuda_topk_workspace(B, V, D, k);
+  }
+#else
   if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
+#endif
   return FH_SUCCESS;
 }
 
@@ -294,6 +305,13 @@ static fh_status_t topk(const char* fn, fh_context_t* ctx, const fh_tensor_t* lo
   const void* outs[2] = {values, ids};
   static const char* const names[2] = {"values", "ids"};
   FH_TRY(check_aliasing(fn, outs, names, 2, &s));
+#ifdef FH_HAVE_CUDA
+  if (ctx->backend == FH_BACKEND_CUDA) {
+    FH_TRY(fh_check_backend_dtype(fn, "the inputs' dtype", ctx, s.logits ? s.logits->dtype : s.H->dtype));
+    FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, fh_cuda_topk_workspace(s.B, s.V, s.D, k)));
+    return fh_cuda_topk(ctx->cuda, ctx->stream, fn, s.logits, s.H, s.C, s.bias, k, values, ids, workspace);
+  }
+#endif
   FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, 0));
   if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
   if (s.B == 0) return FH_SUCCESS;

@@ -1,0 +1,215 @@
+/* Suite kernel_topk: kernels/topk.cu end to end through the public API (fh_topk_from_logits and
+ * fh_topk_fused with an FH_BACKEND_CUDA context on the SIMT emulator) against the FH_BACKEND_CPU
+ * reference, for fp32/fp16/bf16, B in {1, 5, 37}, V in {1, 101, 1000, 4099}, k in {1, 7, V, 256}
+ * (k <= V), with guard words after both outputs.
+ *
+ * Exactness. Every logit is a small integer (or ±0, -inf, NaN): logits tensors hold integers in
+ * [-3, 3] (so most rows have long ties at the k-th value), the fused head has H, C in [-2, 2],
+ * D = 5 and a bias in [-3, 3], so every dot product is an integer of magnitude <= 23, exact in
+ * fp16/bf16/tf32 operands and fp32 sums; the fp32 logits then equal the reference's rounded fp64
+ * logits and the only freedom left is the order, which the API fixes (value descending, NaN
+ * first, ties by lowest id). So ids must be equal and values bitwise equal (NaN: both NaN), with
+ * no tolerance. Special entries: NaN (several per row in some rows: NaN vs NaN ties by id),
+ * -inf (and rows of only -inf), +inf, and -0.0 mixed with +0.0 (the order treats them as equal,
+ * the value written keeps the sign of the chosen entry). */
+#include <criterion/criterion.h>
+#include <cuda_runtime_api.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dtype.h"
+#include "fh_emu.h"
+#include "fusedhead.h"
+#include "test_util.h"
+
+enum { FUSED_D = 5 };
+
+static double logit_value(tu_rng_t* rng, int64_t r, int64_t j, int64_t V) {
+  if (r % 7 == 3) return -INFINITY;                    /* a row of only -inf */
+  if (r % 5 == 2 && j % 97 == 11) return NAN;          /* several NaN: NaN ties by id */
+  if (r % 4 == 1 && j % 3 == 0) return -INFINITY;      /* scattered -inf */
+  if (r % 6 == 4 && j == V / 3) return INFINITY;
+  const double x = (double)(tu_randint(rng, 7) - 3);
+  if (x == 0.0 && j % 2) return -0.0;                  /* -0 ties with +0 */
+  return x;
+}
+
+static void* to_device(const void* h, size_t bytes) {
+  void* d = NULL;
+  cr_assert_eq(cudaMalloc(&d, bytes ? bytes : 1), cudaSuccess);
+  if (bytes) cr_assert_eq(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+  return d;
+}
+
+/* Outputs on the device with guard words after each. */
+static void* alloc_out(size_t bytes) {
+  uint32_t guards[TU_GUARD_WORDS];
+  for (int i = 0; i < TU_GUARD_WORDS; ++i) guards[i] = TU_GUARD_VALUE;
+  void* d = NULL;
+  cr_assert_eq(cudaMalloc(&d, bytes + sizeof guards), cudaSuccess);
+  cr_assert_eq(cudaMemcpy((char*)d + bytes, guards, sizeof guards, cudaMemcpyHostToDevice), cudaSuccess);
+  return d;
+}
+
+static int same_value(float a, float b) {
+  if (isnan(a) || isnan(b)) return isnan(a) && isnan(b);
+  return memcmp(&a, &b, sizeof a) == 0;
+}
+
+typedef struct topk_case {
+  fh_dtype_t dtype;
+  int64_t B, V, k;
+  int fused;
+} topk_case_t;
+
+/* Runs one case on both backends; host inputs hz (from logits) or hH, hC, hb (fused). */
+static void compare(topk_case_t c, const fh_tensor_t* host_src, const fh_tensor_t* host_H, const fh_tensor_t* host_C,
+                    const fh_tensor_t* host_b, const fh_tensor_t* dev_src, const fh_tensor_t* dev_H,
+                    const fh_tensor_t* dev_C, const fh_tensor_t* dev_b, fh_context_t* gpu, fh_context_t* cpu) {
+  const size_t n = (size_t)(c.B * c.k), vb = n * sizeof(float), ib = n * sizeof(int64_t);
+  float* ref_v = malloc(vb ? vb : 1);
+  int64_t* ref_i = malloc(ib ? ib : 1);
+  float* got_v = tu_alloc_guarded(vb);
+  int64_t* got_i = tu_alloc_guarded(ib);
+  float* d_v = alloc_out(vb);
+  int64_t* d_i = alloc_out(ib);
+  size_t ws_bytes = 0;
+  cr_assert_eq(fh_topk_workspace_size(gpu, c.B, c.V, c.fused ? FUSED_D : 0, c.k, c.dtype, &ws_bytes), FH_SUCCESS,
+               "%s", fh_last_error());
+  void* ws = NULL;
+  if (ws_bytes) cr_assert_eq(cudaMalloc(&ws, ws_bytes), cudaSuccess);
+  if (c.fused) {
+    cr_assert_eq(fh_topk_fused(gpu, dev_H, dev_C, dev_b, c.k, d_v, d_i, ws, ws_bytes), FH_SUCCESS, "%s",
+                 fh_last_error());
+    cr_assert_eq(fh_topk_fused(cpu, host_H, host_C, host_b, c.k, ref_v, ref_i, NULL, 0), FH_SUCCESS, "%s",
+                 fh_last_error());
+  } else {
+    cr_assert_eq(ws_bytes, 0u, "from logits needs no workspace");
+    cr_assert_eq(fh_topk_from_logits(gpu, dev_src, c.k, d_v, d_i, NULL, 0), FH_SUCCESS, "%s", fh_last_error());
+    cr_assert_eq(fh_topk_from_logits(cpu, host_src, c.k, ref_v, ref_i, NULL, 0), FH_SUCCESS, "%s", fh_last_error());
+  }
+  cr_assert_eq(fh_context_check(gpu), FH_SUCCESS, "%s", fh_last_error());
+  const size_t gb = TU_GUARD_WORDS * sizeof(uint32_t);
+  cr_assert_eq(cudaMemcpy(got_v, d_v, vb + gb, cudaMemcpyDeviceToHost), cudaSuccess);
+  cr_assert_eq(cudaMemcpy(got_i, d_i, ib + gb, cudaMemcpyDeviceToHost), cudaSuccess);
+  cr_assert(tu_guards_intact(got_v, vb), "values written past [B x k]");
+  cr_assert(tu_guards_intact(got_i, ib), "ids written past [B x k]");
+  for (size_t e = 0; e < n; ++e)
+    cr_assert(got_i[e] == ref_i[e] && same_value(got_v[e], ref_v[e]),
+              "%s dtype=%d B=%lld V=%lld k=%lld: row %lld rank %lld: CUDA (%lld, %a) vs CPU (%lld, %a)",
+              c.fused ? "fused" : "from_logits", (int)c.dtype, (long long)c.B, (long long)c.V, (long long)c.k,
+              (long long)(e / (size_t)c.k), (long long)(e % (size_t)c.k), (long long)got_i[e], (double)got_v[e],
+              (long long)ref_i[e], (double)ref_v[e]);
+  cudaFree(ws);
+  cudaFree(d_v);
+  cudaFree(d_i);
+  free(ref_v), free(ref_i), free(got_v), free(got_i);
+}
+
+static void run_case(topk_case_t c) {
+  fh_context_t *gpu = NULL, *cpu = NULL;
+  cr_assert_eq(fh_context_create(&gpu, FH_BACKEND_CUDA, 0), FH_SUCCESS, "%s", fh_last_error());
+  cr_assert_eq(fh_context_create(&cpu, FH_BACKEND_CPU, 0), FH_SUCCESS);
+  tu_rng_t rng = {(uint64_t)(c.B * 1000003 + c.V * 7919 + c.k * 31 + c.dtype * 3 + c.fused)};
+  const size_t es = fh_dtype_size(c.dtype);
+  if (!c.fused) {
+    const int64_t stride = c.V + 2; /* padding holds NaN, which would sort first if read */
+    const size_t bytes = (size_t)(c.B * stride) * es;
+    void* h = malloc(bytes);
+    for (int64_t r = 0; r < c.B; ++r)
+      for (int64_t j = 0; j < stride; ++j)
+        fh_store(h, c.dtype, r * stride + j, j < c.V ? logit_value(&rng, r, j, c.V) : NAN);
+    void* d = to_device(h, bytes);
+    fh_tensor_t th = {h, c.dtype, c.B, c.V, stride}, td = {d, c.dtype, c.B, c.V, stride};
+    compare(c, &th, NULL, NULL, NULL, &td, NULL, NULL, NULL, gpu, cpu);
+    cudaFree(d);
+    free(h);
+  } else {
+    const int64_t ldh = FUSED_D + 1, ldc = FUSED_D + 3; /* poisoned padding columns */
+    const size_t hb = (size_t)(c.B * ldh) * es, cb = (size_t)(c.V * ldc) * es, bb = (size_t)c.V * es;
+    void *hH = malloc(hb), *hC = malloc(cb), *hbias = malloc(bb);
+    for (int64_t i = 0; i < c.B * ldh; ++i)
+      fh_store(hH, c.dtype, i, i % ldh < FUSED_D ? (double)(tu_randint(&rng, 5) - 2) : NAN);
+    for (int64_t i = 0; i < c.V * ldc; ++i)
+      fh_store(hC, c.dtype, i, i % ldc < FUSED_D ? (double)(tu_randint(&rng, 5) - 2) : NAN);
+    for (int64_t v = 0; v < c.V; ++v) {
+      double b = (double)(tu_randint(&rng, 7) - 3);
+      if (v % 211 == 5) b = NAN;      /* a NaN column: first in every row, NaN ties by id */
+      if (v % 13 == 7) b = -INFINITY; /* -inf columns */
+      fh_store(hbias, c.dtype, v, b);
+    }
+    void *dH = to_device(hH, hb), *dC = to_device(hC, cb), *db = to_device(hbias, bb);
+    fh_tensor_t tH = {hH, c.dtype, c.B, FUSED_D, ldh}, tC = {hC, c.dtype, c.V, FUSED_D, ldc};
+    fh_tensor_t tb = fh_tensor_2d(hbias, c.dtype, 1, c.V);
+    fh_tensor_t uH = {dH, c.dtype, c.B, FUSED_D, ldh}, uC = {dC, c.dtype, c.V, FUSED_D, ldc};
+    fh_tensor_t ub = fh_tensor_2d(db, c.dtype, 1, c.V);
+    /* Odd-sized batches also run without bias. */
+    const int with_bias = c.B != 5;
+    compare(c, NULL, &tH, &tC, with_bias ? &tb : NULL, NULL, &uH, &uC, with_bias ? &ub : NULL, gpu, cpu);
+    cudaFree(dH), cudaFree(dC), cudaFree(db);
+    free(hH), free(hC), free(hbias);
+  }
+  fh_context_destroy(gpu);
+  fh_context_destroy(cpu);
+}
+
+static void run_all(fh_dtype_t dtype, int fused) {
+  static const int64_t Bs[] = {1, 5, 37}, Vs[] = {1, 101, 1000, 4099};
+  for (size_t a = 0; a < 3; ++a)
+    for (size_t b = 0; b < 4; ++b) {
+      const int64_t V = Vs[b], ks[4] = {1, 7, V, 256};
+      for (int q = 0; q < 4; ++q) {
+        const int64_t k = ks[q];
+        if (k > V || k > 256 || (q == 2 && (V == 1 || V == 7 || V == 256)) || (q == 3 && V == 256)) continue;
+        run_case((topk_case_t){dtype, Bs[a], V, k, fused});
+      }
+    }
+}
+
+Test(kernel_topk, from_logits_fp32, .timeout = 600) { run_all(FH_DTYPE_F32, 0); }
+Test(kernel_topk, from_logits_fp16, .timeout = 600) { run_all(FH_DTYPE_F16, 0); }
+Test(kernel_topk, from_logits_bf16, .timeout = 600) { run_all(FH_DTYPE_BF16, 0); }
+Test(kernel_topk, fused_fp32, .timeout = 600) { run_all(FH_DTYPE_F32, 1); }
+Test(kernel_topk, fused_fp16, .timeout = 600) { run_all(FH_DTYPE_F16, 1); }
+Test(kernel_topk, fused_bf16, .timeout = 600) { run_all(FH_DTYPE_BF16, 1); }
+
+/* Workspace formula (kernels/topk.cu): 16 · B · splits · k bytes, splits = ceil(T / ceil(T / 16)),
+ * T = ceil(V / 64); 0 from logits. k > 256: FH_ERR_UNSUPPORTED naming k; too little workspace:
+ * FH_ERR_INSUFFICIENT_WORKSPACE. */
+Test(kernel_topk, workspace_and_limits) {
+  fh_context_t* gpu = NULL;
+  cr_assert_eq(fh_context_create(&gpu, FH_BACKEND_CUDA, 0), FH_SUCCESS);
+  size_t bytes = 1;
+  cr_assert_eq(fh_topk_workspace_size(gpu, 37, 4099, 0, 7, FH_DTYPE_BF16, &bytes), FH_SUCCESS);
+  cr_assert_eq(bytes, 0u);
+  cr_assert_eq(fh_topk_workspace_size(gpu, 37, 4099, 5, 7, FH_DTYPE_BF16, &bytes), FH_SUCCESS);
+  cr_assert_eq(bytes, (size_t)16 * 37 * 13 * 7, "T = 65 tiles, 5 per split, 13 splits"); /* ceil(65/16) = 5 */
+  cr_assert_eq(fh_topk_workspace_size(gpu, 2, 101, 5, 3, FH_DTYPE_F32, &bytes), FH_SUCCESS);
+  cr_assert_eq(bytes, (size_t)16 * 2 * 2 * 3, "T = 2 tiles, 2 splits");
+  /* fp64 is the CPU backend's alone: rejected before any kernel could misread the data */
+  cr_expect_eq(fh_topk_workspace_size(gpu, 2, 101, 5, 3, FH_DTYPE_F64, &bytes), FH_ERR_UNSUPPORTED);
+  double z64[3] = {1.0, 3.0, 2.0};
+  float v64 = 0.0f;
+  int64_t i64 = -7;
+  fh_tensor_t t64 = fh_tensor_2d(z64, FH_DTYPE_F64, 1, 3);
+  cr_expect_eq(fh_topk_from_logits(gpu, &t64, 1, &v64, &i64, NULL, 0), FH_ERR_UNSUPPORTED);
+  cr_expect(strstr(fh_last_error(), "fp64") != NULL, "%s", fh_last_error());
+  cr_expect(i64 == -7 && v64 == 0.0f, "nothing written on a rejected call");
+
+  float* d_z = NULL;
+  float* d_v = NULL;
+  int64_t* d_i = NULL;
+  cr_assert_eq(cudaMalloc((void**)&d_z, 300 * sizeof(float)), cudaSuccess);
+  cr_assert_eq(cudaMalloc((void**)&d_v, 300 * sizeof(float)), cudaSuccess);
+  cr_assert_eq(cudaMalloc((void**)&d_i, 300 * sizeof(int64_t)), cudaSuccess);
+  fh_tensor_t z = fh_tensor_2d(d_z, FH_DTYPE_F32, 1, 300);
+  cr_assert_eq(fh_topk_from_logits(gpu, &z, 257, d_v, d_i, NULL, 0), FH_ERR_UNSUPPORTED);
+  cr_assert(strstr(fh_last_error(), "fh_topk_from_logits") && strstr(fh_last_error(), "k is 257"), "%s",
+            fh_last_error());
+  fh_tensor_t H = fh_tensor_2d(d_z, FH_DTYPE_F32, 2, 3), C = fh_tensor_2d(d_z + 6, FH_DTYPE_F32, 90, 3);
+  cr_assert_eq(fh_topk_fused(gpu, &H, &C, NULL, 4, d_v, d_i, NULL, 0), FH_ERR_INSUFFICIENT_WORKSPACE);
+  cudaFree(d_z), cudaFree(d_v), cudaFree(d_i);
+  fh_context_destroy(gpu);
+}
