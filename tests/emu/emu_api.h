@@ -37,7 +37,9 @@ typedef void (*CompleteFn)(LaneSlot* const* lanes, unsigned mask);
 LaneSlot& lane_slot();
 int lane_id();
 /* Block until every lane named in `mask` arrived at a collective with the same `fn`; the last
- * one runs `fn`. `kind` is 0 for ordinary collectives, 1 for shuffles, 2 for WMMA (counted). */
+ * one runs `fn`. `kind` is 0 for ordinary collectives, 1 for shuffles (both counted in
+ * warp_collectives), 2 for WMMA and 3 for the .sync.aligned PTX twins (full warp required, counted
+ * by their own counters). */
 void warp_collective(const char* name, unsigned mask, CompleteFn fn, int kind);
 /* __syncthreads and its reductions: returns the number of threads with pred != 0. */
 int block_barrier(int pred);

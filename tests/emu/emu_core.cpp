@@ -103,9 +103,15 @@ struct Worker {
   uint3 block;
   int nthreads = 0, live = 0, at_barrier = 0, barrier_pred = 0, barrier_result = 0;
   void* dyn_smem = nullptr;
+  /* the PTX twins' per-block state (emu_ptx.cpp), active once a twin ran in the current block */
+  PtxState* ptx = nullptr;
+  bool ptx_active = false;
+  uint64_t launch_seed = 0;
+  uint64_t yield_rng = 0; /* seeded per block from the launch seed: schedules are reproducible */
 
   ~Worker() {
     if (arena) munmap(arena, arena_threads * stack_bytes);
+    ptx_state_free(ptx);
   }
   /* Stacks for n threads, reused by every later block; one guard page under each stack turns
    * an overflow into a SIGSEGV instead of silent corruption of the neighbour. */
@@ -130,6 +136,7 @@ fh_emu_counters_t g_last, g_total;
 std::atomic<uint64_t> g_seed{0};
 std::atomic<uint64_t> g_launch_index{0};
 std::atomic<int> g_nworkers{0};
+std::atomic<double> g_yield{0.125};
 std::once_flag g_env_once;
 
 void read_env() {
@@ -140,6 +147,8 @@ void read_env() {
     const char* w = std::getenv("FH_EMU_WORKERS");
     int n = w ? std::atoi(w) : 2;
     g_nworkers = std::min(64, std::max(1, n));
+    const char* y = std::getenv("FH_EMU_YIELD");
+    if (y) g_yield = std::min(1.0, std::max(0.0, std::atof(y)));
   });
 }
 
@@ -183,16 +192,18 @@ std::string lanes_of(unsigned mask) {
   return ranges(v);
 }
 
-void print_block_header(const char* what) {
+void print_header(const char* tool, const char* what) {
   Worker& w = worker();
   const LaunchState& L = *w.launch;
   std::fprintf(stderr,
-               "========= fh_emu synccheck: %s\n"
+               "========= fh_emu %s: %s\n"
                "=========   kernel %s, grid (%u,%u,%u), block (%u,%u,%u), dynamic smem %zu B\n"
                "=========   in block (%u,%u,%u)\n",
-               what, L.cfg.name, L.cfg.grid.x, L.cfg.grid.y, L.cfg.grid.z, L.cfg.block.x, L.cfg.block.y,
+               tool, what, L.cfg.name, L.cfg.grid.x, L.cfg.grid.y, L.cfg.grid.z, L.cfg.block.x, L.cfg.block.y,
                L.cfg.block.z, L.cfg.smem, w.block.x, w.block.y, w.block.z);
 }
+
+void print_block_header(const char* what) { print_header("synccheck", what); }
 
 [[noreturn]] void die() {
   std::fprintf(stderr, "=========   (threads are numbered x + y*blockDim.x + z*blockDim.x*blockDim.y; "
@@ -285,6 +296,9 @@ void run_block(Worker& w, const LaunchState& L, uint64_t linear_block) {
   const int n = (int)(b.x * b.y * b.z);
   w.nthreads = w.live = n;
   w.at_barrier = w.barrier_pred = 0;
+  w.ptx_active = false;
+  /* Per block, not per worker: which worker runs a block must not change its schedule. */
+  w.yield_rng = w.launch_seed ^ (linear_block * 0xbf58476d1ce4e5b9ull);
   w.warps.assign((size_t)(n + 31) / 32, Warp{0, 0, {}});
   for (int i = 0; i < n; ++i) w.warps[i / 32].exists |= 1u << (i % 32);
   /* Uninitialized shared memory reads as NaN, like fresh global memory. */
@@ -312,13 +326,16 @@ void run_block(Worker& w, const LaunchState& L, uint64_t linear_block) {
       }
     if (!ran && w.live > 0) report_stuck_block();
   }
+  if (w.ptx_active) ptx_on_block_end(*w.ptx); /* copies never waited for are reported here */
   w.counters.blocks += 1;
   w.counters.threads += (uint64_t)n;
 }
 
-void worker_loop(int wid, const LaunchState& L, const std::vector<uint64_t>& order, std::atomic<size_t>& next) {
+void worker_loop(int wid, const LaunchState& L, const std::vector<uint64_t>& order, std::atomic<size_t>& next,
+                 uint64_t launch_seed) {
   Worker& w = *g_workers[wid];
   tls_worker = &w;
+  w.launch_seed = launch_seed;
   const size_t n = (size_t)L.cfg.block.x * L.cfg.block.y * L.cfg.block.z;
   w.ensure_stacks(n, stack_bytes_from_env());
   if (w.threads.size() < n) w.threads.resize(n);
@@ -345,6 +362,16 @@ void add_counters(fh_emu_counters_t& to, const fh_emu_counters_t& c) {
   to.atomics += c.atomics;
   to.mma_ops += c.mma_ops;
   to.mma_flops += c.mma_flops;
+  to.ldmatrix_ops += c.ldmatrix_ops;
+  to.cp_async_ops += c.cp_async_ops;
+  to.bytes_g2s += c.bytes_g2s;
+  to.global_requests += c.global_requests;
+  to.global_sectors += c.global_sectors;
+  to.smem_requests += c.smem_requests;
+  to.smem_wavefronts += c.smem_wavefronts;
+  to.bank_conflict_replays += c.bank_conflict_replays;
+  to.bank_conflict_max_ways = std::max(to.bank_conflict_max_ways, c.bank_conflict_max_ways);
+  to.mufu_ops += c.mufu_ops;
 }
 
 } // namespace
@@ -355,6 +382,34 @@ LaneSlot& lane_slot() { return current().slot; }
 int lane_id() { return current().lane; }
 
 void* dynamic_smem() { return worker().dyn_smem; }
+size_t dynamic_smem_bytes() { return worker().launch->cfg.smem; }
+RunningThread running_thread() {
+  const Thread& t = current();
+  return RunningThread{t.linear, t.lane, t.warp};
+}
+int block_threads() { return worker().nthreads; }
+bool in_kernel() { return tls_worker && tls_worker->current; }
+unsigned warp_live_mask(int warp) {
+  const Warp& wp = worker().warps[warp];
+  return wp.exists & ~wp.exited;
+}
+PtxState*& worker_ptx_slot() { return worker().ptx; }
+bool& worker_ptx_active() { return worker().ptx_active; }
+fh_emu_counters_t& worker_counters() { return worker().counters; }
+void report_header(const char* tool, const char* what) { print_header(tool, what); }
+void report_die() { die(); }
+
+/* A random preemption point: the fiber goes back to the scheduler still runnable and the others
+ * of the block run first. Cooperative scheduling alone runs a thread until it blocks, which
+ * hides interleavings (a reader that always runs after the writer); the twins call this at
+ * every shared-memory access so that races show in the data too, not only in racecheck. */
+void maybe_yield() {
+  Worker& w = worker();
+  const double p = g_yield.load(std::memory_order_relaxed);
+  if (p <= 0.0) return;
+  if ((double)(splitmix64(w.yield_rng) >> 11) * 0x1.0p-53 >= p) return;
+  yield_thread();
+}
 void note_atomic() { ++worker().counters.atomics; }
 void note_mma(uint64_t flops) {
   ++worker().counters.mma_ops;
@@ -381,6 +436,7 @@ int block_barrier(int pred) {
     w.at_barrier = 0;
     for (int i = 0; i < w.nthreads; ++i) w.threads[i].state = State::Runnable;
     ++w.counters.barriers;
+    if (w.ptx_active) ptx_on_barrier(*w.ptx); /* a new barrier interval for racecheck */
   } else {
     yield_thread(); /* if some thread exited, the block gets stuck here and synccheck reports */
   }
@@ -397,6 +453,7 @@ void warp_collective(const char* name, unsigned mask, CompleteFn fn, int kind) {
   else if (mask & ~wp.exists) problem = "the mask names lanes that do not exist in this block";
   else if (mask & wp.exited) problem = "the mask names lanes that have exited";
   else if (kind == 2 && mask != 0xffffffffu) problem = "WMMA needs a full warp";
+  else if (kind == 3 && mask != 0xffffffffu) problem = "a .sync.aligned PTX instruction needs the full warp";
   if (problem) {
     print_block_header("invalid warp collective mask");
     std::fprintf(stderr, "=========   thread %d (warp %d, lane %d) called %s(mask 0x%08x): %s (lanes %s)\n", t.linear,
@@ -426,7 +483,9 @@ void warp_collective(const char* name, unsigned mask, CompleteFn fn, int kind) {
     for (int l = 0; l < 32; ++l)
       if (mask >> l & 1) w.threads[t.warp * 32 + l].state = State::Runnable;
     wp.pending.erase(wp.pending.begin() + (ep - wp.pending.data()));
-    if (kind != 2) ++w.counters.warp_collectives;
+    /* Every collective orders the shared accesses its lanes made before it (racecheck). */
+    if (w.ptx_active) ptx_on_warp_sync(*w.ptx, t.warp, mask);
+    if (kind < 2) ++w.counters.warp_collectives;
     if (kind == 1) ++w.counters.shuffles;
   } else {
     yield_thread();
@@ -471,6 +530,7 @@ void run_launch(const LaunchState& L) {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   const uint64_t nblocks = (uint64_t)L.cfg.grid.x * L.cfg.grid.y * L.cfg.grid.z;
   uint64_t s = g_seed.load() ^ (g_launch_index.fetch_add(1) * 0xd1b54a32d192ed03ull);
+  const uint64_t launch_seed = s;
   std::vector<uint64_t> order(nblocks);
   for (uint64_t i = 0; i < nblocks; ++i) order[i] = i;
   for (uint64_t i = nblocks; i > 1; --i) std::swap(order[i - 1], order[splitmix64(s) % i]);
@@ -478,8 +538,9 @@ void run_launch(const LaunchState& L) {
   while ((int)g_workers.size() < nw) g_workers.emplace_back(new Worker());
   std::atomic<size_t> next{0};
   std::vector<std::thread> pool;
-  for (int i = 1; i < nw; ++i) pool.emplace_back(worker_loop, i, std::cref(L), std::cref(order), std::ref(next));
-  worker_loop(0, L, order, next); /* the launching thread is worker 0 */
+  for (int i = 1; i < nw; ++i)
+    pool.emplace_back(worker_loop, i, std::cref(L), std::cref(order), std::ref(next), launch_seed);
+  worker_loop(0, L, order, next, launch_seed); /* the launching thread is worker 0 */
   for (std::thread& th : pool) th.join();
 
   fh_emu_counters_t c;
@@ -571,5 +632,13 @@ void fh_emu_set_workers(int n) {
 int fh_emu_get_workers(void) {
   fh_emu::read_env();
   return fh_emu::g_nworkers.load();
+}
+void fh_emu_set_yield(double p) {
+  fh_emu::read_env();
+  fh_emu::g_yield = p < 0.0 ? 0.0 : (p > 1.0 ? 1.0 : p);
+}
+double fh_emu_get_yield(void) {
+  fh_emu::read_env();
+  return fh_emu::g_yield.load();
 }
 }

@@ -33,6 +33,7 @@
 #include <utility>
 
 #include "emu_api.h"
+#include "emu_ptx.h" /* twins of kernels/engine/ptx.cuh */
 
 #ifndef FH_EMULATOR
 #define FH_EMULATOR 1

@@ -23,6 +23,17 @@ typedef struct fh_emu_counters {
   uint64_t mma_ops;          /* wmma::mma_sync calls, per warp (one tensor-core MMA each) */
   uint64_t mma_flops;        /* 2*M*N*K per MMA: the FLOPs the kernel really issued */
   char kernel[96];           /* name of the (last) kernel, as written in FH_LAUNCH */
+  /* The PTX twins (kernels/engine/ptx.cuh, tests/emu/emu_ptx.h): the cost model's inputs. */
+  uint64_t ldmatrix_ops;           /* ldmatrix instructions, per warp */
+  uint64_t cp_async_ops;           /* cp.async calls, per thread */
+  uint64_t bytes_g2s;              /* bytes cp.async reads from global (src_bytes, summed) */
+  uint64_t global_requests;        /* warp-wide cp.async instructions (k-th call of each lane) */
+  uint64_t global_sectors;         /* distinct 32-byte global sectors those instructions read */
+  uint64_t smem_requests;          /* warp-wide shared instructions: ldmatrix, st/ld.shared, cp.async */
+  uint64_t smem_wavefronts;        /* sum over their phases of the bank "ways" (1 = conflict-free) */
+  uint64_t bank_conflict_replays;  /* wavefronts beyond one per phase: sum of (ways - 1) */
+  uint64_t bank_conflict_max_ways; /* worst phase of any instruction (a maximum, not a sum) */
+  uint64_t mufu_ops;               /* ex2/rcp/lg2.approx calls, per thread */
 } fh_emu_counters_t;
 
 /* Counters of the most recent launch that ran (zeros before any launch). */
@@ -40,6 +51,18 @@ uint64_t fh_emu_get_seed(void);
 /* OS threads that execute the blocks of a launch (default: FH_EMU_WORKERS, else 2; 1..64). */
 void fh_emu_set_workers(int n);
 int fh_emu_get_workers(void);
+
+/* Probability that a shared-memory twin call (emu_ptx.h) hands its fiber back to the scheduler,
+ * so other threads of the block run in between (default: FH_EMU_YIELD, else 0.125; 0 disables).
+ * The choices come from the block-order seed: a seed gives one schedule. */
+void fh_emu_set_yield(double p);
+double fh_emu_get_yield(void);
+
+/* One line per counter group, for a test's or bench program's log: writes at most n bytes
+ * (NUL included) to buf and returns the length it needed, like snprintf. */
+int fh_emu_format_counters(const fh_emu_counters_t* c, char* buf, unsigned long n);
+/* fh_emu_format_counters to stderr. */
+void fh_emu_print_counters(const fh_emu_counters_t* c);
 
 #ifdef __cplusplus
 }
