@@ -66,6 +66,16 @@ if [ -f build-san/ptxas_stats.md ]; then
   grep -v '(library)' build-san/ptxas_stats.md
 fi
 
+# SASS evidence (docs/sass.md): the parser's self-test always; with nvcc, the cubins of build 1
+# (cuobjdump is pip-installed when missing: exit 3 when it cannot be, a failure under CI=true).
+step "SASS evidence: GEMM main loops and spills (scripts/sass_table.sh)"
+bash scripts/sass_table.sh --self-test || failed=1
+if command -v nvcc >/dev/null && [ -f build/libfusedhead.so ]; then
+  FH_SASS_ENFORCE=${FH_SASS_ENFORCE:-1} bash scripts/sass_table.sh build/libfusedhead.so; rc=$?
+  if [ $rc -eq 3 ] && [ "${CI:-}" != true ]; then echo "sass: skipped (no cuobjdump)";
+  elif [ $rc -ne 0 ]; then failed=1; fi
+fi
+
 # One closing line over every Criterion run: "N passed, N failed".
 pass=0; fail=0
 for log in "${summary[@]}"; do

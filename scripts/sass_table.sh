@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# sass_table.sh: static evidence from the SASS of the built library (docs/sass.md).
+# Disassembles every cubin of the library with cuobjdump and writes, per kernel and architecture,
+# instruction counts over the whole kernel and over its main loop(s) (HMMA, LDSM, LDGSTS, LDG,
+# narrow loads, MUFU, BAR, STL/LDL) with ptxas's resource usage (registers, static shared memory,
+# stack, local memory), then checks the rules of docs/engine.md ("Evidence"):
+#   (a) no kernel of ours spills (any STL/LDL);
+#   (b) the main loop of every GEMM kernel (an fh_eng::vec16 instantiation) has LDGSTS, LDSM and
+#       HMMA and no narrow global load; an fh_eng::scalar one has HMMA in a loop; every pattern of
+#       scripts/gemm_kernels.txt matches an fh_eng::vec16 kernel on each sm_80 / sm_90 cubin.
+#
+# usage: scripts/sass_table.sh [LIBRARY [OUT_PREFIX]]   default build/libfusedhead.so, and
+#                                                       OUT_PREFIX = LIBRARY's folder/sass_table:
+#                                                       writes OUT_PREFIX.md and OUT_PREFIX.csv
+#        scripts/sass_table.sh --self-test              the parser on scripts/testdata (no CUDA)
+# env:   FH_SASS_ENFORCE=0   rule (b) is reported, not enforced (spills always fail)
+#        FH_SASS_GEMM_ARCHS  architectures where gemm_kernels.txt must match (default "sm_80 sm_90")
+#        CUOBJDUMP           a cuobjdump to use (it needs nvdisasm beside it or on PATH)
+#        FH_TOOLS_DIR        where cuobjdump and nvdisasm are pip-installed (default build-tools/)
+# exit:  0 rules hold, 1 a rule is broken, 2 bad input (no library, no cubin, cuobjdump failed),
+#        3 cuobjdump/nvdisasm missing and could not be installed (scripts/test.sh: a failure
+#        under CI=true, a warning otherwise).
+set -uo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+py=""
+for p in "$(command -v python3 || true)" /usr/bin/python3; do
+  if [ -n "$p" ] && "$p" -c 'import sys; sys.exit(sys.version_info < (3, 7))' 2>/dev/null; then py="$p"; break; fi
+done
+if [ -z "$py" ]; then echo "sass_table: ERROR: no working python3 (3.7 or later)" >&2; exit 2; fi
+
+if [ "${1:-}" = "--self-test" ]; then
+  exec "$py" "$here/sass_table.py" --self-test
+fi
+
+lib="${1:-$root/build/libfusedhead.so}"
+if [ ! -f "$lib" ]; then
+  echo "sass_table: $lib not found (build the library first)" >&2
+  exit 2
+fi
+out="${2:-$(dirname "$lib")/sass_table}"
+
+# ---- cuobjdump (and nvdisasm, which its -sass runs): on PATH, in the CUDA toolkit, or pip ----
+tools="${FH_TOOLS_DIR:-$root/build-tools}/cuda-binutils"
+usable() { # cuobjdump: true when it and an nvdisasm are there and run
+  local c=$1 d
+  [ -x "$c" ] || return 1
+  d="$(dirname "$c")"
+  { [ -x "$d/nvdisasm" ] || command -v nvdisasm >/dev/null; } || return 1
+  "$c" --version >/dev/null 2>&1
+}
+find_in_tools() {
+  cuobjdump="$(find "$tools" -type f -name cuobjdump 2>/dev/null | head -n 1)"
+  nvdisasm="$(find "$tools" -type f -name nvdisasm 2>/dev/null | head -n 1)"
+  [ -n "$cuobjdump" ] && [ -n "$nvdisasm" ] && chmod +x "$cuobjdump" "$nvdisasm" &&
+    PATH="$(dirname "$nvdisasm"):$PATH" usable "$cuobjdump"
+}
+cuobjdump=""
+nvdisasm=""
+for c in "${CUOBJDUMP:-}" "$(command -v cuobjdump || true)" /usr/local/cuda/bin/cuobjdump; do
+  if [ -n "$c" ] && usable "$c"; then cuobjdump="$c"; break; fi
+done
+if [ -z "$cuobjdump" ] && ! find_in_tools; then
+  # pip --target: a private folder, so PEP 668 (Debian's externally managed python) does not apply.
+  echo "sass_table: installing cuobjdump and nvdisasm (pip: nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm) into $tools"
+  ok=0
+  for p in "$py" /usr/bin/python3; do
+    [ -x "$p" ] || continue
+    if PIP_ROOT_USER_ACTION=ignore "$p" -m pip install --quiet --disable-pip-version-check \
+        --upgrade --target "$tools" nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm >&2; then
+      ok=1; break
+    fi
+  done
+  if [ $ok -eq 0 ] || ! find_in_tools; then
+    echo "sass_table: ERROR: cuobjdump/nvdisasm are not installed and 'python3 -m pip install" \
+         "nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm' failed: no SASS evidence (exit 3)" >&2
+    exit 3
+  fi
+fi
+if [ -n "$nvdisasm" ]; then export PATH="$(dirname "$nvdisasm"):$PATH"; fi
+echo "sass_table: $("$cuobjdump" --version | grep -o 'release [0-9.]*' | head -n 1 | sed 's/^/cuobjdump /'), $lib"
+
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+if ! "$cuobjdump" -sass "$lib" >"$tmp/sass" 2>"$tmp/err" ||
+   ! "$cuobjdump" -res-usage "$lib" >"$tmp/res" 2>>"$tmp/err"; then
+  cat "$tmp/err" >&2
+  echo "sass_table: cuobjdump failed on $lib" >&2
+  exit 2
+fi
+if ! grep -q 'Function :' "$tmp/sass"; then
+  echo "sass_table: no SASS in $lib (is the CUDA backend built?)" >&2
+  exit 2
+fi
+"$py" "$here/sass_table.py" --sass "$tmp/sass" --res "$tmp/res" \
+  --patterns "$here/gemm_kernels.txt" --md "$out.md" --csv "$out.csv"
+rc=$?
+echo "sass_table: full table in $out.md and $out.csv"
+exit $rc
