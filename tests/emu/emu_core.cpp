@@ -193,6 +193,10 @@ std::string lanes_of(unsigned mask) {
 }
 
 void print_header(const char* tool, const char* what) {
+  /* Every report ends in abort(): the first worker to report keeps the lock, so two blocks
+   * failing at once on two workers do not interleave their lines. */
+  static std::mutex report_mutex;
+  report_mutex.lock();
   Worker& w = worker();
   const LaunchState& L = *w.launch;
   std::fprintf(stderr,

@@ -237,7 +237,11 @@ Place locate(PtxState& s, const void* p, int bytes, const char* op, int thread) 
            s.smem_bytes, (const void*)s.smem);
     return Place{true, (size_t)(c - s.smem)};
   }
-  if (in_static_tls(p, bytes) == 0)
+  const int tls = in_static_tls(p, bytes);
+  if (tls != 1 && s.smem_bytes && c >= s.smem && c < s.smem + s.smem_bytes + 4096)
+    fail("shared access out of range", thread, "%s: %d bytes at byte offset %zu, past the end of the %zu bytes of dynamic "
+         "shared memory", op, bytes, (size_t)(c - s.smem), s.smem_bytes);
+  if (tls == 0)
     fail("address is not shared memory", thread,
          "%s: %p is neither in the block's dynamic shared memory (%zu bytes at %p) nor a __shared__ variable", op,
          p, s.smem_bytes, (const void*)s.smem);
@@ -379,9 +383,10 @@ void ptx_cp_async(void* smem, const void* gmem, int cp_size, int src_bytes) {
   if ((s.smem_bytes && g < s.smem + s.smem_bytes && g + cp_size > s.smem) || ptx::in_static_tls(gmem, cp_size) == 1)
     ptx::fail("cp.async source is shared memory", t, "cp.async: source %p is shared memory, not global", gmem);
   const int id = ptx::alloc_copy(s);
-  s.copies[(size_t)id] = ptx::Copy{static_cast<unsigned char*>(smem), g, cp_size, src_bytes, t, -1, pl.dyn};
+  s.copies[(size_t)id].thread = -1; /* not in flight yet: the checks below must not see it */
   /* Checked as a write now: the hardware may write the destination at any time after issue. */
   ptx::shadow_write(s, t, static_cast<unsigned char*>(smem), cp_size, ptx::K_CP_ASYNC, id);
+  s.copies[(size_t)id] = ptx::Copy{static_cast<unsigned char*>(smem), g, cp_size, src_bytes, t, -1, pl.dyn};
   if (!pl.dyn) ++s.outside_pending;
   std::memset(smem, 0xff, (size_t)cp_size); /* poisoned (NaN) until it lands */
   s.threads[(size_t)t].pending.push_back(id);

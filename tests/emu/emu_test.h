@@ -6,6 +6,12 @@
 
 #include <criterion/criterion.h>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <initializer_list>
+#include <string>
 #include <vector>
 
 #include "common.cuh"
@@ -44,5 +50,36 @@ std::vector<T> dev_download(const T* d, size_t n) {
 }
 /* Every launch in a test is followed by this: a launch error is a test failure. */
 #define EMU_CHECK_LAUNCH() cr_assert_eq(cudaGetLastError(), cudaSuccess, "launch failed")
+
+/* Runs `fn` in a forked child with stderr captured and asserts that it aborts (SIGABRT) with a
+ * report containing every string of `needles`. Checking the text, not only
+ * the signal, makes sure the emulator caught the mistake the test is about and not another one. */
+inline void expect_report(void (*fn)(), std::initializer_list<const char*> needles) {
+  int fds[2];
+  cr_assert_eq(pipe(fds), 0);
+  fflush(stdout);
+  fflush(stderr);
+  const pid_t pid = fork();
+  cr_assert_geq(pid, 0);
+  if (pid == 0) {
+    dup2(fds[1], 2);
+    close(fds[0]);
+    close(fds[1]);
+    fn();
+    _exit(0);
+  }
+  close(fds[1]);
+  static std::string out; /* static: a failed assertion leaves without running destructors */
+  out.clear();
+  char buf[4096];
+  for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) out.append(buf, (size_t)n);
+  close(fds[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  cr_assert(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT, "expected an abort with a report; status 0x%x, stderr:\n%s",
+            status, out.c_str());
+  for (const char* n : needles)
+    cr_assert(out.find(n) != std::string::npos, "report lacks \"%s\":\n%s", n, out.c_str());
+}
 
 #endif
