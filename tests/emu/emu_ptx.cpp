@@ -410,13 +410,14 @@ void ptx_cp_async_wait(int n) {
   ptx::ThreadPtx& me = s.threads[(size_t)running_thread().linear];
   if (n < 0) ptx::fail("invalid cp.async.wait_group operand", running_thread().linear, "N = %d is negative", n);
   const int retire_below = me.committed - n; /* groups older than the newest n */
-  std::vector<int> keep;
-  for (int id : me.pending) {
+  size_t kept = 0; /* compacted in place: no allocation per wait */
+  for (size_t i = 0; i < me.pending.size(); ++i) {
+    const int id = me.pending[i];
     const int g = s.copies[(size_t)id].group;
     if (g >= 0 && g < retire_below) ptx::land(s, id);
-    else keep.push_back(id);
+    else me.pending[kept++] = id;
   }
-  me.pending.swap(keep);
+  me.pending.resize(kept);
 }
 
 void ptx_st_shared(void* p, const void* src, int bytes) {

@@ -53,7 +53,8 @@ std::vector<T> dev_download(const T* d, size_t n) {
 
 /* Runs `fn` in a forked child with stderr captured and asserts that it aborts (SIGABRT) with a
  * report containing every string of `needles`. Checking the text, not only
- * the signal, makes sure the emulator caught the mistake the test is about and not another one. */
+ * the signal, makes sure the emulator caught the mistake the test is about and not another one.
+ * FH_EMU_SHOW_REPORTS=1 in the environment prints the captured reports. */
 inline void expect_report(void (*fn)(), std::initializer_list<const char*> needles) {
   int fds[2];
   cr_assert_eq(pipe(fds), 0);
@@ -76,6 +77,7 @@ inline void expect_report(void (*fn)(), std::initializer_list<const char*> needl
   close(fds[0]);
   int status = 0;
   waitpid(pid, &status, 0);
+  if (getenv("FH_EMU_SHOW_REPORTS")) fputs(out.c_str(), stderr); /* to read the reports themselves */
   cr_assert(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT, "expected an abort with a report; status 0x%x, stderr:\n%s",
             status, out.c_str());
   for (const char* n : needles)
