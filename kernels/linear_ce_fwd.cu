@@ -10,46 +10,47 @@
  *   1. lce_prep_kernel (1 block x 256): compacts the valid rows in row order (block prefix sum,
  *      deterministic), flags targets outside [0, V) on the device (those rows count as ignored),
  *      W = Σ w_j in fp64.
- *   2. lce_fwd_tile_kernel, grid (ceil(N/64) row blocks) x (S vocabulary splits), 128 threads:
- *      each block loops over its split's 64-class tiles; per tile the WMMA logit tile
- *      (linear_ce_common.cuh), then the epilogue: thread t owns row t/2 and the tile's column
- *      half t%2, and updates in fp32 registers the online stats m, Z = Σ e^{z−m},
- *      F = Σ e^{z−m}(z−m), Σ w_j z_j (label smoothing only), z_y from the same tile values, and
- *      the argmax of r. The two halves merge by a lane shuffle; the (split, row) partials
- *      [S x 7 x N] fp32 go to the workspace.
+ *   2. lce_fwd_tile_kernel<T, Align>, grid (ceil(N/128) row blocks) x (S vocabulary splits),
+ *      256 threads: each block loops over its split's 128-class tiles; per tile the engine's
+ *      mainloop (kernels/engine/sm80.cuh, docs/engine.md) leaves the raw logits in registers and
+ *      the register epilogue updates, per row, the online stats m, Z = Σ e^{z−m},
+ *      F = Σ e^{z−m}(z−m), Σ w_j z_j (label smoothing only), z_y and the argmax of r, merged
+ *      across lanes and warps in a fixed order at the split's end; the (split, row) partials
+ *      [S x 7 x N] fp32 go to the workspace. Align = vec16 when E and C are 16-byte aligned
+ *      with 16-byte row strides, else the scalar-load fallback.
  *   3. lce_fwd_finalize_kernel (one thread per row): merges the S partials in split order
  *      (deterministic), forms lse, h, ce, reg in fp64 from the fp32 stats, writes lse, entropy,
  *      argmax, per-row loss / z_loss for reduction none, and the row terms for step 4.
  *   4. lce_fwd_reduce_kernel (1 block x 256): fixed-order fp64 sums of ce, reg, z-loss,
  *      correct, D_ce = Σ ω w_y, D_reg = Σ ω over valid rows; a zero denominator gives 0.
- * S depends only on (N, V) (about 256 blocks, partials capped at 896 KiB), never on the device,
- * so results are bitwise reproducible across runs, block orders and GPUs.
- * Workspace: 256 B header + 4N (rows) + 28·S·N (partials); at N=8192, V=256000: S = 2, 0.47 MiB. */
+ * S = min(ceil(V/128), 32) depends on V alone (never on N or the device), so a row's results are
+ * bitwise the same whatever the batch, block order or GPU (docs/engine.md "Determinism").
+ * Workspace: 256 B header + 4N (rows) + 28·S·N (partials); at N=8192, V=256000: S = 32, 7.0 MiB
+ * (E alone is 36 MiB there). */
 #include <math.h>
 
+#include "engine/epilogue.cuh"
+#include "engine/sm80.cuh"
 #include "linear_ce_common.cuh"
 
 namespace fh_lce {
 
 constexpr int NQ = 7; /* partial stats per (split, row): m, Z, F, Σwz, z_y, argmax value, index */
-constexpr size_t PART_BUDGET = 896u * 1024u;
+constexpr int MAX_SPLITS = 32;
 
 struct fwd_layout {
   int S, tps, vt;
   size_t rows_off, part_off, total;
 };
 
+/* Vocabulary splits from V alone (docs/engine.md "Determinism"): a row's partials, and so its
+ * lse, depend on the split boundaries, so they must not depend on N. */
 static fwd_layout fwd_layout_of(int64_t N, int64_t V) {
   fwd_layout L;
-  L.vt = (int)((V + BV - 1) / BV);
-  const int64_t rb = (N + BM - 1) / BM;
-  int64_t S = rb > 0 ? (256 + rb - 1) / rb : 1;
-  const int64_t cap = N > 0 ? (int64_t)(PART_BUDGET / ((size_t)N * NQ * sizeof(float))) : 64;
-  if (S > 64) S = 64;
-  if (S > L.vt) S = L.vt;
-  if (S > cap) S = cap;
+  L.vt = (int)((V + fh_eng::BN - 1) / fh_eng::BN);
+  int S = L.vt < MAX_SPLITS ? L.vt : MAX_SPLITS;
   if (S < 1) S = 1;
-  L.tps = L.vt > 0 ? (int)((L.vt + S - 1) / S) : 0;
+  L.tps = L.vt > 0 ? (L.vt + S - 1) / S : 0;
   L.S = L.tps > 0 ? (L.vt + L.tps - 1) / L.tps : 1; /* no empty split */
   L.rows_off = 256;
   L.part_off = L.rows_off + lce_align(sizeof(int) * (size_t)N);
@@ -120,99 +121,152 @@ struct fwd_params {
   float* part;
 };
 
-template <typename T>
-static size_t fwd_tile_smem() {
-  typedef typename mma_traits<T>::S S;
-  return 2 * BM * sizeof(int) + sizeof(float) * BM * ACC_LD + sizeof(S) * (BM + BV) * mma_traits<T>::LDS;
-}
+/* Dynamic shared memory of the tile kernel: the engine's stages, then the row block's indices
+ * and targets. The cross-warp merge at the end reuses the stage buffers. */
+constexpr size_t FWD_SMEM = fh_eng::SMEM_BYTES + 2 * fh_eng::BM * sizeof(int);
+static_assert(fh_eng::WARPS_N * fh_eng::BM * NQ * sizeof(float) <= fh_eng::SMEM_BYTES, "merge scratch");
 
-template <typename T>
-__global__ void __launch_bounds__(THREADS) lce_fwd_tile_kernel(fwd_params p) {
-  typedef mma_traits<T> tr;
-  typedef typename tr::S S;
+/* One row block (128 compacted valid rows) x one vocabulary split. Per class tile: the engine's
+ * mainloop leaves the 128 x 128 raw logits in registers; the epilogue adds the bias (read once
+ * per tile), takes the argmax of the raw values, forms z = softcap(scale · r) and folds it into
+ * this thread's online statistics of its 8 rows (row_stats), the target logit and Σ w z. At the
+ * split's end the four lanes of a quad merge by shuffles (xor 1, then 2), then the four warps
+ * along N in warp order through shared memory: a fixed order that depends on nothing but the
+ * class split, so a row's partials are the same whatever rows share its block. */
+template <typename T, typename Align>
+__global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_params p) {
+  using namespace fh_eng;
+  /* The engine's tile (fh_lce's 64 x 64 constants belong to the backward kernels). */
+  constexpr int kBM = fh_eng::BM, kBN = fh_eng::BN, kThreads = fh_eng::THREADS;
   FH_DYNAMIC_SMEM(unsigned char, smem);
-  float* acc = (float*)smem; /* first: 32-byte alignment for WMMA */
-  S* sA = (S*)(acc + BM * ACC_LD);
-  S* sB = sA + BM * tr::LDS;
-  int* s_rows = (int*)(sB + BV * tr::LDS);
-  int* s_y = s_rows + BM;
-
-  const int count = p.hdr->count, row0 = blockIdx.x * BM;
+  int* s_rows = (int*)(smem + SMEM_BYTES);
+  int* s_y = s_rows + kBM;
+  const int count = p.hdr->count, row0 = blockIdx.x * kBM;
   if (row0 >= count) return; /* block-uniform: rows past the valid count cost nothing */
-  const int nr = count - row0 < BM ? count - row0 : BM;
-  for (int r = threadIdx.x; r < BM; r += THREADS) {
+  const int nr = count - row0 < kBM ? count - row0 : kBM;
+  for (int r = threadIdx.x; r < kBM; r += kThreads) {
     const int i = r < nr ? p.rows[row0 + r] : 0;
     s_rows[r] = i;
     s_y[r] = r < nr ? (int)p.targets[i] : -1;
   }
   __syncthreads();
 
-  const T* E = (const T*)p.E;
-  const T* C = (const T*)p.C;
   const T* bias = (const T*)p.bias;
-  const int lr = threadIdx.x >> 1, half = threadIdx.x & 1;
-  const bool rvalid = lr < nr;
-  const int y = s_y[lr];
-  float m = -INFINITY, Z = 0.0f, F = 0.0f, swz = 0.0f, zy = 0.0f, av = -INFINITY;
-  int ai = INT32_MAX;
-
+  const float inv_cap = p.cap > 0.0f ? 1.0f / p.cap : 0.0f;
+  constexpr int SLOTS = 2 * MI; /* rows of this thread: (i, h) -> frag_row(i, 2h) */
+  row_stats st[SLOTS];
+  float swz[SLOTS], zy[SLOTS], av[SLOTS];
+  int ai[SLOTS], ys[SLOTS];
+FH_UNROLL
+  for (int s = 0; s < SLOTS; ++s) {
+    st[s].init();
+    swz[s] = 0.0f, zy[s] = 0.0f, av[s] = -INFINITY, ai[s] = INT32_MAX;
+    ys[s] = s_y[frag_row(s >> 1, 2 * (s & 1))];
+  }
+  const nt_operand<T> a{(const T*)p.E, p.lde, s_rows, 0, nr};
   const int t0 = blockIdx.y * p.tps, t1 = t0 + p.tps < p.vt ? t0 + p.tps : p.vt;
   for (int tile = t0; tile < t1; ++tile) {
-    const int v0 = tile * BV;
-    lce_logit_tile<T>(E, p.lde, C, p.ldc, s_rows, nr, v0, p.V, p.D, sA, sB, acc);
-    if (rvalid) {
-      float* arow = acc + lr * ACC_LD + half * 32;
-      const int jb = v0 + half * 32;
-      const int n = p.V - jb < 32 ? (p.V - jb > 0 ? p.V - jb : 0) : 32;
+    const int v0 = tile * kBN, nv = p.V - v0 < kBN ? p.V - v0 : kBN;
+    const nt_operand<T> b{(const T*)p.C, p.ldc, nullptr, v0, nv};
+    acc_t acc;
+    mainloop<T, Align>::run(acc, a, b, p.D, smem);
+    float bj[NJ][2], wj[NJ][2];
+FH_UNROLL
+    for (int j = 0; j < NJ; ++j)
+FH_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const int c = frag_col(j, e);
+        bj[j][e] = (bias && c < nv) ? fh_to_float(bias[v0 + c]) : 0.0f;
+        wj[j][e] = (p.smooth && c < nv) ? (p.cw ? p.cw[v0 + c] : 1.0f) : 0.0f;
+      }
+FH_UNROLL
+    for (int s = 0; s < SLOTS; ++s) {
+      const int i = s >> 1, h = s & 1;
+      float z[2 * NJ];
       float tmax = -INFINITY;
-      /* pass 1: raw r → argmax; z in place; tile max; target logit; Σ w z */
-      for (int c = 0; c < n; ++c) {
-        const int j = jb + c;
-        float r = arow[c];
-        if (bias) r += tr::to_float(bias[j]);
-        if (lce_arg_better(r, j, av, ai)) av = r, ai = j;
-        const float z = lce_process(r, p.scale, p.cap);
-        arow[c] = z;
-        tmax = fmaxf(tmax, z); /* NaN is skipped here and poisons Z below */
-        if (j == y) zy = z;
-        if (p.smooth) swz += (p.cw ? p.cw[j] : 1.0f) * z;
-      }
-      if (n > 0) {
-        const float mn = fmaxf(m, tmax);
-        if (mn > m && Z != 0.0f) { /* rescale to the new max */
-          const float d = m - mn, sc = expf(d);
-          F = sc * (F + d * Z);
-          Z *= sc;
+FH_UNROLL
+      for (int j = 0; j < NJ; ++j)
+FH_UNROLL
+        for (int e = 0; e < 2; ++e) {
+          const int c = frag_col(j, e), col = v0 + c;
+          float zz = -INFINITY;
+          if (c < nv) {
+            const float r = acc.v[i][j][2 * h + e] + bj[j][e];
+            if (arg_better(r, col, av[s], ai[s])) av[s] = r, ai[s] = col;
+            zz = process_logit(r, p.scale, p.cap, inv_cap);
+            tmax = fmaxf(tmax, zz);
+            if (col == ys[s]) zy[s] = zz;
+            swz[s] = fmaf(wj[j][e], zz, swz[s]);
+          }
+          z[2 * j + e] = zz;
         }
-        if (mn > m || Z == 0.0f) m = mn;
-        /* pass 2: Σ e^{z−m}, Σ e^{z−m}(z−m) */
-        for (int c = 0; c < n; ++c) {
-          if (arow[c] == -INFINITY) continue; /* e^{-inf} = 0; avoids -inf − -inf = NaN */
-          const float d = arow[c] - m, e = expf(d);
-          Z += e;
-          F += e * d;
-        }
-      }
+      st[s].add(z, tmax);
     }
   }
-  /* Merge the two column halves of each row (adjacent lanes). Every lane takes part. */
-  const float m2 = __shfl_xor_sync(0xffffffffu, m, 1), Z2 = __shfl_xor_sync(0xffffffffu, Z, 1);
-  const float F2 = __shfl_xor_sync(0xffffffffu, F, 1), s2 = __shfl_xor_sync(0xffffffffu, swz, 1);
-  const float zy2 = __shfl_xor_sync(0xffffffffu, zy, 1), av2 = __shfl_xor_sync(0xffffffffu, av, 1);
-  const int ai2 = __shfl_xor_sync(0xffffffffu, ai, 1);
-  if (half == 0 && rvalid) {
-    lce_stats_merge(m, Z, F, m2, Z2, F2);
-    if (lce_arg_better(av2, ai2, av, ai)) av = av2, ai = ai2;
-    const size_t N = (size_t)p.N, i = (size_t)s_rows[lr];
-    float* P = p.part + (size_t)blockIdx.y * NQ * N + i;
-    P[0 * N] = m;
-    P[1 * N] = Z;
-    P[2 * N] = F;
-    P[3 * N] = swz + s2;
-    P[4 * N] = zy + zy2; /* the other half holds exactly 0 */
-    P[5 * N] = av;
-    P[6 * N] = __int_as_float(ai);
+  /* Merge the quad's four column sets (lanes xor 1, then xor 2): every lane takes part. */
+FH_UNROLL
+  for (int s = 0; s < SLOTS; ++s)
+FH_UNROLL
+    for (int off = 1; off <= 2; off <<= 1) {
+      const float m2 = __shfl_xor_sync(FH_FULL_MASK, st[s].m, off), Z2 = __shfl_xor_sync(FH_FULL_MASK, st[s].Z, off);
+      const float F2 = __shfl_xor_sync(FH_FULL_MASK, st[s].F, off);
+      const float w2 = __shfl_xor_sync(FH_FULL_MASK, swz[s], off), y2 = __shfl_xor_sync(FH_FULL_MASK, zy[s], off);
+      const float a2 = __shfl_xor_sync(FH_FULL_MASK, av[s], off);
+      const int i2 = __shfl_xor_sync(FH_FULL_MASK, ai[s], off);
+      /* The lower lane keeps its own set first: a fixed order on every lane that stores. */
+      if ((threadIdx.x & off) == 0) st[s].merge(m2, Z2, F2);
+      else {
+        row_stats o{m2, Z2, F2};
+        o.merge(st[s].m, st[s].Z, st[s].F);
+        st[s] = o;
+      }
+      swz[s] = (threadIdx.x & off) == 0 ? swz[s] + w2 : w2 + swz[s];
+      zy[s] += y2; /* the other lanes hold exactly 0 */
+      if (arg_better(a2, i2, av[s], ai[s])) av[s] = a2, ai[s] = i2;
+    }
+  /* Then the four warps along N, in warp order, through the free stage buffers. */
+  float* scr = (float*)smem; /* [WARPS_N][NQ][kBM] */
+  if ((threadIdx.x & 3) == 0) {
+FH_UNROLL
+    for (int s = 0; s < SLOTS; ++s) {
+      float* q = scr + (size_t)warp_n() * NQ * kBM + frag_row(s >> 1, 2 * (s & 1));
+      q[0 * kBM] = st[s].m, q[1 * kBM] = st[s].Z, q[2 * kBM] = st[s].F, q[3 * kBM] = swz[s];
+      q[4 * kBM] = zy[s], q[5 * kBM] = av[s], q[6 * kBM] = __int_as_float(ai[s]);
+    }
   }
+  __syncthreads();
+  const int r = threadIdx.x;
+  if (r < nr) {
+    row_stats t;
+    t.init();
+    float w = 0.0f, y = 0.0f, bv = -INFINITY;
+    int bi = INT32_MAX;
+    for (int wn = 0; wn < WARPS_N; ++wn) {
+      const float* q = scr + (size_t)wn * NQ * kBM + r;
+      t.merge(q[0], q[kBM], q[2 * kBM]);
+      w += q[3 * kBM];
+      y += q[4 * kBM];
+      if (arg_better(q[5 * kBM], __float_as_int(q[6 * kBM]), bv, bi)) bv = q[5 * kBM], bi = __float_as_int(q[6 * kBM]);
+    }
+    const size_t N = (size_t)p.N, i = (size_t)s_rows[r];
+    float* P = p.part + (size_t)blockIdx.y * NQ * N + i;
+    P[0 * N] = t.m;
+    P[1 * N] = t.Z;
+    P[2 * N] = t.F;
+    P[3 * N] = w;
+    P[4 * N] = y;
+    P[5 * N] = bv;
+    P[6 * N] = __int_as_float(bi);
+  }
+}
+
+template <typename T, typename Align>
+static fh_status_t launch_fwd_tile(const char* fn, dim3 grid, cudaStream_t stream, const fwd_params& fp) {
+  auto k = lce_fwd_tile_kernel<T, Align>;
+  FH_TRY(fh_cuda_status(fh_eng::allow_smem(k, FWD_SMEM), fn, "cudaFuncSetAttribute(lce_fwd_tile_kernel)"));
+  FH_LAUNCH(k, grid, dim3(fh_eng::THREADS), FWD_SMEM, stream, fp);
+  LCE_CHECK_LAUNCH(fn, "lce_fwd_tile_kernel");
+  return FH_SUCCESS;
 }
 
 struct fin_params {
@@ -252,7 +306,7 @@ __global__ void __launch_bounds__(256) lce_fwd_finalize_kernel(fin_params p) {
     swz += Q[3 * N];
     if (lce_arg_better(Q[5 * N], __float_as_int(Q[6 * N]), av, ai)) av = Q[5 * N], ai = __float_as_int(Q[6 * N]);
   }
-  const int sy = (int)(y / BV) / p.tps;
+  const int sy = (int)(y / fh_eng::BN) / p.tps;
   const double zy = P[(size_t)sy * NQ * N + 4 * N];
   const double lnZ = log((double)Z), lse = (double)m + lnZ, h = lnZ - (double)F / (double)Z;
   const double om = p.tw ? p.tw[i] : 1.0, wy = p.cw ? p.cw[y] : 1.0;
@@ -357,10 +411,12 @@ extern "C" fh_status_t fh_cuda_linear_ce_forward(fh_cuda_state_t* st, struct CUs
     fp.scale = o->logit_scale, fp.cap = o->softcap;
     fp.smooth = o->label_smoothing != 0.0f;
     fp.rows = rows, fp.hdr = hdr, fp.part = part;
-    const dim3 grid(lce_blocks(p->N, BM), (unsigned)L.S);
+    const dim3 grid(lce_blocks(p->N, fh_eng::BM), (unsigned)L.S);
+    const bool vec = fh_eng::vec16_ok(fp.E, fp.lde, fh_dtype_size(p->dtype)) &&
+                     fh_eng::vec16_ok(fp.C, fp.ldc, fh_dtype_size(p->dtype));
     LCE_DTYPE_SWITCH(p->dtype, T, {
-      FH_LAUNCH(lce_fwd_tile_kernel<T>, grid, dim3(THREADS), fwd_tile_smem<T>(), stream, fp);
-      LCE_CHECK_LAUNCH(fn, "lce_fwd_tile_kernel");
+      if (vec) FH_TRY((launch_fwd_tile<T, fh_eng::vec16>(fn, grid, stream, fp)));
+      else FH_TRY((launch_fwd_tile<T, fh_eng::scalar>(fn, grid, stream, fp)));
     });
     fin_params q;
     q.targets = p->targets, q.ignore_index = o->ignore_index;

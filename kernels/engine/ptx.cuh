@@ -23,6 +23,15 @@
 
 #include <stdint.h>
 
+/* Loop unrolling hints for nvcc; the emulator's host compiler gets none (g++ would warn). */
+#ifdef __CUDACC__
+#define FH_UNROLL _Pragma("unroll")
+#define FH_NO_UNROLL _Pragma("unroll 1")
+#else
+#define FH_UNROLL
+#define FH_NO_UNROLL
+#endif
+
 namespace fh_ptx {
 
 #ifdef __CUDACC__

@@ -482,3 +482,21 @@ int lk_same_bits(const double* a, const double* b, int64_t n) {
     if (memcmp(&a[k], &b[k], sizeof(double)) != 0 && !(isnan(a[k]) && isnan(b[k]))) return 0;
   return 1;
 }
+
+uint64_t lk_engine_gemm_flops(int64_t nv, int64_t V, int64_t D, fh_dtype_t dtype) {
+  const int64_t esize = dtype == FH_DTYPE_F32 ? 4 : 2, kstep = 32 / esize;
+  const int64_t ksteps = 2 * ((D * esize + 63) / 64);
+  uint64_t f = 0;
+  for (int64_t r0 = 0; r0 < nv; r0 += 128)
+    for (int64_t v0 = 0; v0 < V; v0 += 128) {
+      const int64_t nr = nv - r0 < 128 ? nv - r0 : 128, nc = V - v0 < 128 ? V - v0 : 128;
+      for (int wm = 0; wm < 2; ++wm)
+        for (int wn = 0; wn < 4; ++wn) {
+          int64_t li = (nr - wm * 64 + 15) / 16, lj = (nc - wn * 32 + 7) / 8;
+          li = li < 0 ? 0 : (li > 4 ? 4 : li);
+          lj = lj < 0 ? 0 : (lj > 4 ? 4 : lj);
+          f += (uint64_t)(li * lj * ksteps) * (uint64_t)(2 * 16 * 8 * kstep);
+        }
+    }
+  return f;
+}

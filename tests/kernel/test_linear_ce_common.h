@@ -109,4 +109,9 @@ void lk_set_memory(const lk_memory_t* m); /* NULL: back to host memory */
 /* Bitwise equality of two double arrays (NaN == NaN). */
 int lk_same_bits(const double* a, const double* b, int64_t n);
 
+/* Tensor-core FLOPs the engine issues for one logit GEMM of `nv` rows x V classes over D
+ * (docs/engine.md "Cost model"): per 128 x 128 CTA tile, each warp (2 x 4 of 64 x 32) issues
+ * the m16n8 tiles that hold a live row and class, over ceil(D·size/64) stages of 2 k-steps. */
+uint64_t lk_engine_gemm_flops(int64_t nv, int64_t V, int64_t D, fh_dtype_t dtype);
+
 #endif

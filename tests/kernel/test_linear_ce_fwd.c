@@ -296,14 +296,7 @@ Test(kernel_linear_ce_fwd, tensor_core_flops) {
       const fh_emu_counters_t c = fh_emu_total_counters();
       int64_t nv = 0;
       for (int64_t i = 0; i < N; ++i) nv += P.f.targets[i] != -100;
-      const int K = DTYPES[dt] == FH_DTYPE_F32 ? 8 : 16;
-      uint64_t model = 0;
-      for (int64_t r0 = 0; r0 < nv; r0 += 64)
-        for (int64_t v0 = 0; v0 < V; v0 += 64) {
-          const int64_t nr = nv - r0 < 64 ? nv - r0 : 64, nc = V - v0 < 64 ? V - v0 : 64;
-          model += (uint64_t)((nr + 15) / 16) * (uint64_t)((nc + 15) / 16) * (uint64_t)((D + K - 1) / K) * 2u * 256u *
-                   (uint64_t)K;
-        }
+      const uint64_t model = lk_engine_gemm_flops(nv, V, D, DTYPES[dt]);
       const double analytic = 2.0 * (double)nv * (double)V * (double)D;
       printf("forward tensor-core FLOPs %s N=%lld (valid %lld) V=%lld D=%lld: counted %llu, tile model %llu, "
              "analytic 2*Nv*V*D %.0f, counted/analytic %.3f\n",

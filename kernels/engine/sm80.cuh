@@ -1,0 +1,261 @@
+/* engine/sm80.cuh: the one GEMM mainloop of fusedhead (docs/engine.md), for every GEMM-shaped
+ * kernel: the logit tiles E·Cᵀ of the linear CE forward, of the backward's recompute and of the
+ * fused top-k. The op-specific work lives in epilogues that read the accumulator fragments in
+ * registers with their (row, column) coordinates (frag_row / frag_col below).
+ *
+ * Tile: BM x BN = 128 x 128 outputs per CTA of 256 threads (8 warps, 2 along M x 4 along N,
+ * each warp 64 x 32 = 4 x 4 mma tiles of 16 x 8). K is walked in stages of 64 bytes per operand
+ * row (32 bf16/fp16 elements, 16 fp32), STAGES = 3 stages in flight:
+ *   - global -> shared by 16-byte cp.async.cg (Align = vec16), zero-filled past K and past the
+ *     valid rows (src-size 0 reads nothing), or by plain element loads stored as 16-byte vectors
+ *     (Align = scalar: the fallback for operands whose base or row stride is not 16-byte aligned);
+ *   - one __syncthreads per k-stage: wait for stage k, barrier, issue stage k + STAGES - 1 into
+ *     the slot every warp finished reading before the barrier, compute stage k;
+ *   - shared memory rows of 64 bytes, XOR-swizzled: 16-byte chunk c of row r lives at chunk
+ *     c ^ ((r >> 1) & 3), so the 8 row addresses of one ldmatrix phase (rows r..r+7, one chunk)
+ *     fall in 8 distinct 16-byte bank groups (conflict-free), and a warp's cp.async writes of
+ *     8 whole rows take the minimum 4 wavefronts;
+ *   - ldmatrix.x4 feeds mma.sync m16n8k16 (bf16, fp16) or m16n8k8 (tf32 for fp32 inputs; the
+ *     fragments are rounded to tf32, round-to-nearest-away, after ldmatrix, as cuBLAS's TF32
+ *     mode does), fp32 accumulators.
+ * Every output element is the fp32 sum over k in one fixed order that depends only on K, so a
+ * row's logits do not depend on which other rows share its CTA (batch invariance,
+ * docs/engine.md "Determinism").
+ *
+ * Shared memory: STAGES x (BM + BN) x 64 B = 48 KiB from the caller's dynamic shared memory
+ * (SMEM_BYTES); kernels add their own buffers after it and opt in above 48 KiB. */
+#ifndef FH_KERNELS_ENGINE_SM80_CUH
+#define FH_KERNELS_ENGINE_SM80_CUH
+
+#include <stdint.h>
+
+#include "../common.cuh"
+#include "ptx.cuh"
+
+namespace fh_eng {
+
+/* Alignment tags (types, so they appear in the demangled kernel names the SASS check reads). */
+struct vec16 {
+  static constexpr bool kVec = true;
+};
+struct scalar {
+  static constexpr bool kVec = false;
+};
+
+constexpr int THREADS = 256;
+constexpr int BM = 128, BN = 128;
+constexpr int STAGES = 3;
+constexpr int ROWB = 64; /* bytes of K per operand row and stage */
+constexpr int WARPS_M = 2, WARPS_N = 4;
+constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N; /* 64 x 32 per warp */
+constexpr int MI = WM / 16, NJ = WN / 8;            /* 4 x 4 mma tiles per warp */
+constexpr size_t STAGE_BYTES = (size_t)(BM + BN) * ROWB;
+constexpr size_t SMEM_BYTES = STAGES * STAGE_BYTES;
+
+/* Operand dtype: elements per 16-byte chunk, the mma, tf32 rounding. */
+template <typename T>
+struct operand;
+template <>
+struct operand<__nv_bfloat16> {
+  static constexpr int PER16 = 8;
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    fh_ptx::mma_bf16_16816(d, a, b);
+  }
+  static __device__ __forceinline__ uint32_t prep(uint32_t x) { return x; }
+  static __device__ __forceinline__ uint16_t bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+};
+template <>
+struct operand<__half> {
+  static constexpr int PER16 = 8;
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    fh_ptx::mma_f16_16816(d, a, b);
+  }
+  static __device__ __forceinline__ uint32_t prep(uint32_t x) { return x; }
+  static __device__ __forceinline__ uint16_t bits(__half x) { return __half_as_ushort(x); }
+};
+template <>
+struct operand<float> {
+  static constexpr int PER16 = 4;
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    fh_ptx::mma_tf32_1688(d, a, b);
+  }
+  static __device__ __forceinline__ uint32_t prep(uint32_t x) {
+    return __float_as_uint(nvcuda::wmma::__float_to_tf32(__uint_as_float(x)));
+  }
+};
+
+/* The accumulators of one thread: v[i][j][e] is output (frag_row(i, e), frag_col(j, e)). */
+struct acc_t {
+  float v[MI][NJ][4];
+};
+__device__ __forceinline__ int warp_m() { return (int)(threadIdx.x >> 5) / WARPS_N; }
+__device__ __forceinline__ int warp_n() { return (int)(threadIdx.x >> 5) % WARPS_N; }
+/* Row of the CTA tile held by accumulator (i, *, e) of this thread: e < 2 row g, else g + 8. */
+__device__ __forceinline__ int frag_row(int i, int e) {
+  return warp_m() * WM + i * 16 + (int)((threadIdx.x & 31) >> 2) + (e >> 1) * 8;
+}
+/* Column of the CTA tile held by accumulator (*, j, e). */
+__device__ __forceinline__ int frag_col(int j, int e) {
+  return warp_n() * WN + j * 8 + 2 * (int)(threadIdx.x & 3) + (e & 1);
+}
+
+/* Byte offset of 16-byte chunk c of row r in a swizzled stage buffer. */
+__device__ __forceinline__ int swz(int r, int c) { return r * ROWB + ((c ^ ((r >> 1) & 3)) << 4); }
+
+/* One operand of an NT GEMM: `rows` rows of K elements, row r at base + row_index(r) * ld.
+ * Rows past `n` are zero. `gather` (shared memory) maps r to a global row, else row0 + r. */
+template <typename T>
+struct nt_operand {
+  const T* base;
+  int64_t ld;
+  const int* gather;
+  int row0, n;
+};
+
+/* The per-thread copy plan of one operand: ROWS rows x 4 chunks per stage, 256 threads. */
+template <typename T, typename Align, int ROWS>
+struct loader {
+  static constexpr int PER_THREAD = ROWS * 4 / THREADS;
+  const unsigned char* src[PER_THREAD]; /* start of this thread's row, or NULL past n */
+  const unsigned char* any;             /* a valid address for copies of 0 bytes */
+  int off[PER_THREAD];                  /* swizzled byte offset in the stage buffer */
+  int chunk[PER_THREAD];
+
+  __device__ __forceinline__ void init(const nt_operand<T>& o) {
+    any = (const unsigned char*)o.base;
+FH_UNROLL
+    for (int q = 0; q < PER_THREAD; ++q) {
+      const int id = (int)threadIdx.x + q * THREADS, r = id >> 2, c = id & 3;
+      chunk[q] = c;
+      off[q] = swz(r, c);
+      const int64_t row = r < o.n ? (o.gather ? (int64_t)o.gather[r] : (int64_t)(o.row0 + r)) : -1;
+      src[q] = row >= 0 ? (const unsigned char*)(o.base + row * o.ld) : nullptr;
+    }
+  }
+  /* Stage `ks` (bytes [64 ks, 64 ks + 64) of every row) into buf; kbytes = K * sizeof(T). */
+  __device__ __forceinline__ void issue(unsigned char* buf, int ks, int kbytes) const {
+FH_UNROLL
+    for (int q = 0; q < PER_THREAD; ++q) {
+      const int kb = ks * ROWB + chunk[q] * 16;
+      int n = kbytes - kb;
+      n = n < 0 ? 0 : (n > 16 ? 16 : n);
+      if (!src[q]) n = 0;
+      if (Align::kVec) {
+        fh_ptx::cp_async_16(buf + off[q], n > 0 ? src[q] + kb : any, n);
+      } else {
+        uint32_t w[4] = {0, 0, 0, 0};
+        if (n > 0) load_scalar(w, (const T*)(src[q] + kb), n / (int)sizeof(T));
+        fh_ptx::sts_v4(buf + off[q], make_uint4(w[0], w[1], w[2], w[3]));
+      }
+    }
+  }
+  /* Unaligned path: `cnt` elements (the rest of the 16 bytes stays zero). */
+  static __device__ __forceinline__ void load_scalar(uint32_t (&w)[4], const T* p, int cnt) {
+    if constexpr (sizeof(T) == 4) {
+      for (int e = 0; e < 4; ++e) w[e] = e < cnt ? __float_as_uint((float)p[e]) : 0u;
+    } else {
+      for (int e = 0; e < 8; ++e) {
+        const uint32_t h = e < cnt ? (uint32_t)operand<T>::bits(p[e]) : 0u;
+        w[e >> 1] |= h << (16 * (e & 1));
+      }
+    }
+  }
+};
+
+template <typename T, typename Align>
+struct mainloop {
+  /* acc = A · Bᵀ over K, A [BM x K] and B [BN x K] described by `a` and `b`. Every thread of
+   * the CTA calls it. `smem`: SMEM_BYTES, 128-byte aligned. On return the stage buffers are
+   * free (a barrier has passed) and acc holds the tile. */
+  static __device__ __forceinline__ void run(acc_t& acc, const nt_operand<T>& a, const nt_operand<T>& b, int K,
+                                             unsigned char* smem) {
+FH_UNROLL
+    for (int i = 0; i < MI; ++i)
+FH_UNROLL
+      for (int j = 0; j < NJ; ++j)
+FH_UNROLL
+        for (int e = 0; e < 4; ++e) acc.v[i][j][e] = 0.0f;
+    loader<T, Align, BM> la;
+    loader<T, Align, BN> lb;
+    la.init(a);
+    lb.init(b);
+    const int kbytes = K * (int)sizeof(T);
+    const int kt = (kbytes + ROWB - 1) / ROWB;
+    /* Warp-uniform liveness: mma tiles wholly past the valid rows / columns are skipped. */
+    const int wm = warp_m(), wn = warp_n(), lane = (int)(threadIdx.x & 31);
+    int live_i = (a.n - wm * WM + 15) / 16, live_j = (b.n - wn * WN + 7) / 8;
+    live_i = live_i < 0 ? 0 : (live_i > MI ? MI : live_i);
+    live_j = live_j < 0 ? 0 : (live_j > NJ ? NJ : live_j);
+FH_UNROLL
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < kt) {
+        unsigned char* buf = smem + s * STAGE_BYTES;
+        la.issue(buf, s, kbytes);
+        lb.issue(buf + BM * ROWB, s, kbytes);
+      }
+      fh_ptx::cp_async_commit();
+    }
+    /* ldmatrix row addresses: lane l gives row l % 8 of matrix l / 8. */
+    const int mi = lane >> 3, lr = lane & 7;
+FH_NO_UNROLL
+    for (int ks = 0; ks < kt; ++ks) {
+      fh_ptx::cp_async_wait<STAGES - 2>();
+      __syncthreads(); /* stage ks visible to all; slot (ks - 1) % STAGES free */
+      {
+        const int nk = ks + STAGES - 1;
+        if (nk < kt) {
+          unsigned char* buf = smem + (nk % STAGES) * STAGE_BYTES;
+          la.issue(buf, nk, kbytes);
+          lb.issue(buf + BM * ROWB, nk, kbytes);
+        }
+        fh_ptx::cp_async_commit();
+      }
+      const unsigned char* sa = smem + (ks % STAGES) * STAGE_BYTES;
+      const unsigned char* sb = sa + BM * ROWB;
+FH_UNROLL
+      for (int kk = 0; kk < 2; ++kk) { /* two 32-byte k-steps per stage */
+        uint32_t af[MI][4], bf[NJ][2];
+FH_UNROLL
+        for (int i = 0; i < MI; ++i) {
+          const int r = wm * WM + i * 16 + (mi & 1) * 8 + lr;
+          fh_ptx::ldsm_x4(af[i], sa + swz(r, 2 * kk + (mi >> 1)));
+FH_UNROLL
+          for (int q = 0; q < 4; ++q) af[i][q] = operand<T>::prep(af[i][q]);
+        }
+FH_UNROLL
+        for (int jj = 0; jj < NJ / 2; ++jj) {
+          uint32_t t4[4];
+          const int n = wn * WN + jj * 16 + (mi >> 1) * 8 + lr;
+          fh_ptx::ldsm_x4(t4, sb + swz(n, 2 * kk + (mi & 1)));
+          bf[2 * jj][0] = operand<T>::prep(t4[0]);
+          bf[2 * jj][1] = operand<T>::prep(t4[1]);
+          bf[2 * jj + 1][0] = operand<T>::prep(t4[2]);
+          bf[2 * jj + 1][1] = operand<T>::prep(t4[3]);
+        }
+FH_UNROLL
+        for (int i = 0; i < MI; ++i)
+FH_UNROLL
+          for (int j = 0; j < NJ; ++j)
+            if (i < live_i && j < live_j) operand<T>::mma(acc.v[i][j], af[i], bf[j]);
+      }
+    }
+    fh_ptx::cp_async_wait<0>();
+    __syncthreads(); /* every warp is done with the stages: the caller may reuse them */
+  }
+};
+
+/* Alignment dispatch (docs/engine.md "Alignment"): the 16-byte path needs both operands' base
+ * addresses 16-byte aligned and row strides that are multiples of 16 bytes. */
+static inline bool vec16_ok(const void* p, int64_t ld_elems, size_t esize) {
+  return ((uintptr_t)p % 16) == 0 && ((size_t)ld_elems * esize) % 16 == 0;
+}
+
+/* Opt a kernel in to more than 48 KiB of dynamic shared memory. */
+template <typename K>
+static inline cudaError_t allow_smem(K* kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+}
+
+} /* namespace fh_eng */
+
+#endif
