@@ -21,30 +21,49 @@
  * k <= 256), each thread writing its entries at their rank. No CUB (DESIGN.md section 4).
  *
  * From logits: grid.x = B, the select reads the row (8 passes at most, each coalesced).
- * Fused: pass 1, grid (ceil(B / 64), splits), 128 threads: a block owns 64 rows and a contiguous
- * range of 64-class tiles (one vocabulary split); it computes each tile with lce_logit_tile
- * (WMMA, fp32 accumulators, linear_ce_common.cuh) and adds the bias in fp32, then each warp
- * merges 16 of the rows' 64 new pairs into the row's sorted list of k pairs for this split, kept
- * in the workspace (double buffer: new position of a list entry = its index + the number of new
- * keys above it; of a new entry = new keys above it + list keys above it, by binary search).
- * Pass 2, grid.x = B: the same block select over the splits x k candidates of the row.
- * Workspace: B x splits x 2 x k pairs of (fp32 value, int32 id), 16 · B · splits · k bytes,
- * splits = ceil(T / ceil(T / 16)) with T = ceil(V / 64) tiles, so at most 256 · B · k bytes.
  *
- * Numerics: values are the logits rounded once to fp32 (loaded exactly for 16-bit inputs;
- * fused: the tensor-core fp32 sum, tf32-rounded operands for fp32 inputs, plus the bias in
- * fp32); the selection itself is exact integer work, so results are bit-identical to the CPU
- * reference whenever the fp32 logits equal the reference's rounded fp64 logits (exactly
- * representable sums). Row offsets are int64. */
-#include "linear_ce_common.cuh"
-
-using namespace fh_lce;
+ * Fused, pass 1: topk_fused_tile_kernel<T, Align> on the engine (kernels/engine/sm80.cuh,
+ * docs/engine.md), grid (ceil(B / 128) row blocks) x (splits), 256 threads. A block owns 128
+ * consecutive rows of H and one vocabulary split, a contiguous range of 128-class tiles. Per
+ * tile the engine's mainloop (cp.async 3-stage pipeline, ldmatrix + mma.sync, fp32
+ * accumulators) leaves the 128 x 128 logits H·Cᵀ in registers; the epilogue adds the bias in
+ * fp32 in registers, turns each logit into a 64-bit tile key (tile_key: the order word above,
+ * then the column, then the sign and mantissa bits so the value is recovered exactly) and stores
+ * the keys with 16-byte shared stores into a [128 x 136] key tile laid over the free stage
+ * buffers (1088-byte rows: the two rows of a quarter warp's stores fall in opposite bank halves,
+ * conflict-free). After a barrier each warp merges its 16 rows (r = warp + 8 n) one at a time
+ * into the row's sorted list of k pairs for this split, kept in the workspace (double buffer):
+ * the tile keys above the list's last entry are compacted to the row's front (ballots), then
+ * one pass over them ranks everything by counting (a list entry moves down by the candidates
+ * above it; a candidate's rank is the candidates above it plus the list entries above it, found
+ * by binary search over the list's order words staged in a per-warp shared scratch), and each
+ * entry with rank < k is written at its rank. A second barrier frees the key tile for the next
+ * tile's copies. Align = fh_eng::vec16 (16-byte cp.async) when H and C have 16-byte aligned
+ * bases and row strides that are multiples of 16 bytes, else fh_eng::scalar (element loads).
+ * Shared memory: max(48 KiB stages, 136 KiB key tile) + 8 KiB scratch = 144 KiB (opt-in).
+ * Fused, pass 2 (topk_merge_kernel), grid.x = B: the same block select over the splits x k
+ * candidates of the row.
+ *
+ * Splits depend on V alone (never on B or the device): T = ceil(V / 128) class tiles,
+ * splits = ceil(T / ceil(T / 16)) (at most 16, each a whole number of tiles, none empty).
+ * Workspace: B x splits x 2 x k pairs of (fp32 value, int32 id), 16 · B · splits · k bytes, so at
+ * most 256 · B · k bytes; 0 from logits.
+ *
+ * Numerics: values are the logits rounded once to fp32: loaded exactly from a logits tensor of
+ * 16-bit inputs; fused, the engine's fp32 tensor-core sum over k in one fixed order that depends
+ * only on D (operands exact for fp16/bf16, rounded to tf32 for fp32 inputs), plus the bias in
+ * fp32 (no bias: the accumulator unchanged). A row's logits therefore do not depend on which
+ * rows share its block (docs/engine.md "Determinism"), and the selection itself is exact
+ * integer work whatever the split boundaries, so a row's results do not depend on the batch.
+ * Results are bit-identical to the CPU reference whenever the fp32 logits equal the
+ * reference's rounded fp64 logits (exactly representable sums). Row offsets are int64. */
+#include "engine/sm80.cuh"
+#include "linear_ce_common.cuh" /* LCE_DTYPE_SWITCH, lce_check_shape, lce_blocks */
 
 namespace {
 
 constexpr int SEL_THREADS = 256; /* one thread per digit bin */
 constexpr int MAX_K = FH_CUDA_TOPK_MAX_K;
-constexpr int MAX_SPLITS = 16;
 
 struct topk_pair {
   float v;
@@ -184,120 +203,223 @@ __global__ void __launch_bounds__(SEL_THREADS)
   topk_block_select(src, (int64_t)splits * k, k, values + b * k, ids + b * k, sm);
 }
 
+/* ---- Fused pass 1 on the engine (kernels/engine/sm80.cuh, docs/engine.md) ---- */
+
+constexpr int F_BM = fh_eng::BM, F_BN = fh_eng::BN, F_WARPS = fh_eng::THREADS / 32;
+constexpr int F_MAX_SPLITS = 16;
+constexpr int KP = F_BN + 8;                              /* keys per key-tile row: 1088-byte pitch */
+constexpr size_t KEYS_BYTES = (size_t)F_BM * KP * sizeof(uint64_t); /* 136 KiB, over the stages */
+constexpr size_t KEYS_END = KEYS_BYTES > fh_eng::SMEM_BYTES ? KEYS_BYTES : fh_eng::SMEM_BYTES;
+constexpr size_t FUSED_SMEM = KEYS_END + (size_t)F_WARPS * MAX_K * sizeof(uint32_t); /* + 8 KiB */
+static_assert(FUSED_SMEM <= 160 * 1024, "fused top-k shared memory");
+static_assert(MAX_K <= 8 * 32, "a lane holds at most 8 list entries");
+static_assert(F_BN == 4 * 32, "a lane reads 4 keys of a tile row; tile columns take 7 bits");
+
 struct fused_params {
   const void* H;
   const void* C;
   const void* bias; /* NULL: no bias */
   int64_t ldh, ldc;
   int B, V, D, k;
-  int tiles_per_split, splits;
+  int vt, tps, splits; /* class tiles, tiles per split, splits */
   topk_pair* ws;
 };
 
-template <typename T>
-static size_t fused_smem() {
-  typedef typename mma_traits<T>::S S;
-  return sizeof(float) * BM * ACC_LD + sizeof(S) * (BM + BV) * mma_traits<T>::LDS + BM * sizeof(int) * 2 +
-         (THREADS / 32) * BV * sizeof(uint64_t);
+/* The key of logit v in column c of the current class tile: the same upper word as topk_key
+ * (the order of the value), then (127 - c) << 24 (ties by lowest column, so by lowest id), then
+ * v's sign and 23 mantissa bits, which make v recoverable bit for bit (tile_value) where the
+ * order word alone is not (±0, NaN payloads). Tile keys of one row are distinct; key 0 is an
+ * empty column. Every entry of a row's list comes from an earlier tile of the split (a lower
+ * id), so a tile key t beats a list key L exactly when t >> 32 > L >> 32. */
+__device__ __forceinline__ uint64_t tile_key(float v, int c) {
+  const uint32_t bits = __float_as_uint(v);
+  uint32_t u;
+  if (v != v) {
+    u = 0xffffffffu;
+  } else {
+    u = v == 0.0f ? 0u : bits;
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  }
+  const uint32_t lo = ((uint32_t)(F_BN - 1 - c) << 24) | ((bits >> 8) & 0x00800000u) | (bits & 0x007fffffu);
+  return ((uint64_t)u << 32) | lo;
 }
+__device__ __forceinline__ float tile_value(uint64_t t) {
+  const uint32_t u = (uint32_t)(t >> 32), lo = (uint32_t)t;
+  const uint32_t sm = ((lo & 0x00800000u) << 8) | (lo & 0x007fffffu); /* sign and mantissa */
+  uint32_t bits;
+  if (u == 0xffffffffu) bits = 0x7f800000u | sm; /* NaN (its mantissa is not 0) */
+  else if (u == 0x80000000u) bits = sm;          /* ±0 */
+  else bits = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
+  return __uint_as_float(bits);
+}
+__device__ __forceinline__ int tile_col(uint64_t t) { return F_BN - 1 - (int)(((uint32_t)t >> 24) & 127u); }
+__device__ __forceinline__ uint64_t u64_of(uint32_t lo, uint32_t hi) { return ((uint64_t)hi << 32) | lo; }
 
-/* Merges this tile's pairs of row r (columns [v0, v0 + nv), logits in acc) into the row's
- * sorted list (see the file comment). One warp; `raw` is the warp's 64-key scratch. */
-template <typename T>
-__device__ __forceinline__ void merge_tile_row(const fused_params& p, const float* acc, int r, int row, int v0,
-                                               int nv, int* s_cur, uint64_t* raw) {
-  const int lane = threadIdx.x & 31, k = p.k;
+/* Merges the key-tile row `rowp` (F_BN keys of global row `row`, columns v0..) into the row's
+ * sorted list for this split; `cur` says which buffer holds it. One warp (the row's owner);
+ * returns whether the list moved to the other buffer (warp-uniform). `scr`: the warp's k words.
+ *   1. Candidates: the tile keys above the list's last entry (all real keys while the list has
+ *      empty slots); no other key can enter, nor move a list entry. They are compacted in place
+ *      to the front of the row (ballots, so the order is fixed), a zero key padding to even.
+ *   2. Ranks by counting, one pass over the candidates (broadcast 16-byte shared loads): a list
+ *      entry moves down by the candidates above it; a candidate's rank is the candidates above
+ *      it plus the list entries above it (binary search over the list's order words in scr).
+ *   3. Every entry with rank < k is written to the other buffer at its rank. */
+__device__ __forceinline__ bool merge_row(const fused_params& p, unsigned char* rowp, uint32_t* scr, int row, int v0,
+                                          bool cur) {
+  const int lane = (int)threadIdx.x & 31, k = p.k;
   topk_pair* L = p.ws + ((int64_t)row * p.splits + blockIdx.y) * 2 * k;
-  const int cur = s_cur[r];
-  const topk_pair* src = L + cur * k;
-  topk_pair* dst = L + (1 - cur) * k;
-  float v[2];
-  uint64_t key[2];
-  for (int q = 0; q < 2; ++q) {
-    const int c = lane + 32 * q;
-    v[q] = -INFINITY;
-    key[q] = 0;
-    if (c < nv) {
-      v[q] = acc[r * ACC_LD + c];
-      if (p.bias) v[q] += mma_traits<T>::to_float(static_cast<const T*>(p.bias)[v0 + c]);
-      key[q] = topk_key(v[q], v0 + c);
-    }
+  const topk_pair* src = L + (cur ? k : 0);
+  topk_pair* dst = L + (cur ? 0 : k);
+  uint64_t t[4];
+  {
+    const uint4 w0 = fh_ptx::lds_v4(rowp + 16 * lane), w1 = fh_ptx::lds_v4(rowp + 16 * (lane + 32));
+    t[0] = u64_of(w0.x, w0.y), t[1] = u64_of(w0.z, w0.w), t[2] = u64_of(w1.x, w1.y), t[3] = u64_of(w1.z, w1.w);
   }
   const topk_pair last = src[k - 1];
-  const uint64_t thr = topk_key(last.v, last.id);
-  __syncwarp();  /* the previous row's readers of raw are done */
-  if (!__any_sync(FH_FULL_MASK, key[0] > thr || key[1] > thr)) return; /* warp-uniform */
-  raw[lane] = key[0];
-  raw[lane + 32] = key[1];
-  __syncwarp();
-  for (int i = lane; i < k; i += 32) {
-    const topk_pair e = src[i];
-    const uint64_t ki = topk_key(e.v, e.id);
-    int pos = i;
-    for (int j = 0; j < BV; ++j) pos += raw[j] > ki;
-    if (pos < k) dst[pos] = e;
+  const uint32_t thr = (uint32_t)(topk_key(last.v, last.id) >> 32);
+  __syncwarp(); /* every lane has read the row: the compaction overwrites it */
+  const unsigned below = (1u << lane) - 1u;
+  int m = 0;
+FH_UNROLL
+  for (int s = 0; s < 4; ++s) {
+    const bool pass = (uint32_t)(t[s] >> 32) > thr;
+    const unsigned bal = __ballot_sync(FH_FULL_MASK, pass);
+    if (pass) {
+      unsigned char* q = rowp + 8 * (m + __popc(bal & below));
+      fh_ptx::sts_u32(q, (uint32_t)t[s]);
+      fh_ptx::sts_u32(q + 4, (uint32_t)(t[s] >> 32));
+    }
+    m += __popc(bal);
   }
-  for (int q = 0; q < 2; ++q) {
-    if (key[q] == 0) continue;
-    int pos = 0;
-    for (int j = 0; j < BV; ++j) pos += raw[j] > key[q];
-    int lo = 0, hi = k; /* list keys above key[q]: the list is sorted descending */
+  if (m == 0) return false; /* warp-uniform: nothing enters, the list stays where it is */
+  if ((m & 1) && lane == 0) {
+    fh_ptx::sts_u32(rowp + 8 * m, 0u);
+    fh_ptx::sts_u32(rowp + 8 * m + 4, 0u);
+  }
+  /* This lane's list entries i = lane + 32 n, their keys with the low word saturated (so a
+   * candidate compares above one exactly when its order word is higher), their order words. */
+  topk_pair e[8];
+  uint64_t lk[8];
+  int lpos[8];
+FH_UNROLL
+  for (int n = 0; n < 8; ++n) {
+    const int i = lane + 32 * n;
+    e[n] = topk_pair{-INFINITY, -1};
+    lk[n] = ~0ull;
+    lpos[n] = i;
+    if (i < k) {
+      e[n] = src[i];
+      const uint64_t key = topk_key(e[n].v, e[n].id);
+      fh_ptx::sts_u32(scr + i, (uint32_t)(key >> 32));
+      lk[n] = key | 0xffffffffull;
+    }
+  }
+  __syncwarp(); /* candidates, padding and scr visible to every lane */
+  uint64_t ck[4];
+  int cpos[4];
+FH_UNROLL
+  for (int n = 0; n < 4; ++n) {
+    const int j = lane + 32 * n;
+    ck[n] = ~0ull;
+    cpos[n] = 0;
+    if (j < m) ck[n] = u64_of(fh_ptx::lds_u32(rowp + 8 * j), fh_ptx::lds_u32(rowp + 8 * j + 4));
+  }
+FH_NO_UNROLL
+  for (int j = 0; j < m; j += 2) {
+    const uint4 w = fh_ptx::lds_v4(rowp + 8 * j);
+    const uint64_t a = u64_of(w.x, w.y), b = u64_of(w.z, w.w);
+FH_UNROLL
+    for (int n = 0; n < 8; ++n) lpos[n] += (int)(a > lk[n]) + (int)(b > lk[n]);
+FH_UNROLL
+    for (int n = 0; n < 4; ++n) cpos[n] += (int)(a > ck[n]) + (int)(b > ck[n]);
+  }
+FH_UNROLL
+  for (int n = 0; n < 8; ++n)
+    if (lane + 32 * n < k && lpos[n] < k) dst[lpos[n]] = e[n];
+FH_UNROLL
+  for (int n = 0; n < 4; ++n) {
+    if (lane + 32 * n >= m) continue;
+    const uint32_t u = (uint32_t)(ck[n] >> 32);
+    int lo = 0, hi = k; /* list entries whose order word is >= u: they rank above (lower ids) */
     while (lo < hi) {
       const int mid = (lo + hi) >> 1;
-      if (topk_key(src[mid].v, src[mid].id) > key[q]) lo = mid + 1;
+      if (fh_ptx::lds_u32(scr + mid) >= u) lo = mid + 1;
       else hi = mid;
     }
-    pos += lo;
-    if (pos < k) dst[pos] = topk_pair{v[q], v0 + lane + 32 * q};
+    const int pos = cpos[n] + lo;
+    if (pos < k) dst[pos] = topk_pair{tile_value(ck[n]), v0 + tile_col(ck[n])};
   }
-  __syncwarp(); /* dst complete and src reads done before the flip */
-  if (lane == 0) s_cur[r] = 1 - cur;
-  __syncwarp();
+  __syncwarp(); /* dst complete; the reads of the row and of scr done before the next row */
+  return true;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(THREADS) topk_fused_tile_kernel(fused_params p) {
-  typedef mma_traits<T> tr;
-  typedef typename tr::S S;
+/* One block of 128 rows x one vocabulary split: per 128-class tile, the engine's mainloop leaves
+ * the logits in registers, the epilogue adds the bias and stores the tile keys (tile_key) over
+ * the free stage buffers, and each warp merges its rows (r = warp + 8 n) into their lists. */
+template <typename T, typename Align>
+__global__ void __launch_bounds__(fh_eng::THREADS, 1) topk_fused_tile_kernel(fused_params p) {
+  using namespace fh_eng;
   FH_DYNAMIC_SMEM(unsigned char, smem);
-  float* acc = (float*)smem; /* first: 32-byte alignment for WMMA */
-  S* sA = (S*)(acc + BM * ACC_LD);
-  S* sB = sA + BM * tr::LDS;
-  uint64_t* raw = (uint64_t*)(sB + BV * tr::LDS); /* 8-byte aligned: the sizes above are multiples of 8 */
-  int* s_rows = (int*)(raw + (THREADS / 32) * BV);
-  int* s_cur = s_rows + BM;
-
-  const int row0 = blockIdx.x * BM, nr = p.B - row0 < BM ? p.B - row0 : BM, k = p.k;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int r = threadIdx.x; r < BM; r += THREADS) {
-    s_rows[r] = row0 + (r < nr ? r : 0);
-    s_cur[r] = 0;
-  }
-  for (int idx = threadIdx.x; idx < nr * k; idx += THREADS) {
+  unsigned char* keys = smem; /* [F_BM][KP] keys */
+  const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31, k = p.k;
+  uint32_t* scr = (uint32_t*)(smem + KEYS_END) + warp * MAX_K;
+  const int row0 = blockIdx.x * F_BM, nr = p.B - row0 < F_BM ? p.B - row0 : F_BM;
+  for (int idx = threadIdx.x; idx < nr * k; idx += fh_eng::THREADS) {
     const int r = idx / k, i = idx % k;
     p.ws[((int64_t)(row0 + r) * p.splits + blockIdx.y) * 2 * k + i] = topk_pair{-INFINITY, -1};
   }
-  __syncthreads(); /* s_rows and the empty lists visible to every warp */
-  const int v_begin = blockIdx.y * p.tiles_per_split * BV;
-  const int v_end = p.V - v_begin < p.tiles_per_split * BV ? p.V : v_begin + p.tiles_per_split * BV;
-  for (int v0 = v_begin; v0 < v_end; v0 += BV) {
-    lce_logit_tile<T>(static_cast<const T*>(p.H), p.ldh, static_cast<const T*>(p.C), p.ldc, s_rows, nr, v0, p.V, p.D,
-                      sA, sB, acc); /* starts and ends with a barrier */
-    const int nv = p.V - v0 < BV ? p.V - v0 : BV;
-    for (int r = warp; r < nr; r += THREADS / 32) merge_tile_row<T>(p, acc, r, row0 + r, v0, nv, s_cur, raw + warp * BV);
+  /* The empty lists are visible to their readers after the mainloop's barriers. */
+  uint32_t cur = 0; /* bit n: row warp + 8 n has its list in buffer 1 (warp-uniform) */
+  const T* bias = static_cast<const T*>(p.bias);
+  const nt_operand<T> a{static_cast<const T*>(p.H), p.ldh, nullptr, row0, nr};
+  const int t0 = blockIdx.y * p.tps, t1 = t0 + p.tps < p.vt ? t0 + p.tps : p.vt;
+  for (int tile = t0; tile < t1; ++tile) {
+    const int v0 = tile * F_BN, nv = p.V - v0 < F_BN ? p.V - v0 : F_BN;
+    const nt_operand<T> b{static_cast<const T*>(p.C), p.ldc, nullptr, v0, nv};
+    acc_t acc;
+    mainloop<T, Align>::run(acc, a, b, p.D, smem); /* ends with a barrier: the stages are free */
+    /* -0.0f is the identity of fp32 addition (x + -0 == x for every x, -0 included), so rows
+     * without bias keep the accumulator bit for bit. */
+    float bj[NJ][2];
+FH_UNROLL
+    for (int j = 0; j < NJ; ++j)
+FH_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const int c = frag_col(j, e);
+        bj[j][e] = (bias && c < nv) ? fh_to_float(bias[v0 + c]) : -0.0f;
+      }
+FH_UNROLL
+    for (int i = 0; i < MI; ++i)
+FH_UNROLL
+      for (int h = 0; h < 2; ++h)
+FH_UNROLL
+        for (int j = 0; j < NJ; ++j) {
+          const int r = frag_row(i, 2 * h), c = frag_col(j, 0);
+          const uint64_t k0 = c < nv ? tile_key(acc.v[i][j][2 * h] + bj[j][0], c) : 0ull;
+          const uint64_t k1 = c + 1 < nv ? tile_key(acc.v[i][j][2 * h + 1] + bj[j][1], c + 1) : 0ull;
+          fh_ptx::sts_v4(keys + ((size_t)r * KP + c) * sizeof(uint64_t),
+                         make_uint4((uint32_t)k0, (uint32_t)(k0 >> 32), (uint32_t)k1, (uint32_t)(k1 >> 32)));
+        }
+    __syncthreads(); /* the key tile is complete */
+    for (int n = 0, r = warp; r < nr; ++n, r += F_WARPS)
+      if (merge_row(p, keys + (size_t)r * KP * sizeof(uint64_t), scr, row0 + r, v0, (cur >> n) & 1u)) cur ^= 1u << n;
+    __syncthreads(); /* every warp is done with the keys before the next tile's copies land */
   }
   /* Leave every row's final list in buffer 0 (rows are owned by one warp: no block barrier). */
-  for (int r = warp; r < nr; r += THREADS / 32) {
-    if (s_cur[r] == 0) continue;
+  for (int n = 0, r = warp; r < nr; ++n, r += F_WARPS) {
+    if (!((cur >> n) & 1u)) continue;
     topk_pair* L = p.ws + ((int64_t)(row0 + r) * p.splits + blockIdx.y) * 2 * k;
     for (int i = lane; i < k; i += 32) L[i] = L[k + i];
   }
 }
 
-/* Vocabulary splits of the fused path: at most MAX_SPLITS, each a whole number of tiles. */
-static void fused_split(int64_t V, int* tiles_per_split, int* splits) {
-  const int64_t tiles = (V + BV - 1) / BV;
-  const int64_t tps = (tiles + MAX_SPLITS - 1) / MAX_SPLITS;
+/* Vocabulary splits of the fused path, from V alone: T = ceil(V / 128) class tiles, at most
+ * F_MAX_SPLITS splits of a whole number of tiles, none empty. */
+static void fused_split(int64_t V, int* vt, int* tiles_per_split, int* splits) {
+  const int64_t tiles = (V + F_BN - 1) / F_BN;
+  const int64_t tps = (tiles + F_MAX_SPLITS - 1) / F_MAX_SPLITS;
+  *vt = (int)tiles;
   *tiles_per_split = (int)(tps > 0 ? tps : 1);
   *splits = (int)(tiles > 0 ? (tiles + *tiles_per_split - 1) / *tiles_per_split : 1);
 }
@@ -311,10 +433,12 @@ static fh_status_t launch_rows(const char* fn, cudaStream_t stream, const fh_ten
   return fh_cuda_launch_status(fn, "topk_rows_kernel");
 }
 
-template <typename T>
+template <typename T, typename Align>
 static fh_status_t launch_fused(const char* fn, cudaStream_t stream, const fused_params& fp) {
-  auto kern = topk_fused_tile_kernel<T>;
-  FH_LAUNCH(kern, dim3(lce_blocks(fp.B, BM), (unsigned)fp.splits), dim3(THREADS), fused_smem<T>(), stream, fp);
+  auto kern = topk_fused_tile_kernel<T, Align>;
+  FH_TRY(fh_cuda_status(fh_eng::allow_smem(kern, FUSED_SMEM), fn, "cudaFuncSetAttribute(topk_fused_tile_kernel)"));
+  FH_LAUNCH(kern, dim3(fh_lce::lce_blocks(fp.B, F_BM), (unsigned)fp.splits), dim3(fh_eng::THREADS), FUSED_SMEM, stream,
+            fp);
   return fh_cuda_launch_status(fn, "topk_fused_tile_kernel");
 }
 
@@ -322,8 +446,8 @@ static fh_status_t launch_fused(const char* fn, cudaStream_t stream, const fused
 
 extern "C" size_t fh_cuda_topk_workspace(int64_t B, int64_t V, int64_t D, int64_t k) {
   if (D == 0 || B == 0 || V == 0) return 0;
-  int tps, splits;
-  fused_split(V, &tps, &splits);
+  int vt, tps, splits;
+  fused_split(V, &vt, &tps, &splits);
   return (size_t)B * (size_t)splits * 2u * (size_t)k * sizeof(topk_pair);
 }
 
@@ -335,7 +459,7 @@ extern "C" fh_status_t fh_cuda_topk(fh_cuda_state_t* st, struct CUstream_st* str
     return fh_set_error(FH_ERR_UNSUPPORTED, fn, "k is %lld: the CUDA backend supports k <= %d (use FH_BACKEND_CPU)",
                         (long long)k, MAX_K);
   const int64_t B = logits ? logits->rows : H->rows, V = logits ? logits->cols : C->rows, D = logits ? 0 : H->cols;
-  FH_TRY(lce_check_shape(fn, B, V, D));
+  FH_TRY(fh_lce::lce_check_shape(fn, B, V, D));
   if (B == 0) return FH_SUCCESS;
   cudaStream_t s = (cudaStream_t)stream;
   if (logits) {
@@ -348,9 +472,14 @@ extern "C" fh_status_t fh_cuda_topk(fh_cuda_state_t* st, struct CUstream_st* str
   fp.ldh = H->row_stride;
   fp.ldc = C->row_stride;
   fp.B = (int)B, fp.V = (int)V, fp.D = (int)D, fp.k = (int)k;
-  fused_split(V, &fp.tiles_per_split, &fp.splits);
+  fused_split(V, &fp.vt, &fp.tps, &fp.splits);
   fp.ws = static_cast<topk_pair*>(workspace);
-  LCE_DTYPE_SWITCH(H->dtype, T, FH_TRY(launch_fused<T>(fn, s, fp)));
+  const size_t es = fh_dtype_size(H->dtype);
+  const bool vec = fh_eng::vec16_ok(fp.H, fp.ldh, es) && fh_eng::vec16_ok(fp.C, fp.ldc, es);
+  LCE_DTYPE_SWITCH(H->dtype, T, {
+    if (vec) FH_TRY((launch_fused<T, fh_eng::vec16>(fn, s, fp)));
+    else FH_TRY((launch_fused<T, fh_eng::scalar>(fn, s, fp)));
+  });
   FH_LAUNCH(topk_merge_kernel, dim3((unsigned)B), dim3(SEL_THREADS), 0, s, fp.ws, fp.splits, (int)k, values, ids);
   return fh_cuda_launch_status(fn, "topk_merge_kernel");
 }
