@@ -15,7 +15,7 @@
 #include "baseline_lce.h"
 
 #include "blas.cuh"
-#include "linear_ce_common.cuh" /* mma_traits::store_round, LCE_DTYPE_SWITCH, lce_block_sum */
+#include "linear_ce_common.cuh" /* dtype_traits::store_round, LCE_DTYPE_SWITCH, lce_block_sum */
 
 namespace {
 
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(BT) bl_grad_row_kernel(float* logits, const T*
       gv = (expf(z - l) - (j == y ? 1.0f : 0.0f)) * scale; /* p − 1 formed in fp32 */
     }
     __syncthreads(); /* the chunk's logits are all read before G overwrites them */
-    if (j < V) g[j] = fh_lce::mma_traits<T>::store_round(gv);
+    if (j < V) g[j] = fh_lce::dtype_traits<T>::store_round(gv);
   }
 }
 
@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(BT) bl_dbias_kernel(const T* __restrict__ G, i
   if (j >= V) return;
   float s = 0.0f;
   for (int i = 0; i < N; ++i) s += fh_to_float(G[(int64_t)i * ldg + j]);
-  dbias[j] = fh_lce::mma_traits<T>::store_round(s);
+  dbias[j] = fh_lce::dtype_traits<T>::store_round(s);
 }
 
 fh_status_t bl_check(const char* fn, fh_context_t* ctx, const fh_baseline_lce_args_t* a, void* ws, size_t bytes) {

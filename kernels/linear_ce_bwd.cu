@@ -48,13 +48,15 @@
  * The accumulate flag starts the accumulators from the existing gradients instead of 0. */
 #include <math.h>
 
+#include "engine/epilogue.cuh"
+#include "engine/stream.cuh"
 #include "linear_ce_common.cuh"
 
 namespace fh_lce {
 
 enum store_kind { ST_NONE = 0, ST_F32 = 1, ST_SPLIT = 2, ST_OUT = 3, ST_ATOMIC = 4 };
 constexpr int NCOEF = 6; /* lse, K1, K2, h, K3, K4 */
-constexpr int OLD = DCH + 4;
+constexpr int TBM = fh_eng::BM, TBV = fh_eng::BN; /* the engine's tile: 128 rows x 128 classes */
 
 /* One gradient destination. F32/ATOMIC: f32 (+ld32); SPLIT: out holds the high halves (ld),
  * lo the low halves (dense, row length D); OUT: out in the dtype T (ld). */
@@ -76,7 +78,7 @@ struct bwd_params {
   const float* cw;
   const int64_t* targets;
   int N, V, D, vt;
-  float scale, cap, eps; /* eps 0: no filtering */
+  float scale, cap, inv_cap, eps; /* eps 0: no filtering */
   int filter_e, filter_c;
   const int* rows;
   const lce_ws_header* hdr;
@@ -104,203 +106,280 @@ __device__ __forceinline__ void dst_add(const grad_dst& g, int64_t row, int d, i
     *lo = (uint16_t)(nb & 0xffffu);
   } else if (g.kind == ST_OUT) {
     T* o = (T*)g.out + row * g.ld + d;
-    *o = mma_traits<T>::store_round(mma_traits<T>::to_float(*o) + v);
+    *o = dtype_traits<T>::store_round(dtype_traits<T>::to_float(*o) + v);
   }
 }
 
-/* Shared-memory carve-up of the backward tile kernels. */
+/* Eight consecutive columns d .. d+7 (d + 8 <= D, d % 8 == 0) with 16-byte accesses: the vec16
+ * kernels' destinations are 16-byte aligned with 16-byte row strides and D % 8 == 0
+ * (bwd_vec16_ok). */
+template <typename T>
+__device__ __forceinline__ void dst_add8(const grad_dst& g, int64_t row, int d, int D, const float (&v)[8]) {
+  if (g.kind == ST_F32) {
+    float4* f = (float4*)(g.f32 + row * g.ld32 + d);
+    float4 a = f[0], b = f[1];
+    a.x += v[0], a.y += v[1], a.z += v[2], a.w += v[3];
+    b.x += v[4], b.y += v[5], b.z += v[6], b.w += v[7];
+    f[0] = a, f[1] = b;
+  } else if (g.kind == ST_ATOMIC) {
+    float* f = g.f32 + (row - g.row_base) * g.ld32 + d;
+    for (int e = 0; e < 8; ++e) atomicAdd(f + e, v[e]);
+  } else if (g.kind == ST_SPLIT) {
+    uint4* hp = (uint4*)((uint16_t*)g.out + row * g.ld + d);
+    uint4* lp = (uint4*)(g.lo + row * (int64_t)D + d);
+    uint4 h = *hp, l = *lp;
+    uint32_t* hw = (uint32_t*)&h;
+    uint32_t* lw = (uint32_t*)&l;
+    for (int q = 0; q < 4; ++q) {
+      uint32_t nh = 0, nl = 0;
+      for (int u = 0; u < 2; ++u) {
+        const unsigned bits = (((hw[q] >> (16 * u)) & 0xffffu) << 16) | ((lw[q] >> (16 * u)) & 0xffffu);
+        const unsigned nb = __float_as_uint(__uint_as_float(bits) + v[2 * q + u]);
+        nh |= (nb >> 16) << (16 * u);
+        nl |= (nb & 0xffffu) << (16 * u);
+      }
+      hw[q] = nh, lw[q] = nl;
+    }
+    *hp = h, *lp = l;
+  } else if (g.kind == ST_OUT) {
+    uint4* op = (uint4*)((T*)g.out + row * g.ld + d);
+    uint4 o = *op;
+    T* t = (T*)&o;
+    for (int e = 0; e < 8; ++e) t[e] = dtype_traits<T>::store_round(dtype_traits<T>::to_float(t[e]) + v[e]);
+    *op = o;
+  }
+}
+
+/* Shared memory of the backward tile kernels, after the engine's stages (which the streamed
+ * GEMMs reuse for their B chunks): the G tile in the operand type (fp32 adds its transpose:
+ * ldmatrix cannot transpose 32-bit elements), the output staging chunk, row data, coefficients
+ * and the dbias scratch. */
 template <typename T>
 struct bwd_smem {
-  typedef typename mma_traits<T>::S S;
-  static constexpr int LDS = mma_traits<T>::LDS, GLD = mma_traits<T>::GLD;
-  static constexpr bool G_IN_PLACE = sizeof(S) == sizeof(float);
-  static constexpr size_t acc_b = sizeof(float) * BM * ACC_LD;
-  static constexpr size_t gs_b = G_IN_PLACE ? 0 : sizeof(S) * BM * GLD;
-  static constexpr size_t stage_b = sizeof(S) * (BM + BV) * LDS;
-  static constexpr size_t xo_b = sizeof(S) * 64 * LDS + sizeof(float) * 64 * OLD;
-  static constexpr size_t uni_b = stage_b > xo_b ? stage_b : xo_b;
-  static constexpr size_t bytes = acc_b + gs_b + uni_b + sizeof(float) * NCOEF * BM + 2 * sizeof(int) * BM + 16;
-  float* acc;
-  S* gs;
-  S* sA;
-  S* sB;
-  S* X;
-  float* O;
-  float* coef; /* [NCOEF][BM] */
+  typedef fh_eng::stream_cfg<T> cfg;
+  static constexpr size_t g_b = (size_t)TBM * cfg::RES_ROWB;
+  static constexpr size_t gt_b = sizeof(T) == 4 ? g_b : 0;
+  static constexpr int OLD = cfg::DC + 4; /* staging row: 16-byte aligned, rows offset in banks */
+  static constexpr size_t o_b = sizeof(float) * TBM * OLD;
+  static constexpr size_t bytes = fh_eng::SMEM_BYTES + g_b + gt_b + o_b + sizeof(float) * NCOEF * TBM +
+                                  2 * sizeof(int) * TBM + sizeof(float) * 2 * TBV;
+  unsigned char* stages;
+  unsigned char* g;
+  unsigned char* gt;
+  float* o;
+  float* coef; /* [NCOEF][TBM] */
   int* rows;
   int* y;
-  int* flag;
+  float* db; /* [2][TBV] */
   __device__ explicit bwd_smem(unsigned char* base) {
-    acc = (float*)base;
-    gs = G_IN_PLACE ? (S*)acc : (S*)(base + acc_b);
-    unsigned char* u = base + acc_b + gs_b;
-    sA = (S*)u;
-    sB = sA + BM * LDS;
-    X = (S*)u;
-    O = (float*)(u + sizeof(S) * 64 * LDS);
-    coef = (float*)(u + uni_b);
-    rows = (int*)(coef + NCOEF * BM);
-    y = rows + BM;
-    flag = y + BM;
+    stages = base;
+    g = base + fh_eng::SMEM_BYTES;
+    gt = sizeof(T) == 4 ? g + g_b : g;
+    o = (float*)(g + g_b + gt_b);
+    coef = (float*)((unsigned char*)o + o_b);
+    rows = (int*)(coef + NCOEF * TBM);
+    y = rows + TBM;
+    db = (float*)(y + TBM);
   }
 };
 
 /* Loads the row block's indices, targets and coefficients into shared memory. */
 template <typename T>
 __device__ __forceinline__ void load_row_block(const bwd_params& p, bwd_smem<T>& sm, int row0, int nr) {
-  for (int r = threadIdx.x; r < BM; r += THREADS) {
+  for (int r = threadIdx.x; r < TBM; r += fh_eng::THREADS) {
     const int i = r < nr ? p.rows[row0 + r] : 0;
     sm.rows[r] = i;
     sm.y[r] = r < nr ? (int)p.targets[i] : -1;
-    for (int q = 0; q < NCOEF; ++q) sm.coef[q * BM + r] = r < nr ? p.coef[(size_t)q * p.N + i] : 0.0f;
+    for (int q = 0; q < NCOEF; ++q) sm.coef[q * TBM + r] = r < nr ? p.coef[(size_t)q * p.N + i] : 0.0f;
   }
   __syncthreads();
 }
 
-/* Recompute the tile's logits and form G (fp32) in sm.acc; returns 1 when some entry has
- * |p − δ| >= eps (the tile matters), block-uniformly. */
-template <typename T>
-__device__ __forceinline__ int g_tile(const bwd_params& p, bwd_smem<T>& sm, int nr, int v0) {
-  typedef mma_traits<T> tr;
-  __syncthreads(); /* the previous tile's readers of sm.flag are done */
-  if (threadIdx.x == 0) *sm.flag = 0;
-  lce_logit_tile<T>((const T*)p.E, p.lde, (const T*)p.C, p.ldc, sm.rows, nr, v0, p.V, p.D, sm.sA, sm.sB, sm.acc);
+/* Recompute the tile's logits with the forward's mainloop and tiling (so z is bitwise the
+ * forward's) and form G in the accumulator registers (0 past the valid rows and classes).
+ * Returns, block-uniformly, 1 when some entry has |p − δ| >= eps (the tile matters). */
+template <typename T, typename Align>
+__device__ __forceinline__ int g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_eng::acc_t& acc, int nr, int v0) {
+  using namespace fh_eng;
+  const int nv = p.V - v0 < TBV ? p.V - v0 : TBV;
+  const nt_operand<T> a{(const T*)p.E, p.lde, sm.rows, 0, nr};
+  const nt_operand<T> b{(const T*)p.C, p.ldc, nullptr, v0, nv};
+  mainloop<T, Align>::run(acc, a, b, p.D, sm.stages);
   const T* bias = (const T*)p.bias;
+  float bj[NJ][2], wj[NJ][2];
+  FH_UNROLL
+  for (int j = 0; j < NJ; ++j)
+    FH_UNROLL
+    for (int e = 0; e < 2; ++e) {
+      const int c = frag_col(j, e);
+      bj[j][e] = (bias && c < nv) ? fh_to_float(bias[v0 + c]) : 0.0f;
+      wj[j][e] = (p.cw && c < nv) ? p.cw[v0 + c] : 1.0f;
+    }
   int big = 0;
-  for (int idx = threadIdx.x; idx < BM * BV; idx += THREADS) {
-    const int r = idx / BV, c = idx % BV, j = v0 + c;
-    float* a = sm.acc + r * ACC_LD + c;
-    if (r >= nr || j >= p.V) {
-      *a = 0.0f;
-      continue;
+  FH_UNROLL
+  for (int i = 0; i < MI; ++i)
+    FH_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const int r = frag_row(i, 2 * h);
+      const float lse = sm.coef[r], k1 = sm.coef[TBM + r], k2 = sm.coef[2 * TBM + r], hr = sm.coef[3 * TBM + r];
+      const float k3 = sm.coef[4 * TBM + r], k4 = sm.coef[5 * TBM + r];
+      const int y = sm.y[r];
+      FH_UNROLL
+      for (int j = 0; j < NJ; ++j)
+        FH_UNROLL
+        for (int e = 0; e < 2; ++e) {
+          const int c = frag_col(j, e);
+          float g = 0.0f;
+          if (r < nr && c < nv) {
+            const float z = process_logit(acc.v[i][j][2 * h + e] + bj[j][e], p.scale, p.cap, p.inv_cap);
+            const float logp = z - lse, pr = exp_fast(logp);
+            const float pm = v0 + c == y ? expm1f(logp) : pr; /* p − δ in fp32 without cancellation */
+            big |= !(fabsf(pm) < p.eps);                      /* NaN counts as big */
+            g = k4 * pm + pr * k1;
+            if (k2 != 0.0f && pr != 0.0f) g -= k2 * pr * (logp + hr);
+            if (k3 != 0.0f) g -= k3 * wj[j][e];
+            if (p.cap > 0.0f) {
+              const float t = z * p.inv_cap;
+              g *= 1.0f - t * t;
+            }
+            g *= p.scale;
+          }
+          acc.v[i][j][2 * h + e] = g;
+        }
     }
-    float raw = *a;
-    if (bias) raw += tr::to_float(bias[j]);
-    const float z = lce_process(raw, p.scale, p.cap);
-    const float lse = sm.coef[r], k1 = sm.coef[BM + r], k2 = sm.coef[2 * BM + r], h = sm.coef[3 * BM + r];
-    const float k3 = sm.coef[4 * BM + r], k4 = sm.coef[5 * BM + r];
-    const float logp = z - lse, pr = expf(logp);
-    const float pm = j == sm.y[r] ? expm1f(logp) : pr; /* p − δ in fp32 without cancellation */
-    big |= !(fabsf(pm) < p.eps);                        /* NaN counts as big */
-    float g = k4 * pm + pr * k1;
-    if (k2 != 0.0f && pr != 0.0f) g -= k2 * pr * (logp + h);
-    if (k3 != 0.0f) g -= k3 * (p.cw ? p.cw[j] : 1.0f);
-    if (p.cap > 0.0f) {
-      const float t = z / p.cap;
-      g *= 1.0f - t * t;
-    }
-    *a = g * p.scale;
-  }
-  if (big) *sm.flag = 1; /* benign race: every writer stores 1 */
-  __syncthreads();
-  return p.eps > 0.0f ? *sm.flag : 1;
+  const int any = __syncthreads_or(big);
+  return p.eps > 0.0f ? any : 1;
 }
 
-/* sm.gs = G rounded to the MMA operand type (tf32 in place for fp32 inputs). */
+/* Column sums of G over the tile's rows into db (thread c < 128 owns class v0 + c): per thread
+ * over its rows, then lanes g (xor 4, 8, 16), then the two warps along M in order. */
 template <typename T>
-__device__ __forceinline__ void g_to_operand(bwd_smem<T>& sm) {
-  for (int idx = threadIdx.x; idx < BM * BV; idx += THREADS) {
-    const int r = idx / BV, c = idx % BV;
-    sm.gs[r * bwd_smem<T>::GLD + c] = mma_traits<T>::from_float(sm.acc[r * ACC_LD + c]);
-  }
+__device__ __forceinline__ void dbias_tile(bwd_smem<T>& sm, const fh_eng::acc_t& acc, float& db) {
+  using namespace fh_eng;
+  FH_UNROLL
+  for (int j = 0; j < NJ; ++j)
+    FH_UNROLL
+    for (int e = 0; e < 2; ++e) {
+      float s = 0.0f;
+      FH_UNROLL
+      for (int i = 0; i < MI; ++i) s += acc.v[i][j][e] + acc.v[i][j][2 + e];
+      for (int off = 4; off < 32; off <<= 1) s += __shfl_xor_sync(FH_FULL_MASK, s, off);
+      if ((threadIdx.x & 31) < 4) fh_ptx::sts_u32(sm.db + warp_m() * TBV + frag_col(j, e), __float_as_uint(s));
+    }
+  __syncthreads();
+  if (threadIdx.x < TBV)
+    db += __uint_as_float(fh_ptx::lds_u32(sm.db + threadIdx.x)) + __uint_as_float(fh_ptx::lds_u32(sm.db + TBV + threadIdx.x));
+}
+
+/* G (registers) -> the resident tile in the operand type (tf32-rounded for fp32, which also
+ * gets the transposed copy). */
+template <typename T>
+__device__ __forceinline__ void store_g(bwd_smem<T>& sm, const fh_eng::acc_t& acc) {
+  using namespace fh_eng;
+  FH_UNROLL
+  for (int i = 0; i < MI; ++i)
+    FH_UNROLL
+    for (int j = 0; j < NJ; ++j)
+      FH_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int r = frag_row(i, 2 * h), c = frag_col(j, 0);
+        const float g0 = acc.v[i][j][2 * h], g1 = acc.v[i][j][2 * h + 1];
+        if constexpr (sizeof(T) == 2) {
+          const uint32_t w = (uint32_t)operand<T>::bits(dtype_traits<T>::from_float(g0)) |
+                             ((uint32_t)operand<T>::bits(dtype_traits<T>::from_float(g1)) << 16);
+          fh_ptx::sts_u32(sm.g + res_off<T>(r, c), w);
+        } else {
+          const uint32_t w0 = __float_as_uint(dtype_traits<T>::from_float(g0));
+          const uint32_t w1 = __float_as_uint(dtype_traits<T>::from_float(g1));
+          fh_ptx::sts_u32(sm.g + res_off<T>(r, c), w0);
+          fh_ptx::sts_u32(sm.g + res_off<T>(r, c + 1), w1);
+          fh_ptx::sts_u32(sm.gt + res_off<T>(c, r), w0);
+          fh_ptx::sts_u32(sm.gt + res_off<T>(c + 1, r), w1);
+        }
+      }
   __syncthreads();
 }
 
-/* O[64 x DCH] = A · X with A = G (TRANS false: rows of G, k over classes) or Gᵀ (TRANS true:
- * rows are classes, k over rows). X [64 x DCH] (k-major) is staged by the caller. Output rows
- * >= n_out and k >= n_k are skipped (they are zero). */
-template <typename T, bool TRANS>
-__device__ __forceinline__ void gemm_chunk(bwd_smem<T>& sm, int n_out, int n_k) {
-  using namespace nvcuda;
-  typedef mma_traits<T> tr;
-  typedef typename std::conditional<TRANS, wmma::col_major, wmma::row_major>::type LA;
-  constexpr int K = tr::K, LDS = tr::LDS, GLD = bwd_smem<T>::GLD;
-  const int w = threadIdx.x >> 5;
-  if (w * 16 < n_out) { /* warp-uniform */
-    wmma::fragment<wmma::accumulator, 16, 16, K, float> f[2];
-    wmma::fill_fragment(f[0], 0.0f);
-    wmma::fill_fragment(f[1], 0.0f);
-    for (int kk = 0; kk < 64 && kk < n_k; kk += K) {
-      wmma::fragment<wmma::matrix_a, 16, 16, K, typename tr::F, LA> a;
-      const typename tr::S* pa = TRANS ? sm.gs + w * 16 + kk * GLD : sm.gs + w * 16 * GLD + kk;
-      wmma::load_matrix_sync(a, pa, GLD);
-      for (int j = 0; j < 2; ++j) {
-        wmma::fragment<wmma::matrix_b, 16, 16, K, typename tr::F, wmma::row_major> b;
-        wmma::load_matrix_sync(b, sm.X + kk * LDS + j * 16, LDS);
-        wmma::mma_sync(f[j], a, b, f[j]);
+/* The streamed GEMMs' epilogue: the [128 x DC] chunk goes through the staging buffer to
+ * row-contiguous read-modify-writes of the destination (16-byte for vec16), each output row
+ * `out_row(r)` owned by this block alone (or added atomically, ST_ATOMIC). */
+template <typename T, typename Align>
+struct rmw_epi {
+  bwd_smem<T>* sm;
+  const grad_dst* dst;
+  const int* gather; /* out row r -> gather[r], or base + r */
+  int64_t base;
+  int n_out, D;
+  __device__ __forceinline__ void operator()(const fh_eng::stream_acc<T>& acc, int d0) {
+    typedef fh_eng::stream_cfg<T> cfg;
+    constexpr int OLD = bwd_smem<T>::OLD;
+    FH_UNROLL
+    for (int i = 0; i < cfg::MI; ++i)
+      FH_UNROLL
+      for (int j = 0; j < cfg::NJ; ++j)
+        FH_UNROLL
+        for (int e = 0; e < 4; ++e)
+          fh_ptx::sts_u32(sm->o + fh_eng::s_row(i, e) * OLD + fh_eng::s_col<T>(j, e), __float_as_uint(acc.v[i][j][e]));
+    __syncthreads();
+    constexpr int UPR = cfg::DC / 8; /* 8-column units per row */
+    for (int u = threadIdx.x; u < TBM * UPR; u += fh_eng::THREADS) {
+      const int r = u / UPR, c = (u % UPR) * 8, d = d0 + c;
+      if (r >= n_out || d >= D) continue;
+      const int64_t row = gather ? (int64_t)gather[r] : base + r;
+      const uint4 a = fh_ptx::lds_v4(sm->o + r * OLD + c), b = fh_ptx::lds_v4(sm->o + r * OLD + c + 4);
+      const float v[8] = {__uint_as_float(a.x), __uint_as_float(a.y), __uint_as_float(a.z), __uint_as_float(a.w),
+                          __uint_as_float(b.x), __uint_as_float(b.y), __uint_as_float(b.z), __uint_as_float(b.w)};
+      if (Align::kVec) {
+        dst_add8<T>(*dst, row, d, D, v);
+      } else {
+        for (int e = 0; e < 8 && d + e < D; ++e) dst_add<T>(*dst, row, d + e, D, v[e]);
       }
     }
-    wmma::store_matrix_sync(sm.O + w * 16 * OLD, f[0], OLD, wmma::mem_row_major);
-    wmma::store_matrix_sync(sm.O + w * 16 * OLD + 16, f[1], OLD, wmma::mem_row_major);
   }
-  __syncthreads();
-}
+};
 
-/* dE rows of this row block += G · C[v0 .. v0+64) (G already in sm.gs). */
-template <typename T>
+/* dE rows of this row block += G · C[v0 .. v0+128). */
+template <typename T, typename Align>
 __device__ __forceinline__ void accumulate_dE(const bwd_params& p, bwd_smem<T>& sm, const grad_dst& dst, int nr, int v0) {
-  typedef mma_traits<T> tr;
-  const T* C = (const T*)p.C;
-  const int nv = p.V - v0 < BV ? p.V - v0 : BV;
-  for (int d0 = 0; d0 < p.D; d0 += DCH) {
-    for (int idx = threadIdx.x; idx < 64 * DCH; idx += THREADS) {
-      const int v = idx / DCH, k = idx % DCH, d = d0 + k;
-      sm.X[v * tr::LDS + k] = (v < nv && d < p.D) ? tr::stage(C[(int64_t)(v0 + v) * p.ldc + d]) : tr::from_float(0.0f);
-    }
-    __syncthreads();
-    gemm_chunk<T, false>(sm, nr, nv);
-    for (int idx = threadIdx.x; idx < BM * DCH; idx += THREADS) {
-      const int r = idx / DCH, k = idx % DCH;
-      if (r < nr && d0 + k < p.D) dst_add<T>(dst, sm.rows[r], d0 + k, p.D, sm.O[r * OLD + k]);
-    }
-    __syncthreads(); /* X and O are rewritten by the next chunk */
-  }
+  const int nv = p.V - v0 < TBV ? p.V - v0 : TBV;
+  const fh_eng::nt_operand<T> b{(const T*)p.C, p.ldc, nullptr, v0, nv};
+  rmw_epi<T, Align> epi{&sm, &dst, sm.rows, 0, nr, p.D};
+  fh_eng::stream_gemm<T, Align, false>::run(sm.g, b, p.D, nr, sm.stages, epi);
 }
 
-/* dC rows v0 .. v0+64 += Gᵀ · E[rows of this block]. */
-template <typename T>
+/* dC rows v0 .. v0+128 += Gᵀ · E[rows of this block]. */
+template <typename T, typename Align>
 __device__ __forceinline__ void accumulate_dC(const bwd_params& p, bwd_smem<T>& sm, int nr, int v0) {
-  typedef mma_traits<T> tr;
-  const T* E = (const T*)p.E;
-  const int nv = p.V - v0 < BV ? p.V - v0 : BV;
-  for (int d0 = 0; d0 < p.D; d0 += DCH) {
-    for (int idx = threadIdx.x; idx < 64 * DCH; idx += THREADS) {
-      const int r = idx / DCH, k = idx % DCH, d = d0 + k;
-      sm.X[r * tr::LDS + k] =
-          (r < nr && d < p.D) ? tr::stage(E[(int64_t)sm.rows[r] * p.lde + d]) : tr::from_float(0.0f);
-    }
-    __syncthreads();
-    gemm_chunk<T, true>(sm, nv, nr);
-    for (int idx = threadIdx.x; idx < BV * DCH; idx += THREADS) {
-      const int v = idx / DCH, k = idx % DCH;
-      if (v < nv && d0 + k < p.D) dst_add<T>(p.dC, v0 + v, d0 + k, p.D, sm.O[v * OLD + k]);
-    }
-    __syncthreads();
-  }
+  const int nv = p.V - v0 < TBV ? p.V - v0 : TBV;
+  const fh_eng::nt_operand<T> b{(const T*)p.E, p.lde, sm.rows, 0, nr};
+  rmw_epi<T, Align> epi{&sm, &p.dC, nullptr, v0, nv, p.D};
+  if constexpr (sizeof(T) == 4) fh_eng::stream_gemm<T, Align, false>::run(sm.gt, b, p.D, nv, sm.stages, epi);
+  else fh_eng::stream_gemm<T, Align, true>::run(sm.g, b, p.D, nv, sm.stages, epi);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(THREADS, 2) lce_bwd_rows_kernel(bwd_params p) {
+template <typename T, typename Align>
+__global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_bwd_rows_kernel(bwd_params p) {
   FH_DYNAMIC_SMEM(unsigned char, smem);
   bwd_smem<T> sm(smem);
-  const int count = p.hdr->count, row0 = blockIdx.x * BM;
+  const int count = p.hdr->count, row0 = blockIdx.x * TBM;
   if (row0 >= count) return;
-  const int nr = count - row0 < BM ? count - row0 : BM;
+  const int nr = count - row0 < TBM ? count - row0 : TBM;
   load_row_block<T>(p, sm, row0, nr);
   for (int tile = 0; tile < p.vt; ++tile) { /* class order: fixed, so dE is deterministic */
-    const int v0 = tile * BV;
-    const int keep = g_tile<T>(p, sm, nr, v0);
+    const int v0 = tile * TBV;
+    fh_eng::acc_t acc;
+    const int keep = g_tile<T, Align>(p, sm, acc, nr, v0);
     if (!keep && p.filter_e) continue;
-    g_to_operand<T>(sm);
-    accumulate_dE<T>(p, sm, p.dE, nr, v0);
+    store_g<T>(sm, acc);
+    accumulate_dE<T, Align>(p, sm, p.dE, nr, v0);
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(THREADS, 2) lce_bwd_cols_kernel(bwd_params p) {
+template <typename T, typename Align>
+__global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_bwd_cols_kernel(bwd_params p) {
   FH_DYNAMIC_SMEM(unsigned char, smem);
   bwd_smem<T> sm(smem);
-  const int count = p.hdr->count, v0 = blockIdx.x * BV;
+  const int count = p.hdr->count, v0 = blockIdx.x * TBV;
   const int c = threadIdx.x;
   /* The compacted rows [c_lo, c_hi) whose original index lies in [r_lo, r_hi): rows[] is
    * increasing (compaction keeps row order), so two binary searches find them. */
@@ -317,30 +396,29 @@ __global__ void __launch_bounds__(THREADS, 2) lce_bwd_cols_kernel(bwd_params p) 
   }
   __syncthreads();
   const int c_lo = range[0], c_hi = range[1];
-  float db = 0.0f; /* thread c < 64 owns dbias[v0 + c] */
-  for (int row0 = c_lo; row0 < c_hi; row0 += BM) { /* row order: fixed, so dC and dbias are deterministic */
-    const int nr = c_hi - row0 < BM ? c_hi - row0 : BM;
+  float db = 0.0f; /* thread c < 128 owns dbias[v0 + c] */
+  for (int row0 = c_lo; row0 < c_hi; row0 += TBM) { /* row order: fixed, so dC and dbias are deterministic */
+    const int nr = c_hi - row0 < TBM ? c_hi - row0 : TBM;
     __syncthreads(); /* the previous block's readers of the row data are done */
     load_row_block<T>(p, sm, row0, nr);
-    const int keep = g_tile<T>(p, sm, nr, v0);
+    fh_eng::acc_t acc;
+    const int keep = g_tile<T, Align>(p, sm, acc, nr, v0);
     const bool do_c = keep || !p.filter_c, do_e = p.dE.kind != ST_NONE && (keep || !p.filter_e);
     if (!do_c && !do_e) continue;
-    if (do_c && p.dbias && c < BV)
-      for (int r = 0; r < nr; ++r) db += sm.acc[r * ACC_LD + c];
-    __syncthreads(); /* dbias reads the fp32 G before it may be rounded in place */
-    g_to_operand<T>(sm);
-    if (do_c && p.dC.kind != ST_NONE) accumulate_dC<T>(p, sm, nr, v0);
-    if (do_e) accumulate_dE<T>(p, sm, p.dE, nr, v0);
+    if (do_c && p.dbias) dbias_tile<T>(sm, acc, db);
+    store_g<T>(sm, acc);
+    if (do_c && p.dC.kind != ST_NONE) accumulate_dC<T, Align>(p, sm, nr, v0);
+    if (do_e) accumulate_dE<T, Align>(p, sm, p.dE, nr, v0);
   }
-  if (p.dbias && c < BV && v0 + c < p.V) {
+  if (p.dbias && c < TBV && v0 + c < p.V) {
     if (p.db32) { /* several row passes: carry the fp32 sum, round once in the last */
       db += p.db32[v0 + c];
       p.db32[v0 + c] = db;
       if (!p.db_last) return;
     }
     T* b = (T*)p.dbias + v0 + c;
-    const float old = p.accumulate ? mma_traits<T>::to_float(*b) : 0.0f;
-    *b = mma_traits<T>::store_round(old + db);
+    const float old = p.accumulate ? dtype_traits<T>::to_float(*b) : 0.0f;
+    *b = dtype_traits<T>::store_round(old + db);
   }
 }
 
@@ -412,7 +490,7 @@ __global__ void __launch_bounds__(256) lce_bwd_coef_kernel(coef_params p) {
  * output or 0; in-place F32/OUT kinds are zeroed unless accumulating. */
 template <typename T>
 __global__ void __launch_bounds__(256) lce_grad_init_kernel(grad_dst g, int64_t rows, int D, int accumulate) {
-  typedef mma_traits<T> tr;
+  typedef dtype_traits<T> tr;
   const int64_t n = rows * D;
   for (int64_t k = blockIdx.x * 256ll + threadIdx.x; k < n; k += (int64_t)gridDim.x * 256) {
     const int64_t r = k / D;
@@ -444,7 +522,7 @@ __global__ void __launch_bounds__(256) lce_grad_final_kernel(grad_dst g, int64_t
       v = __uint_as_float(((unsigned)*(const uint16_t*)o << 16) | (unsigned)g.lo[r * D + d]);
     else
       v = g.f32[r * g.ld32 + d];
-    *o = mma_traits<T>::store_round(v);
+    *o = dtype_traits<T>::store_round(v);
   }
 }
 
@@ -536,6 +614,28 @@ grad_dst make_dst(int kind, const fh_tensor_t* t, uint16_t* lo, float* ws32) {
   return g;
 }
 
+/* The 16-byte path (docs/engine.md "Alignment"): E and C as in the forward, D % 8 == 0 and every
+ * gradient destination 16-byte aligned with 16-byte row strides (the workspace's are). */
+bool dst_vec_ok(const grad_dst& g, size_t esize) {
+  if (g.kind == ST_NONE) return true;
+  if ((g.kind == ST_F32 || g.kind == ST_ATOMIC) && g.f32 != g.out) return ((uintptr_t)g.f32 % 16) == 0;
+  return fh_eng::vec16_ok(g.out, g.ld, g.kind == ST_F32 || g.kind == ST_ATOMIC ? 4 : esize);
+}
+bool bwd_vec16_ok(const bwd_params& bp, size_t esize) {
+  return bp.D % 8 == 0 && fh_eng::vec16_ok(bp.E, bp.lde, esize) && fh_eng::vec16_ok(bp.C, bp.ldc, esize) &&
+         dst_vec_ok(bp.dE, esize) && dst_vec_ok(bp.dC, esize);
+}
+
+template <typename T, typename Align, bool ROWS>
+fh_status_t launch_bwd(const char* fn, dim3 grid, cudaStream_t stream, const bwd_params& bp) {
+  auto k = ROWS ? lce_bwd_rows_kernel<T, Align> : lce_bwd_cols_kernel<T, Align>;
+  const size_t smem = bwd_smem<T>::bytes;
+  FH_TRY(fh_cuda_status(fh_eng::allow_smem(k, smem), fn, "cudaFuncSetAttribute(lce_bwd kernel)"));
+  FH_LAUNCH(k, grid, dim3(fh_eng::THREADS), smem, stream, bp);
+  LCE_CHECK_LAUNCH(fn, ROWS ? "lce_bwd_rows_kernel" : "lce_bwd_cols_kernel");
+  return FH_SUCCESS;
+}
+
 } /* namespace */
 
 extern "C" fh_status_t fh_cuda_linear_ce_backward_workspace(const fh_cuda_state_t* st, const fh_linear_ce_options_t* opt,
@@ -579,8 +679,9 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CU
   bp.E = p->E->data, bp.C = p->C->data, bp.bias = p->bias ? p->bias->data : NULL;
   bp.lde = p->E->row_stride, bp.ldc = p->C->row_stride;
   bp.cw = p->class_weights, bp.targets = p->targets;
-  bp.N = (int)p->N, bp.V = (int)p->V, bp.D = (int)p->D, bp.vt = (int)((p->V + BV - 1) / BV);
+  bp.N = (int)p->N, bp.V = (int)p->V, bp.D = (int)p->D, bp.vt = (int)((p->V + TBV - 1) / TBV);
   bp.scale = o->logit_scale, bp.cap = o->softcap, bp.eps = filter_eps_of(o, p->dtype);
+  bp.inv_cap = o->softcap > 0.0f ? 1.0f / o->softcap : 0.0f;
   bp.filter_e = o->filter_e_grad != 0, bp.filter_c = o->filter_c_grad != 0;
   bp.rows = rows, bp.hdr = hdr, bp.coef = coef;
   bp.dE = make_dst(kE, tE, lo_e, ws_e);
@@ -602,12 +703,13 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CU
   LCE_CHECK_LAUNCH(fn, "lce_bwd_coef_kernel");
 
   LCE_DTYPE_SWITCH(p->dtype, T, {
-    const size_t smem = bwd_smem<T>::bytes;
+    const bool vec = bwd_vec16_ok(bp, fh_dtype_size(p->dtype));
     if (!ws_e) FH_TRY(launch_init<T>(fn, stream, bp.dE, p->N, bp.D, bp.accumulate)); /* else per row pass */
     FH_TRY(launch_init<T>(fn, stream, bp.dC, p->V, bp.D, bp.accumulate));
     if (tE && !e_atomic && p->N > 0) {
-      FH_LAUNCH(lce_bwd_rows_kernel<T>, dim3(lce_blocks(p->N, BM)), dim3(THREADS), smem, stream, bp);
-      LCE_CHECK_LAUNCH(fn, "lce_bwd_rows_kernel");
+      const dim3 grid(lce_blocks(p->N, TBM));
+      if (vec) FH_TRY((launch_bwd<T, fh_eng::vec16, true>(fn, grid, stream, bp)));
+      else FH_TRY((launch_bwd<T, fh_eng::scalar, true>(fn, grid, stream, bp)));
     }
     if (cols && bp.vt > 0) {
       bwd_params cpar = bp;
@@ -629,8 +731,8 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CU
         cpar.r_lo = (int)r0, cpar.r_hi = (int)r1;
         cpar.dE.row_base = ws_e ? r0 : 0;
         cpar.db_last = k + 1 >= passes;
-        FH_LAUNCH(lce_bwd_cols_kernel<T>, dim3((unsigned)bp.vt), dim3(THREADS), smem, stream, cpar);
-        LCE_CHECK_LAUNCH(fn, "lce_bwd_cols_kernel");
+        if (vec) FH_TRY((launch_bwd<T, fh_eng::vec16, false>(fn, dim3((unsigned)bp.vt), stream, cpar)));
+        else FH_TRY((launch_bwd<T, fh_eng::scalar, false>(fn, dim3((unsigned)bp.vt), stream, cpar)));
         if (ws_e) FH_TRY(launch_final<T>(fn, stream, chunk, r1 - r0, bp.D));
       }
     }

@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_pa
   row_stats st[SLOTS];
   float swz[SLOTS], zy[SLOTS], av[SLOTS];
   int ai[SLOTS], ys[SLOTS];
-FH_UNROLL
+    FH_UNROLL
   for (int s = 0; s < SLOTS; ++s) {
     st[s].init();
     swz[s] = 0.0f, zy[s] = 0.0f, av[s] = -INFINITY, ai[s] = INT32_MAX;
@@ -171,22 +171,22 @@ FH_UNROLL
     acc_t acc;
     mainloop<T, Align>::run(acc, a, b, p.D, smem);
     float bj[NJ][2], wj[NJ][2];
-FH_UNROLL
+    FH_UNROLL
     for (int j = 0; j < NJ; ++j)
-FH_UNROLL
+    FH_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int c = frag_col(j, e);
         bj[j][e] = (bias && c < nv) ? fh_to_float(bias[v0 + c]) : 0.0f;
         wj[j][e] = (p.smooth && c < nv) ? (p.cw ? p.cw[v0 + c] : 1.0f) : 0.0f;
       }
-FH_UNROLL
+    FH_UNROLL
     for (int s = 0; s < SLOTS; ++s) {
       const int i = s >> 1, h = s & 1;
       float z[2 * NJ];
       float tmax = -INFINITY;
-FH_UNROLL
+    FH_UNROLL
       for (int j = 0; j < NJ; ++j)
-FH_UNROLL
+    FH_UNROLL
         for (int e = 0; e < 2; ++e) {
           const int c = frag_col(j, e), col = v0 + c;
           float zz = -INFINITY;
@@ -204,9 +204,9 @@ FH_UNROLL
     }
   }
   /* Merge the quad's four column sets (lanes xor 1, then xor 2): every lane takes part. */
-FH_UNROLL
+    FH_UNROLL
   for (int s = 0; s < SLOTS; ++s)
-FH_UNROLL
+    FH_UNROLL
     for (int off = 1; off <= 2; off <<= 1) {
       const float m2 = __shfl_xor_sync(FH_FULL_MASK, st[s].m, off), Z2 = __shfl_xor_sync(FH_FULL_MASK, st[s].Z, off);
       const float F2 = __shfl_xor_sync(FH_FULL_MASK, st[s].F, off);
@@ -227,7 +227,7 @@ FH_UNROLL
   /* Then the four warps along N, in warp order, through the free stage buffers. */
   float* scr = (float*)smem; /* [WARPS_N][NQ][kBM] */
   if ((threadIdx.x & 3) == 0) {
-FH_UNROLL
+    FH_UNROLL
     for (int s = 0; s < SLOTS; ++s) {
       float* q = scr + (size_t)warp_n() * NQ * kBM + frag_row(s >> 1, 2 * (s & 1));
       q[0 * kBM] = st[s].m, q[1 * kBM] = st[s].Z, q[2 * kBM] = st[s].F, q[3 * kBM] = swz[s];
@@ -304,7 +304,7 @@ __global__ void __launch_bounds__(256) lce_fwd_finalize_kernel(fin_params p) {
     const float* Q = P + (size_t)s * NQ * N;
     lce_stats_merge(m, Z, F, Q[0], Q[N], Q[2 * N]);
     swz += Q[3 * N];
-    if (lce_arg_better(Q[5 * N], __float_as_int(Q[6 * N]), av, ai)) av = Q[5 * N], ai = __float_as_int(Q[6 * N]);
+    if (fh_eng::arg_better(Q[5 * N], __float_as_int(Q[6 * N]), av, ai)) av = Q[5 * N], ai = __float_as_int(Q[6 * N]);
   }
   const int sy = (int)(y / fh_eng::BN) / p.tps;
   const double zy = P[(size_t)sy * NQ * N + 4 * N];

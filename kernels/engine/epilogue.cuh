@@ -66,7 +66,7 @@ struct row_stats {
       }
       m = mn;
     }
-FH_UNROLL
+    FH_UNROLL
     for (int k = 0; k < n; ++k) {
       if (z[k] == -INFINITY) continue; /* e^{-inf} = 0, and -inf − -inf would be NaN */
       const float d = z[k] - m, e = exp_fast(d);

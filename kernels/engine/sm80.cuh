@@ -99,8 +99,14 @@ __device__ __forceinline__ int frag_col(int j, int e) {
   return warp_n() * WN + j * 8 + 2 * (int)(threadIdx.x & 3) + (e & 1);
 }
 
-/* Byte offset of 16-byte chunk c of row r in a swizzled stage buffer. */
-__device__ __forceinline__ int swz(int r, int c) { return r * ROWB + ((c ^ ((r >> 1) & 3)) << 4); }
+/* Byte offset of 16-byte chunk c of row r in a swizzled buffer of CPR chunks per row: 64-byte
+ * rows (CPR 4) pair rows up, c ^ ((r >> 1) & 3); rows of 128 bytes or more use c ^ (r & 7).
+ * Either way 8 consecutive rows at one logical chunk land in 8 distinct bank groups. */
+template <int CPR>
+__device__ __forceinline__ int swz_rows(int r, int c) {
+  return r * CPR * 16 + ((CPR == 4 ? (c ^ ((r >> 1) & 3)) : (c ^ (r & 7))) << 4);
+}
+__device__ __forceinline__ int swz(int r, int c) { return swz_rows<ROWB / 16>(r, c); }
 
 /* One operand of an NT GEMM: `rows` rows of K elements, row r at base + row_index(r) * ld.
  * Rows past `n` are zero. `gather` (shared memory) maps r to a global row, else row0 + r. */
@@ -112,10 +118,10 @@ struct nt_operand {
   int row0, n;
 };
 
-/* The per-thread copy plan of one operand: ROWS rows x 4 chunks per stage, 256 threads. */
-template <typename T, typename Align, int ROWS>
+/* The per-thread copy plan of one operand: ROWS rows x CPR 16-byte chunks per stage, 256 threads. */
+template <typename T, typename Align, int ROWS, int CPR = ROWB / 16>
 struct loader {
-  static constexpr int PER_THREAD = ROWS * 4 / THREADS;
+  static constexpr int PER_THREAD = ROWS * CPR / THREADS;
   const unsigned char* src[PER_THREAD]; /* start of this thread's row, or NULL past n */
   const unsigned char* any;             /* a valid address for copies of 0 bytes */
   int off[PER_THREAD];                  /* swizzled byte offset in the stage buffer */
@@ -123,20 +129,20 @@ struct loader {
 
   __device__ __forceinline__ void init(const nt_operand<T>& o) {
     any = (const unsigned char*)o.base;
-FH_UNROLL
+    FH_UNROLL
     for (int q = 0; q < PER_THREAD; ++q) {
-      const int id = (int)threadIdx.x + q * THREADS, r = id >> 2, c = id & 3;
+      const int id = (int)threadIdx.x + q * THREADS, r = id / CPR, c = id % CPR;
       chunk[q] = c;
-      off[q] = swz(r, c);
+      off[q] = swz_rows<CPR>(r, c);
       const int64_t row = r < o.n ? (o.gather ? (int64_t)o.gather[r] : (int64_t)(o.row0 + r)) : -1;
       src[q] = row >= 0 ? (const unsigned char*)(o.base + row * o.ld) : nullptr;
     }
   }
-  /* Stage `ks` (bytes [64 ks, 64 ks + 64) of every row) into buf; kbytes = K * sizeof(T). */
+  /* Stage `ks` (bytes [16 CPR ks, 16 CPR (ks + 1)) of every row) into buf; kbytes = K * size. */
   __device__ __forceinline__ void issue(unsigned char* buf, int ks, int kbytes) const {
-FH_UNROLL
+    FH_UNROLL
     for (int q = 0; q < PER_THREAD; ++q) {
-      const int kb = ks * ROWB + chunk[q] * 16;
+      const int kb = ks * CPR * 16 + chunk[q] * 16;
       int n = kbytes - kb;
       n = n < 0 ? 0 : (n > 16 ? 16 : n);
       if (!src[q]) n = 0;
@@ -169,11 +175,11 @@ struct mainloop {
    * free (a barrier has passed) and acc holds the tile. */
   static __device__ __forceinline__ void run(acc_t& acc, const nt_operand<T>& a, const nt_operand<T>& b, int K,
                                              unsigned char* smem) {
-FH_UNROLL
+    FH_UNROLL
     for (int i = 0; i < MI; ++i)
-FH_UNROLL
+    FH_UNROLL
       for (int j = 0; j < NJ; ++j)
-FH_UNROLL
+    FH_UNROLL
         for (int e = 0; e < 4; ++e) acc.v[i][j][e] = 0.0f;
     loader<T, Align, BM> la;
     loader<T, Align, BN> lb;
@@ -186,7 +192,7 @@ FH_UNROLL
     int live_i = (a.n - wm * WM + 15) / 16, live_j = (b.n - wn * WN + 7) / 8;
     live_i = live_i < 0 ? 0 : (live_i > MI ? MI : live_i);
     live_j = live_j < 0 ? 0 : (live_j > NJ ? NJ : live_j);
-FH_UNROLL
+    FH_UNROLL
     for (int s = 0; s < STAGES - 1; ++s) {
       if (s < kt) {
         unsigned char* buf = smem + s * STAGE_BYTES;
@@ -197,7 +203,7 @@ FH_UNROLL
     }
     /* ldmatrix row addresses: lane l gives row l % 8 of matrix l / 8. */
     const int mi = lane >> 3, lr = lane & 7;
-FH_NO_UNROLL
+    FH_NO_UNROLL
     for (int ks = 0; ks < kt; ++ks) {
       fh_ptx::cp_async_wait<STAGES - 2>();
       __syncthreads(); /* stage ks visible to all; slot (ks - 1) % STAGES free */
@@ -212,17 +218,17 @@ FH_NO_UNROLL
       }
       const unsigned char* sa = smem + (ks % STAGES) * STAGE_BYTES;
       const unsigned char* sb = sa + BM * ROWB;
-FH_UNROLL
+    FH_UNROLL
       for (int kk = 0; kk < 2; ++kk) { /* two 32-byte k-steps per stage */
         uint32_t af[MI][4], bf[NJ][2];
-FH_UNROLL
+    FH_UNROLL
         for (int i = 0; i < MI; ++i) {
           const int r = wm * WM + i * 16 + (mi & 1) * 8 + lr;
           fh_ptx::ldsm_x4(af[i], sa + swz(r, 2 * kk + (mi >> 1)));
-FH_UNROLL
+    FH_UNROLL
           for (int q = 0; q < 4; ++q) af[i][q] = operand<T>::prep(af[i][q]);
         }
-FH_UNROLL
+    FH_UNROLL
         for (int jj = 0; jj < NJ / 2; ++jj) {
           uint32_t t4[4];
           const int n = wn * WN + jj * 16 + (mi >> 1) * 8 + lr;
@@ -232,9 +238,9 @@ FH_UNROLL
           bf[2 * jj + 1][0] = operand<T>::prep(t4[2]);
           bf[2 * jj + 1][1] = operand<T>::prep(t4[3]);
         }
-FH_UNROLL
+    FH_UNROLL
         for (int i = 0; i < MI; ++i)
-FH_UNROLL
+    FH_UNROLL
           for (int j = 0; j < NJ; ++j)
             if (i < live_i && j < live_j) operand<T>::mma(acc.v[i][j], af[i], bf[j]);
       }
