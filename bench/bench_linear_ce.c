@@ -113,6 +113,39 @@ static void projection(void) {
   }
 }
 
+/* kind=engine: the tile engine's cost model (docs/engine.md "Cost model"), bf16. Per pass, the
+ * issued tensor-core FLOPs (128 x 128 CTA tiles; the live-tile padding is < 1% here), the bytes
+ * the CTAs move between L2 and the SMs, and the time bound of each side: FLOPs at the mma.sync
+ * ceiling, L2 bytes at an assumed L2-to-SM bandwidth. Bytes per (row block, class tile), D
+ * columns: forward (128 + 128)·D·2 (E block and C tile); backward FP32 mode adds the dC
+ * GEMM's E block 128·D·2 and its split-fp32 read-modify-write 128·D·8, the dE GEMM's C tile
+ * 128·D·2 and its fp32 atomics 128·D·4. PROJECTIONS with stated ASSUMPTIONS (mma.sync reaching
+ * 80% of the dense peak on an A100 and 60% on an H100; L2 delivering 5.5 and 7.5 TB/s): a GPU
+ * check replaces them with measurements. */
+static void engine_model(void) {
+  static const struct {
+    const char* name;
+    double tflops, mma_frac, l2_tbs;
+  } G[2] = {{"A100-SXM4-80GB", 312.0, 0.80, 5.5}, {"H100-SXM", 989.0, 0.60, 7.5}};
+  for (int s = 0; s < 5; ++s) {
+    const shape_t* sh = &SHAPES[s];
+    const double N = (double)sh->N, V = (double)sh->V, D = (double)sh->D;
+    const double tiles = ceil(N / 128.0) * ceil(V / 128.0);
+    const struct {
+      const char* pass;
+      double flops, l2;
+    } rows[2] = {{"forward", 2 * N * V * D, tiles * 256.0 * D * 2.0},
+                 {"backward-fp32", 6 * N * V * D, tiles * D * (512.0 + 256.0 + 1024.0 + 256.0 + 512.0)}};
+    for (int r = 0; r < 2; ++r)
+      for (int g = 0; g < 2; ++g) {
+        const double tc = rows[r].flops / (G[g].tflops * G[g].mma_frac * 1e12), tl = rows[r].l2 / (G[g].l2_tbs * 1e12);
+        printf("engine,%s,%lld,%lld,%lld,bf16,%s,%.4e,%.4e,%s,%.1f,%.1f,%s-bound projection (assumed mma %.0f%%, L2 %.1f TB/s)\n",
+               sh->label, (long long)sh->N, (long long)sh->V, (long long)sh->D, rows[r].pass, rows[r].flops,
+               rows[r].l2, G[g].name, tc * 1e3, tl * 1e3, tc > tl ? "mma" : "L2", 100 * G[g].mma_frac, G[g].l2_tbs);
+      }
+  }
+}
+
 static void memory(void) {
   fh_context_t* ctx = NULL;
   if (!fh_backend_available(FH_BACKEND_CUDA) || fh_context_create(&ctx, FH_BACKEND_CUDA, 0) != FH_SUCCESS) {
@@ -421,6 +454,8 @@ int main(int argc, char** argv) {
   printf("kind,label,N,V,D,dtype,pass,mode,flops,min_bytes,device,time_ms,spread_ms,tflops,ws_bytes,total_mib,note,"
          "gbs\n");
   projection();
+  printf("# kind,label,N,V,D,dtype,pass,flops,l2_bytes,gpu,mma_ms,l2_ms,note\n");
+  engine_model();
   memory();
 #ifdef FH_HAVE_CUDA
   gpu_bench(warmup, gpu_reps, custom.N > 0 ? &custom : NULL);

@@ -23,9 +23,9 @@
  *      argmax, per-row loss / z_loss for reduction none, and the row terms for step 4.
  *   4. lce_fwd_reduce_kernel (1 block x 256): fixed-order fp64 sums of ce, reg, z-loss,
  *      correct, D_ce = Σ ω w_y, D_reg = Σ ω over valid rows; a zero denominator gives 0.
- * S = min(ceil(V/128), 32) depends on V alone (never on N or the device), so a row's results are
+ * S = min(ceil(V/128), 16) depends on V alone (never on N or the device), so a row's results are
  * bitwise the same whatever the batch, block order or GPU (docs/engine.md "Determinism").
- * Workspace: 256 B header + 4N (rows) + 28·S·N (partials); at N=8192, V=256000: S = 32, 7.0 MiB
+ * Workspace: 256 B header + 4N (rows) + 28·S·N (partials); at N=8192, V=256000: S = 16, 3.5 MiB
  * (E alone is 36 MiB there). */
 #include <math.h>
 
@@ -36,7 +36,7 @@
 namespace fh_lce {
 
 constexpr int NQ = 7; /* partial stats per (split, row): m, Z, F, Σwz, z_y, argmax value, index */
-constexpr int MAX_SPLITS = 32;
+constexpr int MAX_SPLITS = 16;
 
 struct fwd_layout {
   int S, tps, vt;

@@ -25,6 +25,13 @@ def read_rows(path):
     return list(csv.DictReader(io.StringIO(text)))
 
 
+def read_engine(path):
+    """kind=engine rows (their own columns, see bench_linear_ce.c engine_model)."""
+    keys = ["kind", "label", "N", "V", "D", "dtype", "pass", "flops", "l2_bytes", "gpu", "mma_ms", "l2_ms", "note"]
+    with open(path) as f:
+        return [dict(zip(keys, line.strip().split(",", len(keys) - 1))) for line in f if line.startswith("engine,")]
+
+
 def read_workspace(path):
     rows = []
     with open(path) as f:
@@ -64,6 +71,15 @@ def main():
         print("**Projected roofline time (analytic model, not a measurement), bf16**\n")
         print(table(["shape", "N", "V", "D", "pass", "mode", "TFLOP", "min GiB"] + ["%s ms" % d for d in devices],
                     body))
+        print()
+
+    eng = read_engine(a.csv)
+    if eng:
+        print("**Tile-engine cost model (projection with assumed mma.sync and L2 rates, not a measurement), bf16**\n")
+        print(table(["shape", "N", "V", "D", "pass", "TFLOP", "L2<->SM GB", "GPU", "mma ms", "L2 ms", "bound"],
+                    [[r["label"], r["N"], r["V"], r["D"], r["pass"], "%.2f" % (float(r["flops"]) / 1e12),
+                      "%.0f" % (float(r["l2_bytes"]) / 1e9), r["gpu"], r["mma_ms"], r["l2_ms"], r["note"]]
+                     for r in eng]))
         print()
 
     ws = read_workspace(a.workspace) if a.workspace else []
