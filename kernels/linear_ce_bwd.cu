@@ -159,7 +159,9 @@ struct bwd_smem {
   typedef fh_eng::stream_cfg<T> cfg;
   static constexpr size_t g_b = (size_t)TBM * cfg::RES_ROWB;
   static constexpr size_t gt_b = sizeof(T) == 4 ? g_b : 0;
-  static constexpr int OLD = cfg::DC + 4; /* staging row: 16-byte aligned, rows offset in banks */
+  /* Staging row of DC + 8 floats: 16-byte aligned rows for the epilogue's vector reads, and the
+   * fragment pairs' 8-byte stores (two half-warp phases of 4 rows x 4 pairs) hit 32 distinct banks. */
+  static constexpr int OLD = cfg::DC + 8;
   static constexpr size_t o_b = sizeof(float) * TBM * OLD;
   static constexpr size_t bytes = fh_eng::SMEM_BYTES + g_b + gt_b + o_b + sizeof(float) * NCOEF * TBM +
                                   2 * sizeof(int) * TBM + sizeof(float) * 2 * TBV;
@@ -231,7 +233,7 @@ __device__ __forceinline__ int g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_e
           const int c = frag_col(j, e);
           float g = 0.0f;
           if (r < nr && c < nv) {
-            const float z = process_logit(acc.v[i][j][2 * h + e] + bj[j][e], p.scale, p.cap, p.inv_cap);
+            const float z = process_logit(raw_logit(acc.v[i][j][2 * h + e], bj[j][e]), p.scale, p.cap, p.inv_cap);
             const float logp = z - lse, pr = exp_fast(logp);
             const float pm = v0 + c == y ? expm1f(logp) : pr; /* p − δ in fp32 without cancellation */
             big |= !(fabsf(pm) < p.eps);                      /* NaN counts as big */
@@ -318,15 +320,20 @@ struct rmw_epi {
       FH_UNROLL
       for (int j = 0; j < cfg::NJ; ++j)
         FH_UNROLL
-        for (int e = 0; e < 4; ++e)
-          fh_ptx::sts_u32(sm->o + fh_eng::s_row(i, e) * OLD + fh_eng::s_col<T>(j, e), __float_as_uint(acc.v[i][j][e]));
+        for (int h = 0; h < 2; ++h)
+          fh_ptx::sts_v2(sm->o + fh_eng::s_row(i, 2 * h) * OLD + fh_eng::s_col<T>(j, 0),
+                         make_uint2(__float_as_uint(acc.v[i][j][2 * h]), __float_as_uint(acc.v[i][j][2 * h + 1])));
     __syncthreads();
     constexpr int UPR = cfg::DC / 8; /* 8-column units per row */
     for (int u = threadIdx.x; u < TBM * UPR; u += fh_eng::THREADS) {
       const int r = u / UPR, c = (u % UPR) * 8, d = d0 + c;
       if (r >= n_out || d >= D) continue;
       const int64_t row = gather ? (int64_t)gather[r] : base + r;
-      const uint4 a = fh_ptx::lds_v4(sm->o + r * OLD + c), b = fh_ptx::lds_v4(sm->o + r * OLD + c + 4);
+      /* Units 4-7 of each group of 8 read their upper half first: the 8 threads of a 16-byte
+       * phase then hit 8 distinct 16-byte bank groups. */
+      const int sh = ((u >> 2) & 1) * 4;
+      const uint4 x = fh_ptx::lds_v4(sm->o + r * OLD + c + sh), y = fh_ptx::lds_v4(sm->o + r * OLD + c + 4 - sh);
+      const uint4 a = sh ? y : x, b = sh ? x : y;
       const float v[8] = {__uint_as_float(a.x), __uint_as_float(a.y), __uint_as_float(a.z), __uint_as_float(a.w),
                           __uint_as_float(b.x), __uint_as_float(b.y), __uint_as_float(b.z), __uint_as_float(b.w)};
       if (Align::kVec) {

@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_pa
           const int c = frag_col(j, e), col = v0 + c;
           float zz = -INFINITY;
           if (c < nv) {
-            const float r = acc.v[i][j][2 * h + e] + bj[j][e];
+            const float r = raw_logit(acc.v[i][j][2 * h + e], bj[j][e]);
             if (arg_better(r, col, av[s], ai[s])) av[s] = r, ai[s] = col;
             zz = process_logit(r, p.scale, p.cap, inv_cap);
             tmax = fmaxf(tmax, zz);

@@ -41,11 +41,15 @@ __device__ __forceinline__ float tanh_fast(float x) {
   return copysignf(t, x);
 }
 
-/* z = softcap(scale · r) (docs/linear_ce.md: scale first, then c · tanh(s / c)); inv_cap = 1/c
- * is precomputed by the caller (no division per logit). */
+/* z = softcap(scale · (acc + bias)) (docs/linear_ce.md: scale first, then c · tanh(s / c));
+ * inv_cap = 1/c is precomputed by the caller (no division per logit). The backward recomputes z
+ * and must get the forward's bits, so every rounding point is pinned with _rn intrinsics: nvcc
+ * may not contract them into FMAs with what the caller does next (z − lse, z − m), which would
+ * round differently in the two kernels. */
+__device__ __forceinline__ float raw_logit(float acc, float bias) { return __fadd_rn(acc, bias); }
 __device__ __forceinline__ float process_logit(float r, float scale, float cap, float inv_cap) {
-  const float s = scale * r;
-  return cap > 0.0f ? cap * tanh_fast(s * inv_cap) : s;
+  const float s = __fmul_rn(scale, r);
+  return cap > 0.0f ? __fmul_rn(cap, tanh_fast(__fmul_rn(s, inv_cap))) : s;
 }
 
 /* Online statistics of one row over the values seen so far: m = max, Z = Σ e^{z−m},

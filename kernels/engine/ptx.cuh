@@ -143,7 +143,7 @@ __device__ __forceinline__ void mma_tf32_1688(float (&d)[4], const uint32_t (&a)
 }
 
 /* Shared-memory accesses of the engine's own buffers (epilogue tiles), so the emulator can check
- * them for races and bank conflicts. 4 and 16 bytes, naturally aligned. */
+ * them for races and bank conflicts. 4, 8 and 16 bytes, naturally aligned. */
 __device__ __forceinline__ void sts_u32(void* p, uint32_t v) {
 #ifdef __CUDACC__
   *(uint32_t*)p = v;
@@ -158,6 +158,13 @@ __device__ __forceinline__ uint32_t lds_u32(const void* p) {
   uint32_t v;
   ::fh_emu::ptx_ld_shared(p, &v, 4);
   return v;
+#endif
+}
+__device__ __forceinline__ void sts_v2(void* p, uint2 v) {
+#ifdef __CUDACC__
+  *(uint2*)p = v;
+#else
+  ::fh_emu::ptx_st_shared(p, &v, 8);
 #endif
 }
 __device__ __forceinline__ void sts_v4(void* p, uint4 v) {
