@@ -131,6 +131,23 @@ Test(kernel_engine, batch_invariance, .timeout = 900) {
     cr_expect(lk_same_bits(a.entropy + 150, b.entropy, 1), "%s: entropy depends on the batch", DN[dt]);
     cr_expect(lk_same_bits(a.loss_rows + 150, b.loss_rows, 1), "%s: loss depends on the batch", DN[dt]);
     cr_expect_eq(a.argmax[150], b.argmax[0], "%s: argmax depends on the batch", DN[dt]);
+    /* The backward's row of dE in the deterministic mode, with a sum reduction (a mean's
+     * denominator depends on the batch by definition): bitwise the same. */
+    big.f.opt.reduction = one.f.opt.reduction = FH_REDUCTION_SUM;
+    big.f.opt.accum_mode = one.f.opt.accum_mode = FH_ACCUM_DETERMINISTIC;
+    float *l_big = malloc(sizeof(float) * 300), *e_big = malloc(sizeof(float) * 300), l_one, e_one;
+    cr_assert_eq(lk_run_forward(ctx, &big, &a, l_big, e_big), FH_SUCCESS);
+    cr_assert_eq(lk_run_forward(ctx, &one, &b, &l_one, &e_one), FH_SUCCESS);
+    lk_bwd_in_t ib, io;
+    lk_bwd_in_make(&ib, &big, 0, 5), lk_bwd_in_make(&io, &one, 0, 5); /* grad_loss 1.25 for both */
+    lk_grads_t gb, go;
+    lk_grads_alloc(&gb, &big), lk_grads_alloc(&go, &one);
+    cr_assert_eq(lk_run_backward(ctx, &big, &ib, l_big, e_big, 1, NULL, &gb), FH_SUCCESS);
+    cr_assert_eq(lk_run_backward(ctx, &one, &io, &l_one, &e_one, 1, NULL, &go), FH_SUCCESS);
+    cr_expect(lk_same_bits(gb.dE + 150 * D, go.dE, D), "%s: the row's dE depends on the batch", DN[dt]);
+    lk_grads_free(&gb), lk_grads_free(&go);
+    lk_bwd_in_free(&ib), lk_bwd_in_free(&io);
+    free(l_big), free(e_big);
     lk_fwd_free(&a), lk_fwd_free(&b);
     fh_context_destroy(ctx);
     lk_free(&big), lk_free(&one);
