@@ -36,6 +36,7 @@ struct fh_context {
   int device;
   struct CUstream_st* stream;
   struct fh_cuda_state* cuda; /* NULL for the CPU backend */
+  int num_threads;            /* CPU backend's OpenMP threads; 0: OpenMP's default */
 };
 
 /* ---- validation (each returns FH_SUCCESS or sets the error naming fn and the argument) ---- */

@@ -4,11 +4,13 @@
 #include <stdio.h>
 
 #include "fh_internal.h"
+#include "ref/ref_common.h"
 
 fh_status_t fh_check_context(const char* fn, const fh_context_t* ctx) {
   if (!ctx) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "ctx is NULL");
   if ((int)ctx->backend < 0 || ctx->backend >= FH_BACKEND_COUNT)
     return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "ctx is not a valid context");
+  fh_ref_set_threads(ctx->num_threads); /* every call checks its context first */
   return FH_SUCCESS;
 }
 

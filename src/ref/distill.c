@@ -165,7 +165,7 @@ fh_status_t fh_ref_distill_forward_f64(const fh_distill_problem_t* p, fh_distill
   fh_div_resolve(&p->opt, &dv);
   int oom = 0;
 #ifdef FH_HAVE_OPENMP
-#pragma omp parallel reduction(| : oom) if (fh_ref_parallel(p->N, p->V, p->D_s + p->D_t))
+#pragma omp parallel reduction(| : oom) if (fh_ref_parallel(p->N, p->V, p->D_s + p->D_t)) num_threads(fh_ref_threads())
 #endif
   {
     scratch_t s;
@@ -268,7 +268,7 @@ fh_status_t fh_ref_distill_backward_f64(const fh_distill_problem_t* p, const dou
   /* dE_i = Σ_j G_ij Cs_j, rows in parallel. */
   if (want_E) {
 #ifdef FH_HAVE_OPENMP
-#pragma omp parallel reduction(| : oom) if (fh_ref_parallel(p->N, p->V, p->D_s + p->D_t))
+#pragma omp parallel reduction(| : oom) if (fh_ref_parallel(p->N, p->V, p->D_s + p->D_t)) num_threads(fh_ref_threads())
 #endif
     {
       scratch_t s;
@@ -305,7 +305,7 @@ fh_status_t fh_ref_distill_backward_f64(const fh_distill_problem_t* p, const dou
    * classes, so no atomics), rows in order inside a block (deterministic). */
   if ((want_C || want_b) && !oom) {
 #ifdef FH_HAVE_OPENMP
-#pragma omp parallel reduction(| : oom) if (fh_ref_parallel(p->N, p->V, p->D_s + p->D_t))
+#pragma omp parallel reduction(| : oom) if (fh_ref_parallel(p->N, p->V, p->D_s + p->D_t)) num_threads(fh_ref_threads())
 #endif
     {
       scratch_t s;
