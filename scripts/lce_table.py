@@ -2,7 +2,7 @@
 """Turn bench_linear_ce's CSV (and, optionally, the workspace lines the kernel suite prints) into
 markdown tables, and optionally a plot.
 
-  build/bench_linear_ce > lce.csv
+  build-test/bench_linear_ce > lce.csv
   test_kernel --filter 'kernel_linear_ce_bwd/workspace*' --verbose > ws.txt
   scripts/lce_table.py lce.csv --workspace ws.txt [--plot lce.png]
 
