@@ -17,7 +17,7 @@
  *
  * Numerics: inputs are never rounded further for fp16/bf16 (the products are exact in fp32);
  * fp32 inputs are rounded to tf32 (10-bit mantissa) when staged, as cuBLAS does with TF32 math
- * enabled; the tests bound the error against a naive tf32 computation (DESIGN.md section 6). */
+ * enabled; the tests bound the error against a naive tf32 computation (docs/testing.md). */
 #pragma once
 
 #include <stdint.h>

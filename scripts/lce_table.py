@@ -14,7 +14,7 @@ import csv
 import io
 import sys
 
-# CCE paper Table 1 (Gemma 2 2B shape, A100-SXM4-80GB), MB = MiB; REFERENCE.md section 7.1.
+# CCE paper Table 1 (Gemma 2 2B shape, A100-SXM4-80GB), MB = MiB; docs/linear_ce.md, "Published numbers".
 CCE_TABLE1 = {"forward": "CCE loss 1 MB", "fp32": "CCE-Kahan 2326 MB", "output_dtype": "CCE loss+grad 1164 MB",
               "deterministic": "CCE-Kahan 2326 MB"}
 
