@@ -664,15 +664,11 @@ FH_API fh_status_t fh_distill_sparse_backward(fh_context_t* ctx, const fh_distil
  *       q_v = p_(1)·exp(log1p(expm1((α−1) ln(p_v/p_(1))) + c′)/(α−1)), accurate for α near 1.
  *       The token is the Gumbel-max of log q, which is not proportional to p here.
  *
- * Randomness: Philox4x32-10 (Random123, 10 rounds), key = (seed lo32, seed hi32), counter =
- * (v lo32, v hi32, offset lo32, offset hi32); of the four output words x, u_v =
- * ((((x0 << 32) | x1) >> 12) + 0.5)·2^−52, so u ∈ [2^−53, 1 − 2^−53], never 0 or 1 (52 bits so
- * that k + 0.5 and the result are exact doubles; x2, x3 are reserved). The noise of
- * token v is a function of (seed_b, offset_b, v) only: the token does not depend on the batch,
- * the row's position in it, tiling or how the vocabulary is split (argmax over a union is the
- * argmax of the parts' argmaxes). Use a fresh offset (e.g. the decode step) or seed per draw.
- * A CUDA backend uses the same keying, so u is bit-identical; g = −ln(−ln u) goes through libm
- * vs CUDA log (≤ 1 ulp apart), so tokens agree except for keys equal to ~1e-16 relative.
+ * Randomness: Philox4x32-10, key = (seed lo32, seed hi32), counter = (v lo32, v hi32, offset
+ * lo32, offset hi32); u_v = ((((x0 << 32) | x1) >> 12) + 0.5)·2^−52 from the output words, never
+ * 0 or 1. The noise of token v depends on (seed_b, offset_b, v) only, so the token does not
+ * depend on the batch, tiling or vocabulary splits; use a fresh offset (the decode step) or seed
+ * per draw. A CUDA backend uses the same keying (docs/decoding.md, "Randomness").
  *
  * Outputs per row (each optional except tokens; NULL = not wanted): logprob = log q_token (the
  * final sampling distribution: renormalised on A, α-Bregman q; greedy 0); full_logprob =
