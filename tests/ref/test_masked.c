@@ -333,6 +333,17 @@ Test(ref_masked, decode_minus_inf_logits) {
 
 /* ---- fp32 at large logits: gradients = fp64 gradients rounded once ---- */
 
+/* f = fp32(scale · x), then x = f: the fp32 inputs and their exact fp64 copies. A function of its
+ * own (noinline): GCC 12.2 at -O3 was seen to vectorize the equivalent loops written inline in
+ * the tests below wrongly, leaving the last two doubles unrounded (reproduced in a 30-line
+ * program), which made the two runs see different inputs. */
+__attribute__((noinline)) static void to_f32(double* x, float* f, int64_t n, double scale) {
+  for (int64_t k = 0; k < n; ++k) {
+    f[k] = (float)(x[k] * scale);
+    x[k] = f[k];
+  }
+}
+
 static int close_rounded(const char* what, double scale, const float* g32, const double* g64, int64_t n) {
   /* Overflowing fp64 gradients (chi-square of one-hot rows: Σ p²/q) must stay non-finite with
    * the same sign; the others are compared. */
@@ -360,9 +371,9 @@ Test(ref_masked, fp32_linear_ce_gradients_at_logit_scales_1_1e2_1e4) {
     int none[V_] = {0};
     lce_make(&p, none, 0, 31);
     float E32[N_ * D_], C32[V_ * D_], b32[V_];
-    for (int64_t k = 0; k < N_ * D_; ++k) p.E[k] = E32[k] = (float)(p.E[k] * scales[s]);
-    for (int64_t k = 0; k < V_ * D_; ++k) p.C[k] = C32[k] = (float)p.C[k];
-    for (int64_t k = 0; k < V_; ++k) p.b[k] = b32[k] = (float)p.b[k];
+    to_f32(p.E, E32, N_ * D_, scales[s]);
+    to_f32(p.C, C32, V_ * D_, 1.0);
+    to_f32(p.b, b32, V_, 1.0);
     fh_linear_ce_options_t o;
     fh_linear_ce_options_init(&o);
     o.label_smoothing = 0.1f;
@@ -397,14 +408,10 @@ Test(ref_masked, fp32_distill_gradients_at_logit_scales_1_1e2_1e4) {
       lce_make(&st, none, 0, 41);
       lce_make(&te, none, 0, 43);
       float f[4][V_ * D_ + N_ * D_];
-      for (int64_t k = 0; k < N_ * D_; ++k) {
-        st.E[k] = f[0][k] = (float)(st.E[k] * scales[s]);
-        te.E[k] = f[1][k] = (float)(te.E[k] * scales[s]);
-      }
-      for (int64_t k = 0; k < V_ * D_; ++k) {
-        st.C[k] = f[2][k] = (float)st.C[k];
-        te.C[k] = f[3][k] = (float)te.C[k];
-      }
+      to_f32(st.E, f[0], N_ * D_, scales[s]);
+      to_f32(te.E, f[1], N_ * D_, scales[s]);
+      to_f32(st.C, f[2], V_ * D_, 1.0);
+      to_f32(te.C, f[3], V_ * D_, 1.0);
       st.has_b = te.has_b = 0;
       fh_distill_options_t o;
       fh_distill_options_init(&o);
