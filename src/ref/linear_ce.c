@@ -40,8 +40,8 @@ static double raw_logit(const fh_lce_problem_t* p, const double* e, const double
  * whatever the softcap would map it to. */
 static int masked(double r) { return r == -INFINITY; }
 /* a·x where a term with a zero coefficient contributes 0 even when x is infinite (a masked target
- * under a zero weight): no 0·inf. */
-static double mul0(double a, double x) { return a == 0.0 ? 0.0 : a * x; }
+ * under a zero weight): no 0·inf. NaN still propagates (a NaN row stays NaN everywhere). */
+static double mul0(double a, double x) { return (a == 0.0 && isinf(x)) ? 0.0 : a * x; }
 static double process_logit(const fh_lce_problem_t* p, double r) {
   double s = (double)p->opt.logit_scale * r;
   double cap = (double)p->opt.softcap;
