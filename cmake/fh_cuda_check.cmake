@@ -1,4 +1,4 @@
-# fh_cuda_check.cmake: the compile-only CUDA check (CI step 2, DESIGN.md section 4).
+# fh_cuda_check.cmake: the compile-only CUDA check (CI step 2, docs/architecture.md).
 # When nvcc is available, `cmake --build <dir> --target ptxas_stats` and the ctest `ptxas`
 # compile every kernels/*.cu for sm_80 and sm_90 through scripts/ptxas_stats.sh, which writes
 # <build>/ptxas_stats.md (registers, stack, spills, shared memory per kernel) and fails on any

@@ -11,18 +11,25 @@
  *   - The library never exits, aborts or prints.
  *   - Tensors are described by fh_tensor_t (row-major, row stride in elements). For the CPU
  *     backend pointers are host pointers, for the CUDA backend device pointers.
- *   - Every compute call takes caller-owned workspace and has a *_workspace_size query; a
- *     non-empty workspace must be FH_WORKSPACE_ALIGNMENT-byte aligned (cudaMalloc and framework
- *     allocators are). The CPU backend is a reference implementation: it reports 0 bytes of
- *     workspace and allocates its O(N + V + D) temporaries itself (FH_ERR_OUT_OF_MEMORY when
- *     that fails).
+ *   - Every compute call takes caller-owned workspace and has a *_workspace_size query. On
+ *     every backend a non-empty workspace (workspace_bytes > 0) must be non-NULL and
+ *     FH_WORKSPACE_ALIGNMENT-byte aligned (cudaMalloc and framework allocators are);
+ *     FH_ERR_INVALID_ARGUMENT otherwise. The CPU backend is a reference implementation: it
+ *     reports 0 bytes of workspace and allocates its O(N + V + D) temporaries itself
+ *     (FH_ERR_OUT_OF_MEMORY when that fails).
+ *   - Masked classes: a class whose logit (after bias, before any softcap) is -inf has p = 0
+ *     and contributes 0 to every sum (lse, entropy, label smoothing, z-loss, divergences); its
+ *     gradient is exactly 0 (even when C holds the infinities). A target whose logit is -inf
+ *     gives loss +inf, as PyTorch. NaN and +inf propagate. docs/conventions.md has the details.
  *   - Options structs carry `struct_size` and are set up by their *_options_init(); fields are
  *     only ever appended, so a caller compiled against an older header keeps working.
  *   - CUDA backend calls are asynchronous on the context's stream: they return once enqueued
  *     and never synchronize the host. Data-dependent errors found on the device (a target out
  *     of range) raise a device flag that the next call on the context, or fh_context_check(),
  *     returns as FH_ERR_INVALID_ARGUMENT.
- *   - The CPU backend is synchronous and thread-safe for distinct outputs.
+ *   - The CPU backend is synchronous and thread-safe for distinct outputs; it runs OpenMP
+ *     teams of fh_context_set_num_threads threads (default: OpenMP's).
+ * Math, sources and exact semantics of every op and option: docs/ (docs/architecture.md first).
  */
 #ifndef FUSEDHEAD_H
 #define FUSEDHEAD_H
@@ -116,6 +123,12 @@ FH_API void fh_context_destroy(fh_context_t* ctx);
 /* Set the stream later calls enqueue on (CUDA backend; the CPU backend accepts only NULL). */
 FH_API fh_status_t fh_context_set_stream(fh_context_t* ctx, struct CUstream_st* stream);
 FH_API fh_status_t fh_context_get_backend(const fh_context_t* ctx, fh_backend_t* backend);
+/* Threads of the CPU backend's parallel loops for calls on this context: num_threads >= 1, or
+ * 0 (default) for OpenMP's default (OMP_NUM_THREADS). Results do not depend on it. The CUDA
+ * backend stores and ignores it. The PyTorch binding sets torch.get_num_threads() per call.
+ * Statuses: FH_ERR_INVALID_ARGUMENT (ctx or num_threads NULL, num_threads < 0). */
+FH_API fh_status_t fh_context_set_num_threads(fh_context_t* ctx, int num_threads);
+FH_API fh_status_t fh_context_get_num_threads(const fh_context_t* ctx, int* num_threads);
 /* Return, and clear, a data-dependent error that a kernel raised on the device (for example
  * a target outside [0, V)). Synchronizes the context's stream. CPU backend: FH_SUCCESS. */
 FH_API fh_status_t fh_context_check(fh_context_t* ctx);
@@ -179,23 +192,16 @@ typedef enum fh_reduction {
 } fh_reduction_t;
 
 /* Where gradients are accumulated (CUDA backend; the CPU reference always accumulates in fp64
- * and rounds once into the output dtype). Costs are for linear cross-entropy's backward; with
- * fp32 gradient outputs every mode accumulates directly in the outputs.
- *   FH_ACCUM_FP32 (default): one recompute of the logits, 6·N·V·D tensor-core FLOPs before the
- *     filter. dC and dbias have one owner block each and are summed in fp32 (for 16-bit
- *     outputs as "split fp32": the high 16 bits in the output, the low 16 in the workspace,
- *     rounded once at the end); dE by fp32 atomics into an fp32 copy, which holds half the rows
- *     at a time when N >= 2048 (two passes over the rows, no extra recompute). Workspace for
- *     16-bit outputs 2·V·D + 2·N·D (+ 4·V) bytes for N >= 2048, 2·V·D + 4·N·D below.
- *     Reproducible except the order of dE's atomic additions.
- *   FH_ACCUM_OUTPUT_DTYPE (low memory): O(N) workspace; dE and dC are read, added and written
- *     in the output dtype by their owner block (one rounding per 64-class tile or 64-row
- *     block), dbias in fp32; 8·N·V·D FLOPs; deterministic. bf16 outputs carry about 10x the
- *     error of fp32 accumulation (measured at V = 4099).
- *   FH_ACCUM_DETERMINISTIC: bitwise identical results run to run and under any block order:
- *     every gradient element has one owner adding in a fixed order, fp32-accurate (split fp32
- *     for 16-bit outputs, workspace 2·(N + V)·D bytes); the logits are recomputed twice,
- *     8·N·V·D FLOPs (+33% over FH_ACCUM_FP32). */
+ * and rounds once into the output dtype). Costs, workspace and accuracy of each mode are in
+ * docs/linear_ce.md ("Accumulation modes"); with fp32 gradient outputs every mode accumulates
+ * directly in the outputs.
+ *   FH_ACCUM_FP32 (default): one recompute of the logits (6·N·V·D FLOPs before the filter);
+ *     dC, dbias summed in fp32 by one owner block each ("split fp32" for 16-bit outputs), dE by
+ *     fp32 atomics into an fp32 copy. Reproducible except the order of dE's atomic additions.
+ *   FH_ACCUM_OUTPUT_DTYPE (low memory): O(N) workspace, dE and dC added in the output dtype
+ *     (about 10x the error of fp32 accumulation for bf16), deterministic.
+ *   FH_ACCUM_DETERMINISTIC: bitwise identical results run to run, fp32-accurate; the logits
+ *     are recomputed twice (8·N·V·D FLOPs). */
 typedef enum fh_accum_mode {
   FH_ACCUM_FP32 = 0,
   FH_ACCUM_OUTPUT_DTYPE = 1,
@@ -230,7 +236,8 @@ FH_API fh_status_t fh_rows_logsumexp(fh_context_t* ctx, const fh_tensor_t* logit
  *     z_ij = softcap · tanh(s_ij / softcap)           (only when softcap > 0)
  *     lse_i = log Σ_j exp(z_ij),  p_ij = exp(z_ij − lse_i),  h_i = −Σ_j p_ij log p_ij
  * Row i is valid when targets[i] != ignore_index; valid targets must lie in [0, V).
- * With α = label_smoothing, ε = α / V, class weights w (all 1 when NULL, W = Σ_j w_j),
+ * Sums over j run over the row's unmasked classes (r_ij > -inf), V_i of them; with
+ * α = label_smoothing, ε = α / V_i, class weights w (all 1 when NULL, W = Σ_j w_j),
  * token weights ω (all 1 when NULL), λ = z_loss_scale, η = entropy_weight, each valid row has
  *     ce_i  = ω_i [ w_y (1 − α)(lse_i − z_iy) + ε Σ_j w_j (lse_i − z_ij) ]   (y = targets[i])
  *     reg_i = ω_i [ λ lse_i² + η h_i ]
@@ -252,9 +259,12 @@ FH_API fh_status_t fh_rows_logsumexp(fh_context_t* ctx, const fh_tensor_t* logit
  *     (every valid target has class weight 0), the z-loss and entropy parts keep their mean.
  *   - The z-loss is part of `loss` and its gradient; `z_loss` reports the λ lse² part alone,
  *     with the same reduction and denominator D_reg.
- *   - NaN or Inf in a valid row's logits propagates to that row's loss, lse and gradients (and
+ *   - NaN or +inf in a valid row's logits propagates to that row's loss, lse and gradients (and
  *     so to a mean or sum); it never crashes or reads out of bounds. Ignored rows are never
- *     read, so NaN there does not propagate.
+ *     read, so NaN there does not propagate. -inf masks the class (conventions above): the
+ *     smoothing term is PyTorch's on the vocabulary without the row's masked classes (PyTorch
+ *     itself gives +inf there); a row with every class masked has lse -inf, entropy 0, loss
+ *     +inf and zero gradients.
  *   - Label smoothing follows PyTorch: the uniform part includes the target.
  *   - logit_scale multiplies the raw logits before the softcap (the scale belongs to the head,
  *     as Cohere's logit_scale or a muP output multiplier); a sampling temperature T is
@@ -324,7 +334,9 @@ FH_API fh_status_t fh_linear_ce_forward(fh_context_t* ctx, const fh_linear_ce_op
 
 /* Backward inputs beyond the forward's. */
 typedef struct fh_linear_ce_grad_inputs {
-  const float* lse;       /* required: [N] from the forward with the same options */
+  const float* lse;       /* required: [N] from the forward with the same options (the CPU
+                             backend recomputes it, and entropy, in fp64 unless the inputs are
+                             fp64: fp32 gradients stay accurate at large logits) */
   const float* entropy;   /* [N] from the forward; required when entropy_weight != 0 */
   const float* grad_loss; /* required: [1] for mean/sum, [N] for none (upstream gradient) */
   const float* grad_lse;  /* [N] upstream gradient of the lse output, or NULL (a user-side
@@ -352,6 +364,7 @@ FH_API fh_status_t fh_linear_ce_backward_workspace_size(fh_context_t* ctx,
  * sum, grad_loss[i] for none, times ω_i) and b_i the same with D_reg:
  *   ∂/∂z_ij = a_i [w_y (1 − α)(p_ij − δ_jy) + ε (W p_ij − w_j)]
  *           + b_i [2λ lse_i p_ij − η p_ij (log p_ij + h_i)] + grad_lse_i p_ij
+ * (ε and W per row, over unmasked classes; 0 for masked classes)
  * then × (1 − tanh²(s_ij / softcap)) when softcap > 0, × logit_scale, and
  *   dE = G·C, dC = Gᵀ·E, dbias_j = Σ_i G_ij.
  * Same statuses as the forward. */
@@ -647,7 +660,7 @@ FH_API fh_status_t fh_distill_sparse_backward(fh_context_t* ctx, const fh_distil
  *     A = the first k, k = max(1, max{j ≤ N : H_j ≤ τ}). Positional, as the reference code's
  *     sort (the log base cancels; N bounds the guard at α = 1). α = top_h_alpha in (0, 1].
  *   FH_DECODE_BREGMAN ("Foundations of Top-k Decoding", arXiv 2505.19371): these formulas follow
- *     the derivation in REFERENCE.md §4.5, worked out from the paper's abstract and summaries,
+ *     the derivation in docs/decoding.md, worked out from the paper's abstract and summaries,
  *     not verified against the paper body. With p_(1) ≥ p_(2) ≥ … in (s descending, id ascending)
  *     order, P_k = Σ_{i≤k} p_(i), p_(V+1) = 0 and λ = bregman_lambda ≥ 0:
  *       k* = min{k ≥ 1 : ln(1 + p_(k+1)/P_k) ≤ λ}  (the first minimiser of the KL cost
@@ -658,15 +671,11 @@ FH_API fh_status_t fh_distill_sparse_backward(fh_context_t* ctx, const fh_distil
  *       q_v = p_(1)·exp(log1p(expm1((α−1) ln(p_v/p_(1))) + c′)/(α−1)), accurate for α near 1.
  *       The token is the Gumbel-max of log q, which is not proportional to p here.
  *
- * Randomness: Philox4x32-10 (Random123, 10 rounds), key = (seed lo32, seed hi32), counter =
- * (v lo32, v hi32, offset lo32, offset hi32); of the four output words x, u_v =
- * ((((x0 << 32) | x1) >> 12) + 0.5)·2^−52, so u ∈ [2^−53, 1 − 2^−53], never 0 or 1 (52 bits so
- * that k + 0.5 and the result are exact doubles; x2, x3 are reserved). The noise of
- * token v is a function of (seed_b, offset_b, v) only: the token does not depend on the batch,
- * the row's position in it, tiling or how the vocabulary is split (argmax over a union is the
- * argmax of the parts' argmaxes). Use a fresh offset (e.g. the decode step) or seed per draw.
- * A CUDA backend uses the same keying, so u is bit-identical; g = −ln(−ln u) goes through libm
- * vs CUDA log (≤ 1 ulp apart), so tokens agree except for keys equal to ~1e-16 relative.
+ * Randomness: Philox4x32-10, key = (seed lo32, seed hi32), counter = (v lo32, v hi32, offset
+ * lo32, offset hi32); u_v = ((((x0 << 32) | x1) >> 12) + 0.5)·2^−52 from the output words, never
+ * 0 or 1. The noise of token v depends on (seed_b, offset_b, v) only, so the token does not
+ * depend on the batch, tiling or vocabulary splits; use a fresh offset (the decode step) or seed
+ * per draw. A CUDA backend uses the same keying (docs/decoding.md, "Randomness").
  *
  * Outputs per row (each optional except tokens; NULL = not wanted): logprob = log q_token (the
  * final sampling distribution: renormalised on A, α-Bregman q; greedy 0); full_logprob =

@@ -8,7 +8,7 @@
  *   (max, sum-exp) statistics every softmax-shaped kernel merges.
  * - Async copies (cp.async) behind wrappers with a synchronous emulator twin.
  *
- * Rules for kernels (DESIGN.md section 4): every warp collective names exactly the lanes that
+ * Rules for kernels (docs/architecture.md, "Kernels"): every warp collective names exactly the lanes that
  * call it; every __syncthreads is reached by every thread of the block (no early return before a
  * barrier); index math that multiplies a row by V or D is int64_t. */
 #ifndef FH_KERNELS_COMMON_CUH

@@ -4,7 +4,7 @@
  * Formula: none (host glue). Shapes: one int on the device, the error flag.
  * Thread mapping: none; no kernels here. The flag is written by kernels with atomicExch when they
  * find invalid data (a target out of range) and read back, then cleared, by fh_cuda_check, which
- * is the only place that synchronizes the host with the stream (DESIGN.md section 3).
+ * is the only place that synchronizes the host with the stream (docs/conventions.md).
  * Numerics: none. */
 #include <stdlib.h>
 

@@ -18,7 +18,7 @@
  * far, a suffix scan over the 256 bins finds the digit holding the k-th largest key; it stops as
  * soon as the whole chosen bucket is needed (usually after 4 digits, the value part). Then every
  * key >= the prefix is collected (exactly k of them) and ranked by counting (k^2 comparisons,
- * k <= 256), each thread writing its entries at their rank. No CUB (DESIGN.md section 4).
+ * k <= 256), each thread writing its entries at their rank. No CUB (docs/architecture.md, "Kernels").
  *
  * From logits: grid.x = B, the select reads the row (8 passes at most, each coalesced).
  *

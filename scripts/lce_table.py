@@ -2,7 +2,7 @@
 """Turn bench_linear_ce's CSV (and, optionally, the workspace lines the kernel suite prints) into
 markdown tables, and optionally a plot.
 
-  build/bench_linear_ce > lce.csv
+  build-test/bench_linear_ce > lce.csv
   test_kernel --filter 'kernel_linear_ce_bwd/workspace*' --verbose > ws.txt
   scripts/lce_table.py lce.csv --workspace ws.txt [--plot lce.png]
 
@@ -14,7 +14,7 @@ import csv
 import io
 import sys
 
-# CCE paper Table 1 (Gemma 2 2B shape, A100-SXM4-80GB), MB = MiB; REFERENCE.md section 7.1.
+# CCE paper Table 1 (Gemma 2 2B shape, A100-SXM4-80GB), MB = MiB; docs/linear_ce.md, "Published numbers".
 CCE_TABLE1 = {"forward": "CCE loss 1 MB", "fp32": "CCE-Kahan 2326 MB", "output_dtype": "CCE loss+grad 1164 MB",
               "deterministic": "CCE-Kahan 2326 MB"}
 

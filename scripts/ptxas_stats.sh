@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ptxas_stats.sh: compile every kernels/*.cu with nvcc for sm_80 and sm_90 (ptxas -v) and tabulate,
 # per kernel and architecture, registers, stack frame, spill stores/loads and static shared memory.
-# Spills are a defect (DESIGN.md section 4): the script exits 1 if any of our kernels spills, 2 if
+# Spills are a defect (docs/architecture.md, "Kernels"): the script exits 1 if any of our kernels spills, 2 if
 # a file does not compile. Kernels of CUB/Thrust (instantiated by kernels/blas.cu) are listed,
 # marked "(library)", but their spills are not ours to fix and do not fail the step.
 #
@@ -59,7 +59,7 @@ if [ -n "$out" ]; then cp "$tmp/table.md" "$out"; fi
 
 spills="$(awk -F'\t' '($6 > 0 || $7 > 0) && $3 !~ /^_ZN(3cub|6thrust)/' "$rows")"
 if [ -n "$spills" ]; then
-  echo "ptxas_stats: register spills (a defect, DESIGN.md section 4):" >&2
+  echo "ptxas_stats: register spills (a defect, docs/architecture.md):" >&2
   echo "$spills" >&2
   [ "$status" -eq 0 ] && status=1
 fi

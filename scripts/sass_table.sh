@@ -9,7 +9,7 @@
 #       HMMA and no narrow global load; an fh_eng::scalar one has HMMA in a loop; every pattern of
 #       scripts/gemm_kernels.txt matches an fh_eng::vec16 kernel on each sm_80 / sm_90 cubin.
 #
-# usage: scripts/sass_table.sh [LIBRARY [OUT_PREFIX]]   default build/libfusedhead.so, and
+# usage: scripts/sass_table.sh [LIBRARY [OUT_PREFIX]]   default build-test/libfusedhead.so, and
 #                                                       OUT_PREFIX = LIBRARY's folder/sass_table:
 #                                                       writes OUT_PREFIX.md and OUT_PREFIX.csv
 #        scripts/sass_table.sh --self-test              the parser on scripts/testdata (no CUDA)
@@ -33,7 +33,7 @@ if [ "${1:-}" = "--self-test" ]; then
   exec "$py" "$here/sass_table.py" --self-test
 fi
 
-lib="${1:-$root/build/libfusedhead.so}"
+lib="${1:-$root/build-test/libfusedhead.so}"
 if [ ! -f "$lib" ]; then
   echo "sass_table: $lib not found (build the library first)" >&2
   exit 2

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Build fusedhead and run every test suite (no GPU needed):
 #   bash scripts/test.sh
-# 1. the library as users build it (CUDA backend when nvcc is present), warnings as errors:
-#    the ref/ and api/ suites, the installed-package consumer check, a demo run, and the
-#    PyTorch bindings' tests (python/tests, with Debian's python3-torch);
-# 2. everything again under AddressSanitizer + UBSan, including the SIMT emulator and the
-#    kernel suites that run kernels/*.cu on the CPU;
+# 1. the library as users build it (CUDA backend when nvcc is present), warnings as errors, in
+#    build-test/: the ref/ and api/ suites, the installed-package consumer check (CMake and
+#    pkg-config, shared and static), README's code blocks (scripts/check_readme.sh), a demo run,
+#    and the PyTorch bindings' tests (python/tests, with Debian's python3-torch);
+# 2. everything again under AddressSanitizer + UBSan, in build-san/, including the SIMT emulator
+#    and the kernel suites that run kernels/*.cu on the CPU;
 # 3. with nvcc present: ptxas statistics for sm_80 and sm_90 (spills fail), a test of build 2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,25 +37,40 @@ run_ctest() { # name builddir [ctest args]
 
 step() { echo; echo "=== $*"; }
 
-step "build 1: default configuration, -Werror"
-if ! { cmake -S . -B build -DFH_WERROR=ON -DFH_BUILD_EMULATOR=OFF -DCMAKE_BUILD_TYPE=Release &&
-       cmake --build build -j"$jobs"; } >"$logdir/build1.log" 2>&1; then
+# Build progress on the terminal (one line per finished target), the full output in the log.
+build_logged() { # log cmake-args...
+  local log=$1
+  shift
+  cmake --build "$@" 2>&1 | tee -a "$log" |
+    { grep --line-buffered -E '^\[ *[0-9]+%\] Built target' | sed -u 's/^/    /'; true; }
+}
+t_start=$(date +%s)
+
+step "build 1: default configuration, -Werror, in build-test/"
+if ! { cmake -S . -B build-test -DFH_WERROR=ON -DFH_BUILD_EMULATOR=OFF -DCMAKE_BUILD_TYPE=Release \
+         >"$logdir/build1.log" 2>&1 &&
+       build_logged "$logdir/build1.log" build-test -j"$jobs"; }; then
   tail -n 80 "$logdir/build1.log"; echo "build 1 failed"; exit 1
 fi
 grep -E 'fusedhead:' "$logdir/build1.log" || true
-run_ctest default build
+run_ctest default build-test
 step "demo smoke run (small shape)"
-./build/demo_linear_ce 64 40 1001 || failed=1
+./build-test/demo_linear_ce 64 40 1001 || failed=1
 
 step "python: PyTorch integration (python3-torch, Debian's /usr/bin/python3)"
 pylog="$logdir/python.log"
-bash scripts/test_python.sh build >"$pylog" 2>&1 || { failed=1; tail -n 60 "$pylog"; }
+bash scripts/test_python.sh build-test >"$pylog" 2>&1 || { failed=1; tail -n 60 "$pylog"; }
 grep '^python: ' "$pylog" | tail -n 1
 
-step "build 2: AddressSanitizer + UBSan, emulator and kernel suites"
+step "README: its C block built against the installed package, its Python block run (scripts/check_readme.sh)"
+rmlog="$logdir/readme.log"
+bash scripts/check_readme.sh build-test >"$rmlog" 2>&1 || { failed=1; tail -n 60 "$rmlog"; }
+grep '^readme: ' "$rmlog"
+
+step "build 2: AddressSanitizer + UBSan, emulator and kernel suites, in build-san/"
 if ! { cmake -S . -B build-san -DFH_WERROR=ON -DFH_ENABLE_CUDA=OFF -DFH_BUILD_BENCH=OFF \
-         -DFH_SANITIZE=address,undefined -DCMAKE_BUILD_TYPE=RelWithDebInfo &&
-       cmake --build build-san -j"$jobs"; } >"$logdir/build2.log" 2>&1; then
+         -DFH_SANITIZE=address,undefined -DCMAKE_BUILD_TYPE=RelWithDebInfo >"$logdir/build2.log" 2>&1 &&
+       build_logged "$logdir/build2.log" build-san -j"$jobs"; }; then
   tail -n 80 "$logdir/build2.log"; echo "build 2 failed"; exit 1
 fi
 grep -E 'fusedhead:' "$logdir/build2.log" || true
@@ -70,8 +86,8 @@ fi
 # (cuobjdump is pip-installed when missing: exit 3 when it cannot be, a failure under CI=true).
 step "SASS evidence: GEMM main loops and spills (scripts/sass_table.sh)"
 bash scripts/sass_table.sh --self-test || failed=1
-if command -v nvcc >/dev/null && [ -f build/libfusedhead.so ]; then
-  FH_SASS_ENFORCE=${FH_SASS_ENFORCE:-1} bash scripts/sass_table.sh build/libfusedhead.so; rc=$?
+if command -v nvcc >/dev/null && [ -f build-test/libfusedhead.so ]; then
+  FH_SASS_ENFORCE=${FH_SASS_ENFORCE:-1} bash scripts/sass_table.sh build-test/libfusedhead.so; rc=$?
   if [ $rc -eq 3 ] && [ "${CI:-}" != true ]; then echo "sass: skipped (no cuobjdump)";
   elif [ $rc -ne 0 ]; then failed=1; fi
 fi
@@ -87,7 +103,11 @@ if [ -f "$pylog" ]; then
   read -r p f < <(sed -n 's/^python: \([0-9]*\) passed, \([0-9]*\) failed$/\1 \2/p' "$pylog" | tail -n 1) || true
   pass=$((pass + ${p:-0})); fail=$((fail + ${f:-0}))
 fi
+if [ -f "$rmlog" ]; then
+  read -r p f < <(sed -n 's/^readme: \([0-9]*\) passed, \([0-9]*\) failed$/\1 \2/p' "$rmlog" | tail -n 1) || true
+  pass=$((pass + ${p:-0})); fail=$((fail + ${f:-0}))
+fi
 [ $failed -eq 0 ] || [ $fail -gt 0 ] || fail=1
 echo
-echo "tests: $pass passed, $fail failed"
+echo "tests: $pass passed, $fail failed ($(( $(date +%s) - t_start )) s)"
 exit $failed

@@ -1,8 +1,44 @@
 /* Context lifetime and backend selection. */
 #include <stdlib.h>
+#ifdef FH_HAVE_OPENMP
+#include <omp.h>
+#endif
 
 #include "cuda_backend.h"
 #include "fh_internal.h"
+#include "ref/ref_common.h"
+
+static _Thread_local int fh_tls_threads;
+
+void fh_ref_set_threads(int n) { fh_tls_threads = n; }
+
+int fh_ref_threads(void) {
+#ifdef FH_HAVE_OPENMP
+  return fh_tls_threads > 0 ? fh_tls_threads : omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+fh_status_t fh_context_set_num_threads(fh_context_t* ctx, int num_threads) {
+  static const char fn[] = "fh_context_set_num_threads";
+  fh_clear_error();
+  FH_TRY(fh_check_context(fn, ctx));
+  if (num_threads < 0)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "num_threads is %d (must be >= 0; 0 is OpenMP's default)",
+                        num_threads);
+  ctx->num_threads = num_threads;
+  return FH_SUCCESS;
+}
+
+fh_status_t fh_context_get_num_threads(const fh_context_t* ctx, int* num_threads) {
+  static const char fn[] = "fh_context_get_num_threads";
+  fh_clear_error();
+  FH_TRY(fh_check_context(fn, ctx));
+  if (!num_threads) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "num_threads is NULL");
+  *num_threads = ctx->num_threads;
+  return FH_SUCCESS;
+}
 
 int fh_backend_available(fh_backend_t backend) {
   switch (backend) {

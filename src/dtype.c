@@ -80,3 +80,13 @@ size_t fh_dtype_size(fh_dtype_t dtype) {
     default: return 0;
   }
 }
+
+const char* fh_dtype_name(fh_dtype_t dtype) {
+  switch (dtype) {
+    case FH_DTYPE_F32: return "fp32";
+    case FH_DTYPE_F16: return "fp16";
+    case FH_DTYPE_BF16: return "bf16";
+    case FH_DTYPE_F64: return "fp64";
+    default: return "invalid";
+  }
+}

@@ -17,6 +17,9 @@ double fh_bf16_bits_to_double(uint16_t b);
 uint16_t fh_double_to_half_bits(double x);
 uint16_t fh_double_to_bf16_bits(double x);
 
+/* "fp32", "fp16", "bf16", "fp64" (the names messages use), "invalid" otherwise. */
+const char* fh_dtype_name(fh_dtype_t dtype);
+
 /* Element `idx` (a flat element offset) of a buffer of `dtype`. */
 double fh_load(const void* base, fh_dtype_t dtype, int64_t idx);
 void fh_store(void* base, fh_dtype_t dtype, int64_t idx, double v);

@@ -36,6 +36,7 @@ struct fh_context {
   int device;
   struct CUstream_st* stream;
   struct fh_cuda_state* cuda; /* NULL for the CPU backend */
+  int num_threads;            /* CPU backend's OpenMP threads; 0: OpenMP's default */
 };
 
 /* ---- validation (each returns FH_SUCCESS or sets the error naming fn and the argument) ---- */
@@ -73,7 +74,8 @@ fh_status_t fh_check_grad_tensor(const char* fn, const char* name, const fh_tens
 /* A loss-shaped array: [n] for FH_REDUCTION_NONE (may be NULL when n == 0), else [1]. */
 fh_status_t fh_check_reduced_ptr(const char* fn, const char* name, const void* p, fh_reduction_t reduction,
                                  int64_t n);
-/* Workspace: at least `need` bytes (a NULL pointer is fine when need == 0). */
+/* Workspace: at least `need` bytes; when workspace_bytes > 0, non-NULL and
+ * FH_WORKSPACE_ALIGNMENT-aligned (every backend). */
 fh_status_t fh_check_workspace(const char* fn, const void* ws, size_t bytes, size_t need);
 
 #ifdef __cplusplus

@@ -8,7 +8,7 @@
 
 static void ref_rows_logsumexp(const fh_tensor_t* x, float* lse) {
 #ifdef FH_HAVE_OPENMP
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(fh_ref_threads())
 #endif
   for (int64_t i = 0; i < x->rows; ++i) {
     fh_ref_softmax_stats_t st;

@@ -1,5 +1,5 @@
 /* Philox4x32-10 (Salmon et al., SC'11; Random123) and the decoding RNG contract, header-only so
- * that the CPU reference and a CUDA kernel share the exact keying (REFERENCE.md §4.6):
+ * that the CPU reference and a CUDA kernel share the exact keying (docs/decoding.md, "Randomness"):
  *   key = (seed lo32, seed hi32), counter = (token lo32, token hi32, offset lo32, offset hi32),
  *   u = ((((x0 << 32) | x1) >> 12) + 0.5) · 2^-52  ∈ [2^-53, 1 − 2^-53]   (never 0 or 1).
  * The uniform of token v is a function of (seed, offset, v) only, so samples do not depend on

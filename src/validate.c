@@ -3,12 +3,15 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "dtype.h"
 #include "fh_internal.h"
+#include "ref/ref_common.h"
 
 fh_status_t fh_check_context(const char* fn, const fh_context_t* ctx) {
   if (!ctx) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "ctx is NULL");
   if ((int)ctx->backend < 0 || ctx->backend >= FH_BACKEND_COUNT)
     return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "ctx is not a valid context");
+  fh_ref_set_threads(ctx->num_threads); /* every call checks its context first */
   return FH_SUCCESS;
 }
 
@@ -32,11 +35,12 @@ fh_status_t fh_check_tensor(const char* fn, const char* name, const fh_tensor_t*
                             int64_t cols, fh_dtype_t want_dtype) {
   if (!t) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s is NULL", name);
   if ((int)t->dtype < 0 || t->dtype >= FH_DTYPE_COUNT)
-    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s->dtype is %d (must be in [0, %d))", name,
-                        (int)t->dtype, (int)FH_DTYPE_COUNT);
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn,
+                        "%s->dtype is %d (not a dtype: FH_DTYPE_F32, FH_DTYPE_F16, FH_DTYPE_BF16 or FH_DTYPE_F64)",
+                        name, (int)t->dtype);
   if ((int)want_dtype >= 0 && want_dtype < FH_DTYPE_COUNT && t->dtype != want_dtype)
-    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s->dtype is %d (must match the inputs' dtype %d)",
-                        name, (int)t->dtype, (int)want_dtype);
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s->dtype is %s (must be %s, the dtype of the other inputs)",
+                        name, fh_dtype_name(t->dtype), fh_dtype_name(want_dtype));
   if (t->rows < 0) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s->rows is %lld (negative)", name, (long long)t->rows);
   if (t->cols < 0) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s->cols is %lld (negative)", name, (long long)t->cols);
   if (rows >= 0 && t->rows != rows)
@@ -105,12 +109,16 @@ fh_status_t fh_check_float_range(const char* fn, const char* name, double v, dou
 fh_status_t fh_check_workspace(const char* fn, const void* ws, size_t bytes, size_t need) {
   if (bytes < need)
     return fh_set_error(FH_ERR_INSUFFICIENT_WORKSPACE, fn, "workspace_bytes is %zu (need %zu)", bytes, need);
-  if (need > 0 && !ws) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "workspace is NULL");
-  /* Kernels carve the workspace at 256-byte offsets from its base and keep fp64 values there: a
-   * misaligned base would fault on the GPU (and poison the CUDA context). */
-  if (need > 0 && (uintptr_t)ws % FH_WORKSPACE_ALIGNMENT != 0)
-    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "workspace %p is not %d-byte aligned", ws,
-                        FH_WORKSPACE_ALIGNMENT);
+  /* One rule on every backend, whatever this backend needs (fusedhead.h): a non-empty
+   * workspace is a valid, aligned pointer. Kernels carve it at 256-byte offsets from its base and
+   * keep fp64 values there: a misaligned base would fault on the GPU (and poison the CUDA
+   * context), and code tested on the CPU backend must not break when moved to CUDA. */
+  if (bytes > 0 && !ws)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "workspace is NULL with workspace_bytes %zu (pass NULL, 0 or a "
+                        "valid buffer)", bytes);
+  if (bytes > 0 && (uintptr_t)ws % FH_WORKSPACE_ALIGNMENT != 0)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "workspace %p is not %d-byte aligned (FH_WORKSPACE_ALIGNMENT)",
+                        ws, FH_WORKSPACE_ALIGNMENT);
   return FH_SUCCESS;
 }
 

@@ -8,7 +8,10 @@ header change that this file does not follow fails loudly instead of corrupting 
 import ctypes
 import atexit
 import ctypes.util
+import functools
+import operator
 import os
+import re
 import threading
 
 import torch
@@ -58,6 +61,24 @@ TORCH_DTYPES = {torch.float32: DTYPE_F32, torch.float16: DTYPE_F16,
                 torch.bfloat16: DTYPE_BF16, torch.float64: DTYPE_F64}
 REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
 DISTILL_ROW_STATE = 4
+
+
+def integer(fn, name, value, lo=-(1 << 63), hi=(1 << 63) - 1):
+    """An integer argument, checked in Python before it reaches a ctypes field (which would
+    truncate 1.5 to 1 or wrap 2**64 to 0 silently): TypeError for a non-integer (float, str),
+    FusedHeadError for a value outside [lo, hi] (int64 unless stated, [0, 2**64) for seeds)."""
+    if isinstance(value, bool):
+        value = int(value)
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError("%s: %s must be an integer (got %s %r)" % (fn, name, type(value).__name__, value)) from None
+    if not lo <= v <= hi:
+        fail(fn, "%s is %d (must be in [%d, %d])" % (name, v, lo, hi))
+    return v
+
+
+UINT64_MAX = (1 << 64) - 1
 
 
 def reduction_code(fn, reduction):
@@ -169,6 +190,8 @@ _SIGNATURES = {
     "fh_context_destroy": (None, [_vp]),
     "fh_context_set_stream": (_i, [_vp, _vp]),
     "fh_context_check": (_i, [_vp]),
+    "fh_context_set_num_threads": (_i, [_vp, _i]),
+    "fh_context_get_num_threads": (_i, [_vp, _P(_i)]),
     "fh_rows_logsumexp": (_i, [_vp, _P(Tensor), _vp]),
     "fh_linear_ce_options_init": (None, [_vp]),
     "fh_linear_ce_forward_workspace_size": (_i, [_vp, _P(LinearCEOptions), _i64, _i64, _i64, _i, _P(_sz)]),
@@ -254,10 +277,40 @@ def version():
     return lib.fh_version().decode()
 
 
-def check(status):
-    """Raise FusedHeadError carrying fh_last_error() when status is not FH_SUCCESS."""
+_C_PREFIX = re.compile(r"^(fh_[a-z0-9_]+): ")
+
+
+def check(status, fn=None):
+    """Raise FusedHeadError carrying fh_last_error() when status is not FH_SUCCESS. With `fn`
+    (the Python function the user called) the message is put in the user's terms: it starts
+    with fn instead of the C function (named at the end), and option fields ("opts->top_k") are
+    named as the keyword arguments that set them ("top_k")."""
     if status != SUCCESS:
-        raise FusedHeadError(status, lib.fh_last_error().decode(errors="replace"))
+        msg = lib.fh_last_error().decode(errors="replace")
+        if fn is not None:
+            m = _C_PREFIX.match(msg)
+            cfn = m.group(1) if m else None
+            body = msg[m.end():] if m else msg
+            body = body.replace("opts->", "")
+            msg = "%s: %s%s" % (fn, body, " (in %s)" % cfn if cfn else "")
+        raise FusedHeadError(status, msg)
+
+
+def no_double_backward(fn_name):
+    """Wrap a custom Function's backward: the library computes first derivatives only, so a
+    backward run with create_graph=True (grad mode on inside backward) raises instead of
+    returning gradients that silently carry no graph (docs/conventions.md)."""
+    def wrap(backward):
+        once = torch.autograd.function.once_differentiable(backward)
+
+        @functools.wraps(backward)
+        def run(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError("%s: double backward (create_graph=True, a gradient of the gradient) is not "
+                                   "supported: fusedhead computes first derivatives only" % fn_name)
+            return once(ctx, *grads)
+        return run
+    return wrap
 
 
 def new_options(cls, init_name):
@@ -315,6 +368,9 @@ def context_for(device):
     ctx = cache.get(key)
     if ctx is None:
         ctx = cache[key] = _Context(backend, index)
+    if backend == BACKEND_CPU:
+        # The CPU backend's OpenMP teams follow PyTorch's intra-op thread count (docs/architecture.md).
+        check(lib.fh_context_set_num_threads(ctx.handle, max(torch.get_num_threads(), 1)))
     if backend == BACKEND_CUDA:
         stream = torch.cuda.current_stream(torch.device("cuda", index)).cuda_stream
         check(lib.fh_context_set_stream(ctx.handle, _vp(stream)))

@@ -42,10 +42,17 @@ def _options(fn, B, dev, keep, sampler, params, num_logprobs, degenerate_token, 
                 L.fail(fn, "%s is on %s but the logits are on %s" % (name, t.device, dev))
             keep.append(t)
             setattr(o, field, L.ptr(t))
+        elif name in ("seed", "offset"):
+            setattr(o, name, L.integer(fn, name, value, 0, L.UINT64_MAX))
+        elif name in ("top_k", "top_h_candidates"):
+            setattr(o, name, L.integer(fn, name, value))
         else:
-            setattr(o, name, value if name in ("top_k", "top_h_candidates", "seed", "offset") else float(value))
-    o.num_logprobs = int(num_logprobs)
-    o.degenerate_token = int(degenerate_token)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise TypeError("%s: %s must be a number or a per-row tensor (got %s %r)"
+                                % (fn, name, type(value).__name__, value))
+            setattr(o, name, float(value))
+    o.num_logprobs = L.integer(fn, "num_logprobs", num_logprobs)
+    o.degenerate_token = L.integer(fn, "degenerate_token", degenerate_token)
     if logit_bias is not None:
         ids, values, count = logit_bias
         ids = L.int64_buffer(fn, "logit_bias ids", ids)
@@ -72,7 +79,7 @@ def _sample(fn, B, V, D, dev, dtype, call_args, fused, sampler, num_logprobs, de
     opts = _options(fn, B, dev, keep, sampler, params, num_logprobs, degenerate_token, logit_bias, banned)
     f32 = dict(dtype=torch.float32, device=dev)
     i64 = dict(dtype=torch.int64, device=dev)
-    n = max(int(num_logprobs), 0)
+    n = max(L.integer(fn, "num_logprobs", num_logprobs), 0)
     res = SampleOutput(tokens=L.out_buffer((B,), torch.int64, dev), logprob=torch.empty(B, **f32),
                        full_logprob=torch.empty(B, **f32), rank=torch.empty(B, **i64), lse=torch.empty(B, **f32),
                        entropy=torch.empty(B, **f32), allowed_count=torch.empty(B, **i64),
@@ -81,13 +88,13 @@ def _sample(fn, B, V, D, dev, dtype, call_args, fused, sampler, num_logprobs, de
     out = L.DecodeOutputs(*[L.ptr(t) for t in res])
     h = L.context_for(dev)
     nbytes = ctypes.c_size_t()
-    L.check(L.lib.fh_decode_workspace_size(h, ctypes.byref(opts), B, V, D, dtype, ctypes.byref(nbytes)))
+    L.check(L.lib.fh_decode_workspace_size(h, ctypes.byref(opts), B, V, D, dtype, ctypes.byref(nbytes)), fn)
     ws, wsp = L.workspace(dev, nbytes.value)
     if fused:
-        L.check(L.lib.fh_decode_fused(h, ctypes.byref(opts), *call_args, ctypes.byref(out), wsp, nbytes.value))
+        L.check(L.lib.fh_decode_fused(h, ctypes.byref(opts), *call_args, ctypes.byref(out), wsp, nbytes.value), fn)
     else:
         L.check(L.lib.fh_decode_from_logits(h, ctypes.byref(opts), *call_args, ctypes.byref(out), wsp,
-                                            nbytes.value))
+                                            nbytes.value), fn)
     return res
 
 
@@ -152,7 +159,7 @@ def topk(logits, k):
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         L.fail(fn, "logits must be a 2-D tensor [B, V]")
     logits, T = L.matrix(fn, "logits", logits.detach())
-    return _topk(fn, T.rows, T.cols, 0, int(k), logits.device, T.dtype,
+    return _topk(fn, T.rows, T.cols, 0, L.integer(fn, "k", k), logits.device, T.dtype,
                  lambda *rest: L.lib.fh_topk_from_logits(L.context_for(logits.device), ctypes.byref(T), *rest))
 
 
@@ -161,7 +168,7 @@ def topk_fused(hidden, c, k, bias=None):
     fn = "fusedhead.topk_fused"
     (H, C, Bt), keep = _head(fn, hidden, c, bias)
     dev = keep[0].device
-    return _topk(fn, H.rows, C.rows, H.cols, int(k), dev, H.dtype,
+    return _topk(fn, H.rows, C.rows, H.cols, L.integer(fn, "k", k), dev, H.dtype,
                  lambda *rest: L.lib.fh_topk_fused(L.context_for(dev), ctypes.byref(H), ctypes.byref(C),
                                                    L.tensor_ptr(Bt), *rest))
 
@@ -171,9 +178,9 @@ def _topk(fn, B, V, D, k, dev, dtype, call):
     values = torch.empty((B, max(k, 0)), dtype=torch.float32, device=dev)
     ids = torch.empty((B, max(k, 0)), dtype=torch.int64, device=dev)
     nbytes = ctypes.c_size_t()
-    L.check(L.lib.fh_topk_workspace_size(L.context_for(dev), B, V, D, k, dtype, ctypes.byref(nbytes)))
+    L.check(L.lib.fh_topk_workspace_size(L.context_for(dev), B, V, D, k, dtype, ctypes.byref(nbytes)), fn)
     ws, wsp = L.workspace(dev, nbytes.value)
-    L.check(call(k, L.ptr(values), L.ptr(ids), wsp, nbytes.value))
+    L.check(call(k, L.ptr(values), L.ptr(ids), wsp, nbytes.value), fn)
     return values, ids
 
 
@@ -184,5 +191,5 @@ def logsumexp(logits):
         L.fail(fn, "logits must be a 2-D tensor [B, V]")
     logits, T = L.matrix(fn, "logits", logits.detach())
     out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    L.check(L.lib.fh_rows_logsumexp(L.context_for(logits.device), ctypes.byref(T), L.ptr(out)))
+    L.check(L.lib.fh_rows_logsumexp(L.context_for(logits.device), ctypes.byref(T), L.ptr(out)), fn)
     return out

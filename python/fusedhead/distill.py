@@ -32,7 +32,7 @@ def _options(fn, kw):
     o.scale_by_t_squared = 1 if kw["scale_by_t_squared"] else 0
     o.soft_weight = float(kw["soft_weight"])
     o.hard_weight = float(kw["hard_weight"])
-    o.ignore_index = int(kw["ignore_index"])
+    o.ignore_index = L.integer(fn, "ignore_index", kw["ignore_index"])
     o.reduction = L.reduction_code(fn, kw["reduction"])
     o.divisor = float(kw["divisor"] or 0.0)
     o.sparse_mass = _code(fn, "sparse_mass", SPARSE_MASS, kw["sparse_mass"])
@@ -91,12 +91,12 @@ class DistillationFunction(torch.autograd.Function):
         shape = _shape(student, tstruct, sparse, N)
         nbytes = ctypes.c_size_t()
         L.check(L.lib.fh_distill_forward_workspace_size(h, ctypes.byref(opts), ctypes.byref(shape),
-                                                        ctypes.byref(nbytes)))
+                                                        ctypes.byref(nbytes)), fn)
         ws, wsp = L.workspace(dev, nbytes.value)
         call = L.lib.fh_distill_sparse_forward if sparse else L.lib.fh_distill_forward
         tp = ctypes.byref(tstruct) if sparse else ctypes.byref(tstruct.head)
         L.check(call(h, ctypes.byref(opts), ctypes.byref(student.head), tp, L.ptr(targets), ctypes.byref(out),
-                     wsp, nbytes.value))
+                     wsp, nbytes.value), fn)
         if components is not None:
             components["soft"], components["hard"] = soft, hard
         ctx.fn, ctx.kw, ctx.teacher = fn, kw, teacher
@@ -104,7 +104,7 @@ class DistillationFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @L.no_double_backward("fusedhead distillation")
     def backward(ctx, grad_loss):
         e, c, bias, targets, row_state = ctx.saved_tensors
         need_e, need_c, need_b = ctx.needs_input_grad[:3]
@@ -133,12 +133,12 @@ class DistillationFunction(torch.autograd.Function):
         shape = _shape(student, tstruct, sparse, e.shape[0])
         nbytes = ctypes.c_size_t()
         L.check(L.lib.fh_distill_backward_workspace_size(h, ctypes.byref(opts), ctypes.byref(shape),
-                                                         ctypes.byref(nbytes)))
+                                                         ctypes.byref(nbytes)), ctx.fn)
         ws, wsp = L.workspace(dev, nbytes.value)
         call = L.lib.fh_distill_sparse_backward if sparse else L.lib.fh_distill_backward
         tp = ctypes.byref(tstruct) if sparse else ctypes.byref(tstruct.head)
         L.check(call(h, ctypes.byref(opts), ctypes.byref(student.head), tp, L.ptr(targets), ctypes.byref(gin),
-                     ctypes.byref(grads), wsp, nbytes.value))
+                     ctypes.byref(grads), wsp, nbytes.value), ctx.fn)
         return de, dc, db, None, None, None, None, None
 
 

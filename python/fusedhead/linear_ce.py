@@ -26,7 +26,7 @@ def _options(ignore_index, reduction, softcap, label_smoothing, logit_scale, z_l
              entropy_weight, divisor, filter_eps=None, filter_e_grad=True, filter_c_grad=True,
              accum_mode="fp32"):
     o = L.new_options(L.LinearCEOptions, "fh_linear_ce_options_init")
-    o.ignore_index = int(ignore_index)
+    o.ignore_index = L.integer(_FN, "ignore_index", ignore_index)
     o.reduction = L.reduction_code(_FN, reduction)
     o.softcap = float(softcap or 0.0)
     o.label_smoothing = float(label_smoothing)
@@ -95,10 +95,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         h = L.context_for(dev)
         nbytes = ctypes.c_size_t()
         L.check(L.lib.fh_linear_ce_forward_workspace_size(h, ctypes.byref(opts), N, prob.V, prob.D,
-                                                          prob.E.dtype, ctypes.byref(nbytes)))
+                                                          prob.E.dtype, ctypes.byref(nbytes)), _FN)
         ws, wsp = L.workspace(dev, nbytes.value)
         L.check(L.lib.fh_linear_ce_forward(h, ctypes.byref(opts), *prob.args(), ctypes.byref(out),
-                                           wsp, nbytes.value))
+                                           wsp, nbytes.value), _FN)
         for name, t in (("z_loss", z_loss), ("accuracy", accuracy), ("argmax", argmax), ("entropy", entropy)):
             if name in want:
                 # A copy for entropy: the saved buffer must not be the user's tensor (in-place edits).
@@ -112,7 +112,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @L.no_double_backward(_FN)
     def backward(ctx, grad_loss, grad_lse):
         e, c, bias, targets, weight, token_weights, lse, entropy = ctx.saved_tensors
         need_e, need_c, need_b = ctx.needs_input_grad[:3]
@@ -145,10 +145,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         h = L.context_for(dev)
         nbytes = ctypes.c_size_t()
         L.check(L.lib.fh_linear_ce_backward_workspace_size(h, ctypes.byref(opts), prob.N, prob.V, prob.D,
-                                                           prob.E.dtype, ctypes.byref(nbytes)))
+                                                           prob.E.dtype, ctypes.byref(nbytes)), _FN)
         ws, wsp = L.workspace(dev, nbytes.value)
         L.check(L.lib.fh_linear_ce_backward(h, ctypes.byref(opts), *prob.args(), ctypes.byref(gin),
-                                            ctypes.byref(grads), wsp, nbytes.value))
+                                            ctypes.byref(grads), wsp, nbytes.value), _FN)
         return de, dc, db, None, None, None, None, None
 
 
@@ -214,14 +214,15 @@ def linear_cross_entropy(e, c, targets, bias=None, *, ignore_index=-100, reducti
     if temperature is not None and logit_scale is not None:
         L.fail(_FN, "give logit_scale or temperature, not both")
     if temperature is not None:
-        if not temperature > 0:
-            L.fail(_FN, "temperature is %r (must be > 0)" % (temperature,))
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            L.fail(_FN, "temperature is %r (must be finite and > 0; logit_scale = 1 / temperature)" % (temperature,))
         logit_scale = 1.0 / float(temperature)
     if logit_scale is None:
         logit_scale = 1.0
     batch_shape = targets.shape
-    e2 = e.reshape(-1, e.shape[-1])
-    N = e2.shape[0]
+    # Explicit N (not -1): with D = 0 (no hidden features) the logits are the bias alone, or 0.
+    N = int(torch.Size(batch_shape).numel())
+    e2 = e.reshape(N, e.shape[-1])
     st = L.stats_dtype(e)
     t64 = L.int64_buffer(_FN, "targets", targets).reshape(N)
     w = None if weight is None else L.dense(_FN, "weight", weight, st, (c.shape[0],))

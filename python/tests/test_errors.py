@@ -52,10 +52,12 @@ class Errors(unittest.TestCase):
 
     def test_lce_option_ranges(self):
         e, c, t = lce_inputs()
-        for kw, name in ((dict(softcap=-1.0), "opts->softcap"), (dict(label_smoothing=1.5), "opts->label_smoothing"),
-                         (dict(logit_scale=0.0), "opts->logit_scale"), (dict(z_loss_scale=-1.0), "opts->z_loss_scale"),
-                         (dict(divisor=-2.0), "opts->divisor")):
-            self.expect(lambda: fh.linear_cross_entropy(e, c, t, **kw), _lib.ERR_INVALID_ARGUMENT, name)
+        # Named in the user's terms: the function called and the keyword argument, with its value.
+        for kw, name in ((dict(softcap=-1.0), "softcap is -1"), (dict(label_smoothing=1.5), "label_smoothing is 1.5"),
+                         (dict(logit_scale=0.0), "logit_scale is 0"), (dict(z_loss_scale=-1.0), "z_loss_scale is -1"),
+                         (dict(divisor=-2.0), "divisor is -2")):
+            self.expect(lambda: fh.linear_cross_entropy(e, c, t, **kw), _lib.ERR_INVALID_ARGUMENT,
+                        "fusedhead.linear_cross_entropy: " + name)
 
     def test_lce_negative_class_weight(self):
         e, c, t = lce_inputs()

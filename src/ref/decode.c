@@ -100,7 +100,7 @@ fh_status_t fh_ref_decode(const fh_decode_problem_t* p, const fh_decode_outputs_
   const int64_t B = p->src.B;
   int oom = 0;
 #ifdef FH_HAVE_OPENMP
-#pragma omp parallel reduction(| : oom)
+#pragma omp parallel reduction(| : oom) num_threads(fh_ref_threads())
 #endif
   {
     row_buf_t rb;
@@ -128,7 +128,7 @@ fh_status_t fh_ref_decode(const fh_decode_problem_t* p, const fh_decode_outputs_
 fh_status_t fh_ref_topk(const char* fn, const fh_decode_source_t* src, int64_t k, float* values, int64_t* ids) {
   int oom = 0;
 #ifdef FH_HAVE_OPENMP
-#pragma omp parallel reduction(| : oom)
+#pragma omp parallel reduction(| : oom) num_threads(fh_ref_threads())
 #endif
   {
     row_buf_t rb;

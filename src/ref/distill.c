@@ -1,7 +1,9 @@
 /* CPU reference for distillation: fp64 accumulation, streaming over the vocabulary (two passes
  * that recompute the logits: softmax statistics, then the divergence), O(V + D) scratch per
  * thread and no N x V buffer; OpenMP over rows (forward, dE) and over class blocks (dC, dbias).
- * Written to be obviously right, not fast; the formulas are in fusedhead.h. */
+ * Written to be obviously right, not fast; the formulas are in fusedhead.h and
+ * docs/distillation.md. A student class whose logit is -inf is masked (docs/conventions.md):
+ * it is left out of Σ q a and gets gradient exactly 0. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -98,12 +100,13 @@ static void forward_row(const fh_distill_problem_t* p, const fh_div_t* dv, scrat
     /* Pass 2: the divergence and Σ q a, one (f, a) element per class. */
     t1 = fh_ref_stats_lse(&sv);
     for (int64_t j = 0; j < V; ++j) {
-      const double X = logit(p->Cs, p->bs, s->es, s->cs, j) / T - lse_u;
+      const double sj = logit(p->Cs, p->bs, s->es, s->cs, j);
+      const double X = sj / T - lse_u;
       const double Y = logit(p->Ct, p->bt, s->et, s->ct, j) / T - t1;
       double term, qa;
       fh_div_eval(dv, X, Y, &term, &qa);
       D += term;
-      S += qa;
+      if (sj != -INFINITY) S += qa; /* a masked student class has zero gradient */
     }
   } else {
     /* Forward KL over the support: Σ_k p_k (log p_k − X_{id_k}), and S = −Σ p̃. */
@@ -165,7 +168,7 @@ fh_status_t fh_ref_distill_forward_f64(const fh_distill_problem_t* p, fh_distill
   fh_div_resolve(&p->opt, &dv);
   int oom = 0;
 #ifdef FH_HAVE_OPENMP
-#pragma omp parallel reduction(| : oom) if (fh_ref_parallel(p->N, p->V, p->D_s + p->D_t))
+#pragma omp parallel reduction(| : oom) if (fh_ref_parallel(p->N, p->V, p->D_s + p->D_t)) num_threads(fh_ref_threads())
 #endif
   {
     scratch_t s;
@@ -268,7 +271,7 @@ fh_status_t fh_ref_distill_backward_f64(const fh_distill_problem_t* p, const dou
   /* dE_i = Σ_j G_ij Cs_j, rows in parallel. */
   if (want_E) {
 #ifdef FH_HAVE_OPENMP
-#pragma omp parallel reduction(| : oom) if (fh_ref_parallel(p->N, p->V, p->D_s + p->D_t))
+#pragma omp parallel reduction(| : oom) if (fh_ref_parallel(p->N, p->V, p->D_s + p->D_t)) num_threads(fh_ref_threads())
 #endif
     {
       scratch_t s;
@@ -287,6 +290,7 @@ fh_status_t fh_ref_distill_backward_f64(const fh_distill_problem_t* p, const dou
           else sparse_mark(p, &s, i, rc[i].st[1], 1);
           for (int64_t j = 0; j < V; ++j) {
             const double sj = logit(p->Cs, p->bs, s.es, s.cs, j);
+            if (sj == -INFINITY) continue; /* masked: zero gradient, and no 0 · inf from Cs_j */
             const double tj = p->sparse ? 0.0 : logit(p->Ct, p->bt, s.et, s.ct, j);
             const double qa = elem_qa(p, &dv, &rc[i], sj, tj, p->sparse && s.mask[j], p->sparse ? s.pval[j] : 0.0);
             const double g = grad_entry(p, &rc[i], j, sj, qa);
@@ -305,7 +309,7 @@ fh_status_t fh_ref_distill_backward_f64(const fh_distill_problem_t* p, const dou
    * classes, so no atomics), rows in order inside a block (deterministic). */
   if ((want_C || want_b) && !oom) {
 #ifdef FH_HAVE_OPENMP
-#pragma omp parallel reduction(| : oom) if (fh_ref_parallel(p->N, p->V, p->D_s + p->D_t))
+#pragma omp parallel reduction(| : oom) if (fh_ref_parallel(p->N, p->V, p->D_s + p->D_t)) num_threads(fh_ref_threads())
 #endif
     {
       scratch_t s;
@@ -328,6 +332,7 @@ fh_status_t fh_ref_distill_backward_f64(const fh_distill_problem_t* p, const dou
           for (int64_t r = 0; r < nb; ++r) {
             const int64_t j = j0 + r;
             const double sj = logit(p->Cs, p->bs, s.es, s.cs, j);
+            if (sj == -INFINITY) continue; /* masked: zero gradient, and no 0 · inf from Cs_j */
             const double tj = p->sparse ? 0.0 : logit(p->Ct, p->bt, s.et, s.ct, j);
             const double qa = elem_qa(p, &dv, &rc[i], sj, tj, p->sparse && s.mask[j], p->sparse ? s.pval[j] : 0.0);
             const double g = grad_entry(p, &rc[i], j, sj, qa);
@@ -389,12 +394,31 @@ fh_status_t fh_ref_distill_backward(const fh_distill_problem_t* p, const fh_dist
   if (!buf) return fh_set_error(FH_ERR_OUT_OF_MEMORY, p->fn, "cannot allocate reference buffers");
   double *gl = buf, *state = buf + n;
   const int f64 = p->Es->dtype == FH_DTYPE_F64;
-  for (int64_t k = 0; k < N * NS; ++k) state[k] = fh_ref_stat_get(in->row_state, k, f64);
+  fh_status_t st = FH_SUCCESS;
+  if (f64) {
+    for (int64_t k = 0; k < N * NS; ++k) state[k] = fh_ref_stat_get(in->row_state, k, f64);
+  } else {
+    /* The fp32 row state (two lse's and Σ q a) loses what exp(X) amplifies on saturated rows
+     * (logits ~1e4): recompute it in fp64 instead (docs/distillation.md, "Precision"). */
+    double* fb = (double*)malloc(sizeof(double) * 3 * n);
+    fh_distill_ref_fwd_t r;
+    memset(&r, 0, sizeof r);
+    r.row_loss = fb;
+    r.row_soft = fb ? fb + n : NULL;
+    r.row_hard = fb ? fb + 2 * n : NULL;
+    r.state = state;
+    st = fb ? fh_ref_distill_forward_f64(p, &r) : fh_set_error(FH_ERR_OUT_OF_MEMORY, p->fn, "cannot allocate reference buffers");
+    free(fb);
+    if (st != FH_SUCCESS) {
+      free(buf);
+      return st;
+    }
+  }
   if (p->opt.reduction == FH_REDUCTION_NONE)
     for (int64_t i = 0; i < N; ++i) gl[i] = fh_ref_stat_get(in->grad_loss, i, f64);
   else
     gl[0] = fh_ref_stat_get(in->grad_loss, 0, f64);
-  const fh_status_t st = fh_ref_distill_backward_f64(p, state, gl, NULL, NULL, NULL, grads);
+  st = fh_ref_distill_backward_f64(p, state, gl, NULL, NULL, NULL, grads);
   free(buf);
   return st;
 }

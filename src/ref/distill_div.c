@@ -77,6 +77,11 @@ static double weighted_expm1_over(double gamma, double L, double d, double Lz) {
 void fh_div_eval(const fh_div_t* dv, double X, double Y, double* term, double* qa) {
   const double q = exp(X), p = exp(Y), d = Y - X;
   double t = 0.0, g = 0.0;
+  if (X == -INFINITY && Y == -INFINITY) { /* masked in both heads: contributes nothing (no ∞ − ∞) */
+    *term = 0.0;
+    *qa = 0.0;
+    return;
+  }
   switch (dv->kind) {
     case FH_DIV_ZERO: break;
     case FH_DIV_FKL: /* f = r ln r, a = −r: term = p (Y − X), qa = −p */

@@ -1,6 +1,8 @@
 /* CPU reference for linear cross-entropy: fp64 accumulation everywhere, O(N + V + D) memory
  * beyond inputs and outputs (it streams over the vocabulary and recomputes logits instead of
- * storing them). Written to be obviously right, not fast; the formulas are in fusedhead.h. */
+ * storing them). Written to be obviously right, not fast; the formulas are in fusedhead.h and
+ * docs/linear_ce.md, including the masked-class rule (a raw logit of -inf: p = 0, left out of
+ * every sum, zero gradient) of docs/conventions.md. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,18 +36,16 @@ static double raw_logit(const fh_lce_problem_t* p, const double* e, const double
   if (p->bias) r += fh_tensor_get(p->bias, 0, j);
   return r;
 }
+/* A class whose raw logit is -inf is masked (docs/conventions.md): it is left out of every sum,
+ * whatever the softcap would map it to. */
+static int masked(double r) { return r == -INFINITY; }
+/* a·x where a term with a zero coefficient contributes 0 even when x is infinite (a masked target
+ * under a zero weight): no 0·inf. NaN still propagates (a NaN row stays NaN everywhere). */
+static double mul0(double a, double x) { return (a == 0.0 && isinf(x)) ? 0.0 : a * x; }
 static double process_logit(const fh_lce_problem_t* p, double r) {
   double s = (double)p->opt.logit_scale * r;
   double cap = (double)p->opt.softcap;
   return cap > 0.0 ? cap * tanh(s / cap) : s;
-}
-
-/* W = Σ_j w_j (V when there are no class weights). */
-static double weight_total(const fh_lce_problem_t* p) {
-  if (!p->class_weights) return (double)p->V;
-  double W = 0;
-  for (int64_t j = 0; j < p->V; ++j) W += class_weight(p, j); /* double with fp64 inputs */
-  return W;
 }
 
 /* The mean's denominators D_ce = Σ ω w_y and D_reg = Σ ω over valid rows (or the divisor). */
@@ -70,13 +70,12 @@ static double safe_div(double x, double d) { return d != 0.0 ? x / d : 0.0; }
 
 fh_status_t fh_ref_lce_forward_f64(const fh_lce_problem_t* p, fh_lce_ref_forward_t* out) {
   const int64_t N = p->N, V = p->V, D = p->D;
-  const double alpha = p->opt.label_smoothing, eps = V > 0 ? alpha / (double)V : 0.0;
+  const double alpha = p->opt.label_smoothing;
   const double lambda = p->opt.z_loss_scale, eta = p->opt.entropy_weight;
-  const double W = weight_total(p);
   int oom = 0;
 
 #ifdef FH_HAVE_OPENMP
-#pragma omp parallel for schedule(dynamic) reduction(| : oom) if (fh_ref_parallel(N, V, D))
+#pragma omp parallel for schedule(dynamic) reduction(| : oom) if (fh_ref_parallel(N, V, D)) num_threads(fh_ref_threads())
 #endif
   for (int64_t i0 = 0; i0 < N; i0 += ROW_BLOCK) {
     const int64_t nb = (N - i0 < ROW_BLOCK) ? N - i0 : ROW_BLOCK;
@@ -87,13 +86,15 @@ fh_status_t fh_ref_lce_forward_f64(const fh_lce_problem_t* p, fh_lce_ref_forward
     }
     double* c = e + ROW_BLOCK * D;
     fh_ref_softmax_stats_t st[ROW_BLOCK];
-    double sum_wz[ROW_BLOCK], z_y[ROW_BLOCK], best[ROW_BLOCK];
-    int64_t arg[ROW_BLOCK];
+    double sum_wz[ROW_BLOCK], z_y[ROW_BLOCK], best[ROW_BLOCK], w_un[ROW_BLOCK];
+    int64_t arg[ROW_BLOCK], n_un[ROW_BLOCK];
     for (int64_t r = 0; r < nb; ++r) {
       fh_ref_row_to_double(p->E, i0 + r, e + r * D);
       fh_ref_stats_init(&st[r]);
       sum_wz[r] = 0;
-      z_y[r] = NAN;
+      w_un[r] = 0;
+      n_un[r] = 0;
+      z_y[r] = -INFINITY; /* stays -inf when the target is masked */
       best[r] = -INFINITY;
       arg[r] = -1;
     }
@@ -103,10 +104,14 @@ fh_status_t fh_ref_lce_forward_f64(const fh_lce_problem_t* p, fh_lce_ref_forward
       for (int64_t r = 0; r < nb; ++r) {
         if (!row_valid(p, i0 + r)) continue;
         double raw = raw_logit(p, e + r * D, c, j);
-        double z = process_logit(p, raw);
-        fh_ref_stats_add(&st[r], z);
-        sum_wz[r] += wj * z;
-        if (j == p->targets[i0 + r]) z_y[r] = z;
+        if (!masked(raw)) {
+          double z = process_logit(p, raw);
+          fh_ref_stats_add(&st[r], z);
+          sum_wz[r] += wj * z;
+          w_un[r] += wj;
+          n_un[r] += 1;
+          if (j == p->targets[i0 + r]) z_y[r] = z;
+        }
         /* argmax over the raw logit (scale and softcap keep the order, and saturating tanh
          * would create ties); NaN counts as the maximum, first occurrence wins. */
         if (arg[r] < 0 || raw > best[r] || (isnan(raw) && !isnan(best[r]))) {
@@ -125,11 +130,17 @@ fh_status_t fh_ref_lce_forward_f64(const fh_lce_problem_t* p, fh_lce_ref_forward
         out->argmax[i] = -1;
         continue;
       }
-      const double lse = fh_ref_stats_lse(&st[r]), h = fh_ref_stats_entropy(&st[r]);
+      /* Every class masked: lse -inf, entropy 0 (no class carries mass), loss +inf. */
+      const double lse = fh_ref_stats_lse(&st[r]);
+      const double h = n_un[r] > 0 ? fh_ref_stats_entropy(&st[r]) : 0.0;
       const double om = token_weight(p, i), wy = class_weight(p, p->targets[i]);
-      const double ce = om * (wy * (1.0 - alpha) * (lse - z_y[r]) + eps * (W * lse - sum_wz[r]));
-      const double zl = om * lambda * lse * lse;
-      const double reg = zl + om * eta * h;
+      /* a masked target has p = 0: nll = +inf, as PyTorch */
+      const double nll = z_y[r] == -INFINITY ? INFINITY : lse - z_y[r];
+      /* smoothing over the row's unmasked classes: α/V_i · Σ_unmasked w_j (lse − z_j) */
+      const double smooth = (alpha != 0.0 && n_un[r] > 0) ? alpha / (double)n_un[r] * (w_un[r] * lse - sum_wz[r]) : 0.0;
+      const double ce = mul0(om * wy * (1.0 - alpha), nll) + om * smooth;
+      const double zl = mul0(om * lambda, lse * lse);
+      const double reg = zl + mul0(om * eta, h);
       out->lse[i] = lse;
       out->entropy[i] = h;
       out->row_loss[i] = ce + reg;
@@ -150,7 +161,7 @@ fh_status_t fh_ref_lce_forward_f64(const fh_lce_problem_t* p, fh_lce_ref_forward
   int64_t correct = 0;
   for (int64_t i = 0; i < N; ++i) {
     if (!row_valid(p, i)) continue;
-    const double reg = out->row_zloss[i] + token_weight(p, i) * eta * out->entropy[i];
+    const double reg = out->row_zloss[i] + mul0(token_weight(p, i) * eta, out->entropy[i]);
     sum_ce += out->row_loss[i] - reg;
     sum_reg += reg;
     sum_zl += out->row_zloss[i];
@@ -211,17 +222,18 @@ fh_status_t fh_ref_linear_ce_forward(const fh_lce_problem_t* p, const fh_linear_
 /* Per-row factors of the backward: a_i (target-dependent part), b_i (regularizers), g_i (lse). */
 typedef struct row_coef {
   double a, b, glse, lse, h;
+  double eps, W; /* α / V_i and Σ w_j over the row's unmasked classes */
   int valid;
 } row_coef_t;
 
-/* ∂loss/∂r_ij for one entry, from the processed logit z (see fusedhead.h). */
-static double grad_entry(const fh_lce_problem_t* p, const row_coef_t* rc, int64_t y, int64_t j, double z,
-                         double W) {
-  const double alpha = p->opt.label_smoothing, eps = alpha / (double)p->V;
+/* ∂loss/∂r_ij for one unmasked entry, from the processed logit z (see fusedhead.h); masked
+ * entries have gradient 0 and are skipped by the callers. */
+static double grad_entry(const fh_lce_problem_t* p, const row_coef_t* rc, int64_t y, int64_t j, double z) {
+  const double alpha = p->opt.label_smoothing;
   const double lambda = p->opt.z_loss_scale, eta = p->opt.entropy_weight;
   const double logp = z - rc->lse, pj = exp(logp);
   const double wy = class_weight(p, y), wj = class_weight(p, j);
-  double g = rc->a * (wy * (1.0 - alpha) * (pj - (j == y ? 1.0 : 0.0)) + eps * (W * pj - wj));
+  double g = rc->a * (wy * (1.0 - alpha) * (pj - (j == y ? 1.0 : 0.0)) + rc->eps * (rc->W * pj - wj));
   g += rc->b * (2.0 * lambda * rc->lse * pj - eta * pj * (logp + rc->h));
   g += rc->glse * pj;
   if (p->opt.softcap > 0.0f) {
@@ -229,6 +241,61 @@ static double grad_entry(const fh_lce_problem_t* p, const row_coef_t* rc, int64_
     g *= 1.0 - t * t;
   }
   return g * (double)p->opt.logit_scale;
+}
+
+
+/* Per valid row, one fp64 pass over the classes: lse and entropy (when `stats`, so that the
+ * backward never sees the fp32-rounded lse, whose error exp(z − lse) would amplify by |lse|:
+ * docs/linear_ce.md, "Precision") and, for label smoothing, α / V_i and W_i over the row's
+ * unmasked classes. */
+static int row_pass(const fh_lce_problem_t* p, row_coef_t* rc, int stats) {
+  const int64_t N = p->N, V = p->V, D = p->D;
+  int oom = 0;
+#ifdef FH_HAVE_OPENMP
+#pragma omp parallel for schedule(dynamic) reduction(| : oom) if (fh_ref_parallel(N, V, D)) num_threads(fh_ref_threads())
+#endif
+  for (int64_t i0 = 0; i0 < N; i0 += ROW_BLOCK) {
+    const int64_t nb = (N - i0 < ROW_BLOCK) ? N - i0 : ROW_BLOCK;
+    double* e = (double*)malloc(sizeof(double) * (size_t)(ROW_BLOCK * D + D + 1));
+    if (!e) {
+      oom = 1;
+      continue;
+    }
+    double* c = e + ROW_BLOCK * D;
+    fh_ref_softmax_stats_t st[ROW_BLOCK];
+    double w_un[ROW_BLOCK];
+    int64_t n_un[ROW_BLOCK];
+    for (int64_t r = 0; r < nb; ++r) {
+      fh_ref_row_to_double(p->E, i0 + r, e + r * D);
+      fh_ref_stats_init(&st[r]);
+      w_un[r] = 0;
+      n_un[r] = 0;
+    }
+    for (int64_t j = 0; j < V; ++j) {
+      fh_ref_row_to_double(p->C, j, c);
+      const double wj = class_weight(p, j);
+      for (int64_t r = 0; r < nb; ++r) {
+        if (!rc[i0 + r].valid) continue;
+        const double raw = raw_logit(p, e + r * D, c, j);
+        if (masked(raw)) continue;
+        fh_ref_stats_add(&st[r], process_logit(p, raw));
+        w_un[r] += wj;
+        n_un[r] += 1;
+      }
+    }
+    for (int64_t r = 0; r < nb; ++r) {
+      row_coef_t* k = &rc[i0 + r];
+      if (!k->valid) continue;
+      k->eps = n_un[r] > 0 ? p->opt.label_smoothing / (double)n_un[r] : 0.0;
+      k->W = w_un[r];
+      if (stats) {
+        k->lse = fh_ref_stats_lse(&st[r]);
+        k->h = n_un[r] > 0 ? fh_ref_stats_entropy(&st[r]) : 0.0;
+      }
+    }
+    free(e);
+  }
+  return !oom;
 }
 
 static int wanted(const fh_tensor_t* t) { return t && t->data; }
@@ -243,7 +310,6 @@ fh_status_t fh_ref_lce_backward_f64(const fh_lce_problem_t* p, const double* lse
   const fh_tensor_t* tb = grads && wanted(grads->dbias) && p->bias ? grads->dbias : NULL;
   const int acc = p->opt.accumulate;
   const int want_E = dE64 || tE, want_C = dC64 || tC, want_b = db64 || tb;
-  const double W = weight_total(p);
 
   double d_ce, d_reg;
   int64_t n_valid;
@@ -263,15 +329,21 @@ fh_status_t fh_ref_lce_backward_f64(const fh_lce_problem_t* p, const double* lse
       c->a = c->b = om * g;
     }
     c->glse = grad_lse ? grad_lse[i] : 0.0;
-    c->lse = lse[i];
+    c->lse = lse ? lse[i] : 0.0;
     c->h = entropy ? entropy[i] : 0.0;
+    c->eps = c->W = 0.0; /* set by row_pass when label smoothing is on */
+  }
+  /* lse NULL: recompute lse and entropy in fp64. Label smoothing: per-row α / V_i and W_i. */
+  if ((!lse || p->opt.label_smoothing != 0.0f) && !row_pass(p, rc, !lse)) {
+    free(rc);
+    return fh_set_error(FH_ERR_OUT_OF_MEMORY, fn, "cannot allocate reference buffers");
   }
 
   int oom = 0;
   /* dE: rows in blocks; each C_j is converted once per block. dE_i = Σ_j G_ij C_j. */
   if (want_E) {
 #ifdef FH_HAVE_OPENMP
-#pragma omp parallel for schedule(dynamic) reduction(| : oom) if (fh_ref_parallel(N, V, D))
+#pragma omp parallel for schedule(dynamic) reduction(| : oom) if (fh_ref_parallel(N, V, D)) num_threads(fh_ref_threads())
 #endif
     for (int64_t i0 = 0; i0 < N; i0 += ROW_BLOCK) {
       const int64_t nb = (N - i0 < ROW_BLOCK) ? N - i0 : ROW_BLOCK;
@@ -289,8 +361,9 @@ fh_status_t fh_ref_lce_backward_f64(const fh_lce_problem_t* p, const double* lse
         for (int64_t r = 0; r < nb; ++r) {
           const int64_t i = i0 + r;
           if (!rc[i].valid) continue;
-          const double z = process_logit(p, raw_logit(p, e + r * D, c, j));
-          const double g = grad_entry(p, &rc[i], p->targets[i], j, z, W);
+          const double raw = raw_logit(p, e + r * D, c, j);
+          if (masked(raw)) continue; /* zero gradient; skipping also avoids 0 · inf from C_j */
+          const double g = grad_entry(p, &rc[i], p->targets[i], j, process_logit(p, raw));
           double* a = accE + r * D;
           for (int64_t k = 0; k < D; ++k) a[k] += g * c[k];
         }
@@ -305,7 +378,7 @@ fh_status_t fh_ref_lce_backward_f64(const fh_lce_problem_t* p, const double* lse
   /* dC and dbias: classes in blocks; each valid E_i is converted once per block. */
   if ((want_C || want_b) && !oom) {
 #ifdef FH_HAVE_OPENMP
-#pragma omp parallel for schedule(dynamic) reduction(| : oom) if (fh_ref_parallel(N, V, D))
+#pragma omp parallel for schedule(dynamic) reduction(| : oom) if (fh_ref_parallel(N, V, D)) num_threads(fh_ref_threads())
 #endif
     for (int64_t j0 = 0; j0 < V; j0 += CLASS_BLOCK) {
       const int64_t nb = (V - j0 < CLASS_BLOCK) ? V - j0 : CLASS_BLOCK;
@@ -325,8 +398,9 @@ fh_status_t fh_ref_lce_backward_f64(const fh_lce_problem_t* p, const double* lse
         fh_ref_row_to_double(p->E, i, e);
         for (int64_t r = 0; r < nb; ++r) {
           const int64_t j = j0 + r;
-          const double z = process_logit(p, raw_logit(p, e, c + r * D, j));
-          const double g = grad_entry(p, &rc[i], p->targets[i], j, z, W);
+          const double raw = raw_logit(p, e, c + r * D, j);
+          if (masked(raw)) continue;
+          const double g = grad_entry(p, &rc[i], p->targets[i], j, process_logit(p, raw));
           accb[r] += g;
           if (want_C) {
             double* a = accC + r * D;
@@ -358,7 +432,11 @@ fh_status_t fh_ref_linear_ce_backward(const fh_lce_problem_t* p, const fh_linear
     glse[i] = in->grad_lse ? stat_at(p, in->grad_lse, i) : 0.0;
   }
   if (!none) gl[0] = stat_at(p, in->grad_loss, 0);
-  fh_status_t st = fh_ref_lce_backward_f64(p, lse, h, gl, in->grad_lse ? glse : NULL, NULL, NULL, NULL, grads);
+  /* fp64 inputs: the given lse is exact enough. Otherwise the lse and entropy are recomputed in
+   * fp64 (NULL), so fp32 gradients stay as accurate as PyTorch's at any logit scale. */
+  const int f64 = p->dtype == FH_DTYPE_F64;
+  fh_status_t st = fh_ref_lce_backward_f64(p, f64 ? lse : NULL, f64 ? h : NULL, gl, in->grad_lse ? glse : NULL, NULL,
+                                           NULL, NULL, grads);
   free(buf);
   return st;
 }

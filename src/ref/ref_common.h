@@ -7,6 +7,12 @@
 
 #include "dtype.h"
 
+/* Threads of the CPU backend's OpenMP teams for the current call: the context's setting
+ * (fh_context_set_num_threads), or OpenMP's default when it is 0. Set per call by
+ * fh_check_context, read by every parallel region (docs/architecture.md, "Threads"). */
+int fh_ref_threads(void);
+void fh_ref_set_threads(int n);
+
 /* Whether a pass of about n·v·d multiply-adds is worth an OpenMP team: below ~2e6 starting
  * the team costs more than the work (the test suites' tiny shapes). Results do not depend on
  * it: rows are independent and every reduction runs in a fixed order. */

@@ -186,8 +186,8 @@ Test(api_decode, shapes_dtypes_aliasing) {
   f.out.logprob = f.z;
   expect_err(&f, FH_ERR_INVALID_ARGUMENT, "out->logprob aliases an input");
   f.out.logprob = f.lp;
-  char ws[4];
-  cr_expect_eq(fh_decode_from_logits(f.ctx, &f.o, &f.t, &f.out, ws, sizeof ws), FH_SUCCESS); /* extra is fine */
+  _Alignas(FH_WORKSPACE_ALIGNMENT) char ws[16];
+  cr_expect_eq(fh_decode_from_logits(f.ctx, &f.o, &f.t, &f.out, ws, sizeof ws), FH_SUCCESS); /* aligned extra is fine */
   /* fused: C's cols must match H's, dtypes must agree, bias must be 1 x V */
   float H[NB * 3] = {0}, C[NV * 3] = {0}, bias[NV] = {0};
   fh_tensor_t tH = fh_tensor_2d(H, FH_DTYPE_F32, NB, 3), tC = fh_tensor_2d(C, FH_DTYPE_F32, NV, 2);

@@ -3,7 +3,7 @@
  * against the CPU backend through the public API (fh_linear_ce_forward/backward with
  * FH_BACKEND_CPU: the fp64 reference, rounded to fp32 / the gradient dtype once).
  *
- * Tolerance (test_linear_ce_common.h, DESIGN.md section 6): max |x − cpu| <= 2·max |naive − cpu|
+ * Tolerance (test_linear_ce_common.h, docs/testing.md): max |x − cpu| <= 2·max |naive − cpu|
  * + 2^-24·n_terms·max|cpu|, where naive is the same-precision computation of
  * test_linear_ce_common.c: fp32 logits summed in k order, fp32 softmax, G rounded to the input
  * dtype, fp32 gradient sums rounded once to the output dtype. That is the baseline's algorithm

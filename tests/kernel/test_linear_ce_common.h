@@ -1,5 +1,5 @@
 /* Shared by the kernel_linear_ce_* suites: problem set-up in any dtype, the fp64 reference (the
- * CPU backend's core), a naive same-precision computation (the yardstick of DESIGN.md section 6)
+ * CPU backend's core), a naive same-precision computation (the yardstick of docs/testing.md)
  * and comparisons that print their error budget.
  *
  * The tolerance rule. For every output x with fp64 reference r and naive value n:

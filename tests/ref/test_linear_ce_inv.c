@@ -222,17 +222,11 @@ static void accumulate_case(fh_dtype_t dtype) {
   float loss;
   fh_linear_ce_outputs_t out = {&loss, lse, ent, NULL, NULL, NULL};
   cr_assert_eq(lce_fix_api_forward(ctx, &f, &out), FH_SUCCESS, "%s", fh_last_error());
-  /* The fp64 gradient for exactly these (fp32) lse / entropy values. */
-  double* l64 = (double*)calloc((size_t)N, sizeof(double));
-  double* h64 = (double*)calloc((size_t)N, sizeof(double));
-  for (int64_t i = 0; i < N; ++i) {
-    l64[i] = lse[i];
-    h64[i] = ent[i];
-  }
+  /* The fp64 gradient, with lse / entropy recomputed in fp64 as the public backward does (NULL). */
   const double gl = 0.5;
   double* g64 = (double*)calloc((size_t)ntot, sizeof(double));
   fh_lce_problem_t p = lce_fix_problem(&f);
-  cr_assert_eq(fh_ref_lce_backward_f64(&p, l64, h64, &gl, NULL, g64, g64 + nE, g64 + nE + nC, NULL), FH_SUCCESS);
+  cr_assert_eq(fh_ref_lce_backward_f64(&p, NULL, NULL, &gl, NULL, g64, g64 + nE, g64 + nE + nC, NULL), FH_SUCCESS);
   double* old = (double*)calloc((size_t)ntot, sizeof(double));
   tu_rng_t rng = {77};
   /* old values representable in bf16 (so in fp32 too), of the gradients' order of magnitude */
@@ -268,8 +262,6 @@ static void accumulate_case(fh_dtype_t dtype) {
   }
   free(old);
   free(g64);
-  free(l64);
-  free(h64);
   free(lse);
   free(ent);
   lce_fix_free_converted(&f);
@@ -360,15 +352,16 @@ static void wrapper_case(fh_reduction_t red) {
   cr_expect(tu_check_close_f("entropy", ent, r.r.entropy, N, F32_ATOL, F32_RTOL));
   cr_expect(tu_check_close_f("accuracy", &acc, &r.r.accuracy, 1, F32_ATOL, F32_RTOL));
   cr_expect(memcmp(am, r.r.argmax, sizeof(int64_t) * (size_t)N) == 0, "argmax");
-  /* gradients: the fp64 core fed with the same fp32 lse/entropy the public backward reads */
+  /* gradients: the fp64 core fed with the fp64 lse/entropy, which the public backward
+   * recomputes instead of trusting the fp32-rounded ones (docs/linear_ce.md, "Precision") */
   float gl[37];
   double gl64[37], l64[37], h64[37], glse64[37];
   float glse[37];
   for (int64_t i = 0; i < N; ++i) {
     gl[i] = (float)((i % 5) - 2) * 0.25f;
     gl64[i] = gl[i];
-    l64[i] = lse[i];
-    h64[i] = ent[i];
+    l64[i] = r.r.lse[i];
+    h64[i] = r.r.entropy[i];
     glse[i] = (float)(i % 3) * 0.5f;
     glse64[i] = glse[i];
   }
@@ -429,13 +422,8 @@ static void half_case(fh_dtype_t dtype) {
   cr_expect(loss32 == lossh, "public loss %a vs %a", (double)loss32, (double)lossh);
   void* bufs[3];
   api_backward(ctx, &h, lse, ent, 1.0f, bufs, NULL);
-  double l64[37], h64[37];
-  for (int64_t i = 0; i < N; ++i) {
-    l64[i] = lse[i];
-    h64[i] = ent[i];
-  }
-  fh_lce_problem_t p = lce_fix_problem(&h);
-  cr_assert_eq(fh_ref_lce_backward_f64(&p, l64, h64, &gl, NULL, gb, gb + N * D, gb + N * D + V * D, NULL),
+  fh_lce_problem_t p = lce_fix_problem(&h); /* lse recomputed in fp64 (NULL), as the API does */
+  cr_assert_eq(fh_ref_lce_backward_f64(&p, NULL, NULL, &gl, NULL, gb, gb + N * D, gb + N * D + V * D, NULL),
                FH_SUCCESS);
   const int64_t off[3] = {0, N * D, N * D + V * D}, cnt[3] = {N * D, V * D, V};
   int bad = 0;

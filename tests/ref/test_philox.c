@@ -1,4 +1,4 @@
-/* Philox4x32-10 against the Random123 known-answer vectors (REFERENCE.md §4.6), the decoding
+/* Philox4x32-10 against the Random123 known-answer vectors (docs/decoding.md, "Randomness"), the decoding
  * key/counter layout, and the range of the uniforms and Gumbel noise derived from it. */
 #include <criterion/criterion.h>
 #include <math.h>
