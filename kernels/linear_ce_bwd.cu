@@ -232,8 +232,9 @@ __device__ __forceinline__ int g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_e
         for (int e = 0; e < 2; ++e) {
           const int c = frag_col(j, e);
           float g = 0.0f;
-          if (r < nr && c < nv) {
-            const float z = process_logit(raw_logit(acc.v[i][j][2 * h + e], bj[j][e]), p.scale, p.cap, p.inv_cap);
+          const float raw = raw_logit(acc.v[i][j][2 * h + e], bj[j][e]);
+          if (r < nr && c < nv && raw != -INFINITY) { /* a masked class has gradient 0 */
+            const float z = process_logit(raw, p.scale, p.cap, p.inv_cap);
             const float logp = z - lse, pr = exp_fast(logp);
             const float pm = v0 + c == y ? expm1f(logp) : pr; /* p − δ in fp32 without cancellation */
             big |= !(fabsf(pm) < p.eps);                      /* NaN counts as big */
@@ -442,6 +443,7 @@ struct coef_params {
   const float* grad_lse;
   float alpha, lambda, eta, divisor;
   lce_ws_header* hdr;
+  const float* counts; /* label smoothing: [2 x N] V_i, W_i over the row's unmasked classes */
   float* coef;
 };
 
@@ -473,7 +475,7 @@ __global__ void __launch_bounds__(256) lce_bwd_coef_kernel(coef_params p) {
    * on sm_90), and without going through fp32, where a denominator below ~1e-38 (tiny weights)
    * would become 0 and the gradients infinite. */
   const double inv_ce = dce != 0.0 ? lce_recip(dce) : 0.0, inv_reg = dreg != 0.0 ? lce_recip(dreg) : 0.0;
-  const double W = p.hdr->W, alpha = p.alpha, eps = (double)(p.alpha / (float)p.V);
+  const double alpha = p.alpha;
   const size_t N = (size_t)p.N;
   for (int i = threadIdx.x; i < p.N; i += 256) {
     const int64_t y = p.targets[i];
@@ -483,6 +485,9 @@ __global__ void __launch_bounds__(256) lce_bwd_coef_kernel(coef_params p) {
     double a = om * g, b = om * g;
     if (p.reduction == FH_REDUCTION_MEAN) a *= inv_ce, b *= inv_reg; /* a zero denominator gives 0 */
     const double lse = p.lse[i], h = p.entropy ? p.entropy[i] : 0.0, glse = p.grad_lse ? p.grad_lse[i] : 0.0;
+    /* ε_i = α / V_i and W_i over the row's unmasked classes (docs/conventions.md) */
+    double eps = 0.0, W = 0.0;
+    if (alpha != 0.0 && p.counts[i] > 0.0f) eps = alpha * lce_recip((double)p.counts[i]), W = p.counts[N + i];
     p.coef[0 * N + i] = (float)lse;
     p.coef[1 * N + i] = (float)(a * eps * W + 2.0 * b * p.lambda * lse + glse);
     p.coef[2 * N + i] = (float)(b * p.eta);
@@ -544,12 +549,12 @@ namespace {
 constexpr int64_t ROW_PASS_MIN_ROWS = 2048;
 
 struct bwd_layout {
-  size_t rows_off, coef_off, e_off, c_off, db_off, total;
+  size_t rows_off, coef_off, e_off, c_off, db_off, cnt_off, scr_off, total;
   int64_t e_rows; /* FP32 mode, 16-bit outputs: rows of dE per atomic pass */
 };
 
 /* Exact workspace of the backward, assuming every gradient is wanted (the query's contract). */
-bwd_layout bwd_layout_of(int64_t N, int64_t V, int64_t D, fh_dtype_t dtype, fh_accum_mode_t mode) {
+bwd_layout bwd_layout_of(int64_t N, int64_t V, int64_t D, fh_dtype_t dtype, fh_accum_mode_t mode, bool smooth) {
   bwd_layout L;
   const bool wide = dtype != FH_DTYPE_F32; /* 16-bit outputs need fp32 help from the workspace */
   size_t e = 0, c = 0, db = 0;
@@ -571,7 +576,11 @@ bwd_layout bwd_layout_of(int64_t N, int64_t V, int64_t D, fh_dtype_t dtype, fh_a
   L.e_off = L.coef_off + lce_align(sizeof(float) * NCOEF * (size_t)N);
   L.c_off = L.e_off + lce_align(e);
   L.db_off = L.c_off + lce_align(c);
-  L.total = L.db_off + lce_align(db);
+  /* Label smoothing: each row's unmasked class count and weight sum, from a pass of the
+   * forward's tile kernel (its partials in cnt_scratch). */
+  L.cnt_off = L.db_off + lce_align(db);
+  L.scr_off = L.cnt_off + (smooth ? lce_align(2 * sizeof(float) * (size_t)N) : 0);
+  L.total = L.scr_off + (smooth ? lce_align(lce_row_counts_scratch(N, V)) : 0);
   return L;
 }
 
@@ -650,7 +659,7 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward_workspace(const fh_cuda_state_
                                                             size_t* bytes) {
   (void)st;
   FH_TRY(lce_check_shape("fh_linear_ce_backward_workspace_size", N, V, D));
-  *bytes = bwd_layout_of(N, V, D, dtype, opt->accum_mode).total;
+  *bytes = bwd_layout_of(N, V, D, dtype, opt->accum_mode, opt->label_smoothing != 0.0f).total;
   return FH_SUCCESS;
 }
 
@@ -663,7 +672,8 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CU
   FH_TRY(lce_check_shape(fn, p->N, p->V, p->D));
   const fh_linear_ce_options_t* o = &p->opt;
   const fh_accum_mode_t mode = o->accum_mode;
-  const bwd_layout L = bwd_layout_of(p->N, p->V, p->D, p->dtype, mode);
+  const bool smooth = o->label_smoothing != 0.0f;
+  const bwd_layout L = bwd_layout_of(p->N, p->V, p->D, p->dtype, mode, smooth);
   unsigned char* ws = (unsigned char*)workspace;
   lce_ws_header* hdr = (lce_ws_header*)ws;
   int* rows = (int*)(ws + L.rows_off);
@@ -699,13 +709,15 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CU
   bp.db32 = NULL, bp.db_last = 1;
 
   FH_TRY(lce_launch_prep(fn, stream, p, rows, hdr, fh_cuda_error_flag(st)));
+  float* counts = smooth ? (float*)(ws + L.cnt_off) : NULL;
+  if (smooth && p->N > 0) FH_TRY(lce_launch_row_counts(fn, stream, p, rows, hdr, ws + L.scr_off, counts));
   coef_params cp;
   cp.targets = p->targets, cp.ignore_index = o->ignore_index;
   cp.N = (int)p->N, cp.V = (int)p->V, cp.reduction = (int)o->reduction;
   cp.cw = p->class_weights, cp.tw = p->token_weights;
   cp.lse = in->lse, cp.entropy = in->entropy, cp.grad_loss = in->grad_loss, cp.grad_lse = in->grad_lse;
   cp.alpha = o->label_smoothing, cp.lambda = o->z_loss_scale, cp.eta = o->entropy_weight, cp.divisor = o->divisor;
-  cp.hdr = hdr, cp.coef = coef;
+  cp.hdr = hdr, cp.coef = coef, cp.counts = counts;
   FH_LAUNCH(lce_bwd_coef_kernel, dim3(1), dim3(256), 0, stream, cp);
   LCE_CHECK_LAUNCH(fn, "lce_bwd_coef_kernel");
 

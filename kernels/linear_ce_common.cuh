@@ -77,6 +77,10 @@ static inline fh_status_t lce_check_shape(const char* fn, int64_t N, int64_t V, 
   return FH_SUCCESS;
 }
 
+/* a·x where a zero coefficient suppresses an infinite factor (a masked target under a zero
+ * weight, docs/conventions.md): no 0·inf. NaN still propagates. */
+__device__ __forceinline__ double lce_mul0(double a, double x) { return (a == 0.0 && isinf(x)) ? 0.0 : a * x; }
+
 /* Merge online softmax stats (m, Z = Σ e^{z−m}, F = Σ e^{z−m}(z − m)) of two disjoint sets.
  * (common.cuh's fh_stats carries (m, Z) only; the entropy needs F as well.)
  * An empty set has Z == 0; NaN in Z propagates. */
@@ -97,7 +101,6 @@ __device__ __forceinline__ void lce_stats_merge(float& m, float& Z, float& F, fl
 struct lce_ws_header {
   int count;       /* number of valid rows */
   int pad_;
-  double W;        /* Σ_j w_j */
   double denom_ce; /* D_ce after the divisor rule (backward) */
   double denom_reg;
 };
@@ -105,10 +108,18 @@ struct lce_ws_header {
 /* Launches the compaction of the valid rows, in row order, by one block (deterministic):
  * rows[0..count) are the i with targets[i] != ignore_index and 0 <= targets[i] < V. A target
  * outside [0, V) that is not ignore_index raises the device error flag and the row is treated
- * as ignored (never read). Also W = Σ_j w_j (V without class weights) in fp64, fixed order.
+ * as ignored (never read).
  * Defined in linear_ce_fwd.cu, used by both passes. */
 fh_status_t lce_launch_prep(const char* fn, cudaStream_t stream, const fh_lce_problem_t* p, int* rows,
                             struct lce_ws_header* hdr, int* err_flag);
+
+/* The backward with label smoothing needs each row's unmasked class count V_i and weight sum
+ * W_i (docs/conventions.md), which depend on the row's masked classes: one pass of the forward's
+ * tile kernel computes them into counts [2 x N] (V_i, then W_i) for the valid rows. scratch:
+ * lce_row_counts_scratch(N, V) bytes, 256-byte aligned. Defined in linear_ce_fwd.cu. */
+size_t lce_row_counts_scratch(int64_t N, int64_t V);
+fh_status_t lce_launch_row_counts(const char* fn, cudaStream_t stream, const fh_lce_problem_t* p, const int* rows,
+                                  const lce_ws_header* hdr, void* scratch, float* counts);
 
 /* Sums n doubles per thread across the block in a fixed tree order (common.cuh's fh_block_sum
  * is one float; the forward's reductions want fp64 and several values at once); results in red[0..n) of

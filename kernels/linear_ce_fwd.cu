@@ -1,15 +1,16 @@
 /* Linear cross-entropy forward (Cut Cross-Entropy style): the [N x V] logits never reach memory.
  *
- * Formula (fusedhead.h): r = E·Cᵀ + b, z = softcap(scale·r), lse_i = log Σ_j e^{z_ij},
- * h_i = lse_i − Σ_j p_ij z_ij, ce_i = ω_i [w_y (1−α)(lse_i − z_iy) + ε (W lse_i − Σ_j w_j z_ij)],
+ * Formula (fusedhead.h, docs/linear_ce.md): r = E·Cᵀ + b, z = softcap(scale·r), lse_i = log Σ_j e^{z_ij},
+ * h_i = lse_i − Σ_j p_ij z_ij, ce_i = ω_i [w_y (1−α)(lse_i − z_iy) + ε_i (W_i lse_i − Σ_j w_j z_ij)],
+ * sums over the row's unmasked classes (raw r = −inf masks a class, docs/conventions.md:
+ * ε_i = α / V_i, W_i = Σ w_j over them; a masked target gives +inf),
  * reg_i = ω_i [λ lse_i² + η h_i], argmax over the raw r (NaN largest, lowest index on ties).
  * Shapes: E [N x D], C [V x D], bias [V], targets [N], class weights [V], token weights [N].
  *
  * Four launches, no host synchronization (the grids are sized for N rows; blocks past the
  * device-side valid count exit at once, so ignored rows cost no FLOPs):
  *   1. lce_prep_kernel (1 block x 256): compacts the valid rows in row order (block prefix sum,
- *      deterministic), flags targets outside [0, V) on the device (those rows count as ignored),
- *      W = Σ w_j in fp64.
+ *      deterministic), flags targets outside [0, V) on the device (those rows count as ignored).
  *   2. lce_fwd_tile_kernel<T, Align>, grid (ceil(N/128) row blocks) x (S vocabulary splits),
  *      256 threads: each block loops over its split's 128-class tiles; per tile the engine's
  *      mainloop (kernels/engine/sm80.cuh, docs/engine.md) leaves the raw logits in registers and
@@ -35,17 +36,20 @@
 
 namespace fh_lce {
 
-constexpr int NQ = 7; /* partial stats per (split, row): m, Z, F, Σwz, z_y, argmax value, index */
+/* Partial stats per (split, row): m, Z, F, Σwz, z_y, argmax value, argmax index; with label
+ * smoothing also the row's unmasked class count V_i and weight sum W_i (docs/conventions.md:
+ * smoothing runs over the row's unmasked classes). */
+constexpr int NQ = 7, NQ_SMOOTH = 9;
 constexpr int MAX_SPLITS = 16;
 
 struct fwd_layout {
-  int S, tps, vt;
+  int S, tps, vt, nq;
   size_t rows_off, part_off, total;
 };
 
 /* Vocabulary splits from V alone (docs/engine.md "Determinism"): a row's partials, and so its
  * lse, depend on the split boundaries, so they must not depend on N. */
-static fwd_layout fwd_layout_of(int64_t N, int64_t V) {
+static fwd_layout fwd_layout_of(int64_t N, int64_t V, bool smooth) {
   fwd_layout L;
   L.vt = (int)((V + fh_eng::BN - 1) / fh_eng::BN);
   int S = L.vt < MAX_SPLITS ? L.vt : MAX_SPLITS;
@@ -54,16 +58,16 @@ static fwd_layout fwd_layout_of(int64_t N, int64_t V) {
   L.S = L.tps > 0 ? (L.vt + L.tps - 1) / L.tps : 1; /* no empty split */
   L.rows_off = 256;
   L.part_off = L.rows_off + lce_align(sizeof(int) * (size_t)N);
-  L.total = L.part_off + lce_align(sizeof(float) * NQ * (size_t)L.S * (size_t)N);
+  L.nq = smooth ? NQ_SMOOTH : NQ;
+  L.total = L.part_off + lce_align(sizeof(float) * (size_t)L.nq * (size_t)L.S * (size_t)N);
   return L;
 }
 
 __global__ void __launch_bounds__(256) lce_prep_kernel(const int64_t* __restrict__ targets, int N, int V,
-                                                       int64_t ignore_index, const float* __restrict__ cw,
-                                                       int* __restrict__ rows, lce_ws_header* __restrict__ hdr,
+                                                       int64_t ignore_index, int* __restrict__ rows,
+                                                       lce_ws_header* __restrict__ hdr,
                                                        int* __restrict__ err_flag) {
   __shared__ int scan[256];
-  __shared__ double red[256];
   const int t = threadIdx.x;
   int base = 0;
   for (int i0 = 0; i0 < N; i0 += 256) {
@@ -88,20 +92,13 @@ __global__ void __launch_bounds__(256) lce_prep_kernel(const int64_t* __restrict
     base += scan[255];
     __syncthreads(); /* scan[] is rewritten by the next chunk */
   }
-  double w = 0.0;
-  if (cw)
-    for (int j = t; j < V; j += 256) w += (double)cw[j];
-  lce_block_sum(red, &w, 1);
-  if (t == 0) {
-    hdr->count = base;
-    hdr->W = cw ? red[0] : (double)V;
-  }
+  if (t == 0) hdr->count = base;
 }
 
 fh_status_t lce_launch_prep(const char* fn, cudaStream_t stream, const fh_lce_problem_t* p, int* rows,
                             lce_ws_header* hdr, int* err_flag) {
   FH_LAUNCH(lce_prep_kernel, dim3(1), dim3(256), 0, stream, p->targets, (int)p->N, (int)p->V,
-            p->opt.ignore_index, p->class_weights, rows, hdr, err_flag);
+            p->opt.ignore_index, rows, hdr, err_flag);
   LCE_CHECK_LAUNCH(fn, "lce_prep_kernel");
   return FH_SUCCESS;
 }
@@ -115,7 +112,7 @@ struct fwd_params {
   const int64_t* targets;
   int N, V, D, S, tps, vt;
   float scale, cap;
-  int smooth;
+  int smooth, nq;
   const int* rows;
   const lce_ws_header* hdr;
   float* part;
@@ -124,12 +121,14 @@ struct fwd_params {
 /* Dynamic shared memory of the tile kernel: the engine's stages, then the row block's indices
  * and targets. The cross-warp merge at the end reuses the stage buffers. */
 constexpr size_t FWD_SMEM = fh_eng::SMEM_BYTES + 2 * fh_eng::BM * sizeof(int);
-static_assert(fh_eng::WARPS_N * fh_eng::BM * NQ * sizeof(float) <= fh_eng::SMEM_BYTES, "merge scratch");
+static_assert(fh_eng::WARPS_N * fh_eng::BM * NQ_SMOOTH * sizeof(float) <= fh_eng::SMEM_BYTES, "merge scratch");
 
 /* One row block (128 compacted valid rows) x one vocabulary split. Per class tile: the engine's
  * mainloop leaves the 128 x 128 raw logits in registers; the epilogue adds the bias (read once
  * per tile), takes the argmax of the raw values, forms z = softcap(scale · r) and folds it into
- * this thread's online statistics of its 8 rows (row_stats), the target logit and Σ w z. At the
+ * this thread's online statistics of its 8 rows (row_stats), the target logit and Σ w z; a raw
+ * logit of -inf masks its class (docs/conventions.md): left out of every sum, and a masked
+ * target's z_y is -inf. At the
  * split's end the four lanes of a quad merge by shuffles (xor 1, then 2), then the four warps
  * along N in warp order through shared memory: a fixed order that depends on nothing but the
  * class split, so a row's partials are the same whatever rows share its block. */
@@ -155,12 +154,12 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_pa
   const float inv_cap = p.cap > 0.0f ? 1.0f / p.cap : 0.0f;
   constexpr int SLOTS = 2 * MI; /* rows of this thread: (i, h) -> frag_row(i, 2h) */
   row_stats st[SLOTS];
-  float swz[SLOTS], zy[SLOTS], av[SLOTS];
+  float swz[SLOTS], zy[SLOTS], av[SLOTS], nun[SLOTS], wun[SLOTS];
   int ai[SLOTS], ys[SLOTS];
     FH_UNROLL
   for (int s = 0; s < SLOTS; ++s) {
     st[s].init();
-    swz[s] = 0.0f, zy[s] = 0.0f, av[s] = -INFINITY, ai[s] = INT32_MAX;
+    swz[s] = 0.0f, zy[s] = 0.0f, av[s] = -INFINITY, ai[s] = INT32_MAX, nun[s] = 0.0f, wun[s] = 0.0f;
     ys[s] = s_y[frag_row(s >> 1, 2 * (s & 1))];
   }
   const nt_operand<T> a{(const T*)p.E, p.lde, s_rows, 0, nr};
@@ -193,10 +192,14 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_pa
           if (c < nv) {
             const float r = raw_logit(acc.v[i][j][2 * h + e], bj[j][e]);
             if (arg_better(r, col, av[s], ai[s])) av[s] = r, ai[s] = col;
-            zz = process_logit(r, p.scale, p.cap, inv_cap);
-            tmax = fmaxf(tmax, zz);
-            if (col == ys[s]) zy[s] = zz;
-            swz[s] = fmaf(wj[j][e], zz, swz[s]);
+            if (r != -INFINITY) {
+              zz = process_logit(r, p.scale, p.cap, inv_cap);
+              tmax = fmaxf(tmax, zz);
+              swz[s] = fmaf(wj[j][e], zz, swz[s]);
+              wun[s] += wj[j][e];
+              nun[s] += 1.0f;
+            }
+            if (col == ys[s]) zy[s] = zz; /* -inf when the target is masked */
           }
           z[2 * j + e] = zz;
         }
@@ -212,6 +215,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_pa
       const float F2 = __shfl_xor_sync(FH_FULL_MASK, st[s].F, off);
       const float w2 = __shfl_xor_sync(FH_FULL_MASK, swz[s], off), y2 = __shfl_xor_sync(FH_FULL_MASK, zy[s], off);
       const float a2 = __shfl_xor_sync(FH_FULL_MASK, av[s], off);
+      const float n2 = __shfl_xor_sync(FH_FULL_MASK, nun[s], off), u2 = __shfl_xor_sync(FH_FULL_MASK, wun[s], off);
       const int i2 = __shfl_xor_sync(FH_FULL_MASK, ai[s], off);
       /* The lower lane keeps its own set first: a fixed order on every lane that stores. */
       if ((threadIdx.x & off) == 0) st[s].merge(m2, Z2, F2);
@@ -222,16 +226,20 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_pa
       }
       swz[s] = (threadIdx.x & off) == 0 ? swz[s] + w2 : w2 + swz[s];
       zy[s] += y2; /* the other lanes hold exactly 0 */
+      nun[s] += n2; /* integers below 2^24: exact in any order */
+      wun[s] = (threadIdx.x & off) == 0 ? wun[s] + u2 : u2 + wun[s];
       if (arg_better(a2, i2, av[s], ai[s])) av[s] = a2, ai[s] = i2;
     }
   /* Then the four warps along N, in warp order, through the free stage buffers. */
-  float* scr = (float*)smem; /* [WARPS_N][NQ][kBM] */
+  float* scr = (float*)smem; /* [WARPS_N][nq][kBM] */
+  const int nq = p.nq;
   if ((threadIdx.x & 3) == 0) {
     FH_UNROLL
     for (int s = 0; s < SLOTS; ++s) {
-      float* q = scr + (size_t)warp_n() * NQ * kBM + frag_row(s >> 1, 2 * (s & 1));
+      float* q = scr + (size_t)warp_n() * nq * kBM + frag_row(s >> 1, 2 * (s & 1));
       q[0 * kBM] = st[s].m, q[1 * kBM] = st[s].Z, q[2 * kBM] = st[s].F, q[3 * kBM] = swz[s];
       q[4 * kBM] = zy[s], q[5 * kBM] = av[s], q[6 * kBM] = __int_as_float(ai[s]);
+      if (nq > NQ) q[7 * kBM] = nun[s], q[8 * kBM] = wun[s];
     }
   }
   __syncthreads();
@@ -239,17 +247,18 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_pa
   if (r < nr) {
     row_stats t;
     t.init();
-    float w = 0.0f, y = 0.0f, bv = -INFINITY;
+    float w = 0.0f, y = 0.0f, bv = -INFINITY, cnt = 0.0f, wsum = 0.0f;
     int bi = INT32_MAX;
     for (int wn = 0; wn < WARPS_N; ++wn) {
-      const float* q = scr + (size_t)wn * NQ * kBM + r;
+      const float* q = scr + (size_t)wn * nq * kBM + r;
+      if (nq > NQ) cnt += q[7 * kBM], wsum += q[8 * kBM];
       t.merge(q[0], q[kBM], q[2 * kBM]);
       w += q[3 * kBM];
       y += q[4 * kBM];
       if (arg_better(q[5 * kBM], __float_as_int(q[6 * kBM]), bv, bi)) bv = q[5 * kBM], bi = __float_as_int(q[6 * kBM]);
     }
     const size_t N = (size_t)p.N, i = (size_t)s_rows[r];
-    float* P = p.part + (size_t)blockIdx.y * NQ * N + i;
+    float* P = p.part + (size_t)blockIdx.y * nq * N + i;
     P[0 * N] = t.m;
     P[1 * N] = t.Z;
     P[2 * N] = t.F;
@@ -257,6 +266,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_pa
     P[4 * N] = y;
     P[5 * N] = bv;
     P[6 * N] = __int_as_float(bi);
+    if (nq > NQ) P[7 * N] = cnt, P[8 * N] = wsum;
   }
 }
 
@@ -272,7 +282,7 @@ static fh_status_t launch_fwd_tile(const char* fn, dim3 grid, cudaStream_t strea
 struct fin_params {
   const int64_t* targets;
   int64_t ignore_index;
-  int N, V, S, tps;
+  int N, V, S, tps, nq;
   const float* cw;
   const float* tw;
   float alpha, lambda, eta;
@@ -297,23 +307,27 @@ __global__ void __launch_bounds__(256) lce_fwd_finalize_kernel(fin_params p) {
     if (p.none && p.zloss) p.zloss[i] = 0.0f;
     return;
   }
+  const int nq = p.nq;
   float m = P[0], Z = P[N], F = P[2 * N], av = P[5 * N];
-  double swz = P[3 * N];
+  double swz = P[3 * N], cnt = nq > NQ ? P[7 * N] : 0.0, wsum = nq > NQ ? P[8 * N] : 0.0;
   int ai = __float_as_int(P[6 * N]);
   for (int s = 1; s < p.S; ++s) { /* split order: deterministic */
-    const float* Q = P + (size_t)s * NQ * N;
+    const float* Q = P + (size_t)s * nq * N;
     lce_stats_merge(m, Z, F, Q[0], Q[N], Q[2 * N]);
     swz += Q[3 * N];
+    if (nq > NQ) cnt += Q[7 * N], wsum += Q[8 * N];
     if (fh_eng::arg_better(Q[5 * N], __float_as_int(Q[6 * N]), av, ai)) av = Q[5 * N], ai = __float_as_int(Q[6 * N]);
   }
   const int sy = (int)(y / fh_eng::BN) / p.tps;
-  const double zy = P[(size_t)sy * NQ * N + 4 * N];
-  const double lnZ = log((double)Z), lse = (double)m + lnZ, h = lnZ - (double)F / (double)Z;
+  const double zy = P[(size_t)sy * nq * N + 4 * N];
+  /* Every class masked (Z = 0): lse -inf, entropy 0 (docs/conventions.md). */
+  const double lnZ = log((double)Z), lse = (double)m + lnZ, h = Z != 0.0f ? lnZ - (double)F / (double)Z : 0.0;
   const double om = p.tw ? p.tw[i] : 1.0, wy = p.cw ? p.cw[y] : 1.0;
-  const double eps = (double)p.alpha / (double)p.V;
-  double ce = om * wy * (1.0 - p.alpha) * (lse - zy);
-  if (p.alpha != 0.0f) ce += om * eps * (p.hdr->W * lse - swz);
-  const double zl = om * p.lambda * lse * lse, reg = zl + om * p.eta * h;
+  const double nll = zy == -INFINITY ? INFINITY : lse - zy; /* a masked target: +inf */
+  double ce = lce_mul0(om * wy * (1.0 - p.alpha), nll);
+  /* smoothing over the row's unmasked classes: α / V_i · (W_i lse − Σ w z) */
+  if (p.alpha != 0.0f && cnt > 0.0) ce += om * (double)p.alpha / cnt * (wsum * lse - swz);
+  const double zl = lce_mul0(om * p.lambda, lse * lse), reg = zl + lce_mul0(om * p.eta, h);
   if (p.lse) p.lse[i] = (float)lse;
   if (p.entropy) p.entropy[i] = (float)h;
   if (p.argmax) p.argmax[i] = ai;
@@ -375,12 +389,67 @@ __global__ void __launch_bounds__(256) lce_fwd_reduce_kernel(red_params p) {
 
 using namespace fh_lce;
 
+/* Launches the tile kernel for every valid row and split (the partials of fwd_layout_of). */
+static fh_status_t launch_tiles(const char* fn, cudaStream_t stream, const fh_lce_problem_t* p, const fwd_layout& L,
+                                const int* rows, const lce_ws_header* hdr, float* part) {
+  const fh_linear_ce_options_t* o = &p->opt;
+  fwd_params fp;
+  fp.E = p->E->data;
+  fp.C = p->C->data;
+  fp.bias = p->bias ? p->bias->data : NULL;
+  fp.lde = p->E->row_stride;
+  fp.ldc = p->C->row_stride;
+  fp.cw = p->class_weights;
+  fp.targets = p->targets;
+  fp.N = (int)p->N, fp.V = (int)p->V, fp.D = (int)p->D;
+  fp.S = L.S, fp.tps = L.tps, fp.vt = L.vt;
+  fp.scale = o->logit_scale, fp.cap = o->softcap;
+  fp.smooth = o->label_smoothing != 0.0f;
+  fp.nq = L.nq;
+  fp.rows = rows, fp.hdr = hdr, fp.part = part;
+  const dim3 grid(lce_blocks(p->N, fh_eng::BM), (unsigned)L.S);
+  const bool vec = fh_eng::vec16_ok(fp.E, fp.lde, fh_dtype_size(p->dtype)) &&
+                   fh_eng::vec16_ok(fp.C, fp.ldc, fh_dtype_size(p->dtype));
+  LCE_DTYPE_SWITCH(p->dtype, T, {
+    if (vec) FH_TRY((launch_fwd_tile<T, fh_eng::vec16>(fn, grid, stream, fp)));
+    else FH_TRY((launch_fwd_tile<T, fh_eng::scalar>(fn, grid, stream, fp)));
+  });
+  return FH_SUCCESS;
+}
+
+/* Per valid row i: counts[i] = V_i (unmasked classes), counts[N + i] = W_i (their weight sum),
+ * merged over the splits in order. */
+__global__ void __launch_bounds__(256) lce_counts_kernel(const int64_t* targets, int64_t ignore_index, int N, int V,
+                                                         int S, const float* part, float* counts) {
+  const int i = blockIdx.x * 256 + threadIdx.x;
+  if (i >= N) return;
+  const int64_t y = targets[i];
+  if (y == ignore_index || y < 0 || y >= V) return;
+  const size_t n = (size_t)N;
+  float c = 0.0f, w = 0.0f;
+  for (int s = 0; s < S; ++s) c += part[(size_t)s * NQ_SMOOTH * n + 7 * n + i], w += part[(size_t)s * NQ_SMOOTH * n + 8 * n + i];
+  counts[i] = c, counts[n + i] = w;
+}
+
+size_t fh_lce::lce_row_counts_scratch(int64_t N, int64_t V) { return fwd_layout_of(N, V, true).total; }
+
+fh_status_t fh_lce::lce_launch_row_counts(const char* fn, cudaStream_t stream, const fh_lce_problem_t* p, const int* rows,
+                                  const lce_ws_header* hdr, void* scratch, float* counts) {
+  const fwd_layout L = fwd_layout_of(p->N, p->V, true);
+  float* part = (float*)((unsigned char*)scratch + L.part_off);
+  FH_TRY(launch_tiles(fn, stream, p, L, rows, hdr, part));
+  FH_LAUNCH(lce_counts_kernel, dim3(lce_blocks(p->N, 256)), dim3(256), 0, stream, p->targets, p->opt.ignore_index,
+            (int)p->N, (int)p->V, L.S, (const float*)part, counts);
+  LCE_CHECK_LAUNCH(fn, "lce_counts_kernel");
+  return FH_SUCCESS;
+}
+
 extern "C" fh_status_t fh_cuda_linear_ce_forward_workspace(const fh_cuda_state_t* st, const fh_linear_ce_options_t* opt,
                                                            int64_t N, int64_t V, int64_t D, fh_dtype_t dtype,
                                                            size_t* bytes) {
-  (void)st, (void)opt, (void)dtype;
+  (void)st, (void)dtype;
   FH_TRY(lce_check_shape("fh_linear_ce_forward_workspace_size", N, V, D));
-  *bytes = fwd_layout_of(N, V).total;
+  *bytes = fwd_layout_of(N, V, opt->label_smoothing != 0.0f).total;
   return FH_SUCCESS;
 }
 
@@ -390,37 +459,18 @@ extern "C" fh_status_t fh_cuda_linear_ce_forward(fh_cuda_state_t* st, struct CUs
   static const char fn[] = "fh_linear_ce_forward";
   (void)workspace_bytes; /* checked by the caller against the query */
   FH_TRY(lce_check_shape(fn, p->N, p->V, p->D));
-  const fwd_layout L = fwd_layout_of(p->N, p->V);
   const fh_linear_ce_options_t* o = &p->opt;
+  const fwd_layout L = fwd_layout_of(p->N, p->V, o->label_smoothing != 0.0f);
   unsigned char* ws = (unsigned char*)workspace;
   lce_ws_header* hdr = (lce_ws_header*)ws;
   float* part = p->N > 0 ? (float*)(ws + L.part_off) : NULL;
   if (p->N > 0) {
     int* rows = (int*)(ws + L.rows_off);
     FH_TRY(lce_launch_prep(fn, stream, p, rows, hdr, fh_cuda_error_flag(st)));
-    fwd_params fp;
-    fp.E = p->E->data;
-    fp.C = p->C->data;
-    fp.bias = p->bias ? p->bias->data : NULL;
-    fp.lde = p->E->row_stride;
-    fp.ldc = p->C->row_stride;
-    fp.cw = p->class_weights;
-    fp.targets = p->targets;
-    fp.N = (int)p->N, fp.V = (int)p->V, fp.D = (int)p->D;
-    fp.S = L.S, fp.tps = L.tps, fp.vt = L.vt;
-    fp.scale = o->logit_scale, fp.cap = o->softcap;
-    fp.smooth = o->label_smoothing != 0.0f;
-    fp.rows = rows, fp.hdr = hdr, fp.part = part;
-    const dim3 grid(lce_blocks(p->N, fh_eng::BM), (unsigned)L.S);
-    const bool vec = fh_eng::vec16_ok(fp.E, fp.lde, fh_dtype_size(p->dtype)) &&
-                     fh_eng::vec16_ok(fp.C, fp.ldc, fh_dtype_size(p->dtype));
-    LCE_DTYPE_SWITCH(p->dtype, T, {
-      if (vec) FH_TRY((launch_fwd_tile<T, fh_eng::vec16>(fn, grid, stream, fp)));
-      else FH_TRY((launch_fwd_tile<T, fh_eng::scalar>(fn, grid, stream, fp)));
-    });
+    FH_TRY(launch_tiles(fn, stream, p, L, rows, hdr, part));
     fin_params q;
     q.targets = p->targets, q.ignore_index = o->ignore_index;
-    q.N = (int)p->N, q.V = (int)p->V, q.S = L.S, q.tps = L.tps;
+    q.N = (int)p->N, q.V = (int)p->V, q.S = L.S, q.tps = L.tps, q.nq = L.nq;
     q.cw = p->class_weights, q.tw = p->token_weights;
     q.alpha = o->label_smoothing, q.lambda = o->z_loss_scale, q.eta = o->entropy_weight;
     q.none = o->reduction == FH_REDUCTION_NONE;
