@@ -450,15 +450,26 @@ struct coef_params {
 /* 1/x for a finite x > 0 in fp64: scale to [0.5, 1), start from the fp32 reciprocal (24 bits)
  * and take two Newton steps (48, then the full 53 bits), scale back. */
 __device__ __forceinline__ double lce_recip(double x) {
-  int e = 0;
-  const double m = frexp(x, &e);
-  double r = (double)(1.0f / (float)m);
+  /* x = m · 2^e with m in [0.5, 1), from the bits (frexp's exponent output would live in local
+   * memory); a subnormal x is scaled up by 2^64 first. */
+  int sh = 0;
+  long long b = __double_as_longlong(x);
+  if (((b >> 52) & 0x7ff) == 0) x *= 0x1p64, b = __double_as_longlong(x), sh = 64;
+  const int e = (int)((b >> 52) & 0x7ff) - 1022;
+  const double m = __longlong_as_double((b & 0x800fffffffffffffLL) | (1022LL << 52));
+  double r = (double)fh_ptx::rcp((float)m); /* 2^-23, then 2^-46, then full precision */
   r = r * (2.0 - m * r);
   r = r * (2.0 - m * r);
-  return ldexp(r, -e);
+  /* · 2^(sh − e) in two halves, each a normal power of two (ldexp calls a subroutine that
+   * spills on sm_80) */
+  const int k = sh - e, k1 = k / 2, k2 = k - k1;
+  return r * __longlong_as_double((long long)(k1 + 1023) << 52) * __longlong_as_double((long long)(k2 + 1023) << 52);
 }
 
-__global__ void __launch_bounds__(256) lce_bwd_coef_kernel(coef_params p) {
+
+/* One block per SM is all this kernel ever has (grid 1): the explicit bound keeps ptxas from
+ * capping registers for occupancy, which spilled fp64 values on sm_80. */
+__global__ void __launch_bounds__(256, 1) lce_bwd_coef_kernel(coef_params p) {
   __shared__ double red[2 * 256];
   double v[2] = {0.0, 0.0};
   for (int i = threadIdx.x; i < p.N; i += 256) {

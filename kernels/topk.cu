@@ -460,6 +460,12 @@ extern "C" fh_status_t fh_cuda_topk(fh_cuda_state_t* st, struct CUstream_st* str
                         (long long)k, MAX_K);
   const int64_t B = logits ? logits->rows : H->rows, V = logits ? logits->cols : C->rows, D = logits ? 0 : H->cols;
   FH_TRY(fh_lce::lce_check_shape(fn, B, V, D));
+  /* The workspace query reads D = 0 as "from logits" (fusedhead.h) and sizes nothing for it, so
+   * a fused call with zero hidden columns has no split lists to work in: refuse it by name. */
+  if (!logits && D == 0 && B > 0)
+    return fh_set_error(FH_ERR_UNSUPPORTED, fn,
+                        "H has 0 columns: the CUDA backend's fused top-k needs D >= 1 (the logits are the bias "
+                        "alone: use fh_topk_from_logits on it, or FH_BACKEND_CPU)");
   if (B == 0) return FH_SUCCESS;
   cudaStream_t s = (cudaStream_t)stream;
   if (logits) {

@@ -107,6 +107,10 @@ __device__ __forceinline__ int swz_rows(int r, int c) {
   return r * CPR * 16 + ((CPR == 4 ? (c ^ ((r >> 1) & 3)) : (c ^ (r & 7))) << 4);
 }
 __device__ __forceinline__ int swz(int r, int c) { return swz_rows<ROWB / 16>(r, c); }
+/* 128-byte rows read by 32-bit loads of 4 consecutive rows x 2 chunks (the streamed GEMM's tf32
+ * B fragments, which ldmatrix cannot transpose): chunk c of row r at c ^ ((r & 3) << 1) puts
+ * those 8 chunks in 8 distinct bank groups. */
+__device__ __forceinline__ int swz_k4(int r, int c) { return r * 128 + ((c ^ ((r & 3) << 1)) << 4); }
 
 /* One operand of an NT GEMM: `rows` rows of K elements, row r at base + row_index(r) * ld.
  * Rows past `n` are zero. `gather` (shared memory) maps r to a global row, else row0 + r. */
@@ -119,7 +123,7 @@ struct nt_operand {
 };
 
 /* The per-thread copy plan of one operand: ROWS rows x CPR 16-byte chunks per stage, 256 threads. */
-template <typename T, typename Align, int ROWS, int CPR = ROWB / 16>
+template <typename T, typename Align, int ROWS, int CPR = ROWB / 16, bool K4 = false>
 struct loader {
   static constexpr int PER_THREAD = ROWS * CPR / THREADS;
   const unsigned char* src[PER_THREAD]; /* start of this thread's row, or NULL past n */
@@ -133,7 +137,7 @@ struct loader {
     for (int q = 0; q < PER_THREAD; ++q) {
       const int id = (int)threadIdx.x + q * THREADS, r = id / CPR, c = id % CPR;
       chunk[q] = c;
-      off[q] = swz_rows<CPR>(r, c);
+      off[q] = K4 ? swz_k4(r, c) : swz_rows<CPR>(r, c);
       const int64_t row = r < o.n ? (o.gather ? (int64_t)o.gather[r] : (int64_t)(o.row0 + r)) : -1;
       src[q] = row >= 0 ? (const unsigned char*)(o.base + row * o.ld) : nullptr;
     }

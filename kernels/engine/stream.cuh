@@ -66,7 +66,9 @@ struct stream_gemm {
   template <class Epi>
   static __device__ __forceinline__ void run(const unsigned char* res, const nt_operand<T>& b, int D, int n_out,
                                              unsigned char* stages, Epi& epi) {
-    loader<T, Align, SK, CHB / 16> lb;
+    /* fp32 chunks are read by 32-bit loads (below), 16-bit ones by ldmatrix.trans: each with
+     * the swizzle that keeps its reads conflict-free. */
+    loader<T, Align, SK, CHB / 16, sizeof(T) == 4> lb;
     lb.init(b);
     const int dbytes = D * (int)sizeof(T);
     const int nch = (dbytes + CHB - 1) / CHB;
@@ -125,8 +127,8 @@ struct stream_gemm {
           for (int j = 0; j < cfg::NJ; ++j) {
             const int n = wn * cfg::WN + j * 8 + g;
             const int r0 = k0 + t, r1 = k0 + t + 4;
-            bf[j][0] = operand<T>::prep(fh_ptx::lds_u32(sb + swz_rows<CHB / 16>(r0, n >> 2) + (n & 3) * 4));
-            bf[j][1] = operand<T>::prep(fh_ptx::lds_u32(sb + swz_rows<CHB / 16>(r1, n >> 2) + (n & 3) * 4));
+            bf[j][0] = operand<T>::prep(fh_ptx::lds_u32(sb + swz_k4(r0, n >> 2) + (n & 3) * 4));
+            bf[j][1] = operand<T>::prep(fh_ptx::lds_u32(sb + swz_k4(r1, n >> 2) + (n & 3) * 4));
           }
         }
         FH_UNROLL

@@ -205,8 +205,8 @@ Test(kernel_engine, mainloop_conflict_free_and_counted_work, .timeout = 900) {
              (unsigned long long)b.smem_wavefronts, (unsigned long long)b.bank_conflict_replays,
              (unsigned long long)b.bank_conflict_max_ways);
       /* 16-bit types: the streamed GEMMs (ldmatrix.trans of swizzled chunks), G's stores and the
-       * staging buffer are conflict-free too; fp32's tf32 B fragments come from 32-bit loads of
-       * 4 rows that pair up in 2-way conflicts (docs/engine.md). */
+       * staging buffer are conflict-free too; fp32's G tile (and its transpose) is stored with
+       * 32-bit stores that pair up in 2-way conflicts (docs/engine.md). */
       if (DT[dt] != FH_DTYPE_F32) cr_expect_eq(b.bank_conflict_replays, 0, "%s: backward shared accesses conflict", DN[dt]);
     }
     lk_grads_free(&g);

@@ -328,6 +328,12 @@ Test(kernel_topk, workspace_and_limits) {
             fh_last_error());
   fh_tensor_t H = fh_tensor_2d(d_z, FH_DTYPE_F32, 2, 3), C = fh_tensor_2d(d_z + 6, FH_DTYPE_F32, 90, 3);
   cr_assert_eq(fh_topk_fused(gpu, &H, &C, NULL, 4, d_v, d_i, NULL, 0), FH_ERR_INSUFFICIENT_WORKSPACE);
+  /* D = 0: the query sizes no workspace for it (D = 0 means "from logits"), so the fused kernel
+   * must not run into a NULL workspace: a named refusal, nothing written. */
+  fh_tensor_t H0 = fh_tensor_2d(d_z, FH_DTYPE_F32, 2, 0), C0 = fh_tensor_2d(d_z, FH_DTYPE_F32, 90, 0);
+  cr_assert_eq(fh_topk_workspace_size(gpu, 2, 90, 0, 4, FH_DTYPE_F32, &bytes), FH_SUCCESS);
+  cr_assert_eq(fh_topk_fused(gpu, &H0, &C0, NULL, 4, d_v, d_i, NULL, bytes), FH_ERR_UNSUPPORTED);
+  cr_expect(strstr(fh_last_error(), "0 columns") != NULL, "%s", fh_last_error());
   cudaFree(d_z), cudaFree(d_v), cudaFree(d_i);
   fh_context_destroy(gpu);
 }
