@@ -42,9 +42,10 @@ static double process_logit(const fh_lce_problem_t* p, double r) {
 
 /* W = Σ_j w_j (V when there are no class weights). */
 static double weight_total(const fh_lce_problem_t* p) {
-  if (!p->class_weights) return (double)p->V;
+  const int64_t V = fh_lce_vtotal(p); /* global: class_weights are global on a shard */
+  if (!p->class_weights) return (double)V;
   double W = 0;
-  for (int64_t j = 0; j < p->V; ++j) W += class_weight(p, j); /* double with fp64 inputs */
+  for (int64_t j = 0; j < V; ++j) W += class_weight(p, j); /* double with fp64 inputs */
   return W;
 }
 
@@ -68,11 +69,11 @@ static void denominators(const fh_lce_problem_t* p, double* d_ce, double* d_reg,
 /* x / d with the documented rule that a part over a zero denominator is 0. */
 static double safe_div(double x, double d) { return d != 0.0 ? x / d : 0.0; }
 
-fh_status_t fh_ref_lce_forward_f64(const fh_lce_problem_t* p, fh_lce_ref_forward_t* out) {
-  const int64_t N = p->N, V = p->V, D = p->D;
-  const double alpha = p->opt.label_smoothing, eps = V > 0 ? alpha / (double)V : 0.0;
-  const double lambda = p->opt.z_loss_scale, eta = p->opt.entropy_weight;
-  const double W = weight_total(p);
+/* Per-row partial statistics over this problem's classes (the whole vocabulary, or one shard):
+ * FH_SHARD_LCE_PARTIAL doubles a row in the layout of fusedhead_shard.h. Ignored rows get
+ * zeros and argmax -1. */
+fh_status_t fh_ref_lce_partials(const fh_lce_problem_t* p, double* part) {
+  const int64_t N = p->N, V = p->V, D = p->D, off = p->class_offset;
   int oom = 0;
 
 #ifdef FH_HAVE_OPENMP
@@ -93,54 +94,97 @@ fh_status_t fh_ref_lce_forward_f64(const fh_lce_problem_t* p, fh_lce_ref_forward
       fh_ref_row_to_double(p->E, i0 + r, e + r * D);
       fh_ref_stats_init(&st[r]);
       sum_wz[r] = 0;
-      z_y[r] = NAN;
+      z_y[r] = 0; /* stays 0 when another shard owns the target */
       best[r] = -INFINITY;
       arg[r] = -1;
     }
     for (int64_t j = 0; j < V; ++j) {
       fh_ref_row_to_double(p->C, j, c);
-      const double wj = class_weight(p, j);
+      const double wj = class_weight(p, off + j);
       for (int64_t r = 0; r < nb; ++r) {
         if (!row_valid(p, i0 + r)) continue;
         double raw = raw_logit(p, e + r * D, c, j);
         double z = process_logit(p, raw);
         fh_ref_stats_add(&st[r], z);
         sum_wz[r] += wj * z;
-        if (j == p->targets[i0 + r]) z_y[r] = z;
+        if (off + j == p->targets[i0 + r]) z_y[r] = z;
         /* argmax over the raw logit (scale and softcap keep the order, and saturating tanh
          * would create ties); NaN counts as the maximum, first occurrence wins. */
         if (arg[r] < 0 || raw > best[r] || (isnan(raw) && !isnan(best[r]))) {
           best[r] = raw;
-          arg[r] = j;
+          arg[r] = off + j;
         }
       }
     }
     for (int64_t r = 0; r < nb; ++r) {
-      const int64_t i = i0 + r;
-      if (!row_valid(p, i)) {
-        out->lse[i] = 0;
-        out->entropy[i] = 0;
-        out->row_loss[i] = 0;
-        out->row_zloss[i] = 0;
-        out->argmax[i] = -1;
-        continue;
-      }
-      const double lse = fh_ref_stats_lse(&st[r]), h = fh_ref_stats_entropy(&st[r]);
-      const double om = token_weight(p, i), wy = class_weight(p, p->targets[i]);
-      const double ce = om * (wy * (1.0 - alpha) * (lse - z_y[r]) + eps * (W * lse - sum_wz[r]));
-      const double zl = om * lambda * lse * lse;
-      const double reg = zl + om * eta * h;
-      out->lse[i] = lse;
-      out->entropy[i] = h;
-      out->row_loss[i] = ce + reg;
-      out->row_zloss[i] = zl;
-      out->argmax[i] = arg[r];
-      /* keep ce separately for the mean: stash it in sum_wz (no longer needed) */
-      sum_wz[r] = ce;
+      double* q = part + (i0 + r) * FH_SHARD_LCE_PARTIAL;
+      const int v = row_valid(p, i0 + r);
+      q[0] = v ? st[r].m : 0.0;
+      q[1] = v ? st[r].Z : 0.0;
+      q[2] = v ? st[r].F : 0.0;
+      q[3] = v ? sum_wz[r] : 0.0;
+      q[4] = v ? z_y[r] : 0.0;
+      q[5] = v ? best[r] : 0.0;
+      q[6] = v ? (double)arg[r] : -1.0;
     }
     free(e);
   }
   if (oom) return fh_set_error(FH_ERR_OUT_OF_MEMORY, "fh_linear_ce_forward", "cannot allocate reference buffers");
+  return FH_SUCCESS;
+}
+
+/* Row i of P ranks' partials (gathered [P][N][FH_SHARD_LCE_PARTIAL]) merged in rank order. The
+ * argmax rule is the streaming one applied to each rank's winner, so, shards being contiguous in
+ * rank order, it picks the same (first) index as one pass over the whole vocabulary. */
+void fh_ref_lce_combine_row(const double* gathered, int64_t P, int64_t N, int64_t i, fh_lce_row_stats_t* rs) {
+  fh_ref_softmax_stats_t st;
+  fh_ref_stats_init(&st);
+  double sum_wz = 0.0, z_y = 0.0, best = -INFINITY;
+  int64_t arg = -1;
+  for (int64_t r = 0; r < P; ++r) {
+    const double* q = gathered + (r * N + i) * FH_SHARD_LCE_PARTIAL;
+    fh_ref_stats_merge(&st, q[0], q[1], q[2]);
+    sum_wz += q[3];
+    z_y += q[4]; /* one owner; the others add exact zeros */
+    const int64_t a = (int64_t)q[6];
+    if (a >= 0 && (arg < 0 || q[5] > best || (isnan(q[5]) && !isnan(best)))) {
+      best = q[5];
+      arg = a;
+    }
+  }
+  rs->lse = fh_ref_stats_lse(&st);
+  rs->h = fh_ref_stats_entropy(&st);
+  rs->sum_wz = sum_wz;
+  rs->z_y = z_y;
+  rs->arg = arg;
+}
+
+fh_status_t fh_ref_lce_finish(const fh_lce_problem_t* p, const double* gathered, int64_t P, fh_lce_ref_forward_t* out) {
+  const int64_t N = p->N;
+  const double alpha = p->opt.label_smoothing, eps = fh_lce_vtotal(p) > 0 ? alpha / (double)fh_lce_vtotal(p) : 0.0;
+  const double lambda = p->opt.z_loss_scale, eta = p->opt.entropy_weight;
+  const double W = weight_total(p);
+  for (int64_t i = 0; i < N; ++i) {
+    if (!row_valid(p, i)) {
+      out->lse[i] = 0;
+      out->entropy[i] = 0;
+      out->row_loss[i] = 0;
+      out->row_zloss[i] = 0;
+      out->argmax[i] = -1;
+      continue;
+    }
+    fh_lce_row_stats_t rs;
+    fh_ref_lce_combine_row(gathered, P, N, i, &rs);
+    const double lse = rs.lse, h = rs.h;
+    const double om = token_weight(p, i), wy = class_weight(p, p->targets[i]);
+    const double ce = om * (wy * (1.0 - alpha) * (lse - rs.z_y) + eps * (W * lse - rs.sum_wz));
+    const double zl = om * lambda * lse * lse;
+    out->lse[i] = lse;
+    out->entropy[i] = h;
+    out->row_loss[i] = ce + (zl + om * eta * h);
+    out->row_zloss[i] = zl;
+    out->argmax[i] = rs.arg;
+  }
 
   double d_ce, d_reg;
   int64_t n_valid;
@@ -170,7 +214,21 @@ fh_status_t fh_ref_lce_forward_f64(const fh_lce_problem_t* p, fh_lce_ref_forward
   return FH_SUCCESS;
 }
 
+fh_status_t fh_ref_lce_forward_f64(const fh_lce_problem_t* p, fh_lce_ref_forward_t* out) {
+  double* part = (double*)malloc(sizeof(double) * FH_SHARD_LCE_PARTIAL * (size_t)(p->N > 0 ? p->N : 1));
+  if (!part) return fh_set_error(FH_ERR_OUT_OF_MEMORY, "fh_linear_ce_forward", "cannot allocate reference buffers");
+  fh_status_t st = fh_ref_lce_partials(p, part);
+  if (st == FH_SUCCESS) st = fh_ref_lce_finish(p, part, 1, out);
+  free(part);
+  return st;
+}
+
 fh_status_t fh_ref_linear_ce_forward(const fh_lce_problem_t* p, const fh_linear_ce_outputs_t* o) {
+  return fh_ref_lce_forward_out(p, 0, NULL, o);
+}
+
+fh_status_t fh_ref_lce_forward_out(const fh_lce_problem_t* p, int64_t P, const double* gathered,
+                                   const fh_linear_ce_outputs_t* o) {
   const int64_t N = p->N;
   fh_lce_ref_forward_t r;
   memset(&r, 0, sizeof r);
@@ -187,7 +245,7 @@ fh_status_t fh_ref_linear_ce_forward(const fh_lce_problem_t* p, const fh_linear_
   r.row_loss = buf + 2 * n;
   r.row_zloss = buf + 3 * n;
   r.argmax = arg;
-  fh_status_t st = fh_ref_lce_forward_f64(p, &r);
+  fh_status_t st = gathered ? fh_ref_lce_finish(p, gathered, P, &r) : fh_ref_lce_forward_f64(p, &r);
   if (st == FH_SUCCESS) {
     const int none = p->opt.reduction == FH_REDUCTION_NONE;
     for (int64_t i = 0; i < N; ++i) {
@@ -214,10 +272,10 @@ typedef struct row_coef {
   int valid;
 } row_coef_t;
 
-/* ∂loss/∂r_ij for one entry, from the processed logit z (see fusedhead.h). */
+/* ∂loss/∂r_ij for one entry, from the processed logit z (see fusedhead.h); j is the global id. */
 static double grad_entry(const fh_lce_problem_t* p, const row_coef_t* rc, int64_t y, int64_t j, double z,
                          double W) {
-  const double alpha = p->opt.label_smoothing, eps = alpha / (double)p->V;
+  const double alpha = p->opt.label_smoothing, eps = alpha / (double)fh_lce_vtotal(p);
   const double lambda = p->opt.z_loss_scale, eta = p->opt.entropy_weight;
   const double logp = z - rc->lse, pj = exp(logp);
   const double wy = class_weight(p, y), wj = class_weight(p, j);
@@ -290,7 +348,7 @@ fh_status_t fh_ref_lce_backward_f64(const fh_lce_problem_t* p, const double* lse
           const int64_t i = i0 + r;
           if (!rc[i].valid) continue;
           const double z = process_logit(p, raw_logit(p, e + r * D, c, j));
-          const double g = grad_entry(p, &rc[i], p->targets[i], j, z, W);
+          const double g = grad_entry(p, &rc[i], p->targets[i], p->class_offset + j, z, W);
           double* a = accE + r * D;
           for (int64_t k = 0; k < D; ++k) a[k] += g * c[k];
         }
@@ -326,7 +384,7 @@ fh_status_t fh_ref_lce_backward_f64(const fh_lce_problem_t* p, const double* lse
         for (int64_t r = 0; r < nb; ++r) {
           const int64_t j = j0 + r;
           const double z = process_logit(p, raw_logit(p, e, c + r * D, j));
-          const double g = grad_entry(p, &rc[i], p->targets[i], j, z, W);
+          const double g = grad_entry(p, &rc[i], p->targets[i], p->class_offset + j, z, W);
           accb[r] += g;
           if (want_C) {
             double* a = accC + r * D;

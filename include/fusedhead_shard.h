@@ -1,0 +1,137 @@
+/*
+ * fusedhead: vocabulary-parallel heads. Part of the public API of fusedhead.h, which includes
+ * this file (include fusedhead.h, not this file). The full description, with the derivation of
+ * the merge rules and a worked torch.distributed example, is docs/distributed.md.
+ *
+ * Setting. P ranks (tensor-parallel ranks) each hold a contiguous slice of the vocabulary:
+ * rank r holds classes [start_r, start_r + V_r), the slices in rank order cover [0, V) without
+ * gaps, and sizes may differ (V need not be divisible by P). Each rank holds its rows of C and
+ * bias; every rank holds the same E, targets, token weights and class weights (targets and class
+ * weights are global: ids in [0, V), class_weights [V]).
+ *
+ * The library does no communication. A sharded op runs in steps; between them the caller moves
+ * a small per-row buffer with its own engine (torch.distributed, NCCL, MPI). Every merge is done
+ * by the library in rank order from an all-gather, never by a reduction inside the collective,
+ * so the results are deterministic, do not depend on the collective's algorithm, and (for a row)
+ * do not depend on the batch. With P = 1 every step reduces to the single-device op exactly.
+ *
+ * Collectives (bytes per row; "gather" = all-gather of the buffer into [P][N][width] in rank
+ * order, each rank sending its own [N][width]; "sum" = all-reduce with the sum):
+ *
+ *   linear cross-entropy   forward   1 gather of FH_SHARD_LCE_PARTIAL doubles   56 B per rank
+ *                          backward  1 sum of dE [N x D] (each rank's dE is its classes' part)
+ *   distillation           forward   1 gather of FH_SHARD_DISTILL_STATS doubles  56 B per rank
+ *                                    1 gather of FH_SHARD_DISTILL_DIV doubles    16 B per rank
+ *                          backward  1 sum of dEs [N x D_s]
+ *
+ * dC and dbias never need communication: each rank's are complete for its classes. Summing dE
+ * in fp32 (or fp64) is the caller's choice; fusedhead writes it in the dtype of the dE tensor
+ * given, so for 16-bit E pass an fp32 dE and round after the sum.
+ *
+ * Sequence or data parallelism over rows needs nothing from this file: rows are independent, so
+ * each rank runs the single-device op on its rows (with opts.divisor set to the global token
+ * count when a mean must span ranks).
+ *
+ * Backends: the CPU reference implements every call. The CUDA backend returns
+ * FH_ERR_UNSUPPORTED from every call here in this version.
+ * Host memory: every partial buffer is fp64, host memory for the CPU backend.
+ */
+#ifndef FUSEDHEAD_SHARD_H
+#define FUSEDHEAD_SHARD_H
+
+#ifndef FUSEDHEAD_H
+#error "include fusedhead.h, not fusedhead_shard.h"
+#endif
+
+/* This rank's slice of the vocabulary. */
+typedef struct fh_shard {
+  int64_t class_start; /* global id of this rank's first class; >= 0 */
+  int64_t V_local;     /* classes on this rank (rows of C); >= 0 */
+  int64_t V_global;    /* V of the whole head; class_start + V_local <= V_global */
+} fh_shard_t;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Linear cross-entropy on a shard                                                            */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Doubles per row of the forward's partial statistics, over the rank's classes, with z the
+ * processed logit (scale, softcap) and r the raw one:
+ *   [0] m = max z (−inf when the row is ignored or the shard empty; 0 at ignored rows)
+ *   [1] Z = Σ exp(z − m)       [2] F = Σ exp(z − m)(z − m)
+ *   [3] Σ_j w_j z_j (w = class weights, 1 when none)
+ *   [4] z of the target when this rank holds it, else 0 (the merge adds the ranks' values)
+ *   [5] the largest r (first occurrence; NaN counts as largest)  [6] its global id (−1: none)
+ * Ignored rows hold zeros and −1. Merge (rank order): m = max m_r, Z = Σ Z_r e^(m_r − m),
+ * F likewise, lse = m + ln Z, h = ln Z − F/Z. */
+#define FH_SHARD_LCE_PARTIAL 7
+
+/* Step 1 of the forward, on each rank: E [N x D], C [V_local x D] and bias [1 x V_local] (this
+ * rank's rows), targets [N] and class_weights [V_global] (or NULL) global, token_weights [N] or
+ * NULL; options as fh_linear_ce_forward. Writes partials [N x FH_SHARD_LCE_PARTIAL].
+ * Statuses: as fh_linear_ce_forward, plus FH_ERR_INVALID_ARGUMENT for a bad shard. */
+FH_API fh_status_t fh_linear_ce_shard_forward(fh_context_t* ctx, const fh_linear_ce_options_t* opts,
+                                              const fh_shard_t* shard, const fh_tensor_t* E, const fh_tensor_t* C,
+                                              const fh_tensor_t* bias, const int64_t* targets,
+                                              const float* class_weights, const float* token_weights,
+                                              double* partials);
+
+/* Step 2, on every rank after the all-gather: gathered [nranks][N][FH_SHARD_LCE_PARTIAL] in rank
+ * order. Writes `out` exactly as fh_linear_ce_forward on the whole head would (loss, lse,
+ * entropy, z_loss, argmax with global ids, accuracy), equal to it up to fp64 rounding of the
+ * merge. dtype is E's dtype (it says whether the float arrays hold doubles: FH_DTYPE_F64). */
+FH_API fh_status_t fh_linear_ce_shard_combine(fh_context_t* ctx, const fh_linear_ce_options_t* opts, fh_dtype_t dtype,
+                                              int64_t N, int64_t V_global, int64_t nranks, const double* gathered,
+                                              const int64_t* targets, const float* class_weights,
+                                              const float* token_weights, const fh_linear_ce_outputs_t* out);
+
+/* Backward on a shard, with `in` holding the global lse (and entropy, grad_loss, grad_lse) from
+ * step 2: writes dC [V_local x D] and dbias [1 x V_local] for this rank's classes (complete)
+ * and dE [N x D], this rank's part of ∂loss/∂E: sum dE over the ranks. Shapes and dtypes as
+ * fh_linear_ce_backward (dE may be fp32 for 16-bit E, see above); options.accumulate adds. */
+FH_API fh_status_t fh_linear_ce_shard_backward(fh_context_t* ctx, const fh_linear_ce_options_t* opts,
+                                               const fh_shard_t* shard, const fh_tensor_t* E, const fh_tensor_t* C,
+                                               const fh_tensor_t* bias, const int64_t* targets,
+                                               const float* class_weights, const float* token_weights,
+                                               const fh_linear_ce_grad_inputs_t* in, const fh_linear_ce_grads_t* grads);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Distillation on a shard (dense teacher)                                                    */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Doubles per row of step 1's statistics: (m, Z) of s/T, of t/T and of s (the hard loss; 0, 0
+ * when hard_weight == 0), then s of the target when this rank holds it, else 0. */
+#define FH_SHARD_DISTILL_STATS 7
+/* Doubles per row of step 2's partial sums: Σ_j q_j f(r_j) and Σ_j q_j a_j over the rank's
+ * classes (see the Distillation section of fusedhead.h). */
+#define FH_SHARD_DISTILL_DIV 2
+
+/* Step 1: student and teacher heads hold this rank's classes (teacher C may have more rows than
+ * V_local, as V_t >= V; the first V_local are used), targets [N] global or NULL. Writes
+ * stats [N x FH_SHARD_DISTILL_STATS]. The sparse teacher is not supported on a shard. */
+FH_API fh_status_t fh_distill_shard_stats(fh_context_t* ctx, const fh_distill_options_t* opts, const fh_shard_t* shard,
+                                          const fh_distill_head_t* student, const fh_distill_head_t* teacher,
+                                          const int64_t* targets, double* stats);
+
+/* Step 2, after the all-gather of step 1: gathered_stats [nranks][N][FH_SHARD_DISTILL_STATS].
+ * Writes div [N x FH_SHARD_DISTILL_DIV] for this rank's classes. */
+FH_API fh_status_t fh_distill_shard_divergence(fh_context_t* ctx, const fh_distill_options_t* opts,
+                                               const fh_shard_t* shard, const fh_distill_head_t* student,
+                                               const fh_distill_head_t* teacher, const int64_t* targets,
+                                               int64_t nranks, const double* gathered_stats, double* div);
+
+/* Step 3, after the all-gather of step 2 (gathered_div [nranks][N][FH_SHARD_DISTILL_DIV]):
+ * writes `out` as fh_distill_forward would (loss, row_state, soft_loss, hard_loss). dtype is
+ * the student's (FH_DTYPE_F64: the float arrays hold doubles). */
+FH_API fh_status_t fh_distill_shard_combine(fh_context_t* ctx, const fh_distill_options_t* opts, fh_dtype_t dtype,
+                                            int64_t N, int64_t nranks, const double* gathered_stats,
+                                            const double* gathered_div, const int64_t* targets,
+                                            const fh_distill_outputs_t* out);
+
+/* Backward on a shard from the global row_state of step 3: dC, dbias of this rank's classes
+ * (complete) and this rank's part of dE (sum it over the ranks). */
+FH_API fh_status_t fh_distill_shard_backward(fh_context_t* ctx, const fh_distill_options_t* opts,
+                                             const fh_shard_t* shard, const fh_distill_head_t* student,
+                                             const fh_distill_head_t* teacher, const int64_t* targets,
+                                             const fh_distill_grad_inputs_t* in, const fh_distill_grads_t* grads);
+
+#endif /* FUSEDHEAD_SHARD_H */
