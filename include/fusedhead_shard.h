@@ -24,9 +24,9 @@
  *                                    1 gather of FH_SHARD_DISTILL_DIV doubles    16 B per rank
  *                          backward  1 sum of dEs [N x D_s]
  *
- * dC and dbias never need communication: each rank's are complete for its classes. Summing dE
- * in fp32 (or fp64) is the caller's choice; fusedhead writes it in the dtype of the dE tensor
- * given, so for 16-bit E pass an fp32 dE and round after the sum.
+ * dC and dbias never need communication: each rank's are complete for its classes. dE is
+ * written in E's dtype (as by the single-device backward), so with 16-bit E the all-reduce adds
+ * P rounded parts; the bytes above count dE in E's dtype.
  *
  * Sequence or data parallelism over rows needs nothing from this file: rows are independent, so
  * each rank runs the single-device op on its rows (with opts.divisor set to the global token
@@ -87,7 +87,7 @@ FH_API fh_status_t fh_linear_ce_shard_combine(fh_context_t* ctx, const fh_linear
 /* Backward on a shard, with `in` holding the global lse (and entropy, grad_loss, grad_lse) from
  * step 2: writes dC [V_local x D] and dbias [1 x V_local] for this rank's classes (complete)
  * and dE [N x D], this rank's part of ∂loss/∂E: sum dE over the ranks. Shapes and dtypes as
- * fh_linear_ce_backward (dE may be fp32 for 16-bit E, see above); options.accumulate adds. */
+ * fh_linear_ce_backward; options.accumulate adds. */
 FH_API fh_status_t fh_linear_ce_shard_backward(fh_context_t* ctx, const fh_linear_ce_options_t* opts,
                                                const fh_shard_t* shard, const fh_tensor_t* E, const fh_tensor_t* C,
                                                const fh_tensor_t* bias, const int64_t* targets,

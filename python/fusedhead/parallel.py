@@ -1,0 +1,138 @@
+"""Vocabulary-parallel heads over torch.distributed (docs/distributed.md).
+
+Each rank of a process group holds a contiguous slice of the vocabulary (rank order, sizes may
+differ); the functions of this package take process_group= and then run the library's shard calls
+(include/fusedhead_shard.h) with the collectives issued here through torch.distributed, so they
+work on whatever backend the group has (gloo for CPU tensors; NCCL for CUDA tensors once the CUDA
+backend has shard kernels). Per call:
+  - one all-gather of each rank's class count (int64, 8 bytes per rank) to learn the layout;
+  - linear cross-entropy: one all-gather of [N, 7] fp64 partials forward, one all-reduce (sum)
+    of e's gradient backward;
+  - distillation: two all-gathers ([N, 7] and [N, 2] fp64) forward, one all-reduce backward;
+  - decoding: one all-gather of [B, 4 + 2K] fp64 candidates.
+Merges happen in rank order from all-gathered buffers, so results are deterministic and the same
+on every rank.
+"""
+import ctypes
+
+import torch
+import torch.distributed as dist
+
+from . import _lib as L
+from . import distill as _distill
+from . import linear_ce as _lce
+
+
+def _all_gather(t, group):
+    """[P, *t.shape]: every rank's t in rank order."""
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t, group=group)
+    return torch.stack(parts).contiguous()
+
+
+def shard_layout(v_local, group, device):
+    """This rank's fh_shard_t and every rank's class count, from one all-gather of the counts."""
+    sizes = _all_gather(torch.tensor([int(v_local)], dtype=torch.int64, device=device), group).reshape(-1)
+    sizes = [int(x) for x in sizes.tolist()]
+    rank = dist.get_rank(group)
+    return L.Shard(sum(sizes[:rank]), int(v_local), sum(sizes)), sizes
+
+
+def _shard_tuple(s):
+    return (s.class_start, s.V_local, s.V_global)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear cross-entropy
+# ---------------------------------------------------------------------------------------------
+
+def _lce_forward(group):
+    def run(ctx, h, opts, prob, out):
+        shard, sizes = shard_layout(prob.V, group, prob.e.device)
+        if prob.weight is not None and prob.weight.numel() != shard.V_global:
+            L.fail(_lce._FN, "weight has %d entries (expected the global V = %d: class weights are global)"
+                   % (prob.weight.numel(), shard.V_global))
+        partials = torch.empty((prob.N, L.SHARD_LCE_PARTIAL), dtype=torch.float64)
+        L.check(L.lib.fh_linear_ce_shard_forward(h, ctypes.byref(opts), ctypes.byref(shard), *prob.args(),
+                                                 L.ptr(partials)))
+        gathered = _all_gather(partials, group)
+        L.check(L.lib.fh_linear_ce_shard_combine(h, ctypes.byref(opts), prob.E.dtype, prob.N, shard.V_global,
+                                                 len(sizes), L.ptr(gathered), L.ptr(prob.targets),
+                                                 L.ptr(prob.weight), L.ptr(prob.token_weights), ctypes.byref(out)))
+        ctx.shard, ctx.group = _shard_tuple(shard), group
+    return run
+
+
+def _lce_backward(ctx, h, opts, prob, gin, grads):
+    shard = L.Shard(*ctx.shard)
+    L.check(L.lib.fh_linear_ce_shard_backward(h, ctypes.byref(opts), ctypes.byref(shard), *prob.args(),
+                                              ctypes.byref(gin), ctypes.byref(grads)))
+
+
+class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
+    """LinearCrossEntropyFunction on a vocabulary shard; the last input is the process group."""
+
+    @staticmethod
+    def forward(ctx, e, c, bias, targets, weight, token_weights, opts_tuple, extras, group):
+        return _lce.forward_impl(ctx, e, c, bias, targets, weight, token_weights, opts_tuple, extras,
+                                 _lce_forward(group))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_lse):
+        grads = _lce.backward_impl(ctx, grad_loss, grad_lse, _lce_backward, 9)
+        _sum_e_grad(ctx, grads)
+        return grads
+
+
+def _sum_e_grad(ctx, grads):
+    """e's gradient is the sum of every rank's part: the one collective of the backward."""
+    if grads[0] is not None and ctx.saved_tensors[0].shape[0] > 0:
+        dist.all_reduce(grads[0], op=dist.ReduceOp.SUM, group=ctx.group)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation
+# ---------------------------------------------------------------------------------------------
+
+def _distill_forward(group):
+    def run(ctx, h, opts, student, tstruct, sparse, targets, out):
+        if sparse:
+            L.fail(_distill._FN, "a sparse teacher is not supported with process_group", L.ERR_UNSUPPORTED)
+        shard, sizes = shard_layout(student.C.rows, group, student.e.device)
+        N = student.E.rows
+        args = (h, ctypes.byref(opts), ctypes.byref(shard), ctypes.byref(student.head), ctypes.byref(tstruct.head),
+                L.ptr(targets))
+        stats = torch.empty((N, L.SHARD_DISTILL_STATS), dtype=torch.float64)
+        L.check(L.lib.fh_distill_shard_stats(*args, L.ptr(stats)))
+        gstats = _all_gather(stats, group)
+        div = torch.empty((N, L.SHARD_DISTILL_DIV), dtype=torch.float64)
+        L.check(L.lib.fh_distill_shard_divergence(*args, len(sizes), L.ptr(gstats), L.ptr(div)))
+        gdiv = _all_gather(div, group)
+        L.check(L.lib.fh_distill_shard_combine(h, ctypes.byref(opts), student.E.dtype, N, len(sizes), L.ptr(gstats),
+                                               L.ptr(gdiv), L.ptr(targets), ctypes.byref(out)))
+        ctx.shard, ctx.group = _shard_tuple(shard), group
+    return run
+
+
+def _distill_backward(ctx, h, opts, student, tstruct, sparse, targets, gin, grads):
+    shard = L.Shard(*ctx.shard)
+    L.check(L.lib.fh_distill_shard_backward(h, ctypes.byref(opts), ctypes.byref(shard), ctypes.byref(student.head),
+                                            ctypes.byref(tstruct.head), L.ptr(targets), ctypes.byref(gin),
+                                            ctypes.byref(grads)))
+
+
+class ShardedDistillationFunction(torch.autograd.Function):
+    """DistillationFunction on a vocabulary shard; the last input is the process group."""
+
+    @staticmethod
+    def forward(ctx, e, c, bias, teacher, targets, fn, kw, components, group):
+        return _distill.forward_impl(ctx, e, c, bias, teacher, targets, fn, kw, components, _distill_forward(group))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grads = _distill.backward_impl(ctx, grad_loss, _distill_backward, 9)
+        _sum_e_grad(ctx, grads)
+        return grads
