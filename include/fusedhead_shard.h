@@ -23,6 +23,7 @@
  *   distillation           forward   1 gather of FH_SHARD_DISTILL_STATS doubles  56 B per rank
  *                                    1 gather of FH_SHARD_DISTILL_DIV doubles    16 B per rank
  *                          backward  1 sum of dEs [N x D_s]
+ *   decoding (fused head)            1 gather of FH_SHARD_DECODE_WIDTH(K) doubles  (10 + 2K)·8 B
  *
  * dC and dbias never need communication: each rank's are complete for its classes. dE is
  * written in E's dtype (as by the single-device backward), so with 16-bit E the all-reduce adds
@@ -133,5 +134,44 @@ FH_API fh_status_t fh_distill_shard_backward(fh_context_t* ctx, const fh_distill
                                              const fh_shard_t* shard, const fh_distill_head_t* student,
                                              const fh_distill_head_t* teacher, const int64_t* targets,
                                              const fh_distill_grad_inputs_t* in, const fh_distill_grads_t* grads);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Decoding on a shard (fused head)                                                           */
+/* ------------------------------------------------------------------------------------------ */
+/*
+ * Each rank reports, per row, its softmax statistics, its K best tokens by s = z/T (ties by lowest
+ * id) and the winner of the keyed Gumbel race over its finite tokens with its key s_v + g_v. The
+ * noise g_v depends only on (seed, offset, global id v) (Decoding section of fusedhead.h), and
+ * each rank computes s_v exactly as the single-device op does, so the merge picks bitwise the
+ * token fh_decode_fused picks on the whole head:
+ *   - greedy (T = 0): the lowest id among maximal z;
+ *   - plain sampling (no truncation): the largest key of the ranks' winners, ties to the lowest id;
+ *   - top-k (k <= K) and min-p: the allowed set from the merged candidates, then the keyed race
+ *     over it. When a rank's K candidates cannot prove the set (ties at its K-th value, or a min-p
+ *     threshold below it) the merge returns FH_ERR_UNSUPPORTED naming the row: run again with a
+ *     larger K (the result is the same on every rank, so every rank retries together).
+ * Supported: FH_DECODE_STANDARD with top_p == 1 (top-p and the other samplers need the mass of
+ * tokens no rank listed: FH_ERR_UNSUPPORTED), sparse logit bias and bans (global ids, each rank
+ * applies those in its slice), per-row parameters. Outputs: tokens, logprob, full_logprob, lse,
+ * entropy, allowed_count, flags, and top-n when num_logprobs <= K; rank must be NULL. lse,
+ * entropy and log-probabilities equal the single-device values to fp64 rounding (merged sums),
+ * rounded once to fp32; tokens and top-n ids are exact.
+ */
+
+/* Doubles per row: [0..2] m, Z, F of s over the rank's finite tokens, [3] their count, [4] flags
+ * (1: a NaN, 2: a +inf), [5] the winner's key, [6] its global id (−1: none), [7] its s, [8] the
+ * number n of candidates, [9] V_local, then K (s, global id) pairs, the first n valid. */
+#define FH_SHARD_DECODE_WIDTH(K) (10 + 2 * (K))
+
+/* Step 1: H [B x D], C [V_local x D] and bias [1 x V_local] or NULL (this rank's rows); options as
+ * fh_decode_fused with global ids. Writes partials [B x FH_SHARD_DECODE_WIDTH(K)], K >= 1. */
+FH_API fh_status_t fh_decode_shard_candidates(fh_context_t* ctx, const fh_decode_options_t* opts,
+                                              const fh_shard_t* shard, const fh_tensor_t* H, const fh_tensor_t* C,
+                                              const fh_tensor_t* bias, int64_t K, double* partials);
+
+/* Step 2, after the all-gather: gathered [nranks][B][FH_SHARD_DECODE_WIDTH(K)] in rank order. */
+FH_API fh_status_t fh_decode_shard_combine(fh_context_t* ctx, const fh_decode_options_t* opts, int64_t B,
+                                           int64_t V_global, int64_t nranks, int64_t K, const double* gathered,
+                                           const fh_decode_outputs_t* out);
 
 #endif /* FUSEDHEAD_SHARD_H */

@@ -5,9 +5,11 @@
  * shard kernels in this version. */
 #include <string.h>
 
+#include "decode.h"
 #include "distill.h"
 #include "fh_internal.h"
 #include "linear_ce.h"
+#include "ref/decode_ref.h"
 #include "ref/distill_ref.h"
 #include "ref/linear_ce_ref.h"
 
@@ -173,4 +175,52 @@ fh_status_t fh_distill_shard_backward(fh_context_t* ctx, const fh_distill_option
   if (!shard) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "shard is NULL");
   if (!teacher) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "teacher is NULL");
   return fh_distill_backward_impl(fn, ctx, opts, shard, student, teacher, NULL, targets, in, grads, NULL, 0);
+}
+
+/* ---- decoding ---- */
+
+fh_status_t fh_decode_shard_candidates(fh_context_t* ctx, const fh_decode_options_t* opts, const fh_shard_t* shard,
+                                       const fh_tensor_t* H, const fh_tensor_t* C, const fh_tensor_t* bias, int64_t K,
+                                       double* partials) {
+  static const char fn[] = "fh_decode_shard_candidates";
+  fh_clear_error();
+  FH_TRY(fh_check_context(fn, ctx));
+  if (!shard) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "shard is NULL");
+  FH_TRY(fh_check_tensor(fn, "H", H, -1, -1, FH_DTYPE_COUNT));
+  FH_TRY(fh_check_tensor(fn, "C", C, -1, H->cols, H->dtype));
+  if (bias) FH_TRY(fh_check_tensor(fn, "bias", bias, 1, C->rows, H->dtype));
+  FH_TRY(fh_check_shard(fn, shard, C->rows));
+  if (K < 1) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "K is %lld (must be >= 1)", (long long)K);
+  if (shard->V_global == 0 && H->rows > 0)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "shard->V_global is 0 with B > 0 (nothing to decode)");
+  FH_TRY(fh_check_ptr(fn, "partials", partials, H->rows));
+  if (ctx->backend != FH_BACKEND_CPU) return fh_shard_unsupported(fn);
+  fh_decode_problem_t p;
+  memset(&p, 0, sizeof p);
+  p.fn = fn;
+  FH_TRY(fh_decode_check_options_host(fn, opts, H->rows, shard->V_global, &p.opt));
+  p.src.H = H, p.src.C = C, p.src.bias = bias;
+  p.src.B = H->rows, p.src.V = C->rows, p.src.D = H->cols;
+  return fh_ref_decode_shard_candidates(&p, shard->class_start, K, partials);
+}
+
+fh_status_t fh_decode_shard_combine(fh_context_t* ctx, const fh_decode_options_t* opts, int64_t B, int64_t V_global,
+                                    int64_t nranks, int64_t K, const double* gathered, const fh_decode_outputs_t* out) {
+  static const char fn[] = "fh_decode_shard_combine";
+  fh_clear_error();
+  FH_TRY(check_merge(fn, ctx, B, nranks, "gathered", gathered));
+  if (K < 1) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "K is %lld (must be >= 1)", (long long)K);
+  if (V_global < 0 || (V_global == 0 && B > 0))
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "V_global is %lld (must be >= 1 when B > 0)",
+                        (long long)V_global);
+  fh_decode_options_t o;
+  FH_TRY(fh_decode_check_options_host(fn, opts, B, V_global, &o));
+  if (o.num_logprobs > K)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "opts->num_logprobs is %lld (more than K = %lld candidates)",
+                        (long long)o.num_logprobs, (long long)K);
+  if (!out) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "out is NULL");
+  FH_TRY(fh_check_ptr(fn, "out->tokens", out->tokens, B));
+  if (out->rank)
+    return fh_set_error(FH_ERR_UNSUPPORTED, fn, "out->rank is not available on a shard (pass NULL)");
+  return fh_ref_decode_shard_combine(fn, &o, B, V_global, nranks, K, gathered, out);
 }
