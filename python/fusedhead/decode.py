@@ -67,7 +67,7 @@ def _options(fn, B, dev, keep, sampler, params, num_logprobs, degenerate_token, 
 
 
 def _sample(fn, B, V, D, dev, dtype, call_args, fused, sampler, num_logprobs, degenerate_token, logit_bias,
-            banned, params):
+            banned, params, group=None, candidates=None):
     keep = []
     opts = _options(fn, B, dev, keep, sampler, params, num_logprobs, degenerate_token, logit_bias, banned)
     f32 = dict(dtype=torch.float32, device=dev)
@@ -78,8 +78,17 @@ def _sample(fn, B, V, D, dev, dtype, call_args, fused, sampler, num_logprobs, de
                        entropy=torch.empty(B, **f32), allowed_count=torch.empty(B, **i64),
                        topn_ids=torch.empty((B, n), **i64), topn_logprobs=torch.empty((B, n), **f32),
                        flags=torch.empty(B, dtype=torch.int32, device=dev))
+    if group is not None:  # vocabulary shards: rank is not available (include/fusedhead_shard.h)
+        res = res._replace(rank=None)
     out = L.DecodeOutputs(*[L.ptr(t) for t in res])
     h = L.context_for(dev)
+    if group is not None:
+        from .parallel import decode_fused_sharded
+        top_k = params.get("top_k")
+        k0 = int(top_k.max()) if isinstance(top_k, torch.Tensor) and top_k.numel() else int(top_k or 0)
+        K = max(int(candidates), int(num_logprobs)) if candidates is not None else max(16, k0, int(num_logprobs))
+        decode_fused_sharded(h, opts, call_args, V, B, dev, group, K, out)
+        return res
     nbytes = ctypes.c_size_t()
     L.check(L.lib.fh_decode_workspace_size(h, ctypes.byref(opts), B, V, D, dtype, ctypes.byref(nbytes)))
     ws, wsp = L.workspace(dev, nbytes.value)
@@ -123,9 +132,18 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, sampler="s
                    degenerate_token, logit_bias, banned, params)
 
 
-def sample_fused(hidden, c, bias=None, **kwargs):
+def sample_fused(hidden, c, bias=None, *, process_group=None, candidates=None, **kwargs):
     """sample() of the logits hidden·cᵀ + bias (hidden [B, D], c [V, D], bias [V]), computed
-    row by row inside the library, never as a [B, V] tensor. Same keyword arguments."""
+    row by row inside the library, never as a [B, V] tensor. Same keyword arguments.
+
+    process_group: a torch.distributed group over which the vocabulary is sharded (docs/
+    distributed.md): c and bias are this rank's contiguous slice (rank order, sizes may differ),
+    hidden and every option (logit_bias and banned ids are global) are the same on every rank.
+    Each rank sends its statistics, its `candidates` best tokens (default max(16, top_k,
+    num_logprobs); at least num_logprobs) and its Gumbel winner in one all-gather; every rank gets the same result, and
+    the tokens are bitwise those of the single-device call on the whole head. Supported: greedy,
+    plain sampling, top_k, min_p (sampler 'standard', top_p 1); when the candidates cannot prove
+    the allowed set the call doubles them and gathers again. rank is None in the result."""
     fn = "fusedhead.sample_fused"
     args, keep = _head(fn, hidden, c, bias)
     H, C, Bt = args
@@ -142,7 +160,7 @@ def sample_fused(hidden, c, bias=None, **kwargs):
         params["offset"] = 0
     return _sample(fn, H.rows, C.rows, H.cols, keep[0].device, H.dtype,
                    (ctypes.byref(H), ctypes.byref(C), L.tensor_ptr(Bt)), True, p["sampler"], p["num_logprobs"],
-                   p["degenerate_token"], p["logit_bias"], p["banned"], params)
+                   p["degenerate_token"], p["logit_bias"], p["banned"], params, process_group, candidates)
 
 
 def topk(logits, k):

@@ -1,9 +1,9 @@
 """Vocabulary-parallel heads over torch.distributed with the gloo backend: 2 and 4 processes on
 localhost (torch.multiprocessing spawn, a free port, a timeout), each holding an uneven slice of
-the vocabulary, against the single-process op on the whole head. float64 throughout, so the only
+the vocabulary, against the single-process op on the whole head. Losses in float64, so the only
 differences are the merge's reordered fp64 sums: tolerance 1e-12 relative and absolute (values
 are O(1..100); a reordered sum of V = 37 terms is off by a few ulps); predicted tokens and sampled
-tokens must be equal exactly."""
+tokens must be equal exactly (decoding statistics are fp32 outputs of fp64 sums: 4 fp32 ulps)."""
 import datetime
 import os
 import socket
@@ -141,7 +141,65 @@ def _check_distill(rank, sizes, group, errors):
         _close("distill %s db" % dv, got["db"], want["db"][lo:hi], errors)
 
 
-CHECKS = [_check_lce, _check_distill]
+DECODE_CASES = {
+    "greedy": dict(temperature=0.0),
+    "plain": dict(temperature=0.8),
+    "top_k": dict(temperature=1.3, top_k=5),
+    "min_p": dict(min_p=0.02, candidates=2),  # 2 candidates cannot prove the set: the call must retry
+    "top_k_min_p_bias_bans": dict(top_k=4, min_p=0.01, logit_bias="yes", banned="yes"),
+    "per_row": dict(temperature="rows", seed="rows"),
+}
+
+
+def _decode_kwargs(case, B, offset):
+    kw = dict(case)
+    g = gen(55)
+    if kw.get("logit_bias") == "yes":
+        kw["logit_bias"] = (torch.randint(0, V, (B, 2), generator=g), torch.rand(B, 2, generator=g) * 4,
+                            torch.full((B,), 2, dtype=torch.int64))
+    if kw.get("banned") == "yes":
+        kw["banned"] = (torch.tensor([[5, V - 3]] * B), torch.ones(B, dtype=torch.int64))
+    if kw.get("temperature") == "rows":
+        kw["temperature"] = torch.rand(B, generator=g) + 0.3
+        kw["temperature"][1] = 0.0
+    if kw.get("seed") == "rows":
+        kw["seed"] = torch.arange(B, dtype=torch.int64) * 1000 + offset
+    else:
+        kw["seed"] = 1234 + offset
+    kw["offset"] = offset
+    return kw
+
+
+def _check_decode(rank, sizes, group, errors):
+    g = gen(777)
+    B = 6
+    hid = randn(g, B, D, dtype=torch.float32)
+    c = randn(g, V, D, dtype=torch.float32, scale=0.8)
+    b = randn(g, V, dtype=torch.float32, scale=0.5)
+    c[V - 3] = c[5]  # a tied logit on two ranks
+    b[V - 3] = b[5]
+    lo, hi = _slice(sizes, rank)
+    for name, case in DECODE_CASES.items():
+        for offset in range(8):
+            kw = _decode_kwargs(case, B, offset)
+            cand = kw.pop("candidates", None)
+            want = fusedhead.sample_fused(hid, c, b, num_logprobs=3, **kw)
+            got = fusedhead.sample_fused(hid, c[lo:hi], b[lo:hi], num_logprobs=3, process_group=group,
+                                         candidates=cand, **kw)
+            for key in ("tokens", "topn_ids", "allowed_count", "flags"):
+                if not torch.equal(getattr(got, key), getattr(want, key)):
+                    errors.append("decode %s offset %d %s: %s != %s" % (name, offset, key, getattr(got, key).tolist(),
+                                                                       getattr(want, key).tolist()))
+            for key in ("logprob", "full_logprob", "lse", "entropy", "topn_logprobs"):
+                a, w = getattr(got, key), getattr(want, key)
+                if not torch.allclose(a, w, rtol=5e-7, atol=1e-6):
+                    errors.append("decode %s offset %d %s: max err %.3e" % (name, offset, key,
+                                                                            float((a - w).abs().max())))
+            if got.rank is not None:
+                errors.append("decode %s: rank must be None on a shard" % name)
+
+
+CHECKS = [_check_lce, _check_distill, _check_decode]
 
 
 def _worker(rank, world, port, outdir):
