@@ -81,28 +81,25 @@ class DistillationFunction(torch.autograd.Function):
         return backward_impl(ctx, grad_loss, _run_backward, 8)
 
 
-def _run_forward(ctx, h, opts, student, tstruct, sparse, targets, out):
-    shape = _shape(student, tstruct, sparse, student.E.rows)
-    nbytes = ctypes.c_size_t()
-    L.check(L.lib.fh_distill_forward_workspace_size(h, ctypes.byref(opts), ctypes.byref(shape),
-                                                    ctypes.byref(nbytes)))
-    ws, wsp = L.workspace(student.e.device, nbytes.value)
-    call = L.lib.fh_distill_sparse_forward if sparse else L.lib.fh_distill_forward
-    tp = ctypes.byref(tstruct) if sparse else ctypes.byref(tstruct.head)
-    L.check(call(h, ctypes.byref(opts), ctypes.byref(student.head), tp, L.ptr(targets), ctypes.byref(out),
-                 wsp, nbytes.value))
+def _runner(workspace_size, dense_call, sparse_call):
+    """The library calls of one pass: workspace query, then the dense or sparse call with the
+    pass's trailing structs (out; or gin, grads)."""
+    def run(ctx, h, opts, student, tstruct, sparse, targets, *structs):
+        shape = _shape(student, tstruct, sparse, student.E.rows)
+        nbytes = ctypes.c_size_t()
+        L.check(workspace_size(h, ctypes.byref(opts), ctypes.byref(shape), ctypes.byref(nbytes)))
+        ws, wsp = L.workspace(student.e.device, nbytes.value)
+        tp = ctypes.byref(tstruct) if sparse else ctypes.byref(tstruct.head)
+        L.check((sparse_call if sparse else dense_call)(h, ctypes.byref(opts), ctypes.byref(student.head), tp,
+                                                        L.ptr(targets), *[ctypes.byref(x) for x in structs], wsp,
+                                                        nbytes.value))
+    return run
 
 
-def _run_backward(ctx, h, opts, student, tstruct, sparse, targets, gin, grads):
-    shape = _shape(student, tstruct, sparse, student.E.rows)
-    nbytes = ctypes.c_size_t()
-    L.check(L.lib.fh_distill_backward_workspace_size(h, ctypes.byref(opts), ctypes.byref(shape),
-                                                     ctypes.byref(nbytes)))
-    ws, wsp = L.workspace(student.e.device, nbytes.value)
-    call = L.lib.fh_distill_sparse_backward if sparse else L.lib.fh_distill_backward
-    tp = ctypes.byref(tstruct) if sparse else ctypes.byref(tstruct.head)
-    L.check(call(h, ctypes.byref(opts), ctypes.byref(student.head), tp, L.ptr(targets), ctypes.byref(gin),
-                 ctypes.byref(grads), wsp, nbytes.value))
+_run_forward = _runner(L.lib.fh_distill_forward_workspace_size, L.lib.fh_distill_forward,
+                       L.lib.fh_distill_sparse_forward)
+_run_backward = _runner(L.lib.fh_distill_backward_workspace_size, L.lib.fh_distill_backward,
+                        L.lib.fh_distill_sparse_backward)
 
 
 def forward_impl(ctx, e, c, bias, teacher, targets, fn, kw, components, run):
