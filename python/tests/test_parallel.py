@@ -249,6 +249,23 @@ def _run_world(test, world):
         test.assertFalse(report, "\n".join(report))
 
 
+class TestShardConstants(unittest.TestCase):
+    def test_python_mirror_matches_header(self):
+        """The buffer widths python/fusedhead/_lib.py uses are the header's (scripts/comm_table.py
+        parses them from include/fusedhead_shard.h)."""
+        import importlib.util
+        import fusedhead._lib as L
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts", "comm_table.py")
+        spec = importlib.util.spec_from_file_location("comm_table", path)
+        ct = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ct)
+        w = ct.header_widths()
+        self.assertEqual(L.SHARD_LCE_PARTIAL, w["FH_SHARD_LCE_PARTIAL"])
+        self.assertEqual(L.SHARD_DISTILL_STATS, w["FH_SHARD_DISTILL_STATS"])
+        self.assertEqual(L.SHARD_DISTILL_DIV, w["FH_SHARD_DISTILL_DIV"])
+        self.assertEqual(w["decode"], (10, 2))  # python/fusedhead/parallel.py: 10 + 2 * K
+
+
 class TestVocabParallelGloo(unittest.TestCase):
     def test_world_2(self):
         _run_world(self, 2)
