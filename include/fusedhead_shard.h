@@ -34,8 +34,9 @@
  * count when a mean must span ranks).
  *
  * Backends: the CPU reference implements every call. The CUDA backend returns
- * FH_ERR_UNSUPPORTED from every call here in this version.
- * Host memory: every partial buffer is fp64, host memory for the CPU backend.
+ * FH_ERR_UNSUPPORTED from every call here in this version (no shard kernels yet).
+ * Every partial buffer is fp64 in host memory. Statuses of the merge steps: FH_ERR_INVALID_ARGUMENT
+ * (NULLs, sizes, nranks < 1, option ranges, targets), FH_ERR_UNSUPPORTED, FH_ERR_OUT_OF_MEMORY.
  */
 #ifndef FUSEDHEAD_SHARD_H
 #define FUSEDHEAD_SHARD_H
@@ -57,7 +58,7 @@ typedef struct fh_shard {
 
 /* Doubles per row of the forward's partial statistics, over the rank's classes, with z the
  * processed logit (scale, softcap) and r the raw one:
- *   [0] m = max z (−inf when the row is ignored or the shard empty; 0 at ignored rows)
+ *   [0] m = max z (−inf when the shard holds no class)
  *   [1] Z = Σ exp(z − m)       [2] F = Σ exp(z − m)(z − m)
  *   [3] Σ_j w_j z_j (w = class weights, 1 when none)
  *   [4] z of the target when this rank holds it, else 0 (the merge adds the ranks' values)
