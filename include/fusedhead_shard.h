@@ -23,7 +23,7 @@
  *   distillation           forward   1 gather of FH_SHARD_DISTILL_STATS doubles  56 B per rank
  *                                    1 gather of FH_SHARD_DISTILL_DIV doubles    16 B per rank
  *                          backward  1 sum of dEs [N x D_s]
- *   decoding (fused head)            1 gather of FH_SHARD_DECODE_WIDTH(K) doubles  (10 + 2K)·8 B
+ *   decoding                         1 gather of FH_SHARD_DECODE_WIDTH(K) doubles  (10 + 2K)·8 B
  *
  * dC and dbias never need communication: each rank's are complete for its classes. dE is
  * written in E's dtype (as by the single-device backward), so with 16-bit E the all-reduce adds
@@ -137,14 +137,14 @@ FH_API fh_status_t fh_distill_shard_backward(fh_context_t* ctx, const fh_distill
                                              const fh_distill_grad_inputs_t* in, const fh_distill_grads_t* grads);
 
 /* ------------------------------------------------------------------------------------------ */
-/* Decoding on a shard (fused head)                                                           */
+/* Decoding on a shard                                                                        */
 /* ------------------------------------------------------------------------------------------ */
 /*
  * Each rank reports, per row, its softmax statistics, its K best tokens by s = z/T (ties by lowest
  * id) and the winner of the keyed Gumbel race over its finite tokens with its key s_v + g_v. The
  * noise g_v depends only on (seed, offset, global id v) (Decoding section of fusedhead.h), and
  * each rank computes s_v exactly as the single-device op does, so the merge picks bitwise the
- * token fh_decode_fused picks on the whole head:
+ * token fh_decode_fused (or fh_decode_from_logits) picks on the whole head:
  *   - greedy (T = 0): the lowest id among maximal z;
  *   - plain sampling (no truncation): the largest key of the ranks' winners, ties to the lowest id;
  *   - top-k (k <= K) and min-p: the allowed set from the merged candidates, then the keyed race
@@ -169,6 +169,12 @@ FH_API fh_status_t fh_distill_shard_backward(fh_context_t* ctx, const fh_distill
 FH_API fh_status_t fh_decode_shard_candidates(fh_context_t* ctx, const fh_decode_options_t* opts,
                                               const fh_shard_t* shard, const fh_tensor_t* H, const fh_tensor_t* C,
                                               const fh_tensor_t* bias, int64_t K, double* partials);
+
+/* Step 1 from this rank's logits [B x V_local] (fp32, fp16 or bf16, row stride honoured), as
+ * fh_decode_from_logits; the same partials. */
+FH_API fh_status_t fh_decode_shard_candidates_from_logits(fh_context_t* ctx, const fh_decode_options_t* opts,
+                                                          const fh_shard_t* shard, const fh_tensor_t* logits,
+                                                          int64_t K, double* partials);
 
 /* Step 2, after the all-gather: gathered [nranks][B][FH_SHARD_DECODE_WIDTH(K)] in rank order. */
 FH_API fh_status_t fh_decode_shard_combine(fh_context_t* ctx, const fh_decode_options_t* opts, int64_t B,

@@ -179,29 +179,49 @@ fh_status_t fh_distill_shard_backward(fh_context_t* ctx, const fh_distill_option
 
 /* ---- decoding ---- */
 
-fh_status_t fh_decode_shard_candidates(fh_context_t* ctx, const fh_decode_options_t* opts, const fh_shard_t* shard,
-                                       const fh_tensor_t* H, const fh_tensor_t* C, const fh_tensor_t* bias, int64_t K,
-                                       double* partials) {
-  static const char fn[] = "fh_decode_shard_candidates";
+/* Step 1 of decoding from the logits [B x V_local] (fused == 0) or the head (fused == 1). */
+static fh_status_t decode_candidates(const char* fn, fh_context_t* ctx, const fh_decode_options_t* opts,
+                                     const fh_shard_t* shard, const fh_tensor_t* logits, const fh_tensor_t* H,
+                                     const fh_tensor_t* C, const fh_tensor_t* bias, int fused, int64_t K,
+                                     double* partials) {
   fh_clear_error();
   FH_TRY(fh_check_context(fn, ctx));
   if (!shard) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "shard is NULL");
-  FH_TRY(fh_check_tensor(fn, "H", H, -1, -1, FH_DTYPE_COUNT));
-  FH_TRY(fh_check_tensor(fn, "C", C, -1, H->cols, H->dtype));
-  if (bias) FH_TRY(fh_check_tensor(fn, "bias", bias, 1, C->rows, H->dtype));
-  FH_TRY(fh_check_shard(fn, shard, C->rows));
-  if (K < 1) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "K is %lld (must be >= 1)", (long long)K);
-  if (shard->V_global == 0 && H->rows > 0)
-    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "shard->V_global is 0 with B > 0 (nothing to decode)");
-  FH_TRY(fh_check_ptr(fn, "partials", partials, H->rows));
-  if (ctx->backend != FH_BACKEND_CPU) return fh_shard_unsupported(fn);
   fh_decode_problem_t p;
   memset(&p, 0, sizeof p);
   p.fn = fn;
-  FH_TRY(fh_decode_check_options_host(fn, opts, H->rows, shard->V_global, &p.opt));
-  p.src.H = H, p.src.C = C, p.src.bias = bias;
-  p.src.B = H->rows, p.src.V = C->rows, p.src.D = H->cols;
+  if (fused) {
+    FH_TRY(fh_check_tensor(fn, "H", H, -1, -1, FH_DTYPE_COUNT));
+    FH_TRY(fh_check_tensor(fn, "C", C, -1, H->cols, H->dtype));
+    if (bias) FH_TRY(fh_check_tensor(fn, "bias", bias, 1, C->rows, H->dtype));
+    p.src.H = H, p.src.C = C, p.src.bias = bias;
+    p.src.B = H->rows, p.src.V = C->rows, p.src.D = H->cols;
+  } else {
+    FH_TRY(fh_check_tensor(fn, "logits", logits, -1, -1, FH_DTYPE_COUNT));
+    p.src.logits = logits;
+    p.src.B = logits->rows, p.src.V = logits->cols;
+  }
+  FH_TRY(fh_check_shard(fn, shard, p.src.V));
+  if (K < 1) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "K is %lld (must be >= 1)", (long long)K);
+  if (shard->V_global == 0 && p.src.B > 0)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "shard->V_global is 0 with B > 0 (nothing to decode)");
+  FH_TRY(fh_check_ptr(fn, "partials", partials, p.src.B));
+  if (ctx->backend != FH_BACKEND_CPU) return fh_shard_unsupported(fn);
+  FH_TRY(fh_decode_check_options_host(fn, opts, p.src.B, shard->V_global, &p.opt));
   return fh_ref_decode_shard_candidates(&p, shard->class_start, K, partials);
+}
+
+fh_status_t fh_decode_shard_candidates(fh_context_t* ctx, const fh_decode_options_t* opts, const fh_shard_t* shard,
+                                       const fh_tensor_t* H, const fh_tensor_t* C, const fh_tensor_t* bias, int64_t K,
+                                       double* partials) {
+  return decode_candidates("fh_decode_shard_candidates", ctx, opts, shard, NULL, H, C, bias, 1, K, partials);
+}
+
+fh_status_t fh_decode_shard_candidates_from_logits(fh_context_t* ctx, const fh_decode_options_t* opts,
+                                                   const fh_shard_t* shard, const fh_tensor_t* logits, int64_t K,
+                                                   double* partials) {
+  return decode_candidates("fh_decode_shard_candidates_from_logits", ctx, opts, shard, logits, NULL, NULL, NULL, 0,
+                           K, partials);
 }
 
 fh_status_t fh_decode_shard_combine(fh_context_t* ctx, const fh_decode_options_t* opts, int64_t B, int64_t V_global,

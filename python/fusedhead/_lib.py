@@ -213,6 +213,7 @@ _SIGNATURES = {
                                        _P(DistillGradInputs), _P(Grads)]),
     "fh_decode_shard_candidates": (_i, [_vp, _P(DecodeOptions), _P(Shard), _P(Tensor), _P(Tensor), _P(Tensor), _i64,
                                         _vp]),
+    "fh_decode_shard_candidates_from_logits": (_i, [_vp, _P(DecodeOptions), _P(Shard), _P(Tensor), _i64, _vp]),
     "fh_decode_shard_combine": (_i, [_vp, _P(DecodeOptions), _i64, _i64, _i64, _i64, _vp, _P(DecodeOutputs)]),
     "fh_decode_options_init": (None, [_vp]),
     "fh_decode_workspace_size": (_i, [_vp, _P(DecodeOptions), _i64, _i64, _i64, _i, _P(_sz)]),

@@ -83,11 +83,13 @@ def _sample(fn, B, V, D, dev, dtype, call_args, fused, sampler, num_logprobs, de
     out = L.DecodeOutputs(*[L.ptr(t) for t in res])
     h = L.context_for(dev)
     if group is not None:
-        from .parallel import decode_fused_sharded
+        from .parallel import decode_sharded
         top_k = params.get("top_k")
         k0 = int(top_k.max()) if isinstance(top_k, torch.Tensor) and top_k.numel() else int(top_k or 0)
         K = max(int(candidates), int(num_logprobs)) if candidates is not None else max(16, k0, int(num_logprobs))
-        decode_fused_sharded(h, opts, call_args, V, B, dev, group, K, out)
+        call = L.lib.fh_decode_shard_candidates if fused else L.lib.fh_decode_shard_candidates_from_logits
+        decode_sharded(h, opts, lambda shard, k, part: call(h, ctypes.byref(opts), ctypes.byref(shard), *call_args, k,
+                                                             part), V, B, dev, group, K, out)
         return res
     nbytes = ctypes.c_size_t()
     L.check(L.lib.fh_decode_workspace_size(h, ctypes.byref(opts), B, V, D, dtype, ctypes.byref(nbytes)))
@@ -110,7 +112,8 @@ def _head(fn, hidden, c, bias):
 
 def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, sampler="standard", top_n_sigma=None,
            epsilon=None, top_h_alpha=None, top_h_candidates=None, bregman_lambda=None, bregman_alpha=None,
-           seed=0, offset=0, num_logprobs=0, degenerate_token=-1, logit_bias=None, banned=None):
+           seed=0, offset=0, num_logprobs=0, degenerate_token=-1, logit_bias=None, banned=None, process_group=None,
+           candidates=None):
     """Draw the next token of each row of logits [B, V] (float32/16/bf16/64).
 
     temperature 0 is greedy. sampler 'standard' applies min_p -> top_k -> top_p (vLLM's order,
@@ -119,7 +122,8 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, sampler="s
     epsilon, top_h_alpha, bregman_lambda, seed, offset may be a tensor [B] (per-row values).
     The noise of token v depends only on (seed, offset, v): same seed and offset, same token.
     logit_bias = (ids [B, W], values [B, W], count [B]); banned = (ids [B, W], count [B]).
-    Returns a SampleOutput. No gradient."""
+    process_group, candidates: logits [B, V_local] is this rank's slice of the vocabulary; see
+    sample_fused. Returns a SampleOutput. No gradient."""
     fn = "fusedhead.sample"
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         L.fail(fn, "logits must be a 2-D tensor [B, V]")
@@ -129,7 +133,7 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, sampler="s
                   epsilon=epsilon, top_h_alpha=top_h_alpha, top_h_candidates=top_h_candidates,
                   bregman_lambda=bregman_lambda, bregman_alpha=bregman_alpha, seed=seed, offset=offset)
     return _sample(fn, B, V, 0, logits.device, T.dtype, (ctypes.byref(T),), False, sampler, num_logprobs,
-                   degenerate_token, logit_bias, banned, params)
+                   degenerate_token, logit_bias, banned, params, process_group, candidates)
 
 
 def sample_fused(hidden, c, bias=None, *, process_group=None, candidates=None, **kwargs):

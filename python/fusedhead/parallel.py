@@ -142,16 +142,16 @@ class ShardedDistillationFunction(torch.autograd.Function):
 # Decoding
 # ---------------------------------------------------------------------------------------------
 
-def decode_fused_sharded(h, opts, head_args, v_local, B, device, group, K, out):
-    """fh_decode_shard_candidates, one all-gather, fh_decode_shard_combine into `out`. When the
-    merge cannot prove a row's allowed set from K candidates per rank it says so (the same on
-    every rank, which hold the same gathered data), and every rank gathers again with 2K."""
+def decode_sharded(h, opts, candidates, v_local, B, device, group, K, out):
+    """candidates(shard, K, partials) (fh_decode_shard_candidates or its from-logits twin), one
+    all-gather, fh_decode_shard_combine into `out`. When the merge cannot prove a row's allowed
+    set from K candidates per rank it says so (the same on every rank, which hold the same
+    gathered data), and every rank gathers again with 2K."""
     shard, sizes = shard_layout(v_local, group, device)
     K = max(1, min(int(K), shard.V_global))
     while True:
         part = torch.empty((B, 10 + 2 * K), dtype=torch.float64)  # FH_SHARD_DECODE_WIDTH(K)
-        L.check(L.lib.fh_decode_shard_candidates(h, ctypes.byref(opts), ctypes.byref(shard), *head_args, K,
-                                                 L.ptr(part)))
+        L.check(candidates(shard, K, L.ptr(part)))
         gathered = _all_gather(part, group)
         st = L.lib.fh_decode_shard_combine(h, ctypes.byref(opts), B, shard.V_global, len(sizes), K, L.ptr(gathered),
                                            ctypes.byref(out))

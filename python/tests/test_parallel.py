@@ -197,6 +197,14 @@ def _check_decode(rank, sizes, group, errors):
                                                                             float((a - w).abs().max())))
             if got.rank is not None:
                 errors.append("decode %s: rank must be None on a shard" % name)
+    logits = hid.double() @ c.double().T + b.double()  # sample() from logits: a column slice per rank
+    for offset in range(8):
+        want = fusedhead.sample(logits, temperature=0.7, top_k=6, seed=9, offset=offset, num_logprobs=2)
+        got = fusedhead.sample(logits[:, lo:hi], temperature=0.7, top_k=6, seed=9, offset=offset, num_logprobs=2,
+                               process_group=group)
+        if not (torch.equal(got.tokens, want.tokens) and torch.equal(got.topn_ids, want.topn_ids)):
+            errors.append("sample from logits offset %d: %s != %s" % (offset, got.tokens.tolist(),
+                                                                        want.tokens.tolist()))
 
 
 CHECKS = [_check_lce, _check_distill, _check_decode]

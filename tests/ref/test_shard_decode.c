@@ -192,3 +192,42 @@ Test(ref_shard_decode, refusals) {
   o.num_logprobs = 9;
   cr_expect_eq(sharded(&o, &SPL[1], 8, &r), FH_ERR_INVALID_ARGUMENT);
 }
+
+/* From logits: each rank's slice is a column block of the [B x V] logits (row stride V). */
+Test(ref_shard_decode, from_logits) {
+  init_head(15);
+  float L[B * V];
+  for (int b = 0; b < B; ++b)
+    for (int v = 0; v < V; ++v) {
+      double z = bm[v];
+      for (int k = 0; k < D; ++k) z += (double)Hm[b * D + k] * Cm[v * D + k];
+      L[b * V + v] = (float)z;
+    }
+  fh_context_t* ctx = NULL;
+  cr_assert_eq(fh_context_create(&ctx, FH_BACKEND_CPU, 0), FH_SUCCESS);
+  fh_decode_options_t o = base();
+  o.top_k = 6;
+  const int64_t K = 8, W = FH_SHARD_DECODE_WIDTH(8);
+  double g[4 * B * FH_SHARD_DECODE_WIDTH(8)];
+  for (uint64_t off = 0; off < 24; ++off) {
+    o.offset = off;
+    res_t w, s;
+    fh_tensor_t all = fh_tensor_2d(L, FH_DTYPE_F32, B, V);
+    fh_decode_outputs_t ow = outs(&w, 1), os = outs(&s, 0);
+    cr_assert_eq(fh_decode_from_logits(ctx, &o, &all, &ow, NULL, 0), FH_SUCCESS, "%s", fh_last_error());
+    const split_t* sp = &SPL[3];
+    int64_t a = 0;
+    for (int64_t k = 0; k < sp->P; ++k) {
+      fh_shard_t sh = {a, sp->size[k], V};
+      fh_tensor_t part = {L + a, FH_DTYPE_F32, B, sp->size[k], V};
+      cr_assert_eq(fh_decode_shard_candidates_from_logits(ctx, &o, &sh, &part, K, g + k * B * W), FH_SUCCESS, "%s",
+                   fh_last_error());
+      a += sp->size[k];
+    }
+    cr_assert_eq(fh_decode_shard_combine(ctx, &o, B, V, sp->P, K, g, &os), FH_SUCCESS, "%s", fh_last_error());
+    cr_expect(memcmp(w.tok, s.tok, sizeof w.tok) == 0, "offset %llu: tokens differ", (unsigned long long)off);
+    cr_expect(memcmp(w.topn, s.topn, sizeof(int64_t) * B * 4) == 0, "offset %llu: top-n ids differ",
+              (unsigned long long)off);
+  }
+  fh_context_destroy(ctx);
+}
