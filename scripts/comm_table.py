@@ -27,7 +27,8 @@ BF16, FP32, FP64 = 2, 4, 8
 
 def header_widths(path=HEADER):
     """The per-row buffer widths (in doubles) the library defines."""
-    text = open(path, encoding="utf-8").read()
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
     out = {}
     for name in ("FH_SHARD_LCE_PARTIAL", "FH_SHARD_DISTILL_STATS", "FH_SHARD_DISTILL_DIV"):
         m = re.search(r"#define\s+%s\s+(\d+)" % name, text)
@@ -101,13 +102,15 @@ def main(argv):
         print(__doc__)
         return 2
     path = argv[2]
-    doc = open(path, encoding="utf-8").read()
+    with open(path, encoding="utf-8") as f:
+        doc = f.read()
     m = re.search(re.escape(BEGIN) + r"\n.*?" + re.escape(END), doc, re.S)
     if not m:
         print("comm_table: no table markers in %s" % path)
         return 1
     if argv[1] == "--write":
-        open(path, "w", encoding="utf-8").write(doc[:m.start()] + block(t) + doc[m.end():])
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(doc[:m.start()] + block(t) + doc[m.end():])
         return 0
     if m.group(0) != block(t):
         print("comm_table: the table in %s is not the one the code gives; run scripts/comm_table.py --write %s"

@@ -105,6 +105,19 @@ def _check_lce(rank, sizes, group, errors):
             _close("lce %s db" % name, got["db"], want["db"][lo:hi], errors)
         if int(want["pred"][0]) != 5:
             errors.append("lce %s: row 0's tied maximum must predict 5, got %d" % (name, int(want["pred"][0])))
+    # float32 inputs: outputs are the fp64 merge rounded once to fp32, and e's gradient adds P
+    # fp32 parts: a few fp32 ulps (rtol 1e-5, atol 1e-6 for entries near 0).
+    e, c, b, targets, weight, tw = [x.float() if x.is_floating_point() else x for x in _lce_inputs(99)]
+    case = LCE_CASES["every_option_mean"]
+    want = _lce_run(case, e, c, b, targets, weight, tw, None)
+    lo, hi = _slice(sizes, rank)
+    got = _lce_run(case, e, c[lo:hi], b[lo:hi], targets, weight, tw, group)
+    for k in ("loss", "lse", "entropy", "de"):
+        if not torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-6):
+            errors.append("lce float32 %s: max err %.3e" % (k, float((got[k] - want[k]).abs().max())))
+    if not (torch.equal(got["pred"], want["pred"]) and torch.allclose(got["dc"], want["dc"][lo:hi], rtol=1e-5,
+                                                                       atol=1e-6)):
+        errors.append("lce float32: predicted tokens or c's gradient differ")
 
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "jsd_scaled", "tvd", "skew_forward_kl", "skew_reverse_kl",

@@ -316,6 +316,28 @@ Test(ref_shard, bad_arguments) {
   cr_expect(strstr(fh_last_error(), "nranks") != NULL, "%s", fh_last_error());
   cr_expect_eq(fh_linear_ce_shard_combine(ctx, &o, FH_DTYPE_F64, 2, 5, 1, NULL, y, NULL, NULL, &out),
                FH_ERR_INVALID_ARGUMENT);
+  /* distillation: a sparse teacher has no shard step; the stats need a teacher */
+  fh_distill_options_t d;
+  fh_distill_options_init(&d);
+  fh_tensor_t tEt = fh_tensor_2d(E, FH_DTYPE_F64, 2, 3);
+  fh_distill_head_t hs = {&tE, &tC, NULL}, ht = {&tEt, &tC, NULL};
+  double st[2 * FH_SHARD_DISTILL_STATS];
+  cr_expect_eq(fh_distill_shard_stats(ctx, &d, &ok, &hs, &ht, NULL, st), FH_SUCCESS, "%s", fh_last_error());
+  cr_expect_eq(fh_distill_shard_stats(ctx, &d, &ok, &hs, NULL, NULL, st), FH_ERR_INVALID_ARGUMENT);
+  cr_expect_eq(fh_distill_shard_stats(ctx, &d, &wrong_rows, &hs, &ht, NULL, st), FH_ERR_INVALID_ARGUMENT);
+  cr_expect_eq(fh_distill_shard_divergence(ctx, &d, &ok, &hs, &ht, NULL, 0, st, st), FH_ERR_INVALID_ARGUMENT);
+  /* decoding: K >= 1, rank is not available */
+  fh_decode_options_t dec;
+  fh_decode_options_init(&dec);
+  double dp[2 * FH_SHARD_DECODE_WIDTH(2)];
+  cr_expect_eq(fh_decode_shard_candidates(ctx, &dec, &ok, &tE, &tC, NULL, 0, dp), FH_ERR_INVALID_ARGUMENT);
+  cr_expect_eq(fh_decode_shard_candidates(ctx, &dec, &ok, &tE, &tC, NULL, 2, dp), FH_SUCCESS, "%s", fh_last_error());
+  int64_t tok[2], rk[2];
+  fh_decode_outputs_t dout = {tok, NULL, NULL, rk, NULL, NULL, NULL, NULL, NULL, NULL};
+  cr_expect_eq(fh_decode_shard_combine(ctx, &dec, 2, 5, 1, 2, dp, &dout), FH_ERR_UNSUPPORTED);
+  cr_expect(strstr(fh_last_error(), "rank") != NULL, "%s", fh_last_error());
+  dout.rank = NULL;
+  cr_expect_eq(fh_decode_shard_combine(ctx, &dec, 2, 5, 1, 2, dp, &dout), FH_SUCCESS, "%s", fh_last_error());
   fh_context_destroy(ctx);
   if (fh_backend_available(FH_BACKEND_CUDA)) {
     fh_context_t* g = NULL;
