@@ -167,12 +167,23 @@ def sample_fused(hidden, c, bias=None, *, process_group=None, candidates=None, *
                    p["degenerate_token"], p["logit_bias"], p["banned"], params, process_group, candidates)
 
 
-def topk(logits, k):
+def topk(logits, k, *, process_group=None):
     """Exact top-k of each row of logits [B, V]: (values float32 [B, k], ids int64 [B, k]), values
-    descending, ties by lowest id, NaN above +inf (torch.topk's order, with its ties fixed)."""
+    descending, ties by lowest id, NaN above +inf (torch.topk's order, with its ties fixed).
+    process_group: logits [B, V_local] is this rank's slice of the vocabulary (docs/
+    distributed.md); ids are global and every rank gets the top-k of the whole row."""
     fn = "fusedhead.topk"
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         L.fail(fn, "logits must be a 2-D tensor [B, V]")
+    if process_group is not None:
+        from .parallel import topk_sharded
+        kl = min(int(k), logits.shape[1])
+        if kl > 0:
+            values, ids = topk(logits, kl)
+        else:
+            values = torch.empty((logits.shape[0], 0), dtype=torch.float32, device=logits.device)
+            ids = torch.empty((logits.shape[0], 0), dtype=torch.int64, device=logits.device)
+        return topk_sharded(values, ids, logits.shape[1], int(k), process_group)
     logits, T = L.matrix(fn, "logits", logits.detach())
     return _topk(fn, T.rows, T.cols, 0, int(k), logits.device, T.dtype,
                  lambda *rest: L.lib.fh_topk_from_logits(L.context_for(logits.device), ctypes.byref(T), *rest))

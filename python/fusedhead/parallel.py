@@ -9,7 +9,8 @@ backend has shard kernels). Per call:
   - linear cross-entropy: one all-gather of [N, 7] fp64 partials forward, one all-reduce (sum)
     of e's gradient backward;
   - distillation: two all-gathers ([N, 7] and [N, 2] fp64) forward, one all-reduce backward;
-  - decoding: one all-gather of [B, 4 + 2K] fp64 candidates.
+  - decoding: one all-gather of [B, 10 + 2K] fp64 candidates (sample, sample_fused); topk from
+    logits: one all-gather of each rank's top-k (value, global id) pairs.
 Merges happen in rank order from all-gathered buffers, so results are deterministic and the same
 on every rank.
 """
@@ -160,3 +161,26 @@ def decode_sharded(h, opts, candidates, v_local, B, device, group, K, out):
             continue
         L.check(st)
         return
+
+
+def topk_sharded(values, ids, v_local, k, group):
+    """Merge every rank's top-min(k, V_local) (values fp32 [B, k_r], local ids) into the global
+    top-k: one all-gather of (value, global id) pairs padded to k, then the single-device order
+    (NaN first, value descending, lowest id on ties). Exact for logits inputs: their values are
+    the logits themselves, so the fp32 order is the order of the op."""
+    shard, sizes = shard_layout(v_local, group, values.device)
+    if not 1 <= k <= shard.V_global:
+        L.fail("fusedhead.topk", "k is %d (must be in [1, V = %d])" % (k, shard.V_global))
+    B = values.shape[0]
+    pad_v = torch.full((B, k), float("-inf"), dtype=torch.float64, device=values.device)
+    pad_i = torch.full((B, k), torch.iinfo(torch.int64).max, dtype=torch.int64, device=values.device)
+    n = values.shape[1]
+    pad_v[:, :n] = values.double()
+    pad_i[:, :n] = ids + shard.class_start
+    vals = _all_gather(pad_v, group).permute(1, 0, 2).reshape(B, -1)
+    gids = _all_gather(pad_i, group).permute(1, 0, 2).reshape(B, -1)
+    by_id = torch.sort(gids, dim=1, stable=True)
+    vals, gids = vals.gather(1, by_id.indices), by_id.values
+    by_value = torch.sort(vals, dim=1, descending=True, stable=True)
+    top = by_value.indices[:, :k]
+    return vals.gather(1, top).float(), gids.gather(1, top)

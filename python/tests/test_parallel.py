@@ -218,6 +218,15 @@ def _check_decode(rank, sizes, group, errors):
         if not (torch.equal(got.tokens, want.tokens) and torch.equal(got.topn_ids, want.topn_ids)):
             errors.append("sample from logits offset %d: %s != %s" % (offset, got.tokens.tolist(),
                                                                         want.tokens.tolist()))
+    # topk from logits: ties across ranks (rounded to quarters), a NaN and -inf entries
+    lg = (torch.round(logits.float() * 4) / 4)
+    lg[1, V - 2] = float("nan")
+    lg[2, :] = float("-inf")
+    for k in (1, 5, V):
+        wv, wi = fusedhead.topk(lg, k)
+        gv, gi = fusedhead.topk(lg[:, lo:hi], k, process_group=group)
+        if not (torch.equal(gi, wi) and torch.allclose(gv, wv, equal_nan=True)):
+            errors.append("topk k=%d: ids %s != %s" % (k, gi[:3].tolist(), wi[:3].tolist()))
 
 
 CHECKS = [_check_lce, _check_distill, _check_decode]
