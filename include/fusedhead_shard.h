@@ -147,13 +147,14 @@ FH_API fh_status_t fh_distill_shard_backward(fh_context_t* ctx, const fh_distill
  * token fh_decode_fused (or fh_decode_from_logits) picks on the whole head:
  *   - greedy (T = 0): the lowest id among maximal z;
  *   - plain sampling (no truncation): the largest key of the ranks' winners, ties to the lowest id;
- *   - top-k (k <= K) and min-p: the allowed set from the merged candidates, then the keyed race
+ *   - top-k (k <= K), min-p, then top-p: the allowed set from the merged candidates, the keyed race
  *     over it. When a rank's K candidates cannot prove the set (ties at its K-th value, or a min-p
  *     threshold below it) the merge returns FH_ERR_UNSUPPORTED naming the row: run again with a
  *     larger K (the result is the same on every rank, so every rank retries together).
- * Supported: FH_DECODE_STANDARD with top_p == 1 (top-p and the other samplers need the mass of
- * tokens no rank listed: FH_ERR_UNSUPPORTED), sparse logit bias and bans (global ids, each rank
- * applies those in its slice), per-row parameters. Outputs: tokens, logprob, full_logprob, lse,
+ * Supported: FH_DECODE_STANDARD, with top-p only after top-k or min-p (it sums over their
+ * survivors, which the candidates then hold exactly; top-p alone and the other samplers need the
+ * mass of tokens no rank listed: FH_ERR_UNSUPPORTED), sparse logit bias and bans (global ids, each
+ * rank applies those in its slice), per-row parameters. Outputs: tokens, logprob, full_logprob, lse,
  * entropy, allowed_count, flags, and top-n when num_logprobs <= K; rank must be NULL. lse,
  * entropy and log-probabilities equal the single-device values to fp64 rounding (merged sums),
  * rounded once to fp32; tokens and top-n ids are exact.

@@ -146,8 +146,9 @@ def sample_fused(hidden, c, bias=None, *, process_group=None, candidates=None, *
     Each rank sends its statistics, its `candidates` best tokens (default max(16, top_k,
     num_logprobs); at least num_logprobs) and its Gumbel winner in one all-gather; every rank gets the same result, and
     the tokens are bitwise those of the single-device call on the whole head. Supported: greedy,
-    plain sampling, top_k, min_p (sampler 'standard', top_p 1); when the candidates cannot prove
-    the allowed set the call doubles them and gathers again. rank is None in the result."""
+    plain sampling, top_k, min_p, and top_p after top_k or min_p (sampler 'standard'); when the
+    candidates cannot prove the allowed set the call doubles them and gathers again. rank is None
+    in the result."""
     fn = "fusedhead.sample_fused"
     args, keep = _head(fn, hidden, c, bias)
     H, C, Bt = args

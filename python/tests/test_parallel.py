@@ -160,6 +160,7 @@ DECODE_CASES = {
     "top_k": dict(temperature=1.3, top_k=5),
     "min_p": dict(min_p=0.02, candidates=2),  # 2 candidates cannot prove the set: the call must retry
     "top_k_min_p_bias_bans": dict(top_k=4, min_p=0.01, logit_bias="yes", banned="yes"),
+    "top_k_top_p": dict(top_k=8, top_p=0.6, temperature=1.5),
     "per_row": dict(temperature="rows", seed="rows"),
 }
 

@@ -144,10 +144,10 @@ static fh_status_t merge_row(const char* fn, const fh_decode_options_t* o, int64
     r->full_logprob = mg->cand[0].s - lse;
     return FH_SUCCESS;
   }
-  if (o->sampler != FH_DECODE_STANDARD || prm.top_p < 1.0)
+  if (o->sampler != FH_DECODE_STANDARD || (prm.top_p < 1.0 && !topk_on && !minp_on))
     return fh_set_error(FH_ERR_UNSUPPORTED, fn,
-                        "row %lld: only FH_DECODE_STANDARD with top_p == 1 runs on a shard (top-p and the other "
-                        "samplers need the mass of tokens no rank listed)", (long long)b);
+                        "row %lld: on a shard only FH_DECODE_STANDARD runs, and top-p only after top-k or min-p "
+                        "(alone it needs the mass of tokens no rank listed)", (long long)b);
   if (!topk_on && !minp_on) { /* plain sampling: the ranks' winners race */
     r->token = win, r->allowed_count = n_fin;
     r->full_logprob = r->logprob = s_win - lse;
@@ -155,17 +155,21 @@ static fh_status_t merge_row(const char* fn, const fh_decode_options_t* o, int64
   }
   int64_t nf = 0; /* finite candidates lead the sorted list */
   while (nf < mg->n && mg->cand[nf].s > -INFINITY) ++nf;
-  const int64_t keep = fh_ref_decode_rule_standard(&prm, mg->cand, nf, Vg, m);
-  const double cut = mg->cand[keep - 1].s, next = keep < nf ? mg->cand[keep].s : -INFINITY;
+  fh_decode_row_params_t pre = prm; /* the survivors of min-p and top-k */
+  pre.top_p = 1.0;
+  const int64_t surv = fh_ref_decode_rule_standard(&pre, mg->cand, nf, Vg, m);
+  const double cut = mg->cand[surv - 1].s, next = surv < nf ? mg->cand[surv].s : -INFINITY;
   const double thr = minp_on ? m + log(prm.min_p) : -INFINITY;
-  /* Exact when every kept token lies above tau (so its count of larger tokens is exact) and the
-   * group after the kept prefix is excluded in truth: it is listed (above tau), or top-k has
+  /* The survivors are exact when every one lies above tau (so its count of larger tokens is
+   * exact) and the group after them is excluded in truth: it is listed (above tau), or top-k has
    * already kept k, or min-p excludes everything at or below tau (tau = −inf: nothing finite is
- * unlisted). */
-  if (tau > -INFINITY && !(cut > tau && (next > tau || (topk_on && keep >= prm.top_k) || tau < thr)))
+   * unlisted). Then top-p, which sums over the survivors in sorted order, sees exactly the
+   * single-device sums. */
+  if (tau > -INFINITY && !(cut > tau && (next > tau || (topk_on && surv >= prm.top_k) || tau < thr)))
     return fh_set_error(FH_ERR_UNSUPPORTED, fn,
                         "row %lld: %lld candidates per rank cannot prove the allowed set (a rank's K-th candidate "
                         "ties or passes the rule); run again with a larger K", (long long)b, (long long)K);
+  const int64_t keep = prm.top_p < 1.0 ? fh_ref_decode_rule_standard(&prm, mg->cand, nf, Vg, m) : surv;
   double ZA = 0.0;
   win = -1;
   for (int64_t i = 0; i < keep; ++i) {

@@ -152,6 +152,20 @@ Test(ref_shard_decode, top_k_and_min_p) {
   EACH_OFFSET(o, compare("top-k 7 + min-p", &o, 8));
 }
 
+/* top-p after top-k or min-p: its sums run over their survivors, which the candidates hold. */
+Test(ref_shard_decode, top_p_after_top_k_or_min_p) {
+  init_head(16);
+  fh_decode_options_t o = base();
+  o.top_k = 8;
+  o.top_p = 0.7f;
+  EACH_OFFSET(o, compare("top-k 8 + top-p", &o, 10));
+  o.top_k = 0;
+  o.min_p = 0.1f;
+  o.top_p = 0.5f;
+  o.temperature = 2.0f;
+  EACH_OFFSET(o, compare("min-p + top-p", &o, V));
+}
+
 Test(ref_shard_decode, bias_bans_per_row) {
   init_head(13);
   fh_decode_options_t o = base();
@@ -187,7 +201,7 @@ Test(ref_shard_decode, refusals) {
   o.min_p = 0.0f;
   o.top_p = 0.9f;
   cr_expect_eq(sharded(&o, &SPL[1], 8, &r), FH_ERR_UNSUPPORTED);
-  cr_expect(strstr(fh_last_error(), "top_p") != NULL, "%s", fh_last_error());
+  cr_expect(strstr(fh_last_error(), "top-p") != NULL, "%s", fh_last_error());
   o.top_p = 1.0f;
   o.num_logprobs = 9;
   cr_expect_eq(sharded(&o, &SPL[1], 8, &r), FH_ERR_INVALID_ARGUMENT);
