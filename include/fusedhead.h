@@ -799,6 +799,14 @@ FH_API fh_status_t fh_topk_fused(fh_context_t* ctx, const fh_tensor_t* H, const 
                                  void* workspace, size_t workspace_bytes);
 /* FH-SECTION-DECODE-END */
 
+/* ------------------------------------------------------------------------------------------ */
+/* Vocabulary-parallel heads                                                                  */
+/* ------------------------------------------------------------------------------------------ */
+/* FH-SECTION-SHARD-BEGIN (owned by the vocabulary-parallel work; keep this marker) */
+/* Per-row partials, their merge in rank order, backward on a shard: in its own installed file. */
+#include "fusedhead_shard.h"
+/* FH-SECTION-SHARD-END */
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif
