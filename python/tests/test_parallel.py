@@ -174,6 +174,20 @@ def _check_distill(rank, sizes, group, errors):
             _close("distill %s %s" % (dv, key), got[key], want[key], errors)
         _close("distill %s dc" % dv, got["dc"], want["dc"][lo:hi], errors)
         _close("distill %s db" % dv, got["db"], want["db"][lo:hi], errors)
+    # classes masked in both heads (-inf biases) at the ranks' boundaries: contribute nothing
+    msb, mtb, mt = sb.clone(), tb.clone(), targets.clone()
+    msb[MASKED], mtb[MASKED] = float("-inf"), float("-inf")
+    for i in range(N):
+        while int(mt[i]) in MASKED:
+            mt[i] = (int(mt[i]) + 1) % V
+    for k, dv in ((1, "forward_kl"), (3, "jsd")):
+        want = _distill_run(k, dv, se, sc, msb, te, tc, mtb, mt, None)
+        got = _distill_run(k, dv, se, sc[lo:hi], msb[lo:hi], te, tc[lo:thi], mtb[lo:thi], mt, group)
+        for key in ("loss", "soft", "hard", "de"):
+            _close("distill masked %s %s" % (dv, key), got[key], want[key], errors)
+        _close("distill masked %s dc" % dv, got["dc"], want["dc"][lo:hi], errors)
+        if not bool(torch.isfinite(got["loss"]).all()):
+            errors.append("distill masked %s: loss %s" % (dv, got["loss"].tolist()))
 
 
 DECODE_CASES = {
