@@ -458,6 +458,19 @@ __device__ __forceinline__ double lce_recip(double x) {
   return ldexp(r, -e);
 }
 
+/* 1/c in fp64 for a row's unmasked-class count c >= 1 (an integer in fp32), in the per-row loop:
+ * a fast fp32 reciprocal (__fdividef, ~2 ulp; 1/c is a normal float for any count, so neither
+ * lce_recip's frexp/ldexp scaling nor an IEEE division with its slow-path call is needed) and
+ * two Newton steps (~44, then 53 bits). With the branch-free loads below it keeps the kernel
+ * free of local memory on sm_80 and sm_90 (scripts/ptxas_stats.sh, scripts/sass_table.sh). */
+__device__ __forceinline__ double lce_recip_count(float c) {
+  const double x = (double)c;
+  double r = (double)__fdividef(1.0f, c);
+  r = r * (2.0 - x * r);
+  r = r * (2.0 - x * r);
+  return r;
+}
+
 __global__ void __launch_bounds__(256) lce_bwd_coef_kernel(coef_params p) {
   __shared__ double red[2 * 256];
   double v[2] = {0.0, 0.0};
@@ -476,6 +489,7 @@ __global__ void __launch_bounds__(256) lce_bwd_coef_kernel(coef_params p) {
    * would become 0 and the gradients infinite. */
   const double inv_ce = dce != 0.0 ? lce_recip(dce) : 0.0, inv_reg = dreg != 0.0 ? lce_recip(dreg) : 0.0;
   const double alpha = p.alpha;
+  const bool smooth = alpha != 0.0 && p.counts != NULL;
   const size_t N = (size_t)p.N;
   for (int i = threadIdx.x; i < p.N; i += 256) {
     const int64_t y = p.targets[i];
@@ -485,9 +499,10 @@ __global__ void __launch_bounds__(256) lce_bwd_coef_kernel(coef_params p) {
     double a = om * g, b = om * g;
     if (p.reduction == FH_REDUCTION_MEAN) a *= inv_ce, b *= inv_reg; /* a zero denominator gives 0 */
     const double lse = p.lse[i], h = p.entropy ? p.entropy[i] : 0.0, glse = p.grad_lse ? p.grad_lse[i] : 0.0;
-    /* ε_i = α / V_i and W_i over the row's unmasked classes (docs/conventions.md) */
-    double eps = 0.0, W = 0.0;
-    if (alpha != 0.0 && p.counts[i] > 0.0f) eps = alpha * lce_recip((double)p.counts[i]), W = p.counts[N + i];
+    /* ε_i = α / V_i and W_i over the row's unmasked classes (docs/conventions.md); loads selected,
+     * not branched around (the branch made ptxas spill on sm_80) */
+    const float cnt = smooth ? p.counts[i] : 0.0f, wsum = smooth ? p.counts[N + i] : 0.0f;
+    const double eps = cnt > 0.0f ? alpha * lce_recip_count(cnt) : 0.0, W = cnt > 0.0f ? (double)wsum : 0.0;
     p.coef[0 * N + i] = (float)lse;
     p.coef[1 * N + i] = (float)(a * eps * W + 2.0 * b * p.lambda * lse + glse);
     p.coef[2 * N + i] = (float)(b * p.eta);
