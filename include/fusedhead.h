@@ -51,9 +51,7 @@
 extern "C" {
 #endif
 
-/* ------------------------------------------------------------------------------------------ */
-/* Version                                                                                    */
-/* ------------------------------------------------------------------------------------------ */
+/* ---- Version ----------------------------------------------------------------------------- */
 
 #define FH_VERSION_MAJOR 0
 #define FH_VERSION_MINOR 1
@@ -66,9 +64,7 @@ FH_API const char* fh_version(void);
 /* The same as a number, FH_VERSION_NUMBER of the linked library. */
 FH_API int fh_version_number(void);
 
-/* ------------------------------------------------------------------------------------------ */
-/* Status                                                                                     */
-/* ------------------------------------------------------------------------------------------ */
+/* ---- Status ------------------------------------------------------------------------------ */
 
 /* One table gives the enum and the strings. Values are explicit and never reused. */
 #define FH_STATUS_MAP(X)                                                                       \
@@ -95,9 +91,7 @@ FH_API const char* fh_status_string(fh_status_t status);
  * same thread. */
 FH_API const char* fh_last_error(void);
 
-/* ------------------------------------------------------------------------------------------ */
-/* Context                                                                                    */
-/* ------------------------------------------------------------------------------------------ */
+/* ---- Context ----------------------------------------------------------------------------- */
 
 typedef enum fh_backend {
   FH_BACKEND_CPU = 0,  /* plain-C fp64 reference, always built */
@@ -133,9 +127,7 @@ FH_API fh_status_t fh_context_get_num_threads(const fh_context_t* ctx, int* num_
  * a target outside [0, V)). Synchronizes the context's stream. CPU backend: FH_SUCCESS. */
 FH_API fh_status_t fh_context_check(fh_context_t* ctx);
 
-/* ------------------------------------------------------------------------------------------ */
-/* Tensors                                                                                    */
-/* ------------------------------------------------------------------------------------------ */
+/* ---- Tensors ----------------------------------------------------------------------------- */
 
 typedef enum fh_dtype {
   FH_DTYPE_F32 = 0,  /* IEEE binary32 */
@@ -216,9 +208,7 @@ typedef enum fh_accum_mode {
  * fp16, 2^-28 fp32), as Cut Cross-Entropy's "auto". */
 #define FH_FILTER_EPS_AUTO (-1.0f)
 
-/* ------------------------------------------------------------------------------------------ */
-/* Row statistics                                                                             */
-/* ------------------------------------------------------------------------------------------ */
+/* ---- Row statistics ---------------------------------------------------------------------- */
 
 /* lse[i] = log Σ_j exp(logits[i][j]) for logits [N x V] (fp32, fp16 or bf16, row stride
  * honoured), written as fp32 [N]. A row whose entries are all -inf gives -inf; NaN anywhere in
@@ -226,9 +216,7 @@ typedef enum fh_accum_mode {
  * Statuses: FH_ERR_INVALID_ARGUMENT, FH_ERR_UNSUPPORTED, FH_ERR_CUDA. */
 FH_API fh_status_t fh_rows_logsumexp(fh_context_t* ctx, const fh_tensor_t* logits, float* lse);
 
-/* ------------------------------------------------------------------------------------------ */
-/* Linear cross-entropy                                                                       */
-/* ------------------------------------------------------------------------------------------ */
+/* ---- Linear cross-entropy ---------------------------------------------------------------- */
 /*
  * loss = CE(z, targets) with, for row i and class j,
  *     r_ij = E_i · C_j + bias_j                       E [N x D], C [V x D], bias [1 x V]
@@ -376,9 +364,7 @@ FH_API fh_status_t fh_linear_ce_backward(fh_context_t* ctx, const fh_linear_ce_o
                                          const fh_linear_ce_grads_t* grads, void* workspace,
                                          size_t workspace_bytes);
 
-/* ------------------------------------------------------------------------------------------ */
-/* Distillation                                                                               */
-/* ------------------------------------------------------------------------------------------ */
+/* ---- Distillation ------------------------------------------------------------------------ */
 /* FH-SECTION-DISTILL-BEGIN (owned by the distillation work; keep this marker) */
 /*
  * Knowledge distillation: an f-divergence between a teacher head and a student head, with
@@ -605,9 +591,7 @@ FH_API fh_status_t fh_distill_sparse_backward(fh_context_t* ctx, const fh_distil
                                               size_t workspace_bytes);
 /* FH-SECTION-DISTILL-END */
 
-/* ------------------------------------------------------------------------------------------ */
-/* Decoding                                                                                   */
-/* ------------------------------------------------------------------------------------------ */
+/* ---- Decoding ---------------------------------------------------------------------------- */
 /* FH-SECTION-DECODE-BEGIN (owned by the decoding work; keep this marker) */
 /*
  * Decoding: the next token of B rows, from given logits [B x V] or fused with the LM head
@@ -798,6 +782,12 @@ FH_API fh_status_t fh_topk_fused(fh_context_t* ctx, const fh_tensor_t* H, const 
                                  const fh_tensor_t* bias, int64_t k, float* values, int64_t* ids,
                                  void* workspace, size_t workspace_bytes);
 /* FH-SECTION-DECODE-END */
+
+/* ---- Vocabulary-parallel heads ----------------------------------------------------------- */
+/* FH-SECTION-SHARD-BEGIN (owned by the vocabulary-parallel work; keep this marker) */
+/* Per-row partials, their merge in rank order, backward on a shard: in its own installed file. */
+#include "fusedhead_shard.h"
+/* FH-SECTION-SHARD-END */
 
 #ifdef __cplusplus
 } /* extern "C" */

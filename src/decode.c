@@ -213,6 +213,13 @@ static fh_status_t check_aliasing(const char* fn, const void* const* outs, const
   return FH_SUCCESS;
 }
 
+fh_status_t fh_decode_check_options_host(const char* fn, const fh_decode_options_t* opts, int64_t B, int64_t V,
+                                        fh_decode_options_t* o) {
+  FH_TRY(check_options(fn, opts, o));
+  FH_TRY(check_options_shape(fn, o, B, V));
+  return check_rows_host(fn, o, B, V);
+}
+
 fh_status_t fh_decode_workspace_size(fh_context_t* ctx, const fh_decode_options_t* opts, int64_t B, int64_t V,
                                      int64_t D, fh_dtype_t dtype, size_t* bytes) {
   static const char fn[] = "fh_decode_workspace_size";

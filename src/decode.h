@@ -23,6 +23,11 @@ typedef struct fh_decode_problem {
   fh_decode_options_t opt; /* full-size copy: caller's fields over the defaults */
 } fh_decode_problem_t;
 
+/* Options over the defaults and every check of them for B rows over a vocabulary of V (global
+ * ids), per-row arrays and id lists read on the host: the shard calls (src/shard_decode.c). */
+fh_status_t fh_decode_check_options_host(const char* fn, const fh_decode_options_t* opts, int64_t B, int64_t V,
+                                        fh_decode_options_t* o);
+
 /* The CPU reference (src/ref/decode.c). */
 fh_status_t fh_ref_decode(const fh_decode_problem_t* p, const fh_decode_outputs_t* out);
 fh_status_t fh_ref_topk(const char* fn, const fh_decode_source_t* src, int64_t k, float* values, int64_t* ids);

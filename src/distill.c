@@ -37,7 +37,7 @@ void fh_distill_options_init(fh_distill_options_t* o) {
   o->accumulate = 0;
 }
 
-static fh_status_t check_options(const char* fn, const fh_distill_options_t* user, fh_distill_options_t* o) {
+fh_status_t fh_distill_check_options(const char* fn, const fh_distill_options_t* user, fh_distill_options_t* o) {
   FH_TRY(fh_check_options(fn, "opts", user, user ? user->struct_size : 0, FH_DISTILL_OPTIONS_MIN_SIZE));
   fh_distill_options_init(o);
   memcpy(o, user, user->struct_size < sizeof *o ? user->struct_size : sizeof *o);
@@ -122,14 +122,14 @@ static fh_status_t check_sparse_host(const char* fn, const fh_distill_problem_t*
 
 /* Everything both passes of either teacher kind check; fills `p`. Exactly one of dense and
  * sparse is non-NULL. */
-static fh_status_t check_problem(const char* fn, fh_context_t* ctx, const fh_distill_options_t* opts,
-                                 const fh_distill_head_t* student, const fh_distill_head_t* dense,
-                                 const fh_distill_sparse_teacher_t* sparse, const int64_t* targets,
-                                 fh_distill_problem_t* p) {
+fh_status_t fh_distill_check_problem(const char* fn, fh_context_t* ctx, const fh_distill_options_t* opts,
+                                     const fh_shard_t* shard, const fh_distill_head_t* student,
+                                     const fh_distill_head_t* dense, const fh_distill_sparse_teacher_t* sparse,
+                                     const int64_t* targets, fh_distill_problem_t* p) {
   memset(p, 0, sizeof *p);
   p->fn = fn;
   FH_TRY(fh_check_context(fn, ctx));
-  FH_TRY(check_options(fn, opts, &p->opt));
+  FH_TRY(fh_distill_check_options(fn, opts, &p->opt));
   FH_TRY(check_head(fn, "student", student, -1, -1));
   p->N = student->E->rows;
   p->V = student->C->rows;
@@ -137,7 +137,14 @@ static fh_status_t check_problem(const char* fn, fh_context_t* ctx, const fh_dis
   p->Es = student->E;
   p->Cs = student->C;
   p->bs = student->bias;
-  if (p->V == 0 && p->N > 0) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "student->C->rows (V) is 0 with N > 0");
+  int64_t V_all = p->V; /* the range of targets: the whole head's V */
+  if (shard) {
+    FH_TRY(fh_check_shard(fn, shard, p->V));
+    if (sparse) return fh_set_error(FH_ERR_UNSUPPORTED, fn, "a sparse teacher is not supported on a shard");
+    p->class_offset = shard->class_start;
+    V_all = shard->V_global;
+  }
+  if (V_all == 0 && p->N > 0) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "student->C->rows (V) is 0 with N > 0");
   if (sparse) {
     p->sparse = 1;
     if (p->opt.divergence != FH_DISTILL_FORWARD_KL)
@@ -175,13 +182,13 @@ static fh_status_t check_problem(const char* fn, fh_context_t* ctx, const fh_dis
                         (double)p->opt.hard_weight);
   p->targets = targets;
   if (ctx->backend == FH_BACKEND_CPU) {
-    if (targets) FH_TRY(fh_check_targets_host(fn, targets, p->N, p->V, p->opt.ignore_index));
+    if (targets) FH_TRY(fh_check_targets_host(fn, targets, p->N, V_all, p->opt.ignore_index));
     if (p->sparse) FH_TRY(check_sparse_host(fn, p));
   }
   return FH_SUCCESS;
 }
 
-static fh_status_t cuda_unavailable(const char* fn) {
+fh_status_t fh_distill_cuda_unavailable(const char* fn) {
   return fh_set_error(FH_ERR_UNSUPPORTED, fn,
                       "distillation has no CUDA kernels in fusedhead %s; use FH_BACKEND_CPU", fh_version());
 }
@@ -191,7 +198,7 @@ static fh_status_t workspace_size(const char* fn, fh_context_t* ctx, const fh_di
   fh_clear_error();
   FH_TRY(fh_check_context(fn, ctx));
   fh_distill_options_t o;
-  FH_TRY(check_options(fn, opts, &o));
+  FH_TRY(fh_distill_check_options(fn, opts, &o));
   if (!sh) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "shape is NULL");
   if (sh->N < 0 || sh->V < 0 || sh->D_s < 0 || sh->V_t < 0 || sh->D_t < 0 || sh->K < 0)
     return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn,
@@ -207,7 +214,7 @@ static fh_status_t workspace_size(const char* fn, fh_context_t* ctx, const fh_di
   }
   if (!bytes) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "bytes is NULL");
   *bytes = 0;
-  if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
+  if (ctx->backend == FH_BACKEND_CUDA) return fh_distill_cuda_unavailable(fn);
   return FH_SUCCESS;
 }
 
@@ -227,32 +234,44 @@ static fh_status_t forward(const char* fn, fh_context_t* ctx, const fh_distill_o
                            const fh_distill_outputs_t* out, void* workspace, size_t workspace_bytes) {
   fh_clear_error();
   fh_distill_problem_t p;
-  FH_TRY(check_problem(fn, ctx, opts, student, dense, sparse, targets, &p));
+  FH_TRY(fh_distill_check_problem(fn, ctx, opts, NULL, student, dense, sparse, targets, &p));
   if (!out) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "out is NULL");
   FH_TRY(fh_check_reduced_ptr(fn, "out->loss", out->loss, p.opt.reduction, p.N));
   FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, 0));
-  if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
+  if (ctx->backend == FH_BACKEND_CUDA) return fh_distill_cuda_unavailable(fn);
   return fh_ref_distill_forward(&p, out);
 }
 
-static fh_status_t backward(const char* fn, fh_context_t* ctx, const fh_distill_options_t* opts,
-                            const fh_distill_head_t* student, const fh_distill_head_t* dense,
-                            const fh_distill_sparse_teacher_t* sparse, const int64_t* targets,
-                            const fh_distill_grad_inputs_t* in, const fh_distill_grads_t* grads, void* workspace,
-                            size_t workspace_bytes) {
+fh_status_t fh_distill_backward_impl(const char* fn, fh_context_t* ctx, const fh_distill_options_t* opts,
+                                     const fh_shard_t* shard, int64_t nranks, const double* gathered_stats,
+                                     const double* gathered_div, const fh_distill_head_t* student,
+                                     const fh_distill_head_t* dense, const fh_distill_sparse_teacher_t* sparse,
+                                     const int64_t* targets, const fh_distill_grad_inputs_t* in,
+                                     const fh_distill_grads_t* grads, void* workspace, size_t workspace_bytes) {
   fh_clear_error();
   fh_distill_problem_t p;
-  FH_TRY(check_problem(fn, ctx, opts, student, dense, sparse, targets, &p));
+  FH_TRY(fh_distill_check_problem(fn, ctx, opts, shard, student, dense, sparse, targets, &p));
   if (!in) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "in is NULL");
   if (!grads) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "grads is NULL");
-  FH_TRY(fh_check_ptr(fn, "in->row_state", in->row_state, p.N));
+  if (shard) {
+    /* A shard merges the row state from its forward's gathered buffers, not in->row_state. */
+    if (nranks < 1)
+      return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "nranks is %lld (must be >= 1)", (long long)nranks);
+    FH_TRY(fh_check_ptr(fn, "gathered_stats", gathered_stats, p.N));
+    FH_TRY(fh_check_ptr(fn, "gathered_div", gathered_div, p.N));
+    p.shard_nranks = nranks;
+    p.shard_stats = gathered_stats;
+    p.shard_div = gathered_div;
+  } else {
+    FH_TRY(fh_check_ptr(fn, "in->row_state", in->row_state, p.N));
+  }
   FH_TRY(fh_check_reduced_ptr(fn, "in->grad_loss", in->grad_loss, p.opt.reduction, p.N));
   const fh_tensor_t* inputs[6] = {p.Es, p.Cs, p.bs, p.Et, p.Ct, p.bt};
   FH_TRY(fh_check_grad_tensor(fn, "dE", grads->dE, p.Es, inputs, 6));
   FH_TRY(fh_check_grad_tensor(fn, "dC", grads->dC, p.Cs, inputs, 6));
   FH_TRY(fh_check_grad_tensor(fn, "dbias", grads->dbias, p.bs, inputs, 6));
   FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, 0));
-  if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
+  if (ctx->backend == FH_BACKEND_CUDA) return fh_distill_cuda_unavailable(fn);
   return fh_ref_distill_backward(&p, in, grads);
 }
 
@@ -276,7 +295,8 @@ fh_status_t fh_distill_backward(fh_context_t* ctx, const fh_distill_options_t* o
     fh_clear_error();
     return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "teacher is NULL");
   }
-  return backward(fn, ctx, opts, student, teacher, NULL, targets, in, grads, workspace, workspace_bytes);
+  return fh_distill_backward_impl(fn, ctx, opts, NULL, 0, NULL, NULL, student, teacher, NULL, targets, in, grads, workspace,
+                                  workspace_bytes);
 }
 
 fh_status_t fh_distill_sparse_forward(fh_context_t* ctx, const fh_distill_options_t* opts,
@@ -300,5 +320,6 @@ fh_status_t fh_distill_sparse_backward(fh_context_t* ctx, const fh_distill_optio
     fh_clear_error();
     return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "teacher is NULL");
   }
-  return backward(fn, ctx, opts, student, NULL, teacher, targets, in, grads, workspace, workspace_bytes);
+  return fh_distill_backward_impl(fn, ctx, opts, NULL, 0, NULL, NULL, student, NULL, teacher, targets, in, grads, workspace,
+                                  workspace_bytes);
 }

@@ -74,6 +74,11 @@ fh_status_t fh_check_grad_tensor(const char* fn, const char* name, const fh_tens
 /* A loss-shaped array: [n] for FH_REDUCTION_NONE (may be NULL when n == 0), else [1]. */
 fh_status_t fh_check_reduced_ptr(const char* fn, const char* name, const void* p, fh_reduction_t reduction,
                                  int64_t n);
+/* A vocabulary shard (fusedhead_shard.h): non-NULL, 0 <= class_start, V_local == v_local (the
+ * rows of C), class_start + V_local <= V_global. */
+fh_status_t fh_check_shard(const char* fn, const fh_shard_t* shard, int64_t v_local);
+/* FH_ERR_UNSUPPORTED for a shard call on a backend other than the CPU reference. */
+fh_status_t fh_shard_unsupported(const char* fn);
 /* Workspace: at least `need` bytes; when workspace_bytes > 0, non-NULL and
  * FH_WORKSPACE_ALIGNMENT-aligned (every backend). */
 fh_status_t fh_check_workspace(const char* fn, const void* ws, size_t bytes, size_t need);

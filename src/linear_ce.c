@@ -31,7 +31,7 @@ void fh_linear_ce_options_init(fh_linear_ce_options_t* o) {
   o->accumulate = 0;
 }
 
-static fh_status_t check_options(const char* fn, const fh_linear_ce_options_t* user, fh_linear_ce_options_t* o) {
+fh_status_t fh_lce_check_options(const char* fn, const fh_linear_ce_options_t* user, fh_linear_ce_options_t* o) {
   FH_TRY(fh_check_options(fn, "opts", user, user ? user->struct_size : 0, FH_LCE_OPTIONS_MIN_SIZE));
   fh_linear_ce_options_init(o);
   size_t n = user->struct_size < sizeof *o ? user->struct_size : sizeof *o;
@@ -55,13 +55,15 @@ static fh_status_t check_options(const char* fn, const fh_linear_ce_options_t* u
   return FH_SUCCESS;
 }
 
-/* Everything both passes check; fills `p`. */
-static fh_status_t check_problem(const char* fn, fh_context_t* ctx, const fh_linear_ce_options_t* opts,
-                                 const fh_tensor_t* E, const fh_tensor_t* C, const fh_tensor_t* bias,
-                                 const int64_t* targets, const float* class_weights,
+/* Everything both passes check; fills `p`. shard: NULL, or this rank's slice of the
+ * vocabulary (C and bias hold its classes; targets and class_weights are global). */
+fh_status_t fh_lce_check_problem(const char* fn, fh_context_t* ctx, const fh_linear_ce_options_t* opts,
+                                 const fh_shard_t* shard, const fh_tensor_t* E, const fh_tensor_t* C,
+                                 const fh_tensor_t* bias, const int64_t* targets, const float* class_weights,
                                  const float* token_weights, fh_lce_problem_t* p) {
+  memset(p, 0, sizeof *p);
   FH_TRY(fh_check_context(fn, ctx));
-  FH_TRY(check_options(fn, opts, &p->opt));
+  FH_TRY(fh_lce_check_options(fn, opts, &p->opt));
   FH_TRY(fh_check_tensor(fn, "E", E, -1, -1, FH_DTYPE_COUNT));
   FH_TRY(fh_check_tensor(fn, "C", C, -1, E->cols, E->dtype));
   if (bias) FH_TRY(fh_check_tensor(fn, "bias", bias, 1, C->rows, E->dtype));
@@ -70,7 +72,10 @@ static fh_status_t check_problem(const char* fn, fh_context_t* ctx, const fh_lin
   p->V = C->rows;
   p->D = E->cols;
   p->dtype = E->dtype;
-  if (p->V == 0 && p->N > 0) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "C->rows (V) is 0 with N > 0");
+  if (shard) FH_TRY(fh_check_shard(fn, shard, p->V));
+  p->class_offset = shard ? shard->class_start : 0;
+  p->V_total = shard ? shard->V_global : p->V;
+  if (p->V_total == 0 && p->N > 0) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "C->rows (V) is 0 with N > 0");
   FH_TRY(fh_check_ptr(fn, "targets", targets, p->N));
   p->E = E;
   p->C = C;
@@ -79,9 +84,9 @@ static fh_status_t check_problem(const char* fn, fh_context_t* ctx, const fh_lin
   p->class_weights = class_weights;
   p->token_weights = token_weights;
   if (ctx->backend == FH_BACKEND_CPU) {
-    FH_TRY(fh_check_targets_host(fn, targets, p->N, p->V, p->opt.ignore_index));
+    FH_TRY(fh_check_targets_host(fn, targets, p->N, p->V_total, p->opt.ignore_index));
     const int f64 = p->dtype == FH_DTYPE_F64;
-    FH_TRY(fh_check_weights_host_any(fn, "class_weights", class_weights, p->V, f64));
+    FH_TRY(fh_check_weights_host_any(fn, "class_weights", class_weights, p->V_total, f64));
     FH_TRY(fh_check_weights_host_any(fn, "token_weights", token_weights, p->N, f64));
   }
   return FH_SUCCESS;
@@ -108,7 +113,7 @@ static fh_status_t workspace_query(const char* fn, fh_context_t* ctx, const fh_l
   fh_clear_error();
   FH_TRY(fh_check_context(fn, ctx));
   fh_linear_ce_options_t o;
-  FH_TRY(check_options(fn, opts, &o));
+  FH_TRY(fh_lce_check_options(fn, opts, &o));
   if (N < 0 || V < 0 || D < 0)
     return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "N, V, D are %lld, %lld, %lld (must be >= 0)",
                         (long long)N, (long long)V, (long long)D);
@@ -137,7 +142,7 @@ fh_status_t fh_linear_ce_forward(fh_context_t* ctx, const fh_linear_ce_options_t
   static const char fn[] = "fh_linear_ce_forward";
   fh_clear_error();
   fh_lce_problem_t p;
-  FH_TRY(check_problem(fn, ctx, opts, E, C, bias, targets, class_weights, token_weights, &p));
+  FH_TRY(fh_lce_check_problem(fn, ctx, opts, NULL, E, C, bias, targets, class_weights, token_weights, &p));
   if (!out) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "out is NULL");
   FH_TRY(fh_check_reduced_ptr(fn, "out->loss", out->loss, p.opt.reduction, p.N));
   size_t need;
@@ -155,15 +160,34 @@ fh_status_t fh_linear_ce_backward(fh_context_t* ctx, const fh_linear_ce_options_
                                   const float* class_weights, const float* token_weights,
                                   const fh_linear_ce_grad_inputs_t* in, const fh_linear_ce_grads_t* grads,
                                   void* workspace, size_t workspace_bytes) {
-  static const char fn[] = "fh_linear_ce_backward";
   fh_clear_error();
+  return fh_lce_backward_impl("fh_linear_ce_backward", ctx, opts, NULL, 0, NULL, E, C, bias, targets,
+                              class_weights, token_weights, in, grads, workspace, workspace_bytes);
+}
+
+fh_status_t fh_lce_backward_impl(const char* fn, fh_context_t* ctx, const fh_linear_ce_options_t* opts,
+                                 const fh_shard_t* shard, int64_t nranks, const double* gathered,
+                                 const fh_tensor_t* E, const fh_tensor_t* C,
+                                 const fh_tensor_t* bias, const int64_t* targets, const float* class_weights,
+                                 const float* token_weights, const fh_linear_ce_grad_inputs_t* in,
+                                 const fh_linear_ce_grads_t* grads, void* workspace, size_t workspace_bytes) {
   fh_lce_problem_t p;
-  FH_TRY(check_problem(fn, ctx, opts, E, C, bias, targets, class_weights, token_weights, &p));
+  FH_TRY(fh_lce_check_problem(fn, ctx, opts, shard, E, C, bias, targets, class_weights, token_weights, &p));
   if (!in) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "in is NULL");
   if (!grads) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "grads is NULL");
-  FH_TRY(fh_check_ptr(fn, "in->lse", in->lse, p.N));
+  if (shard) {
+    /* A shard reads the row statistics from every rank's forward partials, not in->lse. */
+    if (nranks < 1)
+      return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "nranks is %lld (must be >= 1)", (long long)nranks);
+    FH_TRY(fh_check_ptr(fn, "gathered", gathered, p.N));
+    p.shard_nranks = nranks;
+    p.shard_gathered = gathered;
+  } else {
+    FH_TRY(fh_check_ptr(fn, "in->lse", in->lse, p.N));
+    if (p.opt.entropy_weight != 0.0f)
+      FH_TRY(fh_check_ptr(fn, "in->entropy (entropy_weight != 0)", in->entropy, p.N));
+  }
   FH_TRY(fh_check_reduced_ptr(fn, "in->grad_loss", in->grad_loss, p.opt.reduction, p.N));
-  if (p.opt.entropy_weight != 0.0f) FH_TRY(fh_check_ptr(fn, "in->entropy (entropy_weight != 0)", in->entropy, p.N));
   const fh_tensor_t* inputs[3] = {E, C, bias};
   FH_TRY(fh_check_grad_tensor(fn, "dE", grads->dE, E, inputs, 3));
   FH_TRY(fh_check_grad_tensor(fn, "dC", grads->dC, C, inputs, 3));
@@ -171,6 +195,7 @@ fh_status_t fh_linear_ce_backward(fh_context_t* ctx, const fh_linear_ce_options_
   size_t need;
   FH_TRY(workspace_need(ctx, &p.opt, 1, p.N, p.V, p.D, p.dtype, &need));
   FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, need));
+  if (shard && ctx->backend != FH_BACKEND_CPU) return fh_shard_unsupported(fn);
 #ifdef FH_HAVE_CUDA
   if (ctx->backend == FH_BACKEND_CUDA)
     return fh_cuda_linear_ce_backward(ctx->cuda, ctx->stream, &p, in, grads, workspace, workspace_bytes);

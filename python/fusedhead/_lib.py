@@ -174,6 +174,15 @@ class DecodeOutputs(ctypes.Structure):
                 ("topn_logprobs", _vp), ("flags", _vp)]
 
 
+class Shard(ctypes.Structure):
+    _fields_ = [("class_start", _i64), ("V_local", _i64), ("V_global", _i64)]
+
+
+SHARD_LCE_PARTIAL = 9    # FH_SHARD_LCE_PARTIAL
+SHARD_DISTILL_STATS = 7  # FH_SHARD_DISTILL_STATS
+SHARD_DISTILL_DIV = 2    # FH_SHARD_DISTILL_DIV
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +220,24 @@ _SIGNATURES = {
                                        _vp, _P(DistillOutputs), _vp, _sz]),
     "fh_distill_sparse_backward": (_i, [_vp, _P(DistillOptions), _P(DistillHead), _P(DistillSparseTeacher),
                                         _vp, _P(DistillGradInputs), _P(Grads), _vp, _sz]),
+    "fh_linear_ce_shard_forward": (_i, [_vp, _P(LinearCEOptions), _P(Shard), _P(Tensor), _P(Tensor), _P(Tensor),
+                                        _vp, _vp, _vp, _vp]),
+    "fh_linear_ce_shard_combine": (_i, [_vp, _P(LinearCEOptions), _i, _i64, _i64, _i64, _vp, _vp, _vp, _vp,
+                                        _P(LinearCEOutputs)]),
+    "fh_linear_ce_shard_backward": (_i, [_vp, _P(LinearCEOptions), _P(Shard), _P(Tensor), _P(Tensor), _P(Tensor),
+                                         _vp, _vp, _vp, _i64, _vp, _P(LinearCEGradInputs), _P(Grads)]),
+    "fh_distill_shard_stats": (_i, [_vp, _P(DistillOptions), _P(Shard), _P(DistillHead), _P(DistillHead), _vp,
+                                    _vp]),
+    "fh_distill_shard_divergence": (_i, [_vp, _P(DistillOptions), _P(Shard), _P(DistillHead), _P(DistillHead),
+                                         _vp, _i64, _vp, _vp]),
+    "fh_distill_shard_combine": (_i, [_vp, _P(DistillOptions), _i, _i64, _i64, _vp, _vp, _vp,
+                                      _P(DistillOutputs)]),
+    "fh_distill_shard_backward": (_i, [_vp, _P(DistillOptions), _P(Shard), _P(DistillHead), _P(DistillHead), _vp,
+                                       _i64, _vp, _vp, _P(DistillGradInputs), _P(Grads)]),
+    "fh_decode_shard_candidates": (_i, [_vp, _P(DecodeOptions), _P(Shard), _P(Tensor), _P(Tensor), _P(Tensor), _i64,
+                                        _vp]),
+    "fh_decode_shard_candidates_from_logits": (_i, [_vp, _P(DecodeOptions), _P(Shard), _P(Tensor), _i64, _vp]),
+    "fh_decode_shard_combine": (_i, [_vp, _P(DecodeOptions), _i64, _i64, _i64, _i64, _vp, _P(DecodeOutputs)]),
     "fh_decode_options_init": (None, [_vp]),
     "fh_decode_workspace_size": (_i, [_vp, _P(DecodeOptions), _i64, _i64, _i64, _i, _P(_sz)]),
     "fh_decode_from_logits": (_i, [_vp, _P(DecodeOptions), _P(Tensor), _P(DecodeOutputs), _vp, _sz]),

@@ -74,7 +74,7 @@ def _options(fn, B, dev, keep, sampler, params, num_logprobs, degenerate_token, 
 
 
 def _sample(fn, B, V, D, dev, dtype, call_args, fused, sampler, num_logprobs, degenerate_token, logit_bias,
-            banned, params):
+            banned, params, group=None, candidates=None):
     keep = []
     opts = _options(fn, B, dev, keep, sampler, params, num_logprobs, degenerate_token, logit_bias, banned)
     f32 = dict(dtype=torch.float32, device=dev)
@@ -85,8 +85,19 @@ def _sample(fn, B, V, D, dev, dtype, call_args, fused, sampler, num_logprobs, de
                        entropy=torch.empty(B, **f32), allowed_count=torch.empty(B, **i64),
                        topn_ids=torch.empty((B, n), **i64), topn_logprobs=torch.empty((B, n), **f32),
                        flags=torch.empty(B, dtype=torch.int32, device=dev))
+    if group is not None:  # vocabulary shards: rank is not available (include/fusedhead_shard.h)
+        res = res._replace(rank=None)
     out = L.DecodeOutputs(*[L.ptr(t) for t in res])
     h = L.context_for(dev)
+    if group is not None:
+        from .parallel import decode_sharded
+        top_k = params.get("top_k")
+        k0 = int(top_k.max()) if isinstance(top_k, torch.Tensor) and top_k.numel() else int(top_k or 0)
+        K = max(int(candidates), int(num_logprobs)) if candidates is not None else max(16, k0, int(num_logprobs))
+        call = L.lib.fh_decode_shard_candidates if fused else L.lib.fh_decode_shard_candidates_from_logits
+        decode_sharded(h, opts, lambda shard, k, part: call(h, ctypes.byref(opts), ctypes.byref(shard), *call_args, k,
+                                                             part), V, B, dev, group, K, out)
+        return res
     nbytes = ctypes.c_size_t()
     L.check(L.lib.fh_decode_workspace_size(h, ctypes.byref(opts), B, V, D, dtype, ctypes.byref(nbytes)), fn)
     ws, wsp = L.workspace(dev, nbytes.value)
@@ -108,7 +119,8 @@ def _head(fn, hidden, c, bias):
 
 def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, sampler="standard", top_n_sigma=None,
            epsilon=None, top_h_alpha=None, top_h_candidates=None, bregman_lambda=None, bregman_alpha=None,
-           seed=0, offset=0, num_logprobs=0, degenerate_token=-1, logit_bias=None, banned=None):
+           seed=0, offset=0, num_logprobs=0, degenerate_token=-1, logit_bias=None, banned=None, process_group=None,
+           candidates=None):
     """Draw the next token of each row of logits [B, V] (float32/16/bf16/64).
 
     temperature 0 is greedy. sampler 'standard' applies min_p -> top_k -> top_p (vLLM's order,
@@ -117,7 +129,8 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, sampler="s
     epsilon, top_h_alpha, bregman_lambda, seed, offset may be a tensor [B] (per-row values).
     The noise of token v depends only on (seed, offset, v): same seed and offset, same token.
     logit_bias = (ids [B, W], values [B, W], count [B]); banned = (ids [B, W], count [B]).
-    Returns a SampleOutput. No gradient."""
+    process_group, candidates: logits [B, V_local] is this rank's slice of the vocabulary; see
+    sample_fused. Returns a SampleOutput. No gradient."""
     fn = "fusedhead.sample"
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         L.fail(fn, "logits must be a 2-D tensor [B, V]")
@@ -127,12 +140,22 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, sampler="s
                   epsilon=epsilon, top_h_alpha=top_h_alpha, top_h_candidates=top_h_candidates,
                   bregman_lambda=bregman_lambda, bregman_alpha=bregman_alpha, seed=seed, offset=offset)
     return _sample(fn, B, V, 0, logits.device, T.dtype, (ctypes.byref(T),), False, sampler, num_logprobs,
-                   degenerate_token, logit_bias, banned, params)
+                   degenerate_token, logit_bias, banned, params, process_group, candidates)
 
 
-def sample_fused(hidden, c, bias=None, **kwargs):
+def sample_fused(hidden, c, bias=None, *, process_group=None, candidates=None, **kwargs):
     """sample() of the logits hidden·cᵀ + bias (hidden [B, D], c [V, D], bias [V]), computed
-    row by row inside the library, never as a [B, V] tensor. Same keyword arguments."""
+    row by row inside the library, never as a [B, V] tensor. Same keyword arguments.
+
+    process_group: a torch.distributed group over which the vocabulary is sharded (docs/
+    distributed.md): c and bias are this rank's contiguous slice (rank order, sizes may differ),
+    hidden and every option (logit_bias and banned ids are global) are the same on every rank.
+    Each rank sends its statistics, its `candidates` best tokens (default max(16, top_k,
+    num_logprobs); at least num_logprobs) and its Gumbel winner in one all-gather; every rank gets the same result, and
+    the tokens are bitwise those of the single-device call on the whole head. Supported: greedy,
+    plain sampling, top_k, min_p, and top_p after top_k or min_p (sampler 'standard'); when the
+    candidates cannot prove the allowed set the call doubles them and gathers again. rank is None
+    in the result."""
     fn = "fusedhead.sample_fused"
     args, keep = _head(fn, hidden, c, bias)
     H, C, Bt = args
@@ -149,15 +172,26 @@ def sample_fused(hidden, c, bias=None, **kwargs):
         params["offset"] = 0
     return _sample(fn, H.rows, C.rows, H.cols, keep[0].device, H.dtype,
                    (ctypes.byref(H), ctypes.byref(C), L.tensor_ptr(Bt)), True, p["sampler"], p["num_logprobs"],
-                   p["degenerate_token"], p["logit_bias"], p["banned"], params)
+                   p["degenerate_token"], p["logit_bias"], p["banned"], params, process_group, candidates)
 
 
-def topk(logits, k):
+def topk(logits, k, *, process_group=None):
     """Exact top-k of each row of logits [B, V]: (values float32 [B, k], ids int64 [B, k]), values
-    descending, ties by lowest id, NaN above +inf (torch.topk's order, with its ties fixed)."""
+    descending, ties by lowest id, NaN above +inf (torch.topk's order, with its ties fixed).
+    process_group: logits [B, V_local] is this rank's slice of the vocabulary (docs/
+    distributed.md); ids are global and every rank gets the top-k of the whole row."""
     fn = "fusedhead.topk"
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         L.fail(fn, "logits must be a 2-D tensor [B, V]")
+    if process_group is not None:
+        from .parallel import topk_sharded
+        kl = min(int(k), logits.shape[1])
+        if kl > 0:
+            values, ids = topk(logits, kl)
+        else:
+            values = torch.empty((logits.shape[0], 0), dtype=torch.float32, device=logits.device)
+            ids = torch.empty((logits.shape[0], 0), dtype=torch.int64, device=logits.device)
+        return topk_sharded(values, ids, logits.shape[1], int(k), process_group)
     logits, T = L.matrix(fn, "logits", logits.detach())
     return _topk(fn, T.rows, T.cols, 0, L.integer(fn, "k", k), logits.device, T.dtype,
                  lambda *rest: L.lib.fh_topk_from_logits(L.context_for(logits.device), ctypes.byref(T), *rest))

@@ -73,73 +73,87 @@ class DistillationFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, e, c, bias, teacher, targets, fn, kw, components=None):
-        opts = _options(fn, kw)
-        st = L.stats_dtype(e)
-        dev = e.device
-        N = e.shape[0]
-        student = _Head(fn, "student", e, c, bias)
-        tstruct, sparse = _teacher_arg(fn, teacher)
-        per_row = opts.reduction == L.REDUCTIONS["none"]
-        loss = L.out_buffer((N,) if per_row else (), st, dev)
-        row_state = L.out_buffer((N, L.DISTILL_ROW_STATE), st, dev)
-        soft = hard = None
-        if components is not None:
-            soft, hard = L.out_buffer(loss.shape, st, dev), L.out_buffer(loss.shape, st, dev)
-        out = L.DistillOutputs(loss=L.ptr(loss), row_state=L.ptr(row_state), soft_loss=L.ptr(soft),
-                               hard_loss=L.ptr(hard))
-        h = L.context_for(dev)
-        shape = _shape(student, tstruct, sparse, N)
-        nbytes = ctypes.c_size_t()
-        L.check(L.lib.fh_distill_forward_workspace_size(h, ctypes.byref(opts), ctypes.byref(shape),
-                                                        ctypes.byref(nbytes)), fn)
-        ws, wsp = L.workspace(dev, nbytes.value)
-        call = L.lib.fh_distill_sparse_forward if sparse else L.lib.fh_distill_forward
-        tp = ctypes.byref(tstruct) if sparse else ctypes.byref(tstruct.head)
-        L.check(call(h, ctypes.byref(opts), ctypes.byref(student.head), tp, L.ptr(targets), ctypes.byref(out),
-                     wsp, nbytes.value), fn)
-        if components is not None:
-            components["soft"], components["hard"] = soft, hard
-        ctx.fn, ctx.kw, ctx.teacher = fn, kw, teacher
-        ctx.save_for_backward(e, c, bias, targets, row_state)
-        return loss
+        return forward_impl(ctx, e, c, bias, teacher, targets, fn, kw, components, _run_forward)
 
     @staticmethod
     @L.no_double_backward("fusedhead distillation")
     def backward(ctx, grad_loss):
-        e, c, bias, targets, row_state = ctx.saved_tensors
-        need_e, need_c, need_b = ctx.needs_input_grad[:3]
-        nothing = (None,) * 8  # one per forward input, components included
-        if not (need_e or need_c or (need_b and bias is not None)):
-            return nothing
-        if e.shape[0] == 0:
-            # No rows, no contribution (and empty per-row buffers would be NULL pointers).
-            return (torch.zeros_like(e) if need_e else None, torch.zeros_like(c) if need_c else None,
-                    torch.zeros_like(bias) if (need_b and bias is not None) else None) + (None,) * 5
-        opts = _options(ctx.fn, ctx.kw)
-        st = L.stats_dtype(e)
-        dev = e.device
-        grad_loss = grad_loss.to(st).contiguous()
-        student = _Head(ctx.fn, "student", e, c, bias)
-        tstruct, sparse = _teacher_arg(ctx.fn, ctx.teacher)
-        de = torch.empty(e.shape, dtype=e.dtype, device=dev) if need_e else None
-        dc = torch.empty(c.shape, dtype=c.dtype, device=dev) if need_c else None
-        db = torch.empty(bias.shape, dtype=bias.dtype, device=dev) if (need_b and bias is not None) else None
-        tE = L.matrix(ctx.fn, "grad e", de)[1] if de is not None else None
-        tC = L.matrix(ctx.fn, "grad c", dc)[1] if dc is not None else None
-        tB = L.vector_as_row(ctx.fn, "grad bias", db)[1] if db is not None else None
-        grads = L.Grads(L.tensor_ptr(tE), L.tensor_ptr(tC), L.tensor_ptr(tB))
-        gin = L.DistillGradInputs(row_state=L.ptr(row_state), grad_loss=L.ptr(grad_loss))
-        h = L.context_for(dev)
-        shape = _shape(student, tstruct, sparse, e.shape[0])
+        return backward_impl(ctx, grad_loss, _run_backward, 8)
+
+
+def _runner(workspace_size, dense_call, sparse_call):
+    """The library calls of one pass: workspace query, then the dense or sparse call with the
+    pass's trailing structs (out; or gin, grads)."""
+    def run(ctx, h, opts, student, tstruct, sparse, targets, *structs):
+        shape = _shape(student, tstruct, sparse, student.E.rows)
         nbytes = ctypes.c_size_t()
-        L.check(L.lib.fh_distill_backward_workspace_size(h, ctypes.byref(opts), ctypes.byref(shape),
-                                                         ctypes.byref(nbytes)), ctx.fn)
-        ws, wsp = L.workspace(dev, nbytes.value)
-        call = L.lib.fh_distill_sparse_backward if sparse else L.lib.fh_distill_backward
+        L.check(workspace_size(h, ctypes.byref(opts), ctypes.byref(shape), ctypes.byref(nbytes)), ctx.fn)
+        ws, wsp = L.workspace(student.e.device, nbytes.value)
         tp = ctypes.byref(tstruct) if sparse else ctypes.byref(tstruct.head)
-        L.check(call(h, ctypes.byref(opts), ctypes.byref(student.head), tp, L.ptr(targets), ctypes.byref(gin),
-                     ctypes.byref(grads), wsp, nbytes.value), ctx.fn)
-        return de, dc, db, None, None, None, None, None
+        L.check((sparse_call if sparse else dense_call)(h, ctypes.byref(opts), ctypes.byref(student.head), tp,
+                                                        L.ptr(targets), *[ctypes.byref(x) for x in structs], wsp,
+                                                        nbytes.value), ctx.fn)
+    return run
+
+
+_run_forward = _runner(L.lib.fh_distill_forward_workspace_size, L.lib.fh_distill_forward,
+                       L.lib.fh_distill_sparse_forward)
+_run_backward = _runner(L.lib.fh_distill_backward_workspace_size, L.lib.fh_distill_backward,
+                        L.lib.fh_distill_sparse_backward)
+
+
+def forward_impl(ctx, e, c, bias, teacher, targets, fn, kw, components, run):
+    """The forward of the autograd Functions (whole head, or a vocabulary shard: python/fusedhead/
+    parallel.py): buffers, run(ctx, h, opts, student, teacher, sparse, targets, out), saved state."""
+    opts = _options(fn, kw)
+    st = L.stats_dtype(e)
+    dev = e.device
+    N = e.shape[0]
+    student = _Head(fn, "student", e, c, bias)
+    tstruct, sparse = _teacher_arg(fn, teacher)
+    per_row = opts.reduction == L.REDUCTIONS["none"]
+    loss = L.out_buffer((N,) if per_row else (), st, dev)
+    row_state = L.out_buffer((N, L.DISTILL_ROW_STATE), st, dev)
+    soft = hard = None
+    if components is not None:
+        soft, hard = L.out_buffer(loss.shape, st, dev), L.out_buffer(loss.shape, st, dev)
+    out = L.DistillOutputs(loss=L.ptr(loss), row_state=L.ptr(row_state), soft_loss=L.ptr(soft),
+                           hard_loss=L.ptr(hard))
+    ctx.fn, ctx.kw, ctx.teacher = fn, kw, teacher  # before run: its messages name ctx.fn
+    run(ctx, L.context_for(dev), opts, student, tstruct, sparse, targets, out)
+    if components is not None:
+        components["soft"], components["hard"] = soft, hard
+    ctx.save_for_backward(e, c, bias, targets, row_state)
+    return loss
+
+
+def backward_impl(ctx, grad_loss, run, n_out):
+    """The backward of the autograd Functions: gradient buffers, then run(ctx, h, opts, student,
+    teacher, sparse, targets, gin, grads); n_out is the number of forward inputs."""
+    e, c, bias, targets, row_state = ctx.saved_tensors
+    need_e, need_c, need_b = ctx.needs_input_grad[:3]
+    if not (need_e or need_c or (need_b and bias is not None)):
+        return (None,) * n_out
+    if e.shape[0] == 0:
+        # No rows, no contribution (and empty per-row buffers would be NULL pointers).
+        return (torch.zeros_like(e) if need_e else None, torch.zeros_like(c) if need_c else None,
+                torch.zeros_like(bias) if (need_b and bias is not None) else None) + (None,) * (n_out - 3)
+    opts = _options(ctx.fn, ctx.kw)
+    st = L.stats_dtype(e)
+    dev = e.device
+    grad_loss = grad_loss.to(st).contiguous()
+    student = _Head(ctx.fn, "student", e, c, bias)
+    tstruct, sparse = _teacher_arg(ctx.fn, ctx.teacher)
+    de = torch.empty(e.shape, dtype=e.dtype, device=dev) if need_e else None
+    dc = torch.empty(c.shape, dtype=c.dtype, device=dev) if need_c else None
+    db = torch.empty(bias.shape, dtype=bias.dtype, device=dev) if (need_b and bias is not None) else None
+    tE = L.matrix(ctx.fn, "grad e", de)[1] if de is not None else None
+    tC = L.matrix(ctx.fn, "grad c", dc)[1] if dc is not None else None
+    tB = L.vector_as_row(ctx.fn, "grad bias", db)[1] if db is not None else None
+    grads = L.Grads(L.tensor_ptr(tE), L.tensor_ptr(tC), L.tensor_ptr(tB))
+    gin = L.DistillGradInputs(row_state=L.ptr(row_state), grad_loss=L.ptr(grad_loss))
+    run(ctx, L.context_for(dev), opts, student, tstruct, sparse, targets, gin, grads)
+    return (de, dc, db) + (None,) * (n_out - 3)
 
 
 def _common(fn, student_e, student_c, targets, student_bias, kw, **others):
@@ -161,10 +175,14 @@ def _common(fn, student_e, student_c, targets, student_bias, kw, **others):
     return batch, N, student_e.reshape(N, student_e.shape[-1]), t64
 
 
-def _apply(e2, c, bias, teacher, t64, fn, kw, batch, return_components):
+def _apply(e2, c, bias, teacher, t64, fn, kw, batch, return_components, process_group=None):
     """Run the Function; reshape per-row results to the batch shape; add the components if asked."""
     components = {} if return_components else None
-    loss = DistillationFunction.apply(e2, c, bias, teacher, t64, fn, kw, components)
+    if process_group is None:
+        loss = DistillationFunction.apply(e2, c, bias, teacher, t64, fn, kw, components)
+    else:
+        from .parallel import ShardedDistillationFunction
+        loss = ShardedDistillationFunction.apply(e2, c, bias, teacher, t64, fn, kw, components, process_group)
     parts = [loss] + ([components["soft"], components["hard"]] if return_components else [])
     if kw["reduction"] == "none":
         parts = [p.reshape(batch) for p in parts]
@@ -182,7 +200,8 @@ def _kw(divergence, beta, jsd_endpoints, skew, alpha, temperature, scale_by_t_sq
 def distillation_loss(student_e, student_c, teacher_e, teacher_c, targets=None, student_bias=None,
                       teacher_bias=None, *, divergence="forward_kl", beta=0.5, jsd_endpoints="kl", skew=0.1,
                       alpha=0.5, temperature=1.0, scale_by_t_squared=True, soft_weight=1.0, hard_weight=0.0,
-                      ignore_index=-100, reduction="mean", divisor=None, return_components=False):
+                      ignore_index=-100, reduction="mean", divisor=None, return_components=False,
+                      process_group=None):
     """Distillation loss between a dense teacher head and the student head (include/fusedhead.h,
     "Distillation", defines every option).
 
@@ -198,6 +217,14 @@ def distillation_loss(student_e, student_c, teacher_e, teacher_c, targets=None, 
     soft_weight·soft_loss; the components are detached (for logging; gradients flow through loss).
     hard_loss is 0 when hard_weight is 0 (the library then skips the cross-entropy) or targets is
     None.
+
+    process_group: a torch.distributed group over which both heads' vocabularies are sharded
+    (docs/distributed.md): student_c/student_bias and teacher_c/teacher_bias hold this rank's
+    contiguous slice of the classes, in rank order (sizes may differ; the last rank's teacher may
+    hold the V_t − V extra rows); student_e, teacher_e and targets (global ids) are the same on
+    every rank. The loss equals the single-device one to fp64 round-off; the student's c and bias
+    gradients are this rank's slice and student_e's is summed over the ranks. Two all-gathers of per-row partials forward, one
+    all-reduce of e's gradient backward. CPU tensors (gloo) on the reference backend.
     """
     kw = _kw(divergence, beta, jsd_endpoints, skew, alpha, temperature, scale_by_t_squared, soft_weight,
              hard_weight, ignore_index, reduction, divisor)
@@ -209,7 +236,7 @@ def distillation_loss(student_e, student_c, teacher_e, teacher_c, targets=None, 
     L.fh_dtype(fn, "teacher_e", teacher_e)
     te2 = teacher_e.detach().reshape(N, teacher_e.shape[-1])
     teacher = ("dense", te2, teacher_c.detach(), None if teacher_bias is None else teacher_bias.detach())
-    return _apply(e2, student_c, student_bias, teacher, t64, fn, kw, batch, return_components)
+    return _apply(e2, student_c, student_bias, teacher, t64, fn, kw, batch, return_components, process_group)
 
 
 def sparse_distillation_loss(student_e, student_c, teacher_ids, teacher_logprobs, targets=None,

@@ -77,79 +77,96 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, e, c, bias, targets, weight, token_weights, opts_tuple, extras=None):
-        opts = _options(*opts_tuple)
-        st = L.stats_dtype(e)
-        dev = e.device
-        prob = _Problem(e, c, bias, targets, weight, token_weights)
-        N = prob.N
-        loss = L.out_buffer((N,) if opts.reduction == L.REDUCTIONS["none"] else (), st, dev)
-        lse = L.out_buffer((N,), st, dev)
-        want = extras if extras is not None else {}
-        need_entropy = opts.entropy_weight != 0.0 or "entropy" in want
-        entropy = L.out_buffer((N,), st, dev) if need_entropy else None
-        z_loss = L.out_buffer(loss.shape, st, dev) if "z_loss" in want else None
-        argmax = L.out_buffer((N,), torch.int64, dev) if "argmax" in want else None
-        accuracy = L.out_buffer((), st, dev) if "accuracy" in want else None
-        out = L.LinearCEOutputs(loss=L.ptr(loss), lse=L.ptr(lse), entropy=L.ptr(entropy), z_loss=L.ptr(z_loss),
-                                argmax=L.ptr(argmax), accuracy=L.ptr(accuracy))
-        h = L.context_for(dev)
-        nbytes = ctypes.c_size_t()
-        L.check(L.lib.fh_linear_ce_forward_workspace_size(h, ctypes.byref(opts), N, prob.V, prob.D,
-                                                          prob.E.dtype, ctypes.byref(nbytes)), _FN)
-        ws, wsp = L.workspace(dev, nbytes.value)
-        L.check(L.lib.fh_linear_ce_forward(h, ctypes.byref(opts), *prob.args(), ctypes.byref(out),
-                                           wsp, nbytes.value), _FN)
-        for name, t in (("z_loss", z_loss), ("accuracy", accuracy), ("argmax", argmax), ("entropy", entropy)):
-            if name in want:
-                # A copy for entropy: the saved buffer must not be the user's tensor (in-place edits).
-                want[name] = t.clone() if name == "entropy" else t
-        ctx.opts_tuple = opts_tuple
-        ctx.has_bias = bias is not None
-        # The backward reads entropy only when entropy_weight != 0 (header).
-        ctx.save_for_backward(e, c, bias, targets, weight, token_weights, lse,
-                              entropy if opts.entropy_weight != 0.0 else None)
-        ctx.set_materialize_grads(False)
-        return loss, lse
+        return forward_impl(ctx, e, c, bias, targets, weight, token_weights, opts_tuple, extras, _run_forward)
 
     @staticmethod
     @L.no_double_backward(_FN)
     def backward(ctx, grad_loss, grad_lse):
-        e, c, bias, targets, weight, token_weights, lse, entropy = ctx.saved_tensors
-        need_e, need_c, need_b = ctx.needs_input_grad[:3]
-        n_out = 8  # one per forward input (extras included; PyTorch accepts None for an input not passed)
-        if not (need_e or need_c or (need_b and bias is not None)) or (grad_loss is None and grad_lse is None):
-            return (None,) * n_out
-        if e.shape[0] == 0:
-            # No rows, no contribution (and empty per-row buffers would be NULL pointers).
-            return (torch.zeros_like(e) if need_e else None, torch.zeros_like(c) if need_c else None,
-                    torch.zeros_like(bias) if (need_b and bias is not None) else None) + (None,) * 5
-        opts = _options(*ctx.opts_tuple)
-        st = L.stats_dtype(e)
-        dev = e.device
-        if grad_loss is None:
-            shape = (e.shape[0],) if opts.reduction == L.REDUCTIONS["none"] else ()
-            grad_loss = torch.zeros(shape, dtype=st, device=dev)
-        grad_loss = grad_loss.to(st).contiguous()
-        if grad_lse is not None:
-            grad_lse = grad_lse.to(st).contiguous()
-        prob = _Problem(e, c, bias, targets, weight, token_weights)
-        gin = L.LinearCEGradInputs(lse=L.ptr(lse), entropy=L.ptr(entropy), grad_loss=L.ptr(grad_loss),
-                                   grad_lse=L.ptr(grad_lse))
-        de = torch.empty(e.shape, dtype=e.dtype, device=dev) if need_e else None
-        dc = torch.empty(c.shape, dtype=c.dtype, device=dev) if need_c else None
-        db = torch.empty(bias.shape, dtype=bias.dtype, device=dev) if (need_b and bias is not None) else None
-        tE = L.matrix(_FN, "grad e", de)[1] if de is not None else None
-        tC = L.matrix(_FN, "grad c", dc)[1] if dc is not None else None
-        tB = L.vector_as_row(_FN, "grad bias", db)[1] if db is not None else None
-        grads = L.Grads(L.tensor_ptr(tE), L.tensor_ptr(tC), L.tensor_ptr(tB))
-        h = L.context_for(dev)
-        nbytes = ctypes.c_size_t()
-        L.check(L.lib.fh_linear_ce_backward_workspace_size(h, ctypes.byref(opts), prob.N, prob.V, prob.D,
-                                                           prob.E.dtype, ctypes.byref(nbytes)), _FN)
-        ws, wsp = L.workspace(dev, nbytes.value)
-        L.check(L.lib.fh_linear_ce_backward(h, ctypes.byref(opts), *prob.args(), ctypes.byref(gin),
-                                            ctypes.byref(grads), wsp, nbytes.value), _FN)
-        return de, dc, db, None, None, None, None, None
+        return backward_impl(ctx, grad_loss, grad_lse, _run_backward, 8)
+
+
+def _run_forward(ctx, h, opts, prob, out):
+    nbytes = ctypes.c_size_t()
+    L.check(L.lib.fh_linear_ce_forward_workspace_size(h, ctypes.byref(opts), prob.N, prob.V, prob.D,
+                                                      prob.E.dtype, ctypes.byref(nbytes)), _FN)
+    ws, wsp = L.workspace(prob.e.device, nbytes.value)
+    L.check(L.lib.fh_linear_ce_forward(h, ctypes.byref(opts), *prob.args(), ctypes.byref(out), wsp, nbytes.value),
+            _FN)
+
+
+def _run_backward(ctx, h, opts, prob, gin, grads):
+    nbytes = ctypes.c_size_t()
+    L.check(L.lib.fh_linear_ce_backward_workspace_size(h, ctypes.byref(opts), prob.N, prob.V, prob.D,
+                                                       prob.E.dtype, ctypes.byref(nbytes)), _FN)
+    ws, wsp = L.workspace(prob.e.device, nbytes.value)
+    L.check(L.lib.fh_linear_ce_backward(h, ctypes.byref(opts), *prob.args(), ctypes.byref(gin),
+                                        ctypes.byref(grads), wsp, nbytes.value), _FN)
+
+
+def forward_impl(ctx, e, c, bias, targets, weight, token_weights, opts_tuple, extras, run):
+    """The forward of the autograd Functions (whole head, or a vocabulary shard: python/fusedhead/
+    parallel.py): output buffers, run(ctx, h, opts, prob, out) for the library calls, saved state."""
+    opts = _options(*opts_tuple)
+    st = L.stats_dtype(e)
+    dev = e.device
+    prob = _Problem(e, c, bias, targets, weight, token_weights)
+    N = prob.N
+    loss = L.out_buffer((N,) if opts.reduction == L.REDUCTIONS["none"] else (), st, dev)
+    lse = L.out_buffer((N,), st, dev)
+    want = extras if extras is not None else {}
+    need_entropy = opts.entropy_weight != 0.0 or "entropy" in want
+    entropy = L.out_buffer((N,), st, dev) if need_entropy else None
+    z_loss = L.out_buffer(loss.shape, st, dev) if "z_loss" in want else None
+    argmax = L.out_buffer((N,), torch.int64, dev) if "argmax" in want else None
+    accuracy = L.out_buffer((), st, dev) if "accuracy" in want else None
+    out = L.LinearCEOutputs(loss=L.ptr(loss), lse=L.ptr(lse), entropy=L.ptr(entropy), z_loss=L.ptr(z_loss),
+                            argmax=L.ptr(argmax), accuracy=L.ptr(accuracy))
+    run(ctx, L.context_for(dev), opts, prob, out)
+    for name, t in (("z_loss", z_loss), ("accuracy", accuracy), ("argmax", argmax), ("entropy", entropy)):
+        if name in want:
+            # A copy for entropy: the saved buffer must not be the user's tensor (in-place edits).
+            want[name] = t.clone() if name == "entropy" else t
+    ctx.opts_tuple = opts_tuple
+    ctx.has_bias = bias is not None
+    # The backward reads entropy only when entropy_weight != 0 (header).
+    ctx.save_for_backward(e, c, bias, targets, weight, token_weights, lse,
+                          entropy if opts.entropy_weight != 0.0 else None)
+    ctx.set_materialize_grads(False)
+    return loss, lse
+
+
+def backward_impl(ctx, grad_loss, grad_lse, run, n_out):
+    """The backward of the autograd Functions: gradient buffers, then run(ctx, h, opts, prob, gin,
+    grads) for the library calls; n_out is the number of forward inputs."""
+    e, c, bias, targets, weight, token_weights, lse, entropy = ctx.saved_tensors
+    need_e, need_c, need_b = ctx.needs_input_grad[:3]
+    if not (need_e or need_c or (need_b and bias is not None)) or (grad_loss is None and grad_lse is None):
+        return (None,) * n_out
+    if e.shape[0] == 0:
+        # No rows, no contribution (and empty per-row buffers would be NULL pointers).
+        return (torch.zeros_like(e) if need_e else None, torch.zeros_like(c) if need_c else None,
+                torch.zeros_like(bias) if (need_b and bias is not None) else None) + (None,) * (n_out - 3)
+    opts = _options(*ctx.opts_tuple)
+    st = L.stats_dtype(e)
+    dev = e.device
+    if grad_loss is None:
+        shape = (e.shape[0],) if opts.reduction == L.REDUCTIONS["none"] else ()
+        grad_loss = torch.zeros(shape, dtype=st, device=dev)
+    grad_loss = grad_loss.to(st).contiguous()
+    if grad_lse is not None:
+        grad_lse = grad_lse.to(st).contiguous()
+    prob = _Problem(e, c, bias, targets, weight, token_weights)
+    gin = L.LinearCEGradInputs(lse=L.ptr(lse), entropy=L.ptr(entropy), grad_loss=L.ptr(grad_loss),
+                               grad_lse=L.ptr(grad_lse))
+    de = torch.empty(e.shape, dtype=e.dtype, device=dev) if need_e else None
+    dc = torch.empty(c.shape, dtype=c.dtype, device=dev) if need_c else None
+    db = torch.empty(bias.shape, dtype=bias.dtype, device=dev) if (need_b and bias is not None) else None
+    tE = L.matrix(_FN, "grad e", de)[1] if de is not None else None
+    tC = L.matrix(_FN, "grad c", dc)[1] if dc is not None else None
+    tB = L.vector_as_row(_FN, "grad bias", db)[1] if db is not None else None
+    grads = L.Grads(L.tensor_ptr(tE), L.tensor_ptr(tC), L.tensor_ptr(tB))
+    run(ctx, L.context_for(dev), opts, prob, gin, grads)
+    return (de, dc, db) + (None,) * (n_out - 3)
 
 
 def linear_cross_entropy(e, c, targets, bias=None, *, ignore_index=-100, reduction="mean", softcap=None,
@@ -157,7 +174,7 @@ def linear_cross_entropy(e, c, targets, bias=None, *, ignore_index=-100, reducti
                          logit_scale=None, temperature=None, entropy_weight=0.0, divisor=None,
                          return_lse=False, return_z_loss=False, return_token_accuracy=False,
                          return_predicted_tokens=False, return_entropy=False, filter_eps=None,
-                         filter_e_grad=True, filter_c_grad=True, accum_mode="fp32"):
+                         filter_e_grad=True, filter_c_grad=True, accum_mode="fp32", process_group=None):
     """Cross-entropy of the logits e·cᵀ + bias against targets, never materialized.
 
     Same meaning as F.cross_entropy(F.linear(e, c, bias), targets, weight=weight,
@@ -225,7 +242,8 @@ def linear_cross_entropy(e, c, targets, bias=None, *, ignore_index=-100, reducti
     e2 = e.reshape(N, e.shape[-1])
     st = L.stats_dtype(e)
     t64 = L.int64_buffer(_FN, "targets", targets).reshape(N)
-    w = None if weight is None else L.dense(_FN, "weight", weight, st, (c.shape[0],))
+    w = None if weight is None else L.dense(_FN, "weight", weight, st,
+                                            (c.shape[0],) if process_group is None else None)
     tw = None if token_weights is None else L.dense(_FN, "token_weights", token_weights, st,
                                                     tuple(batch_shape)).reshape(N)
     opts_tuple = (ignore_index, reduction, softcap, label_smoothing, logit_scale, z_loss_scale,
@@ -234,7 +252,12 @@ def linear_cross_entropy(e, c, targets, bias=None, *, ignore_index=-100, reducti
     asked = {"z_loss": return_z_loss, "accuracy": return_token_accuracy, "argmax": return_predicted_tokens,
              "entropy": return_entropy}
     extras = {name: None for name, on in asked.items() if on}
-    loss, lse = LinearCrossEntropyFunction.apply(e2, c, bias, t64, w, tw, opts_tuple, extras)
+    if process_group is None:
+        loss, lse = LinearCrossEntropyFunction.apply(e2, c, bias, t64, w, tw, opts_tuple, extras)
+    else:
+        from .parallel import ShardedLinearCrossEntropyFunction
+        loss, lse = ShardedLinearCrossEntropyFunction.apply(e2, c, bias, t64, w, tw, opts_tuple, extras,
+                                                            process_group)
     if reduction == "none":
         loss = loss.reshape(batch_shape)
     lse = lse.reshape(batch_shape)

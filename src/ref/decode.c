@@ -52,28 +52,38 @@ static void row_buf_free(row_buf_t* rb) {
   free(rb->c);
 }
 
-/* z[v] for row b: exact loads, or one fp64 dot product per logit (the bias added last). */
-static void load_logits(const fh_decode_source_t* src, int64_t b, row_buf_t* rb) {
+void fh_ref_decode_logits(const fh_decode_source_t* src, int64_t b, double* z, double* h, double* c) {
   if (src->logits) {
-    fh_ref_row_to_double(src->logits, b, rb->z);
+    fh_ref_row_to_double(src->logits, b, z);
     return;
   }
-  fh_ref_row_to_double(src->H, b, rb->h);
+  fh_ref_row_to_double(src->H, b, h);
   for (int64_t v = 0; v < src->V; ++v) {
-    fh_ref_row_to_double(src->C, v, rb->c);
-    double zv = fh_ref_dot(rb->h, rb->c, src->D);
+    fh_ref_row_to_double(src->C, v, c);
+    double zv = fh_ref_dot(h, c, src->D);
     if (src->bias) zv += fh_tensor_get(src->bias, 0, v);
-    rb->z[v] = zv;
+    z[v] = zv;
   }
 }
 
-/* Sparse bias (in list order, repeated ids add), then bans (−inf wins over any bias). */
-static void apply_bias_and_bans(const fh_decode_options_t* o, int64_t b, double* z) {
+static void load_logits(const fh_decode_source_t* src, int64_t b, row_buf_t* rb) {
+  fh_ref_decode_logits(src, b, rb->z, rb->h, rb->c);
+}
+
+/* An id of a sparse list inside [off, off + V): the index into z, else -1. */
+static int64_t local_id(int64_t id, int64_t off, int64_t V) { return id >= off && id - off < V ? id - off : -1; }
+
+void fh_ref_decode_bias_bans(const fh_decode_options_t* o, int64_t b, int64_t off, int64_t V, double* z) {
   if (o->bias_width > 0)
-    for (int64_t i = 0; i < o->bias_count[b]; ++i)
-      z[o->bias_ids[b * o->bias_width + i]] += (double)o->bias_values[b * o->bias_width + i];
+    for (int64_t i = 0; i < o->bias_count[b]; ++i) {
+      const int64_t j = local_id(o->bias_ids[b * o->bias_width + i], off, V);
+      if (j >= 0) z[j] += (double)o->bias_values[b * o->bias_width + i];
+    }
   if (o->banned_width > 0)
-    for (int64_t i = 0; i < o->banned_count[b]; ++i) z[o->banned_ids[b * o->banned_width + i]] = -INFINITY;
+    for (int64_t i = 0; i < o->banned_count[b]; ++i) {
+      const int64_t j = local_id(o->banned_ids[b * o->banned_width + i], off, V);
+      if (j >= 0) z[j] = -INFINITY;
+    }
 }
 
 static void write_row(const fh_decode_problem_t* p, int64_t b, const fh_decode_row_result_t* r,
@@ -115,7 +125,7 @@ fh_status_t fh_ref_decode(const fh_decode_problem_t* p, const fh_decode_outputs_
       fh_decode_row_result_t r;
       fh_ref_decode_row_params(&p->opt, b, &prm);
       load_logits(&p->src, b, &rb);
-      apply_bias_and_bans(&p->opt, b, rb.z);
+      fh_ref_decode_bias_bans(&p->opt, b, 0, p->src.V, rb.z);
       fh_ref_decode_row(rb.z, p->src.V, &prm, p->opt.degenerate_token, &rb.w, &r);
       write_row(p, b, &r, &rb.w, out);
     }

@@ -59,6 +59,25 @@ typedef struct fh_decode_row_result {
 void fh_ref_decode_row(const double* z, int64_t V, const fh_decode_row_params_t* prm, int64_t degenerate_token,
                        fh_decode_scratch_t* w, fh_decode_row_result_t* r);
 
+/* FH_DECODE_STANDARD's rule (min-p → top-k → top-p) on the first n_fin entries of srt, sorted
+ * (s descending, id ascending), m the row's max s over the whole vocabulary of V: the length of
+ * the kept prefix (before the argmax union). */
+int64_t fh_ref_decode_rule_standard(const fh_decode_row_params_t* prm, const fh_decode_pair_t* srt, int64_t n_fin,
+                                    int64_t V, double m);
+
+/* Row b's logits z[V] from the source (h [D], c [D] fp64 scratch for the fused head). */
+void fh_ref_decode_logits(const fh_decode_source_t* src, int64_t b, double* z, double* h, double* c);
+/* Row b's sparse bias (list order, repeated ids add) then bans (−inf wins), for the ids in
+ * [off, off + V): z holds those classes (off 0 and the whole V for one device). */
+void fh_ref_decode_bias_bans(const fh_decode_options_t* o, int64_t b, int64_t off, int64_t V, double* z);
+
+/* Decoding on a vocabulary shard (src/ref/decode_shard.c): p's source holds the local classes,
+ * global id = off + local id; partials [B x FH_SHARD_DECODE_WIDTH(K)]. The merge of P ranks'
+ * gathered partials writes out (rank must be NULL). */
+fh_status_t fh_ref_decode_shard_candidates(const fh_decode_problem_t* p, int64_t off, int64_t K, double* partials);
+fh_status_t fh_ref_decode_shard_combine(const char* fn, const fh_decode_options_t* o, int64_t B, int64_t Vg, int64_t P,
+                                        int64_t K, const double* gathered, const fh_decode_outputs_t* out);
+
 /* qsort comparator for fh_decode_pair_t: NaN first (torch.topk), then s descending, id ascending. */
 int fh_ref_decode_pair_cmp(const void* a, const void* b);
 

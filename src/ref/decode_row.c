@@ -50,8 +50,8 @@ static int64_t tie_inclusive_prefix(const fh_decode_pair_t* srt, int64_t n, int6
 
 /* min-p → top-k → top-p on the first n_fin sorted positions. Every stage keeps a prefix of the
  * sorted order (its thresholds are monotone in s), so the result is a prefix length. */
-static int64_t rule_standard(const fh_decode_row_params_t* prm, const fh_decode_pair_t* srt, int64_t n_fin,
-                             int64_t V, double m) {
+int64_t fh_ref_decode_rule_standard(const fh_decode_row_params_t* prm, const fh_decode_pair_t* srt, int64_t n_fin,
+                                    int64_t V, double m) {
   int64_t n = n_fin;
   if (prm->min_p > 0.0) {
     const double thr = m + log(prm->min_p);
@@ -244,7 +244,7 @@ void fh_ref_decode_row(const double* z, int64_t V, const fh_decode_row_params_t*
   } else {
     int64_t prefix = -1; /* rules that keep a sorted prefix set this */
     switch (prm->sampler) {
-      case FH_DECODE_STANDARD: prefix = rule_standard(prm, w->sorted, n_fin, V, m); break;
+      case FH_DECODE_STANDARD: prefix = fh_ref_decode_rule_standard(prm, w->sorted, n_fin, V, m); break;
       case FH_DECODE_TOP_N_SIGMA: rule_top_n_sigma(prm, z, V, A); break;
       case FH_DECODE_EPSILON:
       case FH_DECODE_ETA:

@@ -73,12 +73,12 @@ static void sparse_mark(const fh_distill_problem_t* p, scratch_t* s, int64_t i, 
   }
 }
 
-/* One row of the forward: fills st[NS], returns soft D and hard CE through the pointers. */
-static void forward_row(const fh_distill_problem_t* p, const fh_div_t* dv, scratch_t* s, int64_t i, double* st,
-                        double* D_out, double* hard_out) {
-  const int64_t V = p->V;
+/* Pass 1 of row i over the problem's classes: the FH_SHARD_DISTILL_STATS partial statistics
+ * (fusedhead_shard.h): (m, Z) of s/T, t/T (dense teacher) and s (hard loss), and s of the
+ * target when this problem holds it (else 0). */
+static void stats_row(const fh_distill_problem_t* p, scratch_t* s, int64_t i, double* q) {
   const double T = p->opt.temperature;
-  const int64_t y = p->targets ? p->targets[i] : -1;
+  const int64_t y = p->targets ? p->targets[i] : -1, off = p->class_offset;
   fh_ref_softmax_stats_t su, sv, ss;
   fh_ref_stats_init(&su);
   fh_ref_stats_init(&sv);
@@ -86,28 +86,65 @@ static void forward_row(const fh_distill_problem_t* p, const fh_div_t* dv, scrat
   double s_y = 0.0;
   fh_ref_row_to_double(p->Es, i, s->es);
   if (!p->sparse) fh_ref_row_to_double(p->Et, i, s->et);
-  /* Pass 1: softmax statistics of s/T, t/T (shared V only) and s. */
-  for (int64_t j = 0; j < V; ++j) {
+  for (int64_t j = 0; j < p->V; ++j) {
     const double sj = logit(p->Cs, p->bs, s->es, s->cs, j);
     fh_ref_stats_add(&su, sj / T);
     if (want_hard(p)) fh_ref_stats_add(&ss, sj);
-    if (j == y) s_y = sj;
+    if (off + j == y) s_y = sj;
     if (!p->sparse) fh_ref_stats_add(&sv, logit(p->Ct, p->bt, s->et, s->ct, j) / T);
   }
-  const double lse_u = fh_ref_stats_lse(&su);
+  q[0] = su.m, q[1] = su.Z, q[2] = sv.m, q[3] = sv.Z, q[4] = ss.m, q[5] = ss.Z, q[6] = s_y;
+}
+
+void fh_ref_distill_merge_stats(const double* gathered, int64_t P, int64_t N, int64_t i, double lse[3],
+                                double* s_y) {
+  fh_ref_softmax_stats_t st[3];
+  *s_y = 0.0;
+  for (int k = 0; k < 3; ++k) fh_ref_stats_init(&st[k]);
+  for (int64_t r = 0; r < P; ++r) {
+    const double* q = gathered + (r * N + i) * FH_SHARD_DISTILL_STATS;
+    for (int k = 0; k < 3; ++k) fh_ref_stats_merge(&st[k], q[2 * k], q[2 * k + 1], 0.0);
+    *s_y += q[6]; /* one owner; the others add exact zeros */
+  }
+  for (int k = 0; k < 3; ++k) lse[k] = fh_ref_stats_lse(&st[k]);
+}
+
+/* Pass 2 of a dense row: Σ q f(r) and Σ q a over the problem's classes, given the global lse of
+ * s/T and t/T. */
+static void div_row(const fh_distill_problem_t* p, const fh_div_t* dv, scratch_t* s, int64_t i, double lse_u,
+                    double lse_t, double* D_out, double* S_out) {
+  const double T = p->opt.temperature;
+  double D = 0.0, S = 0.0;
+  fh_ref_row_to_double(p->Es, i, s->es);
+  fh_ref_row_to_double(p->Et, i, s->et);
+  for (int64_t j = 0; j < p->V; ++j) {
+    const double sj = logit(p->Cs, p->bs, s->es, s->cs, j);
+    const double X = sj / T - lse_u;
+    const double Y = logit(p->Ct, p->bt, s->et, s->ct, j) / T - lse_t;
+    double term, qa;
+    fh_div_eval(dv, X, Y, &term, &qa);
+    D += term;
+    if (sj != -INFINITY) S += qa; /* a masked student class has zero gradient */
+  }
+  *D_out = D;
+  *S_out = S;
+}
+
+/* One row of the forward: fills st[NS], returns soft D and hard CE through the pointers. */
+static void forward_row(const fh_distill_problem_t* p, const fh_div_t* dv, scratch_t* s, int64_t i, double* st,
+                        double* D_out, double* hard_out) {
+  const int64_t V = p->V;
+  const double T = p->opt.temperature;
+  double q[FH_SHARD_DISTILL_STATS], lse[3], s_y;
+  /* Pass 1: softmax statistics of s/T, t/T (shared V only) and s, as one rank of a shard. */
+  stats_row(p, s, i, q);
+  fh_ref_distill_merge_stats(q, 1, 1, 0, lse, &s_y);
+  const double lse_u = lse[0];
   double D = 0.0, S = 0.0, t1;
   if (!p->sparse) {
     /* Pass 2: the divergence and Σ q a, one (f, a) element per class. */
-    t1 = fh_ref_stats_lse(&sv);
-    for (int64_t j = 0; j < V; ++j) {
-      const double sj = logit(p->Cs, p->bs, s->es, s->cs, j);
-      const double X = sj / T - lse_u;
-      const double Y = logit(p->Ct, p->bt, s->et, s->ct, j) / T - t1;
-      double term, qa;
-      fh_div_eval(dv, X, Y, &term, &qa);
-      D += term;
-      if (sj != -INFINITY) S += qa; /* a masked student class has zero gradient */
-    }
+    t1 = lse[1];
+    div_row(p, dv, s, i, lse_u, t1, &D, &S);
   } else {
     /* Forward KL over the support: Σ_k p_k (log p_k − X_{id_k}), and S = −Σ p̃. */
     const int remainder = p->opt.sparse_mass == FH_DISTILL_SPARSE_REMAINDER;
@@ -149,7 +186,7 @@ static void forward_row(const fh_distill_problem_t* p, const fh_div_t* dv, scrat
   st[0] = lse_u;
   st[1] = t1;
   st[2] = S;
-  st[3] = want_hard(p) ? fh_ref_stats_lse(&ss) : 0.0;
+  st[3] = want_hard(p) ? lse[2] : 0.0;
   *D_out = D;
   *hard_out = want_hard(p) ? st[3] - s_y : 0.0;
 }
@@ -161,9 +198,10 @@ static double denominator(const fh_distill_problem_t* p, int64_t* n_valid) {
   return p->opt.divisor > 0.0f ? (double)p->opt.divisor : (double)n;
 }
 
-fh_status_t fh_ref_distill_forward_f64(const fh_distill_problem_t* p, fh_distill_ref_fwd_t* out) {
-  const int64_t N = p->N;
-  const double k2 = kappa(p), ws = p->opt.soft_weight, wh = p->opt.hard_weight;
+/* Calls fn(p, dv, scratch, i, arg) for every row, rows in parallel (each thread with its own
+ * scratch). */
+typedef void (*row_fn_t)(const fh_distill_problem_t* p, const fh_div_t* dv, scratch_t* s, int64_t i, void* arg);
+static fh_status_t for_rows(const fh_distill_problem_t* p, row_fn_t fn, void* arg) {
   fh_div_t dv;
   fh_div_resolve(&p->opt, &dv);
   int oom = 0;
@@ -177,23 +215,69 @@ fh_status_t fh_ref_distill_forward_f64(const fh_distill_problem_t* p, fh_distill
 #ifdef FH_HAVE_OPENMP
 #pragma omp for schedule(dynamic)
 #endif
-    for (int64_t i = 0; i < N; ++i) {
-      double* st = out->state + i * NS;
-      out->row_loss[i] = out->row_soft[i] = out->row_hard[i] = 0.0;
-      for (int k = 0; k < NS; ++k) st[k] = 0.0;
-      if (!ok || !row_valid(p, i)) continue;
-      double D, hard;
-      forward_row(p, &dv, &s, i, st, &D, &hard);
-      out->row_soft[i] = k2 * D;
-      out->row_hard[i] = hard;
-      out->row_loss[i] = wh * hard + ws * k2 * D;
-    }
+    for (int64_t i = 0; i < p->N; ++i)
+      if (ok) fn(p, &dv, &s, i, arg);
     scratch_free(&s);
   }
   if (oom) return fh_set_error(FH_ERR_OUT_OF_MEMORY, p->fn, "cannot allocate reference buffers");
+  return FH_SUCCESS;
+}
+
+void fh_ref_distill_put_row(const fh_distill_problem_t* p, fh_distill_ref_fwd_t* out, int64_t i, double D,
+                            double hard) {
+  const double k2 = kappa(p);
+  out->row_soft[i] = k2 * D;
+  out->row_hard[i] = hard;
+  out->row_loss[i] = p->opt.hard_weight * hard + p->opt.soft_weight * k2 * D;
+}
+
+static void forward_fn(const fh_distill_problem_t* p, const fh_div_t* dv, scratch_t* s, int64_t i, void* arg) {
+  fh_distill_ref_fwd_t* out = (fh_distill_ref_fwd_t*)arg;
+  double* st = out->state + i * NS;
+  out->row_loss[i] = out->row_soft[i] = out->row_hard[i] = 0.0;
+  for (int k = 0; k < NS; ++k) st[k] = 0.0;
+  if (!row_valid(p, i)) return;
+  double D, hard;
+  forward_row(p, dv, s, i, st, &D, &hard);
+  fh_ref_distill_put_row(p, out, i, D, hard);
+}
+
+static void stats_fn(const fh_distill_problem_t* p, const fh_div_t* dv, scratch_t* s, int64_t i, void* arg) {
+  double* q = (double*)arg + i * FH_SHARD_DISTILL_STATS;
+  (void)dv;
+  for (int k = 0; k < FH_SHARD_DISTILL_STATS; ++k) q[k] = 0.0;
+  if (row_valid(p, i)) stats_row(p, s, i, q);
+}
+
+fh_status_t fh_ref_distill_shard_stats(const fh_distill_problem_t* p, double* stats) {
+  return for_rows(p, stats_fn, stats);
+}
+
+typedef struct div_arg {
+  int64_t P;
+  const double* gathered;
+  double* div;
+} div_arg_t;
+
+static void div_fn(const fh_distill_problem_t* p, const fh_div_t* dv, scratch_t* s, int64_t i, void* arg) {
+  const div_arg_t* a = (const div_arg_t*)arg;
+  double* q = a->div + i * FH_SHARD_DISTILL_DIV;
+  q[0] = q[1] = 0.0;
+  if (!row_valid(p, i)) return;
+  double lse[3], s_y;
+  fh_ref_distill_merge_stats(a->gathered, a->P, p->N, i, lse, &s_y);
+  div_row(p, dv, s, i, lse[0], lse[1], &q[0], &q[1]);
+}
+
+fh_status_t fh_ref_distill_shard_div(const fh_distill_problem_t* p, int64_t P, const double* gathered, double* div) {
+  div_arg_t a = {P, gathered, div};
+  return for_rows(p, div_fn, &a);
+}
+
+void fh_ref_distill_reduce(const fh_distill_problem_t* p, fh_distill_ref_fwd_t* out) {
   /* Reductions in row order (deterministic). */
   double loss = 0, soft = 0, hard = 0;
-  for (int64_t i = 0; i < N; ++i) {
+  for (int64_t i = 0; i < p->N; ++i) {
     loss += out->row_loss[i];
     soft += out->row_soft[i];
     hard += out->row_hard[i];
@@ -209,6 +293,11 @@ fh_status_t fh_ref_distill_forward_f64(const fh_distill_problem_t* p, fh_distill
   out->loss = loss;
   out->soft = soft;
   out->hard = hard;
+}
+
+fh_status_t fh_ref_distill_forward_f64(const fh_distill_problem_t* p, fh_distill_ref_fwd_t* out) {
+  FH_TRY(for_rows(p, forward_fn, out));
+  fh_ref_distill_reduce(p, out);
   return FH_SUCCESS;
 }
 
@@ -224,7 +313,7 @@ static double grad_entry(const fh_distill_problem_t* p, const row_coef_t* rc, in
   const double T = p->opt.temperature;
   const double q = exp(s / T - rc->st[0]);
   double g = (double)p->opt.soft_weight * kappa(p) / T * (qa - q * rc->st[2]);
-  if (want_hard(p)) g += (double)p->opt.hard_weight * (exp(s - rc->st[3]) - (j == rc->y ? 1.0 : 0.0));
+  if (want_hard(p)) g += (double)p->opt.hard_weight * (exp(s - rc->st[3]) - (p->class_offset + j == rc->y ? 1.0 : 0.0));
   return rc->coef * g;
 }
 
@@ -355,6 +444,11 @@ fh_status_t fh_ref_distill_backward_f64(const fh_distill_problem_t* p, const dou
 /* ---- public wrappers: fp64 core, rounded once to fp32 ---- */
 
 fh_status_t fh_ref_distill_forward(const fh_distill_problem_t* p, const fh_distill_outputs_t* o) {
+  return fh_ref_distill_forward_out(p, NULL, NULL, o);
+}
+
+fh_status_t fh_ref_distill_forward_out(const fh_distill_problem_t* p, fh_ref_distill_fwd_fn_t run, const void* arg,
+                                       const fh_distill_outputs_t* o) {
   const int64_t N = p->N;
   const size_t n = (size_t)(N > 0 ? N : 1);
   double* buf = (double*)malloc(sizeof(double) * (3 + NS) * n);
@@ -365,7 +459,7 @@ fh_status_t fh_ref_distill_forward(const fh_distill_problem_t* p, const fh_disti
   r.row_soft = buf + n;
   r.row_hard = buf + 2 * n;
   r.state = buf + 3 * n;
-  const fh_status_t st = fh_ref_distill_forward_f64(p, &r);
+  const fh_status_t st = run ? run(p, &r, arg) : fh_ref_distill_forward_f64(p, &r);
   const int f64 = p->Es->dtype == FH_DTYPE_F64;
   if (st == FH_SUCCESS) {
     if (p->opt.reduction == FH_REDUCTION_NONE) {
@@ -395,7 +489,7 @@ fh_status_t fh_ref_distill_backward(const fh_distill_problem_t* p, const fh_dist
   double *gl = buf, *state = buf + n;
   const int f64 = p->Es->dtype == FH_DTYPE_F64;
   fh_status_t st = FH_SUCCESS;
-  if (f64) {
+  if (f64 && !p->shard_stats) {
     for (int64_t k = 0; k < N * NS; ++k) state[k] = fh_ref_stat_get(in->row_state, k, f64);
   } else {
     /* The fp32 row state (two lse's and Σ q a) loses what exp(X) amplifies on saturated rows
@@ -407,7 +501,14 @@ fh_status_t fh_ref_distill_backward(const fh_distill_problem_t* p, const fh_dist
     r.row_soft = fb ? fb + n : NULL;
     r.row_hard = fb ? fb + 2 * n : NULL;
     r.state = state;
-    st = fb ? fh_ref_distill_forward_f64(p, &r) : fh_set_error(FH_ERR_OUT_OF_MEMORY, p->fn, "cannot allocate reference buffers");
+    /* On a shard the state is global: merged in fp64 from every rank's gathered statistics and
+     * divergence sums (docs/distributed.md), never read from the rounded in->row_state. */
+    if (!fb)
+      st = fh_set_error(FH_ERR_OUT_OF_MEMORY, p->fn, "cannot allocate reference buffers");
+    else if (p->shard_stats)
+      st = fh_ref_distill_shard_f64(p, p->shard_nranks, p->shard_stats, p->shard_div, &r);
+    else
+      st = fh_ref_distill_forward_f64(p, &r);
     free(fb);
     if (st != FH_SUCCESS) {
       free(buf);

@@ -50,6 +50,32 @@ typedef struct fh_distill_ref_fwd {
 
 fh_status_t fh_ref_distill_forward_f64(const fh_distill_problem_t* p, fh_distill_ref_fwd_t* out);
 
+/* The pieces of the forward that a vocabulary shard runs (docs/distributed.md; layouts in
+ * fusedhead_shard.h). Dense teacher only. */
+/* Step 1: per-row statistics [N x FH_SHARD_DISTILL_STATS] over the problem's classes. */
+fh_status_t fh_ref_distill_shard_stats(const fh_distill_problem_t* p, double* stats);
+/* Merge row i of P ranks' statistics in rank order: lse of s/T, t/T and s, and the target's s. */
+void fh_ref_distill_merge_stats(const double* gathered, int64_t P, int64_t N, int64_t i, double lse[3],
+                                double* s_y);
+/* Step 2: per-row Σ q f and Σ q a [N x FH_SHARD_DISTILL_DIV] given P ranks' statistics. */
+fh_status_t fh_ref_distill_shard_div(const fh_distill_problem_t* p, int64_t P, const double* gathered, double* div);
+/* Row i's loss parts from its divergence D and hard CE; then the reductions over the rows. */
+void fh_ref_distill_put_row(const fh_distill_problem_t* p, fh_distill_ref_fwd_t* out, int64_t i, double D,
+                            double hard);
+void fh_ref_distill_reduce(const fh_distill_problem_t* p, fh_distill_ref_fwd_t* out);
+/* The public forward's outputs (rounded once) from the fp64 results that run(p, r, arg) fills
+ * (NULL: fh_ref_distill_forward_f64). */
+typedef fh_status_t (*fh_ref_distill_fwd_fn_t)(const fh_distill_problem_t* p, fh_distill_ref_fwd_t* r,
+                                               const void* arg);
+fh_status_t fh_ref_distill_forward_out(const fh_distill_problem_t* p, fh_ref_distill_fwd_fn_t run, const void* arg,
+                                       const fh_distill_outputs_t* o);
+/* Step 3 of a shard (src/ref/distill_shard.c): the fp64 results (rows, state, reductions), then
+ * the rounded outputs, from P ranks' gathered statistics and divergence sums. */
+fh_status_t fh_ref_distill_shard_f64(const fh_distill_problem_t* p, int64_t P, const double* gathered_stats,
+                                     const double* gathered_div, fh_distill_ref_fwd_t* out);
+fh_status_t fh_ref_distill_shard_combine(const fh_distill_problem_t* p, int64_t P, const double* gathered_stats,
+                                         const double* gathered_div, const fh_distill_outputs_t* o);
+
 /* Backward in fp64 from an fp64 state. grad_loss [1] or [N] (none). dE64 [N x D_s],
  * dC64 [V x D_s], db64 [V] (each may be NULL) receive fp64 results; grads (may be NULL) are the
  * caller's tensors, written or accumulated once. A gradient is computed when either wants it. */

@@ -2,7 +2,8 @@
  * beyond inputs and outputs (it streams over the vocabulary and recomputes logits instead of
  * storing them). Written to be obviously right, not fast; the formulas are in fusedhead.h and
  * docs/linear_ce.md, including the masked-class rule (a raw logit of -inf: p = 0, left out of
- * every sum, zero gradient) of docs/conventions.md. */
+ * every sum, zero gradient) of docs/conventions.md. The forward is per-row partials and a
+ * finish, so that a vocabulary shard runs the same code (docs/distributed.md). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,10 +69,11 @@ static void denominators(const fh_lce_problem_t* p, double* d_ce, double* d_reg,
 /* x / d with the documented rule that a part over a zero denominator is 0. */
 static double safe_div(double x, double d) { return d != 0.0 ? x / d : 0.0; }
 
-fh_status_t fh_ref_lce_forward_f64(const fh_lce_problem_t* p, fh_lce_ref_forward_t* out) {
-  const int64_t N = p->N, V = p->V, D = p->D;
-  const double alpha = p->opt.label_smoothing;
-  const double lambda = p->opt.z_loss_scale, eta = p->opt.entropy_weight;
+/* Per-row partial statistics over this problem's classes (the whole vocabulary, or one shard):
+ * FH_SHARD_LCE_PARTIAL doubles a row in the layout of fusedhead_shard.h, the sums over the
+ * unmasked classes only. Ignored rows get zeros and argmax -1. */
+fh_status_t fh_ref_lce_partials(const fh_lce_problem_t* p, double* part) {
+  const int64_t N = p->N, V = p->V, D = p->D, off = p->class_offset;
   int oom = 0;
 
 #ifdef FH_HAVE_OPENMP
@@ -89,18 +91,21 @@ fh_status_t fh_ref_lce_forward_f64(const fh_lce_problem_t* p, fh_lce_ref_forward
     double sum_wz[ROW_BLOCK], z_y[ROW_BLOCK], best[ROW_BLOCK], w_un[ROW_BLOCK];
     int64_t arg[ROW_BLOCK], n_un[ROW_BLOCK];
     for (int64_t r = 0; r < nb; ++r) {
+      const int64_t y = p->targets[i0 + r];
       fh_ref_row_to_double(p->E, i0 + r, e + r * D);
       fh_ref_stats_init(&st[r]);
       sum_wz[r] = 0;
       w_un[r] = 0;
       n_un[r] = 0;
-      z_y[r] = -INFINITY; /* stays -inf when the target is masked */
+      /* the owner of the target starts at -inf (it stays there when the target is masked); the
+       * other shards report 0, so the merge's sum is the owner's value */
+      z_y[r] = (y >= off && y < off + V) ? -INFINITY : 0.0;
       best[r] = -INFINITY;
       arg[r] = -1;
     }
     for (int64_t j = 0; j < V; ++j) {
       fh_ref_row_to_double(p->C, j, c);
-      const double wj = class_weight(p, j);
+      const double wj = class_weight(p, off + j);
       for (int64_t r = 0; r < nb; ++r) {
         if (!row_valid(p, i0 + r)) continue;
         double raw = raw_logit(p, e + r * D, c, j);
@@ -110,48 +115,96 @@ fh_status_t fh_ref_lce_forward_f64(const fh_lce_problem_t* p, fh_lce_ref_forward
           sum_wz[r] += wj * z;
           w_un[r] += wj;
           n_un[r] += 1;
-          if (j == p->targets[i0 + r]) z_y[r] = z;
+          if (off + j == p->targets[i0 + r]) z_y[r] = z;
         }
         /* argmax over the raw logit (scale and softcap keep the order, and saturating tanh
          * would create ties); NaN counts as the maximum, first occurrence wins. */
         if (arg[r] < 0 || raw > best[r] || (isnan(raw) && !isnan(best[r]))) {
           best[r] = raw;
-          arg[r] = j;
+          arg[r] = off + j;
         }
       }
     }
     for (int64_t r = 0; r < nb; ++r) {
-      const int64_t i = i0 + r;
-      if (!row_valid(p, i)) {
-        out->lse[i] = 0;
-        out->entropy[i] = 0;
-        out->row_loss[i] = 0;
-        out->row_zloss[i] = 0;
-        out->argmax[i] = -1;
-        continue;
-      }
-      /* Every class masked: lse -inf, entropy 0 (no class carries mass), loss +inf. */
-      const double lse = fh_ref_stats_lse(&st[r]);
-      const double h = n_un[r] > 0 ? fh_ref_stats_entropy(&st[r]) : 0.0;
-      const double om = token_weight(p, i), wy = class_weight(p, p->targets[i]);
-      /* a masked target has p = 0: nll = +inf, as PyTorch */
-      const double nll = z_y[r] == -INFINITY ? INFINITY : lse - z_y[r];
-      /* smoothing over the row's unmasked classes: α/V_i · Σ_unmasked w_j (lse − z_j) */
-      const double smooth = (alpha != 0.0 && n_un[r] > 0) ? alpha / (double)n_un[r] * (w_un[r] * lse - sum_wz[r]) : 0.0;
-      const double ce = mul0(om * wy * (1.0 - alpha), nll) + om * smooth;
-      const double zl = mul0(om * lambda, lse * lse);
-      const double reg = zl + mul0(om * eta, h);
-      out->lse[i] = lse;
-      out->entropy[i] = h;
-      out->row_loss[i] = ce + reg;
-      out->row_zloss[i] = zl;
-      out->argmax[i] = arg[r];
-      /* keep ce separately for the mean: stash it in sum_wz (no longer needed) */
-      sum_wz[r] = ce;
+      double* q = part + (i0 + r) * FH_SHARD_LCE_PARTIAL;
+      const int v = row_valid(p, i0 + r);
+      q[0] = v ? st[r].m : 0.0;
+      q[1] = v ? st[r].Z : 0.0;
+      q[2] = v ? st[r].F : 0.0;
+      q[3] = v ? sum_wz[r] : 0.0;
+      q[4] = v ? w_un[r] : 0.0;
+      q[5] = v ? (double)n_un[r] : 0.0;
+      q[6] = v ? z_y[r] : 0.0;
+      q[7] = v ? best[r] : 0.0;
+      q[8] = v ? (double)arg[r] : -1.0;
     }
     free(e);
   }
   if (oom) return fh_set_error(FH_ERR_OUT_OF_MEMORY, "fh_linear_ce_forward", "cannot allocate reference buffers");
+  return FH_SUCCESS;
+}
+
+/* Row i of P ranks' partials (gathered [P][N][FH_SHARD_LCE_PARTIAL]) merged in rank order. The
+ * argmax rule is the streaming one applied to each rank's winner, so, shards being contiguous in
+ * rank order, it picks the same (first) index as one pass over the whole vocabulary. A row with
+ * every class masked gets lse -inf and entropy 0. */
+void fh_ref_lce_combine_row(const double* gathered, int64_t P, int64_t N, int64_t i, fh_lce_row_stats_t* rs) {
+  fh_ref_softmax_stats_t st;
+  fh_ref_stats_init(&st);
+  double sum_wz = 0.0, w_un = 0.0, n_un = 0.0, z_y = 0.0, best = -INFINITY;
+  int64_t arg = -1;
+  for (int64_t r = 0; r < P; ++r) {
+    const double* q = gathered + (r * N + i) * FH_SHARD_LCE_PARTIAL;
+    fh_ref_stats_merge(&st, q[0], q[1], q[2]);
+    sum_wz += q[3];
+    w_un += q[4];
+    n_un += q[5];
+    z_y += q[6]; /* one owner (its z, or -inf when masked); the others add exact zeros */
+    const int64_t a = (int64_t)q[8];
+    if (a >= 0 && (arg < 0 || q[7] > best || (isnan(q[7]) && !isnan(best)))) {
+      best = q[7];
+      arg = a;
+    }
+  }
+  rs->lse = fh_ref_stats_lse(&st);
+  rs->h = n_un > 0 ? fh_ref_stats_entropy(&st) : 0.0;
+  rs->sum_wz = sum_wz;
+  rs->W = w_un;
+  rs->n = n_un;
+  rs->z_y = z_y;
+  rs->arg = arg;
+}
+
+fh_status_t fh_ref_lce_finish(const fh_lce_problem_t* p, const double* gathered, int64_t P, fh_lce_ref_forward_t* out) {
+  const int64_t N = p->N;
+  const double alpha = p->opt.label_smoothing;
+  const double lambda = p->opt.z_loss_scale, eta = p->opt.entropy_weight;
+  for (int64_t i = 0; i < N; ++i) {
+    if (!row_valid(p, i)) {
+      out->lse[i] = 0;
+      out->entropy[i] = 0;
+      out->row_loss[i] = 0;
+      out->row_zloss[i] = 0;
+      out->argmax[i] = -1;
+      continue;
+    }
+    fh_lce_row_stats_t rs;
+    fh_ref_lce_combine_row(gathered, P, N, i, &rs);
+    /* Every class masked: lse -inf, entropy 0 (no class carries mass), loss +inf. */
+    const double lse = rs.lse, h = rs.h;
+    const double om = token_weight(p, i), wy = class_weight(p, p->targets[i]);
+    /* a masked target has p = 0: nll = +inf, as PyTorch */
+    const double nll = rs.z_y == -INFINITY ? INFINITY : lse - rs.z_y;
+    /* smoothing over the row's unmasked classes: α/V_i · Σ_unmasked w_j (lse − z_j) */
+    const double smooth = (alpha != 0.0 && rs.n > 0) ? alpha / rs.n * (rs.W * lse - rs.sum_wz) : 0.0;
+    const double ce = mul0(om * wy * (1.0 - alpha), nll) + om * smooth;
+    const double zl = mul0(om * lambda, lse * lse);
+    out->lse[i] = lse;
+    out->entropy[i] = h;
+    out->row_loss[i] = ce + (zl + mul0(om * eta, h));
+    out->row_zloss[i] = zl;
+    out->argmax[i] = rs.arg;
+  }
 
   double d_ce, d_reg;
   int64_t n_valid;
@@ -181,7 +234,21 @@ fh_status_t fh_ref_lce_forward_f64(const fh_lce_problem_t* p, fh_lce_ref_forward
   return FH_SUCCESS;
 }
 
+fh_status_t fh_ref_lce_forward_f64(const fh_lce_problem_t* p, fh_lce_ref_forward_t* out) {
+  double* part = (double*)malloc(sizeof(double) * FH_SHARD_LCE_PARTIAL * (size_t)(p->N > 0 ? p->N : 1));
+  if (!part) return fh_set_error(FH_ERR_OUT_OF_MEMORY, "fh_linear_ce_forward", "cannot allocate reference buffers");
+  fh_status_t st = fh_ref_lce_partials(p, part);
+  if (st == FH_SUCCESS) st = fh_ref_lce_finish(p, part, 1, out);
+  free(part);
+  return st;
+}
+
 fh_status_t fh_ref_linear_ce_forward(const fh_lce_problem_t* p, const fh_linear_ce_outputs_t* o) {
+  return fh_ref_lce_forward_out(p, 0, NULL, o);
+}
+
+fh_status_t fh_ref_lce_forward_out(const fh_lce_problem_t* p, int64_t P, const double* gathered,
+                                   const fh_linear_ce_outputs_t* o) {
   const int64_t N = p->N;
   fh_lce_ref_forward_t r;
   memset(&r, 0, sizeof r);
@@ -198,7 +265,7 @@ fh_status_t fh_ref_linear_ce_forward(const fh_lce_problem_t* p, const fh_linear_
   r.row_loss = buf + 2 * n;
   r.row_zloss = buf + 3 * n;
   r.argmax = arg;
-  fh_status_t st = fh_ref_lce_forward_f64(p, &r);
+  fh_status_t st = gathered ? fh_ref_lce_finish(p, gathered, P, &r) : fh_ref_lce_forward_f64(p, &r);
   if (st == FH_SUCCESS) {
     const int none = p->opt.reduction == FH_REDUCTION_NONE;
     for (int64_t i = 0; i < N; ++i) {
@@ -226,8 +293,8 @@ typedef struct row_coef {
   int valid;
 } row_coef_t;
 
-/* ∂loss/∂r_ij for one unmasked entry, from the processed logit z (see fusedhead.h); masked
- * entries have gradient 0 and are skipped by the callers. */
+/* ∂loss/∂r_ij for one unmasked entry, from the processed logit z (see fusedhead.h); j is the
+ * global id; masked entries have gradient 0 and are skipped by the callers. */
 static double grad_entry(const fh_lce_problem_t* p, const row_coef_t* rc, int64_t y, int64_t j, double z) {
   const double alpha = p->opt.label_smoothing;
   const double lambda = p->opt.z_loss_scale, eta = p->opt.entropy_weight;
@@ -273,7 +340,7 @@ static int row_pass(const fh_lce_problem_t* p, row_coef_t* rc, int stats) {
     }
     for (int64_t j = 0; j < V; ++j) {
       fh_ref_row_to_double(p->C, j, c);
-      const double wj = class_weight(p, j);
+      const double wj = class_weight(p, p->class_offset + j);
       for (int64_t r = 0; r < nb; ++r) {
         if (!rc[i0 + r].valid) continue;
         const double raw = raw_logit(p, e + r * D, c, j);
@@ -333,8 +400,20 @@ fh_status_t fh_ref_lce_backward_f64(const fh_lce_problem_t* p, const double* lse
     c->h = entropy ? entropy[i] : 0.0;
     c->eps = c->W = 0.0; /* set by row_pass when label smoothing is on */
   }
-  /* lse NULL: recompute lse and entropy in fp64. Label smoothing: per-row α / V_i and W_i. */
-  if ((!lse || p->opt.label_smoothing != 0.0f) && !row_pass(p, rc, !lse)) {
+  if (p->shard_gathered) {
+    /* A vocabulary shard: the row's global lse, entropy, V_i and W_i from every rank's forward
+     * partials, merged in fp64 as by the forward (docs/distributed.md); nothing from `lse`. */
+    for (int64_t i = 0; i < N; ++i) {
+      if (!rc[i].valid) continue;
+      fh_lce_row_stats_t rs;
+      fh_ref_lce_combine_row(p->shard_gathered, p->shard_nranks, N, i, &rs);
+      rc[i].lse = rs.lse;
+      rc[i].h = rs.h;
+      rc[i].eps = rs.n > 0 ? p->opt.label_smoothing / rs.n : 0.0;
+      rc[i].W = rs.W;
+    }
+  } else if ((!lse || p->opt.label_smoothing != 0.0f) && !row_pass(p, rc, !lse)) {
+    /* lse NULL: recompute lse and entropy in fp64. Label smoothing: per-row α / V_i and W_i. */
     free(rc);
     return fh_set_error(FH_ERR_OUT_OF_MEMORY, fn, "cannot allocate reference buffers");
   }
@@ -363,7 +442,7 @@ fh_status_t fh_ref_lce_backward_f64(const fh_lce_problem_t* p, const double* lse
           if (!rc[i].valid) continue;
           const double raw = raw_logit(p, e + r * D, c, j);
           if (masked(raw)) continue; /* zero gradient; skipping also avoids 0 · inf from C_j */
-          const double g = grad_entry(p, &rc[i], p->targets[i], j, process_logit(p, raw));
+          const double g = grad_entry(p, &rc[i], p->targets[i], p->class_offset + j, process_logit(p, raw));
           double* a = accE + r * D;
           for (int64_t k = 0; k < D; ++k) a[k] += g * c[k];
         }
@@ -400,7 +479,7 @@ fh_status_t fh_ref_lce_backward_f64(const fh_lce_problem_t* p, const double* lse
           const int64_t j = j0 + r;
           const double raw = raw_logit(p, e, c + r * D, j);
           if (masked(raw)) continue;
-          const double g = grad_entry(p, &rc[i], p->targets[i], j, process_logit(p, raw));
+          const double g = grad_entry(p, &rc[i], p->targets[i], p->class_offset + j, process_logit(p, raw));
           accb[r] += g;
           if (want_C) {
             double* a = accC + r * D;
@@ -426,7 +505,7 @@ fh_status_t fh_ref_linear_ce_backward(const fh_lce_problem_t* p, const fh_linear
   if (!buf) return fh_set_error(FH_ERR_OUT_OF_MEMORY, "fh_linear_ce_backward", "cannot allocate reference buffers");
   double *lse = buf, *h = buf + n, *gl = buf + 2 * n, *glse = buf + 3 * n;
   for (int64_t i = 0; i < N; ++i) {
-    lse[i] = stat_at(p, in->lse, i);
+    lse[i] = in->lse ? stat_at(p, in->lse, i) : 0.0; /* a shard reads none (shard_gathered) */
     h[i] = in->entropy ? stat_at(p, in->entropy, i) : 0.0;
     if (none) gl[i] = stat_at(p, in->grad_loss, i);
     glse[i] = in->grad_lse ? stat_at(p, in->grad_lse, i) : 0.0;
@@ -434,7 +513,7 @@ fh_status_t fh_ref_linear_ce_backward(const fh_lce_problem_t* p, const fh_linear
   if (!none) gl[0] = stat_at(p, in->grad_loss, 0);
   /* fp64 inputs: the given lse is exact enough. Otherwise the lse and entropy are recomputed in
    * fp64 (NULL), so fp32 gradients stay as accurate as PyTorch's at any logit scale. */
-  const int f64 = p->dtype == FH_DTYPE_F64;
+  const int f64 = p->dtype == FH_DTYPE_F64 && !p->shard_gathered;
   fh_status_t st = fh_ref_lce_backward_f64(p, f64 ? lse : NULL, f64 ? h : NULL, gl, in->grad_lse ? glse : NULL, NULL,
                                            NULL, NULL, grads);
   free(buf);

@@ -109,6 +109,27 @@ static inline void fh_ref_stats_add(fh_ref_softmax_stats_t* s, double z) {
   }
 }
 
+/* Merge the statistics (m, Z, F) of another part of the stream (a vocabulary shard) into s:
+ * the online rescaling of docs/distributed.md. An empty part (Z == 0) changes nothing, and the
+ * first non-empty part is copied exactly, so one part merged into nothing is that part. */
+static inline void fh_ref_stats_merge(fh_ref_softmax_stats_t* s, double m, double Z, double F) {
+  if (Z == 0.0) return;
+  if (s->Z == 0.0) {
+    s->m = m;
+    s->Z = Z;
+    s->F = F;
+  } else if (m > s->m) {
+    const double d = s->m - m, sc = exp(d);
+    s->F = sc * (s->F + d * s->Z) + F;
+    s->Z = s->Z * sc + Z;
+    s->m = m;
+  } else {
+    const double d = m == s->m ? 0.0 : m - s->m, sc = exp(d);
+    s->F += sc * (F + d * Z);
+    s->Z += sc * Z;
+  }
+}
+
 static inline double fh_ref_stats_lse(const fh_ref_softmax_stats_t* s) { return s->m + log(s->Z); }
 static inline double fh_ref_stats_entropy(const fh_ref_softmax_stats_t* s) { return log(s->Z) - s->F / s->Z; }
 
