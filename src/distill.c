@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda_backend.h"
 #include "distill.h"
 #include "fh_internal.h"
 
@@ -181,13 +182,27 @@ static fh_status_t check_problem(const char* fn, fh_context_t* ctx, const fh_dis
   return FH_SUCCESS;
 }
 
-static fh_status_t cuda_unavailable(const char* fn) {
-  return fh_set_error(FH_ERR_UNSUPPORTED, fn,
-                      "distillation has no CUDA kernels in fusedhead %s; use FH_BACKEND_CPU", fh_version());
+static fh_status_t cuda_unavailable(const char* fn, const char* what) {
+  return fh_set_error(FH_ERR_UNSUPPORTED, fn, "%s has no CUDA kernels in fusedhead %s; use FH_BACKEND_CPU", what,
+                      fh_version());
+}
+
+/* Workspace of the CUDA forward (dense teacher; docs/distillation_cuda.md). */
+static fh_status_t cuda_forward_need(const char* fn, fh_context_t* ctx, int sparse, int64_t N, int64_t V,
+                                     size_t* need) {
+  *need = 0;
+  if (ctx->backend != FH_BACKEND_CUDA) return FH_SUCCESS;
+  if (sparse) return cuda_unavailable(fn, "sparse-teacher distillation");
+#ifdef FH_HAVE_CUDA
+  return fh_cuda_distill_forward_workspace(N, V, need);
+#else
+  (void)N, (void)V;
+  return cuda_unavailable(fn, "distillation");
+#endif
 }
 
 static fh_status_t workspace_size(const char* fn, fh_context_t* ctx, const fh_distill_options_t* opts,
-                                  const fh_distill_shape_t* sh, size_t* bytes) {
+                                  const fh_distill_shape_t* sh, int backward, size_t* bytes) {
   fh_clear_error();
   FH_TRY(fh_check_context(fn, ctx));
   fh_distill_options_t o;
@@ -207,18 +222,19 @@ static fh_status_t workspace_size(const char* fn, fh_context_t* ctx, const fh_di
   }
   if (!bytes) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "bytes is NULL");
   *bytes = 0;
-  if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
-  return FH_SUCCESS;
+  if (ctx->backend != FH_BACKEND_CUDA) return FH_SUCCESS;
+  if (backward) return cuda_unavailable(fn, "the distillation backward");
+  return cuda_forward_need(fn, ctx, sh->K > 0, sh->N, sh->V, bytes);
 }
 
 fh_status_t fh_distill_forward_workspace_size(fh_context_t* ctx, const fh_distill_options_t* opts,
                                               const fh_distill_shape_t* shape, size_t* bytes) {
-  return workspace_size("fh_distill_forward_workspace_size", ctx, opts, shape, bytes);
+  return workspace_size("fh_distill_forward_workspace_size", ctx, opts, shape, 0, bytes);
 }
 
 fh_status_t fh_distill_backward_workspace_size(fh_context_t* ctx, const fh_distill_options_t* opts,
                                                const fh_distill_shape_t* shape, size_t* bytes) {
-  return workspace_size("fh_distill_backward_workspace_size", ctx, opts, shape, bytes);
+  return workspace_size("fh_distill_backward_workspace_size", ctx, opts, shape, 1, bytes);
 }
 
 static fh_status_t forward(const char* fn, fh_context_t* ctx, const fh_distill_options_t* opts,
@@ -230,8 +246,12 @@ static fh_status_t forward(const char* fn, fh_context_t* ctx, const fh_distill_o
   FH_TRY(check_problem(fn, ctx, opts, student, dense, sparse, targets, &p));
   if (!out) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "out is NULL");
   FH_TRY(fh_check_reduced_ptr(fn, "out->loss", out->loss, p.opt.reduction, p.N));
-  FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, 0));
-  if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
+  size_t need;
+  FH_TRY(cuda_forward_need(fn, ctx, p.sparse, p.N, p.V, &need));
+  FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, need));
+#ifdef FH_HAVE_CUDA
+  if (ctx->backend == FH_BACKEND_CUDA) return fh_cuda_distill_forward(ctx->cuda, ctx->stream, &p, out, workspace);
+#endif
   return fh_ref_distill_forward(&p, out);
 }
 
@@ -252,7 +272,8 @@ static fh_status_t backward(const char* fn, fh_context_t* ctx, const fh_distill_
   FH_TRY(fh_check_grad_tensor(fn, "dC", grads->dC, p.Cs, inputs, 6));
   FH_TRY(fh_check_grad_tensor(fn, "dbias", grads->dbias, p.bs, inputs, 6));
   FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, 0));
-  if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
+  if (ctx->backend == FH_BACKEND_CUDA)
+    return cuda_unavailable(fn, p.sparse ? "sparse-teacher distillation" : "the distillation backward");
   return fh_ref_distill_backward(&p, in, grads);
 }
 
