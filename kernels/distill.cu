@@ -19,9 +19,11 @@
  *      lse(u), lse(v), lse(s), s_y per row [4 x N].
  *   4. distill_div_kernel<T, Align>, same grid: the second pass. Recomputes both tiles with the
  *      same mainloops (bitwise the first pass's logits), X of the student tile is parked in
- *      shared memory (each thread its own 64 slots: no barrier, no conflicts) while the teacher
- *      tile is computed, then D and S per row in fp32, merged as in 2 into [S x 2 x N] partials
- *      (over the first pass's, which 3 has consumed).
+ *      shared memory (each thread its own 64 entries: no barrier, no conflicts) while the teacher
+ *      tile is computed; the teacher's Y is parked as well and one rolled loop evaluates the
+ *      divergence elements (one copy of the divergence code per kernel), D and S per row in fp32
+ *      in column order, merged as in 2 into [S x 2 x N] partials (over the first pass's, which
+ *      3 has consumed). Shared memory 193 KiB (the engine's 48 KiB + two parked tiles).
  *   5. distill_fin_row_kernel (one thread per row): D, S summed in split order; soft = κ D,
  *      hard = lse(s) − s_y, loss_i, the row state, per-row outputs (reduction none).
  *   6. distill_reduce_kernel (1 block): fixed-order fp64 sums of loss, soft, hard and the valid
@@ -39,7 +41,7 @@ namespace fh_dst {
 /* Dynamic shared memory: the engine's stages, the row block's indices and targets (pass 1) or
  * its lse(u), lse(v) (pass 2), then pass 2's parked student tile. */
 constexpr size_t STATS_SMEM = fh_eng::SMEM_BYTES + 2 * fh_eng::BM * sizeof(int);
-constexpr size_t DIV_SMEM = STATS_SMEM + PARK_BYTES;
+constexpr size_t DIV_SMEM = STATS_SMEM + 2 * PARK_BYTES + sizeof(float) * 2 * SLOTS * fh_eng::THREADS;
 static_assert(fh_eng::WARPS_N * fh_eng::BM * NQ1 * sizeof(float) <= fh_eng::SMEM_BYTES, "merge scratch");
 
 /* Pass 1: online statistics of both heads' tempered softmaxes and of the untempered student. */
@@ -145,14 +147,19 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_stats_kernel(fwd_p
   }
 }
 
-/* Pass 2: the divergence sums with the final lse values. */
+/* Pass 2: the divergence sums with the final lse values. Both tiles are parked (X, then Y) and
+ * the element loop runs rolled over the parked values, so the divergence code exists once per
+ * kernel (not once per accumulator register) and its temporaries stay few; the per-slot running
+ * sums live in thread-private shared memory too. */
 template <typename T, typename Align>
 __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_div_kernel(fwd_params p) {
   using namespace fh_eng;
   FH_DYNAMIC_SMEM(unsigned char, smem);
   int* s_rows = (int*)(smem + SMEM_BYTES);
   float* s_lu = (float*)(s_rows + BM);
-  float* park = (float*)(smem + STATS_SMEM);
+  float* park_x = (float*)(smem + STATS_SMEM);
+  float* park_y = park_x + PARK * THREADS;
+  float* sums = park_y + PARK * THREADS; /* [2 SLOTS][THREADS]: D, then S per slot */
   const int count = p.hdr->count, row0 = blockIdx.x * BM;
   if (row0 >= count) return;
   const int nr = count - row0 < BM ? count - row0 : BM;
@@ -162,13 +169,14 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_div_kernel(fwd_par
     s_lu[r] = r < nr ? p.rs[i] : 0.0f;
   }
   __syncthreads();
-  float lu[SLOTS], lv[SLOTS], Dacc[SLOTS], Sacc[SLOTS];
+  float lu[SLOTS], lv[SLOTS];
   FH_UNROLL
   for (int s = 0; s < SLOTS; ++s) {
     const int r = slot_row(s);
     lu[s] = s_lu[r];
     lv[s] = r < nr ? p.rs[(size_t)p.N + s_rows[r]] : 0.0f;
-    Dacc[s] = 0.0f, Sacc[s] = 0.0f;
+    sums[s * THREADS + threadIdx.x] = 0.0f;
+    sums[(SLOTS + s) * THREADS + threadIdx.x] = 0.0f;
   }
   const int t0 = blockIdx.y * p.tps, t1 = t0 + p.tps < p.vt ? t0 + p.tps : p.vt;
   for (int tile = t0; tile < t1; ++tile) {
@@ -176,24 +184,31 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_div_kernel(fwd_par
     acc_t acc;
     float bj[NJ][2];
     head_tile<T, Align>(acc, bj, p.hs, s_rows, nr, v0, nv, smem);
-    park_x(park, acc, bj, lu, p.invT);
+    park_log_probs(park_x, acc, bj, lu, p.invT);
     head_tile<T, Align>(acc, bj, p.ht, s_rows, nr, v0, nv, smem);
-    FH_UNROLL
-    for (int s = 0; s < SLOTS; ++s)
-      FH_UNROLL
-      for (int j = 0; j < NJ; ++j)
-        FH_UNROLL
-        for (int e = 0; e < 2; ++e) {
-          if (frag_col(j, e) >= nv) continue;
-          const float Y = tempered(raw_logit(slot_acc(acc, s, j, e), bj[j][e]), p.invT) - lv[s];
-          float term, qa;
-          div_eval(p.dv, parked(park, s, j, e), Y, term, qa);
-          Dacc[s] += term;
-          Sacc[s] += qa;
-        }
+    park_log_probs(park_y, acc, bj, lv, p.invT);
+    FH_NO_UNROLL
+    for (int s = 0; s < SLOTS; ++s) {
+      float d = 0.0f, q = 0.0f;
+      FH_NO_UNROLL
+      for (int je = 0; je < 2 * NJ; ++je) { /* columns in order */
+        const int j = je >> 1, e = je & 1;
+        if (frag_col(j, e) >= nv) continue;
+        float term, qa;
+        div_eval(p.dv, parked(park_x, s, j, e), parked(park_y, s, j, e), term, qa);
+        d += term;
+        q += qa;
+      }
+      sums[s * THREADS + threadIdx.x] += d;
+      sums[(SLOTS + s) * THREADS + threadIdx.x] += q;
+    }
   }
+  float Dacc[SLOTS], Sacc[SLOTS];
   FH_UNROLL
-  for (int s = 0; s < SLOTS; ++s) Dacc[s] = quad_sum(Dacc[s]), Sacc[s] = quad_sum(Sacc[s]);
+  for (int s = 0; s < SLOTS; ++s) {
+    Dacc[s] = quad_sum(sums[s * THREADS + threadIdx.x]);
+    Sacc[s] = quad_sum(sums[(SLOTS + s) * THREADS + threadIdx.x]);
+  }
   float* scr = (float*)smem; /* [WARPS_N][2][BM] */
   if ((threadIdx.x & 3) == 0) {
     FH_UNROLL
@@ -206,7 +221,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_div_kernel(fwd_par
   const int r = threadIdx.x;
   if (r < nr) {
     float d = 0.0f, sq = 0.0f;
-    for (int wn = 0; wn < WARPS_N; ++wn) {
+    for (int wn = 0; wn < WARPS_N; ++wn) { /* warp order */
       d += scr[(size_t)wn * 2 * BM + r];
       sq += scr[(size_t)wn * 2 * BM + BM + r];
     }

@@ -75,11 +75,12 @@ __device__ __forceinline__ void head_tile(fh_eng::acc_t& acc, float (&bj)[fh_eng
     }
 }
 
-/* Thread-private parking of the student's X = u − lse(u) in shared memory while the teacher
- * tile occupies the accumulators: entry k of thread t at park[k · THREADS + t] (consecutive
- * threads, consecutive banks; only the owner reads it back, so no barrier is needed). */
-__device__ __forceinline__ void park_x(float* park, fh_eng::acc_t& acc, const float (&bj)[fh_eng::NJ][2],
-                                       const float (&lu)[SLOTS], float invT) {
+/* Thread-private parking of a tile's log-probabilities x − lse (x = tempered logit) in shared
+ * memory, so that the other head's tile can use the accumulators: entry k of thread t at
+ * park[k · THREADS + t] (consecutive threads, consecutive banks; only the owner reads it back,
+ * so no barrier is needed). */
+__device__ __forceinline__ void park_log_probs(float* park, fh_eng::acc_t& acc, const float (&bj)[fh_eng::NJ][2],
+                                       const float (&lse)[SLOTS], float invT) {
   FH_UNROLL
   for (int s = 0; s < SLOTS; ++s)
     FH_UNROLL
@@ -87,7 +88,7 @@ __device__ __forceinline__ void park_x(float* park, fh_eng::acc_t& acc, const fl
       FH_UNROLL
       for (int e = 0; e < 2; ++e)
         park[((s * fh_eng::NJ + j) * 2 + e) * fh_eng::THREADS + threadIdx.x] =
-            tempered(fh_eng::raw_logit(slot_acc(acc, s, j, e), bj[j][e]), invT) - lu[s];
+            tempered(fh_eng::raw_logit(slot_acc(acc, s, j, e), bj[j][e]), invT) - lse[s];
 }
 __device__ __forceinline__ float parked(const float* park, int s, int j, int e) {
   return park[((s * fh_eng::NJ + j) * 2 + e) * fh_eng::THREADS + threadIdx.x];
