@@ -54,11 +54,8 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_stats_kernel(fwd_p
   const int count = p.hdr->count, row0 = blockIdx.x * BM;
   if (row0 >= count) return; /* block-uniform */
   const int nr = count - row0 < BM ? count - row0 : BM;
-  for (int r = threadIdx.x; r < BM; r += THREADS) {
-    const int i = r < nr ? p.rows[row0 + r] : 0;
-    s_rows[r] = i;
-    s_y[r] = r < nr && p.targets ? (int)p.targets[i] : -1;
-  }
+  load_rows(s_rows, p.rows, row0, nr);
+  for (int r = threadIdx.x; r < BM; r += THREADS) s_y[r] = r < nr && p.targets ? (int)p.targets[s_rows[r]] : -1;
   __syncthreads();
   row_stats su[SLOTS], sv[SLOTS], ss[SLOTS];
   float sy[SLOTS];
@@ -163,11 +160,8 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_div_kernel(fwd_par
   const int count = p.hdr->count, row0 = blockIdx.x * BM;
   if (row0 >= count) return;
   const int nr = count - row0 < BM ? count - row0 : BM;
-  for (int r = threadIdx.x; r < BM; r += THREADS) {
-    const int i = r < nr ? p.rows[row0 + r] : 0;
-    s_rows[r] = i;
-    s_lu[r] = r < nr ? p.rs[i] : 0.0f;
-  }
+  load_rows(s_rows, p.rows, row0, nr);
+  for (int r = threadIdx.x; r < BM; r += THREADS) s_lu[r] = r < nr ? p.rs[s_rows[r]] : 0.0f;
   __syncthreads();
   float lu[SLOTS], lv[SLOTS];
   FH_UNROLL

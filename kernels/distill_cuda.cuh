@@ -65,14 +65,12 @@ __device__ __forceinline__ void head_tile(fh_eng::acc_t& acc, float (&bj)[fh_eng
   const nt_operand<T> a{(const T*)h.E, h.lde, rows, 0, nr};
   const nt_operand<T> b{(const T*)h.C, h.ldc, nullptr, v0, nv};
   mainloop<T, Align>::run(acc, a, b, h.D, smem);
-  const T* bias = (const T*)h.bias;
-  FH_UNROLL
-  for (int j = 0; j < NJ; ++j)
-    FH_UNROLL
-    for (int e = 0; e < 2; ++e) {
-      const int c = frag_col(j, e);
-      bj[j][e] = (bias && c < nv) ? fh_to_float(bias[v0 + c]) : 0.0f;
-    }
+  tile_bias<T>(bj, (const T*)h.bias, v0, nv);
+}
+
+/* The row block's compacted row indices (0 past nr) into s_rows. */
+__device__ __forceinline__ void load_rows(int* s_rows, const int* rows, int row0, int nr) {
+  for (int r = threadIdx.x; r < fh_eng::BM; r += fh_eng::THREADS) s_rows[r] = r < nr ? rows[row0 + r] : 0;
 }
 
 /* Thread-private parking of a tile's log-probabilities x − lse (x = tempered logit) in shared

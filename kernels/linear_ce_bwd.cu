@@ -209,12 +209,12 @@ __device__ __forceinline__ int g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_e
   mainloop<T, Align>::run(acc, a, b, p.D, sm.stages);
   const T* bias = (const T*)p.bias;
   float bj[NJ][2], wj[NJ][2];
+  tile_bias<T>(bj, bias, v0, nv);
   FH_UNROLL
   for (int j = 0; j < NJ; ++j)
     FH_UNROLL
     for (int e = 0; e < 2; ++e) {
       const int c = frag_col(j, e);
-      bj[j][e] = (bias && c < nv) ? fh_to_float(bias[v0 + c]) : 0.0f;
       wj[j][e] = (p.cw && c < nv) ? p.cw[v0 + c] : 1.0f;
     }
   int big = 0;

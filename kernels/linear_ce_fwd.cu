@@ -177,12 +177,12 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_pa
     acc_t acc;
     mainloop<T, Align>::run(acc, a, b, p.D, smem);
     float bj[NJ][2], wj[NJ][2];
+    tile_bias<T>(bj, bias, v0, nv);
     FH_UNROLL
     for (int j = 0; j < NJ; ++j)
     FH_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int c = frag_col(j, e);
-        bj[j][e] = (bias && c < nv) ? fh_to_float(bias[v0 + c]) : 0.0f;
         wj[j][e] = (p.smooth && c < nv) ? (p.cw ? p.cw[v0 + c] : 1.0f) : 0.0f;
       }
     FH_UNROLL

@@ -160,16 +160,6 @@ static void dk_reference(const dk_problem_t* P, const fh_distill_options_t* o, d
   out->rloss = r.loss, out->rsoft = r.soft, out->rhard = r.hard;
 }
 
-/* cvt.rna.tf32.f32: what the tensor core reads of an fp32 value. */
-static double tf32(double x) {
-  float f = (float)x;
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
-  memcpy(&f, &u, 4);
-  return f;
-}
-
 /* Logits of one head for row i in fp32 (k order) from the tensor-core view, plus the bias. */
 static void naive_logits(const fh_tensor_t* E, const fh_tensor_t* C, const fh_tensor_t* b, int64_t i, int64_t V,
                          float* z) {
@@ -178,7 +168,7 @@ static void naive_logits(const fh_tensor_t* E, const fh_tensor_t* C, const fh_te
     float a = 0.0f;
     for (int64_t k = 0; k < E->cols; ++k) {
       const double e = fh_tensor_get(E, i, k), c = fh_tensor_get(C, j, k);
-      a += (float)((f32 ? tf32(e) : e) * (f32 ? tf32(c) : c));
+      a += (float)((f32 ? lk_tf32_round(e) : e) * (f32 ? lk_tf32_round(c) : c));
     }
     z[j] = a + (float)fh_tensor_get(b, 0, j);
   }

@@ -26,7 +26,7 @@ lk_spec_t lk_default(int64_t N, int64_t V, int64_t D, fh_dtype_t dtype) {
 }
 
 /* cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero. */
-static double tf32_round(double x) {
+double lk_tf32_round(double x) {
   float f = (float)x;
   uint32_t u;
   memcpy(&u, &f, 4);
@@ -36,10 +36,10 @@ static double tf32_round(double x) {
 }
 
 /* What the tensor core reads of a value stored in dtype (it is already representable). */
-static double tc_view(double x, fh_dtype_t dt) { return dt == FH_DTYPE_F32 ? tf32_round(x) : x; }
+static double tc_view(double x, fh_dtype_t dt) { return dt == FH_DTYPE_F32 ? lk_tf32_round(x) : x; }
 /* Rounding of an fp32 G to the MMA operand type. */
 static float operand_round(float g, fh_dtype_t dt) {
-  if (dt == FH_DTYPE_F32) return (float)tf32_round(g);
+  if (dt == FH_DTYPE_F32) return (float)lk_tf32_round(g);
   return (float)(dt == FH_DTYPE_F16 ? fh_half_bits_to_double(fh_double_to_half_bits(g))
                                     : fh_bf16_bits_to_double(fh_double_to_bf16_bits(g)));
 }

@@ -106,6 +106,9 @@ typedef struct lk_memory {
 } lk_memory_t;
 void lk_set_memory(const lk_memory_t* m); /* NULL: back to host memory */
 
+/* cvt.rna.tf32.f32: what the tensor core reads of an fp32 value. */
+double lk_tf32_round(double x);
+
 /* Bitwise equality of two double arrays (NaN == NaN). */
 int lk_same_bits(const double* a, const double* b, int64_t n);
 
