@@ -225,12 +225,6 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_div_kernel(fwd_par
   }
 }
 
-/* Row validity as lce_prep_kernel decides it (a target outside [0, V) raised the error flag). */
-__device__ __forceinline__ bool row_valid(const int64_t* targets, int64_t ignore_index, int V, int i, int64_t* y) {
-  *y = targets ? targets[i] : -1;
-  return !targets || (*y != ignore_index && *y >= 0 && *y < V);
-}
-
 struct fin_params {
   const int64_t* targets;
   int64_t ignore_index;

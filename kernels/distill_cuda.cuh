@@ -73,6 +73,12 @@ __device__ __forceinline__ void load_rows(int* s_rows, const int* rows, int row0
   for (int r = threadIdx.x; r < fh_eng::BM; r += fh_eng::THREADS) s_rows[r] = r < nr ? rows[row0 + r] : 0;
 }
 
+/* Row validity as lce_prep_kernel decides it (a target outside [0, V) raised the error flag). */
+__device__ __forceinline__ bool row_valid(const int64_t* targets, int64_t ignore_index, int V, int i, int64_t* y) {
+  *y = targets ? targets[i] : -1;
+  return !targets || (*y != ignore_index && *y >= 0 && *y < V);
+}
+
 /* Thread-private parking of a tile's log-probabilities x − lse (x = tempered logit) in shared
  * memory, so that the other head's tile can use the accumulators: entry k of thread t at
  * park[k · THREADS + t] (consecutive threads, consecutive banks; only the owner reads it back,

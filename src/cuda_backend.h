@@ -52,6 +52,13 @@ fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CUstream_st* 
 fh_status_t fh_cuda_distill_forward_workspace(int64_t N, int64_t V, size_t* bytes);
 fh_status_t fh_cuda_distill_forward(fh_cuda_state_t* st, struct CUstream_st* stream, const fh_distill_problem_t* p,
                                     const fh_distill_outputs_t* out, void* workspace);
+/* The backward (kernels/distill_bwd.cu): workspace for every gradient wanted, in the student's
+ * dtype, under accumulation mode `mode`. */
+fh_status_t fh_cuda_distill_backward_workspace(int64_t N, int64_t V, int64_t D_s, fh_dtype_t dtype,
+                                               fh_accum_mode_t mode, size_t* bytes);
+fh_status_t fh_cuda_distill_backward(fh_cuda_state_t* st, struct CUstream_st* stream, const fh_distill_problem_t* p,
+                                     const fh_distill_grad_inputs_t* in, const fh_distill_grads_t* grads,
+                                     void* workspace);
 
 #ifdef __cplusplus
 }

@@ -187,16 +187,18 @@ static fh_status_t cuda_unavailable(const char* fn, const char* what) {
                       fh_version());
 }
 
-/* Workspace of the CUDA forward (dense teacher; docs/distillation_cuda.md). */
-static fh_status_t cuda_forward_need(const char* fn, fh_context_t* ctx, int sparse, int64_t N, int64_t V,
-                                     size_t* need) {
+/* Workspace of the CUDA kernels (dense teacher; docs/distillation_cuda.md): the forward's, or
+ * the backward's for every gradient in the student's dtype under accum_mode. */
+static fh_status_t cuda_need(const char* fn, fh_context_t* ctx, const fh_distill_options_t* o, int backward,
+                             int sparse, int64_t N, int64_t V, int64_t D_s, fh_dtype_t dtype, size_t* need) {
   *need = 0;
   if (ctx->backend != FH_BACKEND_CUDA) return FH_SUCCESS;
   if (sparse) return cuda_unavailable(fn, "sparse-teacher distillation");
 #ifdef FH_HAVE_CUDA
+  if (backward) return fh_cuda_distill_backward_workspace(N, V, D_s, dtype, o->accum_mode, need);
   return fh_cuda_distill_forward_workspace(N, V, need);
 #else
-  (void)N, (void)V;
+  (void)o, (void)backward, (void)N, (void)V, (void)D_s, (void)dtype;
   return cuda_unavailable(fn, "distillation");
 #endif
 }
@@ -222,9 +224,7 @@ static fh_status_t workspace_size(const char* fn, fh_context_t* ctx, const fh_di
   }
   if (!bytes) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "bytes is NULL");
   *bytes = 0;
-  if (ctx->backend != FH_BACKEND_CUDA) return FH_SUCCESS;
-  if (backward) return cuda_unavailable(fn, "the distillation backward");
-  return cuda_forward_need(fn, ctx, sh->K > 0, sh->N, sh->V, bytes);
+  return cuda_need(fn, ctx, &o, backward, sh->K > 0, sh->N, sh->V, sh->D_s, sh->dtype_s, bytes);
 }
 
 fh_status_t fh_distill_forward_workspace_size(fh_context_t* ctx, const fh_distill_options_t* opts,
@@ -247,7 +247,7 @@ static fh_status_t forward(const char* fn, fh_context_t* ctx, const fh_distill_o
   if (!out) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "out is NULL");
   FH_TRY(fh_check_reduced_ptr(fn, "out->loss", out->loss, p.opt.reduction, p.N));
   size_t need;
-  FH_TRY(cuda_forward_need(fn, ctx, p.sparse, p.N, p.V, &need));
+  FH_TRY(cuda_need(fn, ctx, &p.opt, 0, p.sparse, p.N, p.V, p.D_s, p.Es->dtype, &need));
   FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, need));
 #ifdef FH_HAVE_CUDA
   if (ctx->backend == FH_BACKEND_CUDA) return fh_cuda_distill_forward(ctx->cuda, ctx->stream, &p, out, workspace);
@@ -271,9 +271,12 @@ static fh_status_t backward(const char* fn, fh_context_t* ctx, const fh_distill_
   FH_TRY(fh_check_grad_tensor(fn, "dE", grads->dE, p.Es, inputs, 6));
   FH_TRY(fh_check_grad_tensor(fn, "dC", grads->dC, p.Cs, inputs, 6));
   FH_TRY(fh_check_grad_tensor(fn, "dbias", grads->dbias, p.bs, inputs, 6));
-  FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, 0));
-  if (ctx->backend == FH_BACKEND_CUDA)
-    return cuda_unavailable(fn, p.sparse ? "sparse-teacher distillation" : "the distillation backward");
+  size_t need;
+  FH_TRY(cuda_need(fn, ctx, &p.opt, 1, p.sparse, p.N, p.V, p.D_s, p.Es->dtype, &need));
+  FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, need));
+#ifdef FH_HAVE_CUDA
+  if (ctx->backend == FH_BACKEND_CUDA) return fh_cuda_distill_backward(ctx->cuda, ctx->stream, &p, in, grads, workspace);
+#endif
   return fh_ref_distill_backward(&p, in, grads);
 }
 

@@ -8,7 +8,15 @@
  * V = 300, D_s = 72, D_t = 40 and a padded teacher vocabulary V_t = 317 > V; every divergence in
  * fp32, fp16 and bf16; ignored rows; NaN rows confined; the scalar fallback (odd row stride)
  * bitwise equal to the 16-byte path; batch invariance (a row's outputs do not depend on the
- * other rows); N = 0; the workspace formula at the Llama-3 8B -> 1B shape. */
+ * other rows); N = 0; the workspace formula at the Llama-3 8B -> 1B shape.
+ * Backward (kernels/distill_bwd.cu): dEs, dCs, dbs against the fp64 reference backward, each side
+ * from its own forward state (kernel: the CUDA forward's fp32 state; naive: its fp32 state, G in
+ * fp32 rounded to the operand type before the GEMMs, which sum in fp32; reference: fp64), for
+ * several divergences x the three accumulation modes x three dtypes, the accumulate flag, the
+ * scalar fallback and reduction none. FH_ACCUM_OUTPUT_DTYPE with 16-bit outputs rounds the
+ * running sum once per 128-class tile (dE) or 128-row block (dC): its budget is the naive error
+ * times the number of those roundings (rounding errors add at most linearly), as in
+ * kernel_linear_ce_bwd. */
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdio.h>
@@ -402,9 +410,266 @@ Test(kernel_distill, fallback_and_batch_invariance, .timeout = 1200) {
   }
 }
 
+/* ---- backward ---- */
+
+typedef struct dk_grads {
+  double *dE, *dC, *db;
+} dk_grads_t;
+static void dk_grads_alloc(dk_grads_t* g, const dk_problem_t* P) {
+  g->dE = calloc((size_t)(P->s.N * P->s.Ds + 1), sizeof(double));
+  g->dC = calloc((size_t)(P->s.V * P->s.Ds + 1), sizeof(double));
+  g->db = calloc((size_t)(P->s.V + 1), sizeof(double));
+}
+static void dk_grads_free(dk_grads_t* g) { free(g->dE), free(g->dC), free(g->db); }
+
+static double round_to(fh_dtype_t dt, double x) {
+  unsigned char b[8];
+  fh_store(b, dt, 0, x);
+  return fh_load(b, dt, 0);
+}
+
+/* Upstream gradients: [N] random for reduction none, else one value. */
+static double* make_gl(const dk_problem_t* P, const fh_distill_options_t* o) {
+  const int64_t n = o->reduction == FH_REDUCTION_NONE ? (P->s.N > 0 ? P->s.N : 1) : 1;
+  double* gl = malloc(sizeof(double) * (size_t)n);
+  tu_rng_t r = {99};
+  for (int64_t i = 0; i < n; ++i) gl[i] = o->reduction == FH_REDUCTION_NONE ? 0.5 + tu_uniform(&r) : 1.3;
+  return gl;
+}
+
+/* The CUDA backward through the public API from the fp32 `state`; init (may be NULL) preloads
+ * the gradient buffers (accumulate). Gradient buffers in the student dtype with the inputs'
+ * row strides, NaN in the padding. */
+static fh_status_t dk_run_backward(const dk_problem_t* P, const fh_distill_options_t* o, const double* state,
+                                   const double* gl, const dk_grads_t* init, dk_grads_t* out) {
+  const int64_t N = P->s.N, V = P->s.V, D = P->s.Ds, ld = D + P->s.pad;
+  const fh_dtype_t dt = P->s.dtype;
+  const size_t es = fh_dtype_size(dt);
+  fh_context_t* ctx = cuda_ctx();
+  fh_distill_shape_t sh = {N, V, D, P->s.Vt, P->s.Dt, 0, dt, dt};
+  size_t ws = 0;
+  cr_assert_eq(fh_distill_backward_workspace_size(ctx, o, &sh, &ws), FH_SUCCESS, "%s", fh_last_error());
+  void* w = ws ? aligned_alloc(256, (ws + 255) & ~(size_t)255) : NULL;
+  if (w) memset(w, 0xA5, ws);
+  void* dE = aligned_alloc(256, ((size_t)(N * ld + 1) * es + 255) & ~(size_t)255);
+  void* dC = aligned_alloc(256, ((size_t)(V * ld + 1) * es + 255) & ~(size_t)255);
+  void* db = aligned_alloc(256, ((size_t)(V + 1) * es + 255) & ~(size_t)255);
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t k = 0; k < ld; ++k) fh_store(dE, dt, i * ld + k, k < D ? (init ? init->dE[i * D + k] : NAN) : NAN);
+  for (int64_t j = 0; j < V; ++j)
+    for (int64_t k = 0; k < ld; ++k) fh_store(dC, dt, j * ld + k, k < D ? (init ? init->dC[j * D + k] : NAN) : NAN);
+  for (int64_t j = 0; j < V; ++j) fh_store(db, dt, j, init ? init->db[j] : NAN);
+  fh_tensor_t tE = fh_tensor_2d(dE, dt, N, D), tC = fh_tensor_2d(dC, dt, V, D), tb = fh_tensor_2d(db, dt, 1, V);
+  tE.row_stride = tC.row_stride = ld;
+  const size_t nst = (size_t)(N > 0 ? N : 1) * NS;
+  float* st = malloc(sizeof(float) * nst);
+  for (int64_t k = 0; k < N * NS; ++k) st[k] = (float)state[k];
+  const int64_t ng = o->reduction == FH_REDUCTION_NONE ? (N > 0 ? N : 1) : 1;
+  float* g32 = malloc(sizeof(float) * (size_t)ng);
+  for (int64_t k = 0; k < ng; ++k) g32[k] = (float)gl[k];
+  fh_distill_head_t hs = {&P->tEs, &P->tCs, &P->tbs}, ht = {&P->tEt, &P->tCt, &P->tbt};
+  fh_distill_grad_inputs_t in = {st, g32};
+  fh_distill_grads_t G = {&tE, &tC, &tb};
+  const fh_status_t rc = fh_distill_backward(ctx, o, &hs, &ht, P->targets, &in, &G, w, ws);
+  if (rc == FH_SUCCESS) {
+    cr_assert_eq(fh_context_check(ctx), FH_SUCCESS, "%s", fh_last_error());
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t k = 0; k < ld; ++k) {
+        const double v = fh_load(dE, dt, i * ld + k);
+        if (k < D) out->dE[i * D + k] = v;
+        else cr_assert(isnan(v), "dE padding written");
+      }
+    for (int64_t j = 0; j < V; ++j)
+      for (int64_t k = 0; k < ld; ++k) {
+        const double v = fh_load(dC, dt, j * ld + k);
+        if (k < D) out->dC[j * D + k] = v;
+        else cr_assert(isnan(v), "dC padding written");
+      }
+    for (int64_t j = 0; j < V; ++j) out->db[j] = fh_load(db, dt, j);
+  }
+  free(w), free(dE), free(dC), free(db), free(st), free(g32);
+  fh_context_destroy(ctx);
+  return rc;
+}
+
+static int64_t count_valid(const dk_problem_t* P, const fh_distill_options_t* o) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < P->s.N; ++i) n += !P->targets || P->targets[i] != o->ignore_index;
+  return n;
+}
+static double upstream(const dk_problem_t* P, const fh_distill_options_t* o, const double* gl, int64_t i) {
+  if (o->reduction == FH_REDUCTION_NONE) return gl[i];
+  if (o->reduction == FH_REDUCTION_SUM) return gl[0];
+  const double den = o->divisor > 0 ? o->divisor : (double)count_valid(P, o);
+  return den > 0 ? gl[0] / den : 0.0;
+}
+
+/* The naive backward from the naive fp32 state (see the file comment). */
+static void dk_naive_backward(const dk_problem_t* P, const fh_distill_options_t* o, const double* state,
+                              const double* gl, dk_grads_t* out) {
+  const int64_t N = P->s.N, V = P->s.V, D = P->s.Ds;
+  const fh_dtype_t dt = P->s.dtype;
+  const int f32 = dt == FH_DTYPE_F32;
+  fh_div_t dv;
+  fh_div_resolve(o, &dv);
+  const float invT = 1.0f / o->temperature;
+  const double T = o->temperature, kap = o->scale_by_t_squared ? T * T : 1.0;
+  float *s = malloc(sizeof(float) * (size_t)V), *t = malloc(sizeof(float) * (size_t)V);
+  float* aE = malloc(sizeof(float) * (size_t)(D + 1));
+  float* aC = calloc((size_t)(V * D + 1), sizeof(float));
+  float* ab = calloc((size_t)(V + 1), sizeof(float));
+  for (int64_t i = 0; i < N; ++i) {
+    for (int64_t k = 0; k < D; ++k) aE[k] = 0.0f;
+    const int valid = !P->targets || P->targets[i] != o->ignore_index;
+    if (valid) {
+      const double* st = state + i * NS;
+      const double a = upstream(P, o, gl, i);
+      const float cs = (float)(a * o->soft_weight * kap / T), ch = (float)(a * o->hard_weight);
+      naive_logits(&P->tEs, &P->tCs, &P->tbs, i, V, s);
+      naive_logits(&P->tEt, &P->tCt, &P->tbt, i, V, t);
+      for (int64_t j = 0; j < V; ++j) {
+        const float X = s[j] * invT - (float)st[0], Y = t[j] * invT - (float)st[1];
+        double term, qa;
+        fh_div_eval(&dv, X, Y, &term, &qa);
+        float g = cs * ((float)qa - expf(X) * (float)st[2]);
+        if (o->hard_weight != 0.0f) {
+          const float d = s[j] - (float)st[3];
+          g += ch * (j == P->targets[i] ? expm1f(d) : expf(d));
+        }
+        const float gop = (float)(f32 ? lk_tf32_round(g) : round_to(dt, g));
+        ab[j] += g;
+        for (int64_t k = 0; k < D; ++k) {
+          const double c = fh_tensor_get(&P->tCs, j, k), e = fh_tensor_get(&P->tEs, i, k);
+          aE[k] += gop * (float)(f32 ? lk_tf32_round(c) : c);
+          aC[j * D + k] += gop * (float)(f32 ? lk_tf32_round(e) : e);
+        }
+      }
+    }
+    for (int64_t k = 0; k < D; ++k) out->dE[i * D + k] = round_to(dt, out->dE[i * D + k] + aE[k]);
+  }
+  for (int64_t q = 0; q < V * D; ++q) out->dC[q] = round_to(dt, out->dC[q] + aC[q]);
+  for (int64_t j = 0; j < V; ++j) out->db[j] = round_to(dt, out->db[j] + ab[j]);
+  free(s), free(t), free(aE), free(aC), free(ab);
+}
+
+static const char* const MNAME[3] = {"fp32", "output_dtype", "deterministic"};
+
+/* Forward (kernel, naive, reference), then the three backwards compared. init (may be NULL):
+ * the accumulate flag's starting gradients. */
+static int check_backward(const char* label, const dk_problem_t* P, const fh_distill_options_t* o,
+                          const dk_grads_t* init) {
+  const int64_t N = P->s.N, V = P->s.V, D = P->s.Ds;
+  dk_out_t kf, nf, rf;
+  dk_out_alloc(&kf, N), dk_out_alloc(&nf, N), dk_out_alloc(&rf, N);
+  cr_assert_eq(dk_run(P, o, &kf), FH_SUCCESS, "%s: %s", label, fh_last_error());
+  dk_naive(P, o, &nf);
+  dk_reference(P, o, &rf);
+  double* gl = make_gl(P, o);
+  dk_grads_t k, n, r;
+  dk_grads_alloc(&k, P), dk_grads_alloc(&n, P), dk_grads_alloc(&r, P);
+  if (init) {
+    memcpy(n.dE, init->dE, sizeof(double) * (size_t)(N * D)), memcpy(n.dC, init->dC, sizeof(double) * (size_t)(V * D));
+    memcpy(n.db, init->db, sizeof(double) * (size_t)V);
+  }
+  cr_assert_eq(dk_run_backward(P, o, kf.state, gl, init, &k), FH_SUCCESS, "%s: %s", label, fh_last_error());
+  dk_naive_backward(P, o, nf.state, gl, &n);
+  fh_distill_problem_t p = dk_ref_problem(P, o);
+  cr_assert_eq(fh_ref_distill_backward_f64(&p, rf.state, gl, r.dE, r.dC, r.db, NULL), FH_SUCCESS, "%s",
+               fh_last_error());
+  if (init) {
+    for (int64_t q = 0; q < N * D; ++q) r.dE[q] += init->dE[q];
+    for (int64_t q = 0; q < V * D; ++q) r.dC[q] += init->dC[q];
+    for (int64_t q = 0; q < V; ++q) r.db[q] += init->db[q];
+  }
+  const int lowp = o->accum_mode == FH_ACCUM_OUTPUT_DTYPE && P->s.dtype != FH_DTYPE_F32;
+  const double fE = lowp ? 2.0 * (double)((V + 127) / 128) : 2.0;
+  const double fC = lowp ? 2.0 * (double)((count_valid(P, o) + 127) / 128) : 2.0;
+  char nm[200];
+  int ok = 1;
+  snprintf(nm, sizeof nm, "%s %s dE", label, MNAME[o->accum_mode]);
+  ok &= lk_compare(nm, k.dE, r.dE, n.dE, N * D, fE, (double)(D + V), NULL);
+  snprintf(nm, sizeof nm, "%s %s dC", label, MNAME[o->accum_mode]);
+  ok &= lk_compare(nm, k.dC, r.dC, n.dC, V * D, fC, (double)(D + V + N), NULL);
+  snprintf(nm, sizeof nm, "%s %s dbias", label, MNAME[o->accum_mode]);
+  ok &= lk_compare(nm, k.db, r.db, n.db, V, 2.0, (double)(V + N), NULL);
+  dk_grads_free(&k), dk_grads_free(&n), dk_grads_free(&r);
+  dk_out_free(&kf), dk_out_free(&nf), dk_out_free(&rf);
+  free(gl);
+  return ok;
+}
+
+static void run_backward(int di) {
+  static const dcase_t BC[] = {{"fkl", FH_DISTILL_FORWARD_KL, 0, 0},
+                               {"jsd0.3", FH_DISTILL_JSD, 0.3f, 0},
+                               {"tvd", FH_DISTILL_TVD, 0, 0},
+                               {"skew_rkl0.3", FH_DISTILL_SKEW_REVERSE_KL, 0.3f, 0},
+                               {"alpha-0.5", FH_DISTILL_ALPHA, -0.5f, 0}};
+  dk_spec_t s = dk_default(130, 300, 72, 317, 40, DTYPES[di]);
+  dk_problem_t P;
+  dk_init(&P, &s);
+  int ok = 1;
+  for (int c = 0; c < 5; ++c) {
+    fh_distill_options_t o = opts_for(BC[c].d, BC[c].param);
+    o.reduction = c == 0 ? FH_REDUCTION_NONE : FH_REDUCTION_MEAN;
+    o.accum_mode = (fh_accum_mode_t)(c % 3);
+    char label[96];
+    snprintf(label, sizeof label, "%s %s", DNAME[di], BC[c].name);
+    ok &= check_backward(label, &P, &o, NULL);
+  }
+  dk_free(&P);
+  cr_assert(ok, "a comparison failed (see the lines above)");
+}
+
+Test(kernel_distill, backward_f32, .timeout = 1200) { run_backward(0); }
+Test(kernel_distill, backward_f16, .timeout = 1200) { run_backward(1); }
+Test(kernel_distill, backward_bf16, .timeout = 1200) { run_backward(2); }
+
+/* Every mode with the accumulate flag, every divergence's gradient once (bf16, small), and the
+ * scalar fallback (odd strides, D_s % 8 != 0). */
+Test(kernel_distill, backward_modes_divergences_fallback, .timeout = 1200) {
+  int ok = 1;
+  {
+    dk_spec_t s = dk_default(37, 150, 24, 160, 16, FH_DTYPE_BF16);
+    dk_problem_t P;
+    dk_init(&P, &s);
+    dk_grads_t init;
+    dk_grads_alloc(&init, &P);
+    tu_rng_t r = {5};
+    for (int64_t q = 0; q < s.N * s.Ds; ++q) init.dE[q] = round_to(s.dtype, 0.01 * tu_normal(&r));
+    for (int64_t q = 0; q < s.V * s.Ds; ++q) init.dC[q] = round_to(s.dtype, 0.01 * tu_normal(&r));
+    for (int64_t q = 0; q < s.V; ++q) init.db[q] = round_to(s.dtype, 0.01 * tu_normal(&r));
+    for (int m = 0; m < 3; ++m) {
+      fh_distill_options_t o = opts_for(FH_DISTILL_JSD_SCALED, 0.9f);
+      o.reduction = FH_REDUCTION_SUM, o.accum_mode = (fh_accum_mode_t)m, o.accumulate = 1;
+      ok &= check_backward("accumulate", &P, &o, &init);
+    }
+    for (int c = 0; c < NCASES; ++c) {
+      fh_distill_options_t o = opts_for(CASES[c].d, CASES[c].param);
+      if (CASES[c].plain) o.jsd_endpoints = FH_DISTILL_JSD_ENDPOINTS_PLAIN;
+      o.accum_mode = FH_ACCUM_DETERMINISTIC;
+      ok &= check_backward(CASES[c].name, &P, &o, NULL);
+    }
+    dk_grads_free(&init);
+    dk_free(&P);
+  }
+  for (int di = 0; di < 3; ++di) {
+    dk_spec_t s = dk_default(70, 200, 19, 200, 13, DTYPES[di]);
+    s.pad = 1;
+    dk_problem_t P;
+    dk_init(&P, &s);
+    fh_distill_options_t o = opts_for(FH_DISTILL_REVERSE_KL, 0);
+    o.accum_mode = FH_ACCUM_FP32;
+    char label[64];
+    snprintf(label, sizeof label, "%s scalar", DNAME[di]);
+    ok &= check_backward(label, &P, &o, NULL);
+    dk_free(&P);
+  }
+  cr_assert(ok, "a comparison failed (see the lines above)");
+}
+
 /* N = 0: the loss is 0 and nothing else is touched; the workspace formula at the Llama-3
  * 8B -> 1B shape (N = 8192, V = 128256, bf16): 256 + 4N + 16N + 12N + 28·16·N bytes (each
- * piece rounded up to 256), no N x V term. Backward and sparse report FH_ERR_UNSUPPORTED. */
+ * piece rounded up to 256), no N x V term. The sparse teacher reports FH_ERR_UNSUPPORTED. */
 Test(kernel_distill, empty_workspace_unsupported) {
   dk_spec_t s = dk_default(0, 50, 8, 50, 8, FH_DTYPE_BF16);
   dk_problem_t P;
@@ -425,7 +690,9 @@ Test(kernel_distill, empty_workspace_unsupported) {
   const size_t want = 256 + 4 * 8192 + 16 * 8192 + 12 * 8192 + 28 * 16 * 8192;
   printf("distill forward workspace at N=8192 V=128256: %zu bytes (%.2f MiB)\n", ws, ws / 1048576.0);
   cr_expect_eq(ws, want, "workspace %zu, formula %zu", ws, want);
-  cr_expect_eq(fh_distill_backward_workspace_size(ctx, &o, &sh, &ws), FH_ERR_UNSUPPORTED);
+  cr_assert_eq(fh_distill_backward_workspace_size(ctx, &o, &sh, &ws), FH_SUCCESS, "%s", fh_last_error());
+  printf("distill backward workspace (fp32 mode, bf16) at N=8192 V=128256 D_s=2048: %zu bytes (%.2f MiB)\n", ws,
+         ws / 1048576.0);
   sh.K = 8;
   cr_expect_eq(fh_distill_forward_workspace_size(ctx, &o, &sh, &ws), FH_ERR_UNSUPPORTED);
   fh_context_destroy(ctx);
