@@ -37,15 +37,11 @@ static_assert(NC <= fh_lce::NCOEF, "the coefficients fit bwd_smem's rows");
 /* The parked tiles (2 x 64 KiB) lie over bwd_smem's G tile and staging chunk, extended by this
  * gap where those are smaller (16-bit types). */
 template <typename T>
-constexpr size_t park_gap() {
-  return 2 * PARK_BYTES > bwd_smem<T>::g_b + bwd_smem<T>::gt_b + bwd_smem<T>::o_b
-             ? 2 * PARK_BYTES - (bwd_smem<T>::g_b + bwd_smem<T>::gt_b + bwd_smem<T>::o_b)
-             : 0;
-}
-template <typename T>
-constexpr size_t bwd_smem_bytes() {
-  return bwd_smem<T>::bytes_with(park_gap<T>());
-}
+struct park_gap {
+  static constexpr size_t resident = bwd_smem<T>::g_b + bwd_smem<T>::gt_b + bwd_smem<T>::o_b;
+  static constexpr size_t value = 2 * PARK_BYTES > resident ? 2 * PARK_BYTES - resident : 0;
+  static constexpr size_t smem_bytes = bwd_smem<T>::bytes + value;
+};
 
 struct bwd_params {
   head hs, ht;
@@ -134,7 +130,7 @@ __device__ __forceinline__ void g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_
 template <typename T, typename Align>
 __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_bwd_rows_kernel(bwd_params p) {
   FH_DYNAMIC_SMEM(unsigned char, smem);
-  bwd_smem<T> sm(smem, park_gap<T>());
+  bwd_smem<T> sm(smem, park_gap<T>::value);
   const int count = p.hdr->count, row0 = blockIdx.x * TBM;
   if (row0 >= count) return;
   const int nr = count - row0 < TBM ? count - row0 : TBM;
@@ -151,7 +147,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_bwd_rows_kernel(bw
 template <typename T, typename Align>
 __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_bwd_cols_kernel(bwd_params p) {
   FH_DYNAMIC_SMEM(unsigned char, smem);
-  bwd_smem<T> sm(smem, park_gap<T>());
+  bwd_smem<T> sm(smem, park_gap<T>::value);
   const int count = p.hdr->count, v0 = blockIdx.x * TBV, nv = p.V - v0 < TBV ? p.V - v0 : TBV;
   __shared__ int range[2];
   fh_lce::compacted_range(p.rows, count, p.r_lo, p.r_hi, range);
@@ -227,7 +223,7 @@ static bwd_layout bwd_layout_of(int64_t N, int64_t V, int64_t D, fh_dtype_t dtyp
 template <typename T, typename Align, bool ROWS>
 static fh_status_t launch_bwd(const char* fn, dim3 grid, cudaStream_t stream, const bwd_params& bp) {
   auto k = ROWS ? distill_bwd_rows_kernel<T, Align> : distill_bwd_cols_kernel<T, Align>;
-  const size_t smem = bwd_smem_bytes<T>();
+  const size_t smem = park_gap<T>::smem_bytes;
   FH_TRY(fh_cuda_status(fh_eng::allow_smem(k, smem), fn, "cudaFuncSetAttribute(distill_bwd kernel)"));
   FH_LAUNCH(k, grid, dim3(fh_eng::THREADS), smem, stream, bp);
   LCE_CHECK_LAUNCH(fn, ROWS ? "distill_bwd_rows_kernel" : "distill_bwd_cols_kernel");

@@ -105,9 +105,6 @@ struct bwd_smem {
   static constexpr size_t o_b = sizeof(float) * TBM * OLD;
   static constexpr size_t bytes = fh_eng::SMEM_BYTES + g_b + gt_b + o_b + sizeof(float) * NCOEF * TBM +
                                   2 * sizeof(int) * TBM + sizeof(float) * 2 * TBV;
-  /* With `gap` more bytes after the staging chunk (a kernel's own scratch over g .. o + gap,
-   * used while those are free: the distillation backward parks its tiles there). */
-  static constexpr size_t bytes_with(size_t gap) { return bytes + gap; }
   unsigned char* stages;
   unsigned char* g;
   unsigned char* gt;
@@ -116,6 +113,8 @@ struct bwd_smem {
   int* rows;
   int* y;
   float* db; /* [2][TBV] */
+  /* gap: bytes a kernel adds after the staging chunk, for its own scratch over g .. o + gap
+   * while those are free (the distillation backward parks its tiles there). */
   __device__ explicit bwd_smem(unsigned char* base, size_t gap = 0) {
     stages = base;
     g = base + fh_eng::SMEM_BYTES;
