@@ -667,6 +667,78 @@ Test(kernel_distill, backward_modes_divergences_fallback, .timeout = 1200) {
   cr_assert(ok, "a comparison failed (see the lines above)");
 }
 
+/* Bitwise the same forward and (deterministic modes) gradients under two block orders of the
+ * emulator; a NaN row of Es leaves the other rows' dE bitwise unchanged (dC and dbias sum over
+ * rows, so the NaN reaches them, as in the reference); every row ignored gives zero gradients. */
+Test(kernel_distill, block_order_nan_row_ignored, .timeout = 1200) {
+  dk_spec_t s = dk_default(130, 260, 24, 270, 16, FH_DTYPE_BF16);
+  dk_problem_t P;
+  dk_init(&P, &s);
+  for (int m = 1; m < 3; ++m) {
+    fh_distill_options_t o = opts_for(FH_DISTILL_JSD, 0.3f);
+    o.accum_mode = (fh_accum_mode_t)m;
+    dk_out_t f1, f2;
+    dk_out_alloc(&f1, s.N), dk_out_alloc(&f2, s.N);
+    dk_grads_t g1, g2;
+    dk_grads_alloc(&g1, &P), dk_grads_alloc(&g2, &P);
+    double* gl = make_gl(&P, &o);
+    fh_emu_set_seed(3);
+    cr_assert_eq(dk_run(&P, &o, &f1), FH_SUCCESS, "%s", fh_last_error());
+    cr_assert_eq(dk_run_backward(&P, &o, f1.state, gl, NULL, &g1), FH_SUCCESS, "%s", fh_last_error());
+    fh_emu_set_seed(0xdeadbeef);
+    cr_assert_eq(dk_run(&P, &o, &f2), FH_SUCCESS, "%s", fh_last_error());
+    cr_assert_eq(dk_run_backward(&P, &o, f2.state, gl, NULL, &g2), FH_SUCCESS, "%s", fh_last_error());
+    cr_expect(lk_same_bits(f1.loss, f2.loss, s.N) && lk_same_bits(f1.state, f2.state, s.N * NS),
+              "forward differs between block orders");
+    cr_expect(lk_same_bits(g1.dE, g2.dE, s.N * s.Ds) && lk_same_bits(g1.dC, g2.dC, s.V * s.Ds) &&
+                  lk_same_bits(g1.db, g2.db, s.V),
+              "mode %s: gradients differ between block orders", MNAME[m]);
+    if (m == FH_ACCUM_DETERMINISTIC) { /* the NaN row against this NaN-free run */
+      dk_spec_t sn = s;
+      sn.nan_row = 3;
+      dk_problem_t Q;
+      dk_init(&Q, &sn);
+      dk_out_t fq;
+      dk_out_alloc(&fq, s.N);
+      dk_grads_t gq;
+      dk_grads_alloc(&gq, &Q);
+      cr_assert_eq(dk_run(&Q, &o, &fq), FH_SUCCESS, "%s", fh_last_error());
+      cr_assert_eq(dk_run_backward(&Q, &o, fq.state, gl, NULL, &gq), FH_SUCCESS, "%s", fh_last_error());
+      for (int64_t i = 0; i < s.N; ++i) {
+        if (i == 3) {
+          cr_expect(isnan(gq.dE[i * s.Ds]), "the NaN row's dE is NaN");
+          continue;
+        }
+        cr_expect(lk_same_bits(gq.dE + i * s.Ds, g1.dE + i * s.Ds, s.Ds), "row %lld's dE changed by the NaN row",
+                  (long long)i);
+      }
+      dk_out_free(&fq), dk_grads_free(&gq), dk_free(&Q);
+    }
+    free(gl);
+    dk_out_free(&f1), dk_out_free(&f2), dk_grads_free(&g1), dk_grads_free(&g2);
+  }
+  fh_emu_set_seed(0);
+  for (int64_t i = 0; i < s.N; ++i) P.targets[i] = -100;
+  for (int m = 0; m < 3; ++m) {
+    fh_distill_options_t o = opts_for(FH_DISTILL_FORWARD_KL, 0);
+    o.accum_mode = (fh_accum_mode_t)m;
+    o.reduction = FH_REDUCTION_MEAN;
+    dk_grads_t g;
+    dk_grads_alloc(&g, &P);
+    double* st = calloc((size_t)(s.N * NS), sizeof(double));
+    double gl = 1.0;
+    cr_assert_eq(dk_run_backward(&P, &o, st, &gl, NULL, &g), FH_SUCCESS, "%s", fh_last_error());
+    int zero = 1;
+    for (int64_t q = 0; q < s.N * s.Ds; ++q) zero &= g.dE[q] == 0.0;
+    for (int64_t q = 0; q < s.V * s.Ds; ++q) zero &= g.dC[q] == 0.0;
+    for (int64_t q = 0; q < s.V; ++q) zero &= g.db[q] == 0.0;
+    cr_expect(zero, "mode %s: every row ignored must give zero gradients", MNAME[m]);
+    free(st);
+    dk_grads_free(&g);
+  }
+  dk_free(&P);
+}
+
 /* N = 0: the loss is 0 and nothing else is touched; the workspace formula at the Llama-3
  * 8B -> 1B shape (N = 8192, V = 128256, bf16): 256 + 4N + 16N + 12N + 28·16·N bytes (each
  * piece rounded up to 256), no N x V term. The sparse teacher reports FH_ERR_UNSUPPORTED. */
