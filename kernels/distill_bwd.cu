@@ -203,21 +203,9 @@ __global__ void __launch_bounds__(256) distill_bwd_coef_kernel(coef_params p) {
   }
 }
 
-struct bwd_layout {
-  size_t rows_off, coef_off, e_off, c_off, db_off, total;
-  int64_t e_rows;
-};
+typedef fh_lce::grad_layout bwd_layout;
 static bwd_layout bwd_layout_of(int64_t N, int64_t V, int64_t D, fh_dtype_t dtype, fh_accum_mode_t mode) {
-  bwd_layout L;
-  const fh_lce::grad_ws g = fh_lce::grad_ws_of(N, V, D, dtype, mode);
-  L.e_rows = g.e_rows;
-  L.rows_off = 256;
-  L.coef_off = L.rows_off + fh_lce::lce_align(sizeof(int) * (size_t)N);
-  L.e_off = L.coef_off + fh_lce::lce_align(sizeof(float) * NC * (size_t)N);
-  L.c_off = L.e_off + fh_lce::lce_align(g.e);
-  L.db_off = L.c_off + fh_lce::lce_align(g.c);
-  L.total = L.db_off + fh_lce::lce_align(g.db);
-  return L;
+  return fh_lce::grad_layout_of(N, V, D, dtype, mode, NC); /* every gradient wanted: the query's contract */
 }
 
 template <typename T, typename Align, bool ROWS>
@@ -252,12 +240,9 @@ extern "C" fh_status_t fh_cuda_distill_backward(fh_cuda_state_t* st, struct CUst
   lce_ws_header* hdr = (lce_ws_header*)ws;
   int* rows = (int*)(ws + L.rows_off);
   float* coef = (float*)(ws + L.coef_off);
-  const fh_tensor_t* tE = grads->dE && grads->dE->data ? grads->dE : NULL;
-  const fh_tensor_t* tC = grads->dC && grads->dC->data ? grads->dC : NULL;
-  const fh_tensor_t* tb = grads->dbias && grads->dbias->data && p->bs ? grads->dbias : NULL;
-  if (!tE && !tC && !tb) return FH_SUCCESS; /* nothing wanted: nothing computed or written */
-  const fh_lce::grad_plan g = fh_lce::grad_plan_of(o->accum_mode, dtype, tE, tC, tb, ws + L.e_off, ws + L.c_off,
-                                                   ws + L.db_off, L.e_rows, o->accumulate != 0);
+  const fh_lce::grad_plan g =
+      fh_lce::grad_plan_of(o->accum_mode, dtype, grads->dE, grads->dC, grads->dbias, p->bs != NULL, ws, L, o->accumulate);
+  if (!g.any) return FH_SUCCESS; /* nothing wanted: nothing computed or written */
   const fwd_layout FL = fwd_layout_of(p->N, p->V);
   const fwd_params fp = make_fwd_params(p, rows, hdr, NULL, FL);
   bwd_params bp;
@@ -266,7 +251,7 @@ extern "C" fh_status_t fh_cuda_distill_backward(fh_cuda_state_t* st, struct CUst
   bp.invT = fp.invT, bp.hard = fp.hard, bp.dv = fp.dv;
   bp.rows = rows, bp.hdr = hdr, bp.coef = coef, bp.targets = p->targets;
   bp.dE = g.dE, bp.dC = g.dC;
-  bp.dbias = tb ? tb->data : NULL;
+  bp.dbias = g.dbias;
   bp.accumulate = o->accumulate != 0;
   bp.r_lo = 0, bp.r_hi = bp.N;
   bp.db32 = NULL, bp.db_last = 1;
@@ -286,20 +271,13 @@ extern "C" fh_status_t fh_cuda_distill_backward(fh_cuda_state_t* st, struct CUst
   const bool vec = operands_vec16(p) && p->D_s % 8 == 0 && fh_lce::dst_vec_ok(bp.dE, es) &&
                    fh_lce::dst_vec_ok(bp.dC, es);
   LCE_DTYPE_SWITCH(dtype, T, {
-    auto rows_pass = [&]() -> fh_status_t {
-      const dim3 grid(lce_blocks(p->N, TBM));
-      if (vec) return launch_bwd<T, fh_eng::vec16, true>(fn, grid, stream, bp);
-      return launch_bwd<T, fh_eng::scalar, true>(fn, grid, stream, bp);
+    auto launch = [&](bool row_owner, dim3 grid, const bwd_params& q) -> fh_status_t {
+      if (vec) return row_owner ? launch_bwd<T, fh_eng::vec16, true>(fn, grid, stream, q)
+                           : launch_bwd<T, fh_eng::vec16, false>(fn, grid, stream, q);
+      return row_owner ? launch_bwd<T, fh_eng::scalar, true>(fn, grid, stream, q)
+                  : launch_bwd<T, fh_eng::scalar, false>(fn, grid, stream, q);
     };
-    auto cols_pass = [&](const grad_dst& dE, int64_t r0, int64_t r1, float* db32, int last) -> fh_status_t {
-      bwd_params cpar = bp;
-      cpar.dE = dE;
-      cpar.r_lo = (int)r0, cpar.r_hi = (int)r1;
-      cpar.db32 = db32, cpar.db_last = last;
-      if (vec) return launch_bwd<T, fh_eng::vec16, false>(fn, dim3((unsigned)bp.vt), stream, cpar);
-      return launch_bwd<T, fh_eng::scalar, false>(fn, dim3((unsigned)bp.vt), stream, cpar);
-    };
-    FH_TRY(fh_lce::grad_passes<T>(fn, stream, g, p->N, p->V, (int)p->D_s, bp.vt, rows_pass, cols_pass));
+    FH_TRY((fh_lce::grad_passes<T>(fn, stream, g, bp, p->N, p->V, (int)p->D_s, bp.vt, launch)));
   });
   return FH_SUCCESS;
 }

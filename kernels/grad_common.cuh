@@ -403,67 +403,98 @@ static inline grad_ws grad_ws_of(int64_t N, int64_t V, int64_t D, fh_dtype_t dty
   return g;
 }
 
-/* The destinations of one backward (tE, tC, tb: the wanted gradients or NULL) and where their
- * workspace pieces live (e, c, db at the offsets of grad_ws_of's pieces). */
+/* Workspace of a backward: header, compacted rows, ncoef floats per row, then the gradient
+ * accumulators' pieces (grad_ws_of), each rounded up to 256 bytes. */
+struct grad_layout {
+  size_t rows_off, coef_off, e_off, c_off, db_off, total;
+  int64_t e_rows;
+};
+static inline grad_layout grad_layout_of(int64_t N, int64_t V, int64_t D, fh_dtype_t dtype, fh_accum_mode_t mode,
+                                         int ncoef) {
+  grad_layout L;
+  const grad_ws g = grad_ws_of(N, V, D, dtype, mode);
+  L.e_rows = g.e_rows;
+  L.rows_off = 256;
+  L.coef_off = L.rows_off + lce_align(sizeof(int) * (size_t)N);
+  L.e_off = L.coef_off + lce_align(sizeof(float) * (size_t)ncoef * (size_t)N);
+  L.c_off = L.e_off + lce_align(g.e);
+  L.db_off = L.c_off + lce_align(g.c);
+  L.total = L.db_off + lce_align(g.db);
+  return L;
+}
+
+/* The destinations of one backward: the wanted gradients (a tensor with data; dbias only with a
+ * bias), their kinds under the accumulation mode, and where their workspace pieces live in `ws`
+ * (laid out by grad_layout_of). any == false: nothing is wanted, nothing is computed. */
 struct grad_plan {
   grad_dst dE, dC;
-  bool want_E, want_b, cols, e_atomic;
+  void* dbias;
+  bool any, want_E, want_b, cols, e_atomic;
   float* ws_e; /* FP32 mode, 16-bit dE: the fp32 atomic copy (per row pass) */
   float* db32; /* dbias carried between row passes */
   int64_t e_rows;
   int accumulate;
 };
-static inline grad_plan grad_plan_of(fh_accum_mode_t mode, fh_dtype_t dtype, const fh_tensor_t* tE,
-                                     const fh_tensor_t* tC, const fh_tensor_t* tb, unsigned char* e, unsigned char* c,
-                                     unsigned char* db, int64_t e_rows, int accumulate) {
+static inline grad_plan grad_plan_of(fh_accum_mode_t mode, fh_dtype_t dtype, const fh_tensor_t* dE,
+                                     const fh_tensor_t* dC, const fh_tensor_t* dbias, bool has_bias,
+                                     unsigned char* ws, const grad_layout& L, int accumulate) {
   grad_plan g;
+  const fh_tensor_t* tE = dE && dE->data ? dE : NULL;
+  const fh_tensor_t* tC = dC && dC->data ? dC : NULL;
+  const fh_tensor_t* tb = dbias && dbias->data && has_bias ? dbias : NULL;
   const bool wide = dtype != FH_DTYPE_F32;
+  g.any = tE || tC || tb;
   g.want_E = tE != NULL, g.want_b = tb != NULL;
   g.cols = tC || tb;
   g.e_atomic = mode == FH_ACCUM_FP32 && g.cols && tE;
   int kE = ST_NONE, kC = ST_NONE;
   if (tE) kE = g.e_atomic ? ST_ATOMIC : !wide ? ST_F32 : mode == FH_ACCUM_OUTPUT_DTYPE ? ST_OUT : ST_SPLIT;
   if (tC) kC = !wide ? ST_F32 : mode == FH_ACCUM_OUTPUT_DTYPE ? ST_OUT : ST_SPLIT;
-  uint16_t* lo_e = kE == ST_SPLIT ? (uint16_t*)e : NULL;
-  g.ws_e = kE == ST_ATOMIC && wide ? (float*)e : NULL;
-  uint16_t* lo_c = kC == ST_SPLIT ? (uint16_t*)c : NULL;
+  uint16_t* lo_e = kE == ST_SPLIT ? (uint16_t*)(ws + L.e_off) : NULL;
+  g.ws_e = kE == ST_ATOMIC && wide ? (float*)(ws + L.e_off) : NULL;
+  uint16_t* lo_c = kC == ST_SPLIT ? (uint16_t*)(ws + L.c_off) : NULL;
   g.dE = make_dst(kE, tE, lo_e, g.ws_e);
   g.dC = make_dst(kC, tC, lo_c, NULL);
-  g.db32 = (float*)db;
-  g.e_rows = e_rows;
+  g.dbias = tb ? tb->data : NULL;
+  g.db32 = (float*)(ws + L.db_off);
+  g.e_rows = L.e_rows;
   g.accumulate = accumulate;
   return g;
 }
 
 /* The passes of a backward (linear_ce_bwd.cu's header comment): accumulator set-up; the
- * row-owner kernel for dE unless dE goes by atomics (rows()); the class-owner kernel for dC and
- * dbias (and dE by fp32 atomics in FP32 mode) once per row pass (cols(dE, r_lo, r_hi, db32,
- * last)); the final rounding of split or fp32-copy accumulators. */
-template <typename T, class Rows, class Cols>
-static fh_status_t grad_passes(const char* fn, cudaStream_t stream, const grad_plan& g, int64_t N, int64_t V, int D,
-                               int vt, Rows&& rows, Cols&& cols) {
+ * row-owner kernel for dE unless dE goes by atomics; the class-owner kernel for dC and dbias
+ * (and dE by fp32 atomics in FP32 mode) once per row pass; the final rounding of split or
+ * fp32-copy accumulators. Params: the kernels' parameters, with fields dE, r_lo, r_hi, db32,
+ * db_last that each class-owner pass sets; launch(rows, grid, params) launches the row-owner
+ * (rows) or class-owner kernel. */
+template <typename T, class Params, class Launch>
+static fh_status_t grad_passes(const char* fn, cudaStream_t stream, const grad_plan& g, const Params& bp, int64_t N,
+                               int64_t V, int D, int vt, Launch&& launch) {
   if (!g.ws_e) FH_TRY(launch_init<T>(fn, stream, g.dE, N, D, g.accumulate)); /* else per row pass */
   FH_TRY(launch_init<T>(fn, stream, g.dC, V, D, g.accumulate));
-  if (g.want_E && !g.e_atomic && N > 0) FH_TRY(rows());
+  if (g.want_E && !g.e_atomic && N > 0) FH_TRY(launch(true, dim3(lce_blocks(N, TBM)), bp));
   if (g.cols && vt > 0) {
-    grad_dst dE = g.dE;
-    if (!g.e_atomic) dE.kind = ST_NONE;
+    Params cp = bp;
+    if (!g.e_atomic) cp.dE.kind = ST_NONE;
     /* Row passes: one, except FP32 mode with a 16-bit dE, whose fp32 atomic copy holds
      * e_rows rows at a time (see grad_ws_of). */
     const int64_t step = g.ws_e ? g.e_rows : N;
     const int64_t passes = step > 0 ? (N + step - 1) / step : 0;
-    float* db32 = NULL;
+    cp.db32 = NULL;
     if (passes > 1 && g.want_b) {
-      db32 = g.db32;
-      FH_TRY(fh_cuda_status(cudaMemsetAsync(db32, 0, sizeof(float) * (size_t)V, stream), fn, "cudaMemsetAsync"));
+      cp.db32 = g.db32;
+      FH_TRY(fh_cuda_status(cudaMemsetAsync(cp.db32, 0, sizeof(float) * (size_t)V, stream), fn, "cudaMemsetAsync"));
     }
     for (int64_t k = 0; k < (passes > 0 ? passes : 1); ++k) {
       const int64_t r0 = k * step, r1 = r0 + step < N ? r0 + step : N;
       grad_dst chunk = g.dE; /* the pass's rows of dE, for the fp32 copy's set-up and rounding */
       if (g.ws_e) chunk.out = (T*)g.dE.out + r0 * g.dE.ld;
       if (g.ws_e) FH_TRY(launch_init<T>(fn, stream, chunk, r1 - r0, D, g.accumulate));
-      dE.row_base = g.ws_e ? r0 : 0;
-      FH_TRY(cols(dE, r0, r1, db32, k + 1 >= passes));
+      cp.r_lo = (int)r0, cp.r_hi = (int)r1;
+      cp.dE.row_base = g.ws_e ? r0 : 0;
+      cp.db_last = k + 1 >= passes;
+      FH_TRY(launch(false, dim3((unsigned)vt), cp));
       if (g.ws_e) FH_TRY(launch_final<T>(fn, stream, chunk, r1 - r0, D));
     }
   }
@@ -471,5 +502,6 @@ static fh_status_t grad_passes(const char* fn, cudaStream_t stream, const grad_p
   FH_TRY(launch_final<T>(fn, stream, g.dC, V, D));
   return FH_SUCCESS;
 }
+
 
 } /* namespace fh_lce */

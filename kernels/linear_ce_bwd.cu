@@ -264,23 +264,9 @@ using namespace fh_lce;
 
 namespace {
 
-struct bwd_layout {
-  size_t rows_off, coef_off, e_off, c_off, db_off, total;
-  int64_t e_rows; /* FP32 mode, 16-bit outputs: rows of dE per atomic pass */
-};
-
-/* Exact workspace of the backward, assuming every gradient is wanted (the query's contract). */
-bwd_layout bwd_layout_of(int64_t N, int64_t V, int64_t D, fh_dtype_t dtype, fh_accum_mode_t mode) {
-  bwd_layout L;
-  const grad_ws g = grad_ws_of(N, V, D, dtype, mode);
-  L.e_rows = g.e_rows;
-  L.rows_off = 256;
-  L.coef_off = L.rows_off + lce_align(sizeof(int) * (size_t)N);
-  L.e_off = L.coef_off + lce_align(sizeof(float) * NCOEF * (size_t)N);
-  L.c_off = L.e_off + lce_align(g.e);
-  L.db_off = L.c_off + lce_align(g.c);
-  L.total = L.db_off + lce_align(g.db);
-  return L;
+typedef grad_layout bwd_layout;
+static bwd_layout bwd_layout_of(int64_t N, int64_t V, int64_t D, fh_dtype_t dtype, fh_accum_mode_t mode) {
+  return grad_layout_of(N, V, D, dtype, mode, NCOEF); /* every gradient wanted: the query's contract */
 }
 
 float filter_eps_of(const fh_linear_ce_options_t* o, fh_dtype_t dtype) {
@@ -330,12 +316,9 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CU
   lce_ws_header* hdr = (lce_ws_header*)ws;
   int* rows = (int*)(ws + L.rows_off);
   float* coef = (float*)(ws + L.coef_off);
-  const fh_tensor_t* tE = grads->dE && grads->dE->data ? grads->dE : NULL;
-  const fh_tensor_t* tC = grads->dC && grads->dC->data ? grads->dC : NULL;
-  const fh_tensor_t* tb = grads->dbias && grads->dbias->data && p->bias ? grads->dbias : NULL;
-  if (!tE && !tC && !tb) return FH_SUCCESS; /* nothing wanted: nothing computed or written */
-  const grad_plan g = grad_plan_of(mode, p->dtype, tE, tC, tb, ws + L.e_off, ws + L.c_off, ws + L.db_off, L.e_rows,
-                                   o->accumulate != 0);
+  const grad_plan g =
+      grad_plan_of(mode, p->dtype, grads->dE, grads->dC, grads->dbias, p->bias != NULL, ws, L, o->accumulate != 0);
+  if (!g.any) return FH_SUCCESS; /* nothing wanted: nothing computed or written */
 
   bwd_params bp;
   bp.E = p->E->data, bp.C = p->C->data, bp.bias = p->bias ? p->bias->data : NULL;
@@ -348,7 +331,7 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CU
   bp.rows = rows, bp.hdr = hdr, bp.coef = coef;
   bp.dE = g.dE;
   bp.dC = g.dC;
-  bp.dbias = tb ? tb->data : NULL;
+  bp.dbias = g.dbias;
   bp.accumulate = o->accumulate != 0;
   bp.r_lo = 0, bp.r_hi = bp.N;
   bp.db32 = NULL, bp.db_last = 1;
@@ -366,20 +349,13 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CU
 
   LCE_DTYPE_SWITCH(p->dtype, T, {
     const bool vec = bwd_vec16_ok(bp, fh_dtype_size(p->dtype));
-    auto rows_pass = [&]() -> fh_status_t {
-      const dim3 grid(lce_blocks(p->N, TBM));
-      if (vec) return launch_bwd<T, fh_eng::vec16, true>(fn, grid, stream, bp);
-      return launch_bwd<T, fh_eng::scalar, true>(fn, grid, stream, bp);
+    auto launch = [&](bool row_owner, dim3 grid, const bwd_params& q) -> fh_status_t {
+      if (vec) return row_owner ? launch_bwd<T, fh_eng::vec16, true>(fn, grid, stream, q)
+                           : launch_bwd<T, fh_eng::vec16, false>(fn, grid, stream, q);
+      return row_owner ? launch_bwd<T, fh_eng::scalar, true>(fn, grid, stream, q)
+                  : launch_bwd<T, fh_eng::scalar, false>(fn, grid, stream, q);
     };
-    auto cols_pass = [&](const grad_dst& dE, int64_t r0, int64_t r1, float* db32, int last) -> fh_status_t {
-      bwd_params cpar = bp;
-      cpar.dE = dE;
-      cpar.r_lo = (int)r0, cpar.r_hi = (int)r1;
-      cpar.db32 = db32, cpar.db_last = last;
-      if (vec) return launch_bwd<T, fh_eng::vec16, false>(fn, dim3((unsigned)bp.vt), stream, cpar);
-      return launch_bwd<T, fh_eng::scalar, false>(fn, dim3((unsigned)bp.vt), stream, cpar);
-    };
-    FH_TRY(grad_passes<T>(fn, stream, g, p->N, p->V, bp.D, bp.vt, rows_pass, cols_pass));
+    FH_TRY((grad_passes<T>(fn, stream, g, bp, p->N, p->V, (int)p->D, bp.vt, launch)));
   });
   return FH_SUCCESS;
 }
