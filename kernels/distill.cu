@@ -18,12 +18,13 @@
  *   3. distill_fin_stats_kernel (one thread per row): merges the splits in split order:
  *      lse(u), lse(v), lse(s), s_y per row [4 x N].
  *   4. distill_div_kernel<T, Align>, same grid: the second pass. Recomputes both tiles with the
- *      same mainloops (bitwise the first pass's logits), X of the student tile is parked in
- *      shared memory (each thread its own 64 entries: no barrier, no conflicts) while the teacher
- *      tile is computed; the teacher's Y is parked as well and one rolled loop evaluates the
+ *      same mainloops (bitwise the first pass's logits): Y of the teacher tile is parked in shared
+ *      memory (each thread its own 64 entries: no barrier, no conflicts) while the student tile
+ *      is computed, then the student's X and one rolled loop evaluates the
  *      divergence elements (one copy of the divergence code per kernel), D and S per row in fp32
  *      in column order, merged as in 2 into [S x 2 x N] partials (over the first pass's, which
- *      3 has consumed). Shared memory 193 KiB (the engine's 48 KiB + two parked tiles).
+ *      3 has consumed). Shared memory 145 KiB: the student's tile is parked over the engine's
+ *      stage buffers once its mainloop has returned (the teacher's is computed first).
  *   5. distill_fin_row_kernel (one thread per row): D, S summed in split order; soft = κ D,
  *      hard = lse(s) − s_y, loss_i, the row state, per-row outputs (reduction none).
  *   6. distill_reduce_kernel (1 block): fixed-order fp64 sums of loss, soft, hard and the valid
@@ -41,7 +42,13 @@ namespace fh_dst {
 /* Dynamic shared memory: the engine's stages, the row block's indices and targets (pass 1) or
  * its lse(u), lse(v) (pass 2), then pass 2's parked student tile. */
 constexpr size_t STATS_SMEM = fh_eng::SMEM_BYTES + 2 * fh_eng::BM * sizeof(int);
-constexpr size_t DIV_SMEM = STATS_SMEM + 2 * PARK_BYTES + sizeof(float) * 2 * SLOTS * fh_eng::THREADS;
+/* Pass 2: the student's parked X over the stage buffers (free once its mainloop has returned)
+ * extended to 64 KiB, the teacher's parked Y, the per-slot sums, then the row data: 145 KiB,
+ * within the 163 KiB a block may have on sm_80. */
+constexpr size_t DIV_SUMS = sizeof(float) * 2 * SLOTS * fh_eng::THREADS;
+constexpr size_t DIV_ROWS_OFF = 2 * PARK_BYTES + DIV_SUMS;
+constexpr size_t DIV_SMEM = DIV_ROWS_OFF + 2 * fh_eng::BM * sizeof(int);
+static_assert(PARK_BYTES >= fh_eng::SMEM_BYTES, "the student's park covers the stage buffers");
 static_assert(fh_eng::WARPS_N * fh_eng::BM * NQ1 * sizeof(float) <= fh_eng::SMEM_BYTES, "merge scratch");
 
 /* Pass 1: online statistics of both heads' tempered softmaxes and of the untempered student. */
@@ -152,11 +159,11 @@ template <typename T, typename Align>
 __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_div_kernel(fwd_params p) {
   using namespace fh_eng;
   FH_DYNAMIC_SMEM(unsigned char, smem);
-  int* s_rows = (int*)(smem + SMEM_BYTES);
-  float* s_lu = (float*)(s_rows + BM);
-  float* park_x = (float*)(smem + STATS_SMEM);
+  float* park_x = (float*)smem; /* over the stage buffers: written after the student's mainloop */
   float* park_y = park_x + PARK * THREADS;
   float* sums = park_y + PARK * THREADS; /* [2 SLOTS][THREADS]: D, then S per slot */
+  int* s_rows = (int*)(smem + DIV_ROWS_OFF);
+  float* s_lu = (float*)(s_rows + BM);
   const int count = p.hdr->count, row0 = blockIdx.x * BM;
   if (row0 >= count) return;
   const int nr = count - row0 < BM ? count - row0 : BM;
@@ -177,10 +184,10 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_div_kernel(fwd_par
     const int v0 = tile * BN, nv = p.V - v0 < BN ? p.V - v0 : BN;
     acc_t acc;
     float bj[NJ][2];
-    head_tile<T, Align>(acc, bj, p.hs, s_rows, nr, v0, nv, smem);
-    park_log_probs(park_x, acc, bj, lu, p.invT);
     head_tile<T, Align>(acc, bj, p.ht, s_rows, nr, v0, nv, smem);
     park_log_probs(park_y, acc, bj, lv, p.invT);
+    head_tile<T, Align>(acc, bj, p.hs, s_rows, nr, v0, nv, smem); /* its last barrier frees the stages */
+    park_log_probs(park_x, acc, bj, lu, p.invT);
     FH_NO_UNROLL
     for (int s = 0; s < SLOTS; ++s) {
       float d = 0.0f, q = 0.0f;
@@ -196,6 +203,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_div_kernel(fwd_par
       sums[s * THREADS + threadIdx.x] += d;
       sums[(SLOTS + s) * THREADS + threadIdx.x] += q;
     }
+    __syncthreads(); /* every park_x read is done before the next mainloop (or the merge) reuses the stages */
   }
   float Dacc[SLOTS], Sacc[SLOTS];
   FH_UNROLL

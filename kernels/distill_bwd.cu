@@ -8,7 +8,7 @@
  *
  * Each (row block, class tile) recomputes both logit tiles with the forward's mainloops and
  * tiling (bitwise the forward's logits): the teacher's Y and the student's X are parked in
- * shared memory over the G tile and staging buffers (free at that point), one rolled loop forms
+ * shared memory over the stage buffers, G tile and staging chunk (free at that point), one rolled loop forms
  * the soft part of G per entry (one copy of the divergence code), the hard part is added in
  * registers from the student's accumulators, and G goes to shared memory for the streamed GEMMs
  * of kernels/grad_common.cuh, shared with the linear CE backward: the same kernels' structure
@@ -34,14 +34,17 @@ using fh_lce::TBV;
 constexpr int NC = 6; /* row coefficients: lse(u), lse(v), S, lse(s), soft factor, hard factor */
 static_assert(NC <= fh_lce::NCOEF, "the coefficients fit bwd_smem's rows");
 
-/* The parked tiles (2 x 64 KiB) lie over bwd_smem's G tile and staging chunk, extended by this
- * gap where those are smaller (16-bit types). */
+/* The parked tiles (2 x 64 KiB): the student's X from offset 0 (over the stage buffers, free
+ * once its mainloop has returned, and the start of the G tile), the teacher's Y after it (over
+ * the G tile and staging chunk), extended past the staging chunk by this gap where those are
+ * smaller (16-bit types: 12 KiB, 133 KiB in all; fp32: none, bwd_smem's 201 KiB). */
 template <typename T>
 struct park_gap {
-  static constexpr size_t resident = bwd_smem<T>::g_b + bwd_smem<T>::gt_b + bwd_smem<T>::o_b;
-  static constexpr size_t value = 2 * PARK_BYTES > resident ? 2 * PARK_BYTES - resident : 0;
+  static constexpr size_t before_coef = fh_eng::SMEM_BYTES + bwd_smem<T>::g_b + bwd_smem<T>::gt_b + bwd_smem<T>::o_b;
+  static constexpr size_t value = 2 * PARK_BYTES > before_coef ? 2 * PARK_BYTES - before_coef : 0;
   static constexpr size_t smem_bytes = bwd_smem<T>::bytes + value;
 };
+static_assert(PARK_BYTES >= fh_eng::SMEM_BYTES, "the student's park covers the stage buffers");
 
 struct bwd_params {
   head hs, ht;
@@ -77,8 +80,8 @@ template <typename T, typename Align>
 __device__ __forceinline__ void g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_eng::acc_t& acc, int nr, int v0) {
   using namespace fh_eng;
   const int nv = p.V - v0 < TBV ? p.V - v0 : TBV;
-  float* park_y = (float*)sm.g;
-  float* park_x = park_y + PARK * THREADS;
+  float* park_x = (float*)sm.stages; /* written after the student's mainloop */
+  float* park_y = park_x + PARK * THREADS;
   float lse[SLOTS];
   float bj[NJ][2];
   FH_UNROLL
