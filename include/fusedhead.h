@@ -553,7 +553,12 @@ typedef struct fh_distill_shape {
   fh_dtype_t dtype_s, dtype_t;
 } fh_distill_shape_t;
 
-/* Workspace in bytes (0 on the CPU backend). CUDA: FH_ERR_UNSUPPORTED in this version. */
+/* Workspace in bytes (0 on the CPU backend). CUDA backend, dense teacher (docs/distillation_cuda.md):
+ * forward 256 + 32 N + 28 N S bytes (each piece rounded up to 256 B; S = min(ceil(V / 128), 16)
+ * vocabulary splits), no N x V term: 3.75 MiB at N = 8192, V = 128256. Backward: 256 + 28 N plus
+ * the gradient accumulators of the linear CE backward's accumulation modes for dE [N x D_s] and
+ * dC [V x D_s] (fh_accum_mode_t; 0 for fp32 gradients and FH_ACCUM_OUTPUT_DTYPE). The sparse
+ * teacher, fp64 heads and a teacher dtype other than the student's: FH_ERR_UNSUPPORTED on CUDA. */
 FH_API fh_status_t fh_distill_forward_workspace_size(fh_context_t* ctx, const fh_distill_options_t* opts,
                                                      const fh_distill_shape_t* shape, size_t* bytes);
 FH_API fh_status_t fh_distill_backward_workspace_size(fh_context_t* ctx, const fh_distill_options_t* opts,
@@ -562,7 +567,7 @@ FH_API fh_status_t fh_distill_backward_workspace_size(fh_context_t* ctx, const f
 /* Forward pass (dense teacher). teacher->C has V_t >= V rows; targets [N] int64 or NULL.
  * Outputs must not alias inputs or each other.
  * Statuses: FH_ERR_INVALID_ARGUMENT (NULLs, shapes, dtypes, strides, option ranges, targets),
- * FH_ERR_UNSUPPORTED (CUDA backend: distillation has no CUDA kernels in this version),
+ * FH_ERR_UNSUPPORTED (CUDA backend: sparse teacher, fp64 heads, or teacher dtype != student dtype),
  * FH_ERR_INSUFFICIENT_WORKSPACE, FH_ERR_OUT_OF_MEMORY. */
 FH_API fh_status_t fh_distill_forward(fh_context_t* ctx, const fh_distill_options_t* opts,
                                       const fh_distill_head_t* student, const fh_distill_head_t* teacher,

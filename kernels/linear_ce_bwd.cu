@@ -50,25 +50,11 @@
 
 #include "engine/epilogue.cuh"
 #include "engine/stream.cuh"
+#include "grad_common.cuh"
 #include "linear_ce_common.cuh"
 
 namespace fh_lce {
 
-enum store_kind { ST_NONE = 0, ST_F32 = 1, ST_SPLIT = 2, ST_OUT = 3, ST_ATOMIC = 4 };
-constexpr int NCOEF = 6; /* lse, K1, K2, h, K3, K4 */
-constexpr int TBM = fh_eng::BM, TBV = fh_eng::BN; /* the engine's tile: 128 rows x 128 classes */
-
-/* One gradient destination. F32/ATOMIC: f32 (+ld32); SPLIT: out holds the high halves (ld),
- * lo the low halves (dense, row length D); OUT: out in the dtype T (ld). */
-struct grad_dst {
-  int kind;
-  void* out;
-  int64_t ld;
-  uint16_t* lo;
-  float* f32;
-  int64_t ld32;
-  int64_t row_base; /* ATOMIC: f32 holds rows [row_base, ...) only (FP32 mode's row passes) */
-};
 
 struct bwd_params {
   const void* E;
@@ -91,99 +77,6 @@ struct bwd_params {
   int db_last;    /* ... and rounded into dbias by the last pass */
 };
 
-template <typename T>
-__device__ __forceinline__ void dst_add(const grad_dst& g, int64_t row, int d, int D, float v) {
-  if (g.kind == ST_F32) {
-    g.f32[row * g.ld32 + d] += v;
-  } else if (g.kind == ST_ATOMIC) {
-    atomicAdd(g.f32 + (row - g.row_base) * g.ld32 + d, v);
-  } else if (g.kind == ST_SPLIT) {
-    uint16_t* hi = (uint16_t*)g.out + row * g.ld + d;
-    uint16_t* lo = g.lo + row * (int64_t)D + d;
-    const unsigned bits = ((unsigned)*hi << 16) | (unsigned)*lo;
-    const unsigned nb = __float_as_uint(__uint_as_float(bits) + v);
-    *hi = (uint16_t)(nb >> 16);
-    *lo = (uint16_t)(nb & 0xffffu);
-  } else if (g.kind == ST_OUT) {
-    T* o = (T*)g.out + row * g.ld + d;
-    *o = dtype_traits<T>::store_round(dtype_traits<T>::to_float(*o) + v);
-  }
-}
-
-/* Eight consecutive columns d .. d+7 (d + 8 <= D, d % 8 == 0) with 16-byte accesses: the vec16
- * kernels' destinations are 16-byte aligned with 16-byte row strides and D % 8 == 0
- * (bwd_vec16_ok). */
-template <typename T>
-__device__ __forceinline__ void dst_add8(const grad_dst& g, int64_t row, int d, int D, const float (&v)[8]) {
-  if (g.kind == ST_F32) {
-    float4* f = (float4*)(g.f32 + row * g.ld32 + d);
-    float4 a = f[0], b = f[1];
-    a.x += v[0], a.y += v[1], a.z += v[2], a.w += v[3];
-    b.x += v[4], b.y += v[5], b.z += v[6], b.w += v[7];
-    f[0] = a, f[1] = b;
-  } else if (g.kind == ST_ATOMIC) {
-    float* f = g.f32 + (row - g.row_base) * g.ld32 + d;
-    for (int e = 0; e < 8; ++e) atomicAdd(f + e, v[e]);
-  } else if (g.kind == ST_SPLIT) {
-    uint4* hp = (uint4*)((uint16_t*)g.out + row * g.ld + d);
-    uint4* lp = (uint4*)(g.lo + row * (int64_t)D + d);
-    uint4 h = *hp, l = *lp;
-    uint32_t* hw = (uint32_t*)&h;
-    uint32_t* lw = (uint32_t*)&l;
-    for (int q = 0; q < 4; ++q) {
-      uint32_t nh = 0, nl = 0;
-      for (int u = 0; u < 2; ++u) {
-        const unsigned bits = (((hw[q] >> (16 * u)) & 0xffffu) << 16) | ((lw[q] >> (16 * u)) & 0xffffu);
-        const unsigned nb = __float_as_uint(__uint_as_float(bits) + v[2 * q + u]);
-        nh |= (nb >> 16) << (16 * u);
-        nl |= (nb & 0xffffu) << (16 * u);
-      }
-      hw[q] = nh, lw[q] = nl;
-    }
-    *hp = h, *lp = l;
-  } else if (g.kind == ST_OUT) {
-    uint4* op = (uint4*)((T*)g.out + row * g.ld + d);
-    uint4 o = *op;
-    T* t = (T*)&o;
-    for (int e = 0; e < 8; ++e) t[e] = dtype_traits<T>::store_round(dtype_traits<T>::to_float(t[e]) + v[e]);
-    *op = o;
-  }
-}
-
-/* Shared memory of the backward tile kernels, after the engine's stages (which the streamed
- * GEMMs reuse for their B chunks): the G tile in the operand type (fp32 adds its transpose:
- * ldmatrix cannot transpose 32-bit elements), the output staging chunk, row data, coefficients
- * and the dbias scratch. */
-template <typename T>
-struct bwd_smem {
-  typedef fh_eng::stream_cfg<T> cfg;
-  static constexpr size_t g_b = (size_t)TBM * cfg::RES_ROWB;
-  static constexpr size_t gt_b = sizeof(T) == 4 ? g_b : 0;
-  /* Staging row of DC + 8 floats: 16-byte aligned rows for the epilogue's vector reads, and the
-   * fragment pairs' 8-byte stores (two half-warp phases of 4 rows x 4 pairs) hit 32 distinct banks. */
-  static constexpr int OLD = cfg::DC + 8;
-  static constexpr size_t o_b = sizeof(float) * TBM * OLD;
-  static constexpr size_t bytes = fh_eng::SMEM_BYTES + g_b + gt_b + o_b + sizeof(float) * NCOEF * TBM +
-                                  2 * sizeof(int) * TBM + sizeof(float) * 2 * TBV;
-  unsigned char* stages;
-  unsigned char* g;
-  unsigned char* gt;
-  float* o;
-  float* coef; /* [NCOEF][TBM] */
-  int* rows;
-  int* y;
-  float* db; /* [2][TBV] */
-  __device__ explicit bwd_smem(unsigned char* base) {
-    stages = base;
-    g = base + fh_eng::SMEM_BYTES;
-    gt = sizeof(T) == 4 ? g + g_b : g;
-    o = (float*)(g + g_b + gt_b);
-    coef = (float*)((unsigned char*)o + o_b);
-    rows = (int*)(coef + NCOEF * TBM);
-    y = rows + TBM;
-    db = (float*)(y + TBM);
-  }
-};
 
 /* Loads the row block's indices, targets and coefficients into shared memory. */
 template <typename T>
@@ -209,12 +102,12 @@ __device__ __forceinline__ int g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_e
   mainloop<T, Align>::run(acc, a, b, p.D, sm.stages);
   const T* bias = (const T*)p.bias;
   float bj[NJ][2], wj[NJ][2];
+  tile_bias<T>(bj, bias, v0, nv);
   FH_UNROLL
   for (int j = 0; j < NJ; ++j)
     FH_UNROLL
     for (int e = 0; e < 2; ++e) {
       const int c = frag_col(j, e);
-      bj[j][e] = (bias && c < nv) ? fh_to_float(bias[v0 + c]) : 0.0f;
       wj[j][e] = (p.cw && c < nv) ? p.cw[v0 + c] : 1.0f;
     }
   int big = 0;
@@ -254,115 +147,19 @@ __device__ __forceinline__ int g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_e
   return p.eps > 0.0f ? any : 1;
 }
 
-/* Column sums of G over the tile's rows into db (thread c < 128 owns class v0 + c): per thread
- * over its rows, then lanes g (xor 4, 8, 16), then the two warps along M in order. */
-template <typename T>
-__device__ __forceinline__ void dbias_tile(bwd_smem<T>& sm, const fh_eng::acc_t& acc, float& db) {
-  using namespace fh_eng;
-  FH_UNROLL
-  for (int j = 0; j < NJ; ++j)
-    FH_UNROLL
-    for (int e = 0; e < 2; ++e) {
-      float s = 0.0f;
-      FH_UNROLL
-      for (int i = 0; i < MI; ++i) s += acc.v[i][j][e] + acc.v[i][j][2 + e];
-      for (int off = 4; off < 32; off <<= 1) s += __shfl_xor_sync(FH_FULL_MASK, s, off);
-      if ((threadIdx.x & 31) < 4) fh_ptx::sts_u32(sm.db + warp_m() * TBV + frag_col(j, e), __float_as_uint(s));
-    }
-  __syncthreads();
-  if (threadIdx.x < TBV)
-    db += __uint_as_float(fh_ptx::lds_u32(sm.db + threadIdx.x)) + __uint_as_float(fh_ptx::lds_u32(sm.db + TBV + threadIdx.x));
-}
-
-/* G (registers) -> the resident tile in the operand type (tf32-rounded for fp32, which also
- * gets the transposed copy). */
-template <typename T>
-__device__ __forceinline__ void store_g(bwd_smem<T>& sm, const fh_eng::acc_t& acc) {
-  using namespace fh_eng;
-  FH_UNROLL
-  for (int i = 0; i < MI; ++i)
-    FH_UNROLL
-    for (int j = 0; j < NJ; ++j)
-      FH_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        const int r = frag_row(i, 2 * h), c = frag_col(j, 0);
-        const float g0 = acc.v[i][j][2 * h], g1 = acc.v[i][j][2 * h + 1];
-        if constexpr (sizeof(T) == 2) {
-          const uint32_t w = (uint32_t)operand<T>::bits(dtype_traits<T>::from_float(g0)) |
-                             ((uint32_t)operand<T>::bits(dtype_traits<T>::from_float(g1)) << 16);
-          fh_ptx::sts_u32(sm.g + res_off<T>(r, c), w);
-        } else {
-          const uint32_t w0 = __float_as_uint(dtype_traits<T>::from_float(g0));
-          const uint32_t w1 = __float_as_uint(dtype_traits<T>::from_float(g1));
-          fh_ptx::sts_u32(sm.g + res_off<T>(r, c), w0);
-          fh_ptx::sts_u32(sm.g + res_off<T>(r, c + 1), w1);
-          fh_ptx::sts_u32(sm.gt + res_off<T>(c, r), w0);
-          fh_ptx::sts_u32(sm.gt + res_off<T>(c + 1, r), w1);
-        }
-      }
-  __syncthreads();
-}
-
-/* The streamed GEMMs' epilogue: the [128 x DC] chunk goes through the staging buffer to
- * row-contiguous read-modify-writes of the destination (16-byte for vec16), each output row
- * `out_row(r)` owned by this block alone (or added atomically, ST_ATOMIC). */
-template <typename T, typename Align>
-struct rmw_epi {
-  bwd_smem<T>* sm;
-  const grad_dst* dst;
-  const int* gather; /* out row r -> gather[r], or base + r */
-  int64_t base;
-  int n_out, D;
-  __device__ __forceinline__ void operator()(const fh_eng::stream_acc<T>& acc, int d0) {
-    typedef fh_eng::stream_cfg<T> cfg;
-    constexpr int OLD = bwd_smem<T>::OLD;
-    FH_UNROLL
-    for (int i = 0; i < cfg::MI; ++i)
-      FH_UNROLL
-      for (int j = 0; j < cfg::NJ; ++j)
-        FH_UNROLL
-        for (int h = 0; h < 2; ++h)
-          fh_ptx::sts_v2(sm->o + fh_eng::s_row(i, 2 * h) * OLD + fh_eng::s_col<T>(j, 0),
-                         make_uint2(__float_as_uint(acc.v[i][j][2 * h]), __float_as_uint(acc.v[i][j][2 * h + 1])));
-    __syncthreads();
-    constexpr int UPR = cfg::DC / 8; /* 8-column units per row */
-    for (int u = threadIdx.x; u < TBM * UPR; u += fh_eng::THREADS) {
-      const int r = u / UPR, c = (u % UPR) * 8, d = d0 + c;
-      if (r >= n_out || d >= D) continue;
-      const int64_t row = gather ? (int64_t)gather[r] : base + r;
-      /* Units 4-7 of each group of 8 read their upper half first: the 8 threads of a 16-byte
-       * phase then hit 8 distinct 16-byte bank groups. */
-      const int sh = ((u >> 2) & 1) * 4;
-      const uint4 x = fh_ptx::lds_v4(sm->o + r * OLD + c + sh), y = fh_ptx::lds_v4(sm->o + r * OLD + c + 4 - sh);
-      const uint4 a = sh ? y : x, b = sh ? x : y;
-      const float v[8] = {__uint_as_float(a.x), __uint_as_float(a.y), __uint_as_float(a.z), __uint_as_float(a.w),
-                          __uint_as_float(b.x), __uint_as_float(b.y), __uint_as_float(b.z), __uint_as_float(b.w)};
-      if (Align::kVec) {
-        dst_add8<T>(*dst, row, d, D, v);
-      } else {
-        for (int e = 0; e < 8 && d + e < D; ++e) dst_add<T>(*dst, row, d + e, D, v[e]);
-      }
-    }
-  }
-};
 
 /* dE rows of this row block += G · C[v0 .. v0+128). */
 template <typename T, typename Align>
 __device__ __forceinline__ void accumulate_dE(const bwd_params& p, bwd_smem<T>& sm, const grad_dst& dst, int nr, int v0) {
   const int nv = p.V - v0 < TBV ? p.V - v0 : TBV;
-  const fh_eng::nt_operand<T> b{(const T*)p.C, p.ldc, nullptr, v0, nv};
-  rmw_epi<T, Align> epi{&sm, &dst, sm.rows, 0, nr, p.D};
-  fh_eng::stream_gemm<T, Align, false>::run(sm.g, b, p.D, nr, sm.stages, epi);
+  grad_gemm_rows<T, Align>(sm, dst, (const T*)p.C, p.ldc, v0, nv, p.D, nr);
 }
 
 /* dC rows v0 .. v0+128 += Gᵀ · E[rows of this block]. */
 template <typename T, typename Align>
 __device__ __forceinline__ void accumulate_dC(const bwd_params& p, bwd_smem<T>& sm, int nr, int v0) {
   const int nv = p.V - v0 < TBV ? p.V - v0 : TBV;
-  const fh_eng::nt_operand<T> b{(const T*)p.E, p.lde, sm.rows, 0, nr};
-  rmw_epi<T, Align> epi{&sm, &p.dC, nullptr, v0, nv, p.D};
-  if constexpr (sizeof(T) == 4) fh_eng::stream_gemm<T, Align, false>::run(sm.gt, b, p.D, nv, sm.stages, epi);
-  else fh_eng::stream_gemm<T, Align, true>::run(sm.g, b, p.D, nv, sm.stages, epi);
+  grad_gemm_cols<T, Align>(sm, p.dC, (const T*)p.E, p.lde, nr, v0, nv, p.D);
 }
 
 template <typename T, typename Align>
@@ -388,21 +185,8 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_bwd_cols_kernel(bwd_pa
   FH_DYNAMIC_SMEM(unsigned char, smem);
   bwd_smem<T> sm(smem);
   const int count = p.hdr->count, v0 = blockIdx.x * TBV;
-  const int c = threadIdx.x;
-  /* The compacted rows [c_lo, c_hi) whose original index lies in [r_lo, r_hi): rows[] is
-   * increasing (compaction keeps row order), so two binary searches find them. */
   __shared__ int range[2];
-  if (threadIdx.x < 2) {
-    const int key = threadIdx.x == 0 ? p.r_lo : p.r_hi;
-    int lo = 0, hi = count;
-    while (lo < hi) {
-      const int mid = lo + (hi - lo) / 2;
-      if (p.rows[mid] < key) lo = mid + 1;
-      else hi = mid;
-    }
-    range[threadIdx.x] = lo;
-  }
-  __syncthreads();
+  compacted_range(p.rows, count, p.r_lo, p.r_hi, range);
   const int c_lo = range[0], c_hi = range[1];
   float db = 0.0f; /* thread c < 128 owns dbias[v0 + c] */
   for (int row0 = c_lo; row0 < c_hi; row0 += TBM) { /* row order: fixed, so dC and dbias are deterministic */
@@ -418,16 +202,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_bwd_cols_kernel(bwd_pa
     if (do_c && p.dC.kind != ST_NONE) accumulate_dC<T, Align>(p, sm, nr, v0);
     if (do_e) accumulate_dE<T, Align>(p, sm, p.dE, nr, v0);
   }
-  if (p.dbias && c < TBV && v0 + c < p.V) {
-    if (p.db32) { /* several row passes: carry the fp32 sum, round once in the last */
-      db += p.db32[v0 + c];
-      p.db32[v0 + c] = db;
-      if (!p.db_last) return;
-    }
-    T* b = (T*)p.dbias + v0 + c;
-    const float old = p.accumulate ? dtype_traits<T>::to_float(*b) : 0.0f;
-    *b = dtype_traits<T>::store_round(old + db);
-  }
+  dbias_store<T>(p.dbias, p.db32, p.db_last, p.accumulate, v0, p.V, db);
 }
 
 /* Per-row coefficients (see the file comment), in fp64, after the fixed-order denominators. */
@@ -447,24 +222,6 @@ struct coef_params {
   float* coef;
 };
 
-/* 1/x for a finite x > 0 in fp64: scale to [0.5, 1), start from the fp32 reciprocal (24 bits)
- * and take two Newton steps (48, then the full 53 bits), scale back. */
-__device__ __forceinline__ double lce_recip(double x) {
-  /* x = m · 2^e with m in [0.5, 1), from the bits (frexp's exponent output would live in local
-   * memory); a subnormal x is scaled up by 2^64 first. */
-  int sh = 0;
-  long long b = __double_as_longlong(x);
-  if (((b >> 52) & 0x7ff) == 0) x *= 0x1p64, b = __double_as_longlong(x), sh = 64;
-  const int e = (int)((b >> 52) & 0x7ff) - 1022;
-  const double m = __longlong_as_double((b & 0x800fffffffffffffLL) | (1022LL << 52));
-  double r = (double)fh_ptx::rcp((float)m); /* 2^-23, then 2^-46, then full precision */
-  r = r * (2.0 - m * r);
-  r = r * (2.0 - m * r);
-  /* · 2^(sh − e) in two halves, each a normal power of two (ldexp calls a subroutine that
-   * spills on sm_80) */
-  const int k = sh - e, k1 = k / 2, k2 = k - k1;
-  return r * __longlong_as_double((long long)(k1 + 1023) << 52) * __longlong_as_double((long long)(k2 + 1023) << 52);
-}
 
 
 /* One block per SM is all this kernel ever has (grid 1): the explicit bound keeps ptxas from
@@ -509,116 +266,26 @@ __global__ void __launch_bounds__(256, 1) lce_bwd_coef_kernel(coef_params p) {
   if (threadIdx.x == 0) p.hdr->denom_ce = dce, p.hdr->denom_reg = dreg;
 }
 
-/* Accumulator set-up: SPLIT from the output (accumulate) or 0; F32/ATOMIC workspace from the
- * output or 0; in-place F32/OUT kinds are zeroed unless accumulating. */
-template <typename T>
-__global__ void __launch_bounds__(256) lce_grad_init_kernel(grad_dst g, int64_t rows, int D, int accumulate) {
-  typedef dtype_traits<T> tr;
-  const int64_t n = rows * D;
-  for (int64_t k = blockIdx.x * 256ll + threadIdx.x; k < n; k += (int64_t)gridDim.x * 256) {
-    const int64_t r = k / D;
-    const int d = (int)(k % D);
-    T* o = (T*)g.out + r * g.ld + d;
-    const float v = accumulate ? tr::to_float(*o) : 0.0f;
-    if (g.kind == ST_SPLIT) {
-      const unsigned bits = __float_as_uint(v);
-      *(uint16_t*)o = (uint16_t)(bits >> 16);
-      g.lo[r * D + d] = (uint16_t)(bits & 0xffffu);
-    } else if (g.f32 && (void*)g.f32 != g.out) {
-      g.f32[r * g.ld32 + d] = v;
-    } else if (!accumulate) {
-      *o = tr::store_round(0.0f);
-    }
-  }
-}
-
-/* Final rounding of SPLIT or fp32-workspace accumulators into the output dtype (to nearest). */
-template <typename T>
-__global__ void __launch_bounds__(256) lce_grad_final_kernel(grad_dst g, int64_t rows, int D) {
-  const int64_t n = rows * D;
-  for (int64_t k = blockIdx.x * 256ll + threadIdx.x; k < n; k += (int64_t)gridDim.x * 256) {
-    const int64_t r = k / D;
-    const int d = (int)(k % D);
-    T* o = (T*)g.out + r * g.ld + d;
-    float v;
-    if (g.kind == ST_SPLIT)
-      v = __uint_as_float(((unsigned)*(const uint16_t*)o << 16) | (unsigned)g.lo[r * D + d]);
-    else
-      v = g.f32[r * g.ld32 + d];
-    *o = dtype_traits<T>::store_round(v);
-  }
-}
-
 } /* namespace fh_lce */
 
 using namespace fh_lce;
 
 namespace {
 
-/* FP32 mode, 16-bit dE: from this many rows on, dE's fp32 atomic copy covers half the rows and
- * the class-owner kernel runs twice (bwd_layout_of). */
-constexpr int64_t ROW_PASS_MIN_ROWS = 2048;
-
+/* The backward's workspace: the gradient layout shared with distillation (grad_common.cuh), then,
+ * with label smoothing, each row's unmasked class count and weight sum and the partials of the
+ * forward's tile kernel they come from (lce_launch_row_counts). */
 struct bwd_layout {
-  size_t rows_off, coef_off, e_off, c_off, db_off, cnt_off, scr_off, total;
-  int64_t e_rows; /* FP32 mode, 16-bit outputs: rows of dE per atomic pass */
+  grad_layout g;
+  size_t cnt_off, scr_off, total;
 };
-
-/* Exact workspace of the backward, assuming every gradient is wanted (the query's contract). */
-bwd_layout bwd_layout_of(int64_t N, int64_t V, int64_t D, fh_dtype_t dtype, fh_accum_mode_t mode, bool smooth) {
+static bwd_layout bwd_layout_of(int64_t N, int64_t V, int64_t D, fh_dtype_t dtype, fh_accum_mode_t mode, bool smooth) {
   bwd_layout L;
-  const bool wide = dtype != FH_DTYPE_F32; /* 16-bit outputs need fp32 help from the workspace */
-  size_t e = 0, c = 0, db = 0;
-  /* FP32 mode: dE's fp32 atomics need an fp32 copy of the rows they add into. Two passes over
-   * halves of the rows halve it to 2·N·D bytes, as much as the split-fp32 low halves would take:
-   * the total then stays within CCE's fp32 ("Kahan") figure at the Gemma-2 shape. The logit
-   * recompute is not repeated (each pass covers other rows); dbias crosses passes in fp32. */
-  L.e_rows = N;
-  if (wide && mode == FH_ACCUM_FP32) {
-    /* Each pass may add one partially filled 64-row tile per class tile to the recompute, so
-     * small batches (where the copy is small anyway) keep one pass. */
-    if (N >= ROW_PASS_MIN_ROWS) L.e_rows = (N + 1) / 2;
-    e = 4 * (size_t)L.e_rows * (size_t)D, c = 2 * (size_t)V * (size_t)D;
-    db = L.e_rows < N ? sizeof(float) * (size_t)V : 0;
-  }
-  if (wide && mode == FH_ACCUM_DETERMINISTIC) e = 2 * (size_t)N * (size_t)D, c = 2 * (size_t)V * (size_t)D;
-  L.rows_off = 256;
-  L.coef_off = L.rows_off + lce_align(sizeof(int) * (size_t)N);
-  L.e_off = L.coef_off + lce_align(sizeof(float) * NCOEF * (size_t)N);
-  L.c_off = L.e_off + lce_align(e);
-  L.db_off = L.c_off + lce_align(c);
-  /* Label smoothing: each row's unmasked class count and weight sum, from a pass of the
-   * forward's tile kernel (its partials in cnt_scratch). */
-  L.cnt_off = L.db_off + lce_align(db);
+  L.g = grad_layout_of(N, V, D, dtype, mode, NCOEF); /* every gradient wanted: the query's contract */
+  L.cnt_off = L.g.total;
   L.scr_off = L.cnt_off + (smooth ? lce_align(2 * sizeof(float) * (size_t)N) : 0);
   L.total = L.scr_off + (smooth ? lce_align(lce_row_counts_scratch(N, V)) : 0);
   return L;
-}
-
-unsigned grid_stride_blocks(int64_t n) {
-  const int64_t b = (n + 255) / 256;
-  return (unsigned)(b > 4096 ? 4096 : b);
-}
-
-template <typename T>
-fh_status_t launch_init(const char* fn, cudaStream_t s, const grad_dst& g, int64_t rows, int D, int acc) {
-  const int64_t n = rows * D;
-  if (n == 0 || g.kind == ST_NONE) return FH_SUCCESS;
-  const bool in_place = g.kind == ST_OUT || ((g.kind == ST_F32 || g.kind == ST_ATOMIC) && (void*)g.f32 == g.out);
-  if (in_place && acc) return FH_SUCCESS; /* accumulate into what is there */
-  FH_LAUNCH(lce_grad_init_kernel<T>, dim3(grid_stride_blocks(n)), dim3(256), 0, s, g, rows, D, acc);
-  LCE_CHECK_LAUNCH(fn, "lce_grad_init_kernel");
-  return FH_SUCCESS;
-}
-
-template <typename T>
-fh_status_t launch_final(const char* fn, cudaStream_t s, const grad_dst& g, int64_t rows, int D) {
-  const int64_t n = rows * D;
-  const bool needs = g.kind == ST_SPLIT || ((g.kind == ST_ATOMIC || g.kind == ST_F32) && (void*)g.f32 != g.out);
-  if (n == 0 || !needs) return FH_SUCCESS;
-  FH_LAUNCH(lce_grad_final_kernel<T>, dim3(grid_stride_blocks(n)), dim3(256), 0, s, g, rows, D);
-  LCE_CHECK_LAUNCH(fn, "lce_grad_final_kernel");
-  return FH_SUCCESS;
 }
 
 float filter_eps_of(const fh_linear_ce_options_t* o, fh_dtype_t dtype) {
@@ -628,26 +295,6 @@ float filter_eps_of(const fh_linear_ce_options_t* o, fh_dtype_t dtype) {
   return dtype == FH_DTYPE_BF16 ? 0x1p-12f : dtype == FH_DTYPE_F16 ? 0x1p-15f : 0x1p-28f;
 }
 
-/* Fills a destination for one gradient tensor `t` (rows x D of the input dtype). */
-grad_dst make_dst(int kind, const fh_tensor_t* t, uint16_t* lo, float* ws32) {
-  grad_dst g;
-  g.kind = kind;
-  g.out = t ? t->data : NULL;
-  g.ld = t ? t->row_stride : 0;
-  g.lo = lo;
-  g.f32 = ws32 ? ws32 : (kind == ST_F32 || kind == ST_ATOMIC) ? (float*)g.out : NULL;
-  g.ld32 = ws32 ? (t ? t->cols : 0) : g.ld;
-  g.row_base = 0;
-  return g;
-}
-
-/* The 16-byte path (docs/engine.md "Alignment"): E and C as in the forward, D % 8 == 0 and every
- * gradient destination 16-byte aligned with 16-byte row strides (the workspace's are). */
-bool dst_vec_ok(const grad_dst& g, size_t esize) {
-  if (g.kind == ST_NONE) return true;
-  if ((g.kind == ST_F32 || g.kind == ST_ATOMIC) && g.f32 != g.out) return ((uintptr_t)g.f32 % 16) == 0;
-  return fh_eng::vec16_ok(g.out, g.ld, g.kind == ST_F32 || g.kind == ST_ATOMIC ? 4 : esize);
-}
 bool bwd_vec16_ok(const bwd_params& bp, size_t esize) {
   return bp.D % 8 == 0 && fh_eng::vec16_ok(bp.E, bp.lde, esize) && fh_eng::vec16_ok(bp.C, bp.ldc, esize) &&
          dst_vec_ok(bp.dE, esize) && dst_vec_ok(bp.dC, esize);
@@ -687,21 +334,11 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CU
   const bwd_layout L = bwd_layout_of(p->N, p->V, p->D, p->dtype, mode, smooth);
   unsigned char* ws = (unsigned char*)workspace;
   lce_ws_header* hdr = (lce_ws_header*)ws;
-  int* rows = (int*)(ws + L.rows_off);
-  float* coef = (float*)(ws + L.coef_off);
-  const fh_tensor_t* tE = grads->dE && grads->dE->data ? grads->dE : NULL;
-  const fh_tensor_t* tC = grads->dC && grads->dC->data ? grads->dC : NULL;
-  const fh_tensor_t* tb = grads->dbias && grads->dbias->data && p->bias ? grads->dbias : NULL;
-  if (!tE && !tC && !tb) return FH_SUCCESS; /* nothing wanted: nothing computed or written */
-  const bool wide = p->dtype != FH_DTYPE_F32;
-  const bool cols = tC || tb;
-  const bool e_atomic = mode == FH_ACCUM_FP32 && cols && tE;
-  int kE = ST_NONE, kC = ST_NONE;
-  if (tE) kE = e_atomic ? ST_ATOMIC : !wide ? ST_F32 : mode == FH_ACCUM_OUTPUT_DTYPE ? ST_OUT : ST_SPLIT;
-  if (tC) kC = !wide ? ST_F32 : mode == FH_ACCUM_OUTPUT_DTYPE ? ST_OUT : ST_SPLIT;
-  uint16_t* lo_e = kE == ST_SPLIT ? (uint16_t*)(ws + L.e_off) : NULL;
-  float* ws_e = kE == ST_ATOMIC && wide ? (float*)(ws + L.e_off) : NULL;
-  uint16_t* lo_c = kC == ST_SPLIT ? (uint16_t*)(ws + L.c_off) : NULL;
+  int* rows = (int*)(ws + L.g.rows_off);
+  float* coef = (float*)(ws + L.g.coef_off);
+  const grad_plan g =
+      grad_plan_of(mode, p->dtype, grads->dE, grads->dC, grads->dbias, p->bias != NULL, ws, L.g, o->accumulate != 0);
+  if (!g.any) return FH_SUCCESS; /* nothing wanted: nothing computed or written */
 
   bwd_params bp;
   bp.E = p->E->data, bp.C = p->C->data, bp.bias = p->bias ? p->bias->data : NULL;
@@ -712,9 +349,9 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CU
   bp.inv_cap = o->softcap > 0.0f ? 1.0f / o->softcap : 0.0f;
   bp.filter_e = o->filter_e_grad != 0, bp.filter_c = o->filter_c_grad != 0;
   bp.rows = rows, bp.hdr = hdr, bp.coef = coef;
-  bp.dE = make_dst(kE, tE, lo_e, ws_e);
-  bp.dC = make_dst(kC, tC, lo_c, NULL);
-  bp.dbias = tb ? tb->data : NULL;
+  bp.dE = g.dE;
+  bp.dC = g.dC;
+  bp.dbias = g.dbias;
   bp.accumulate = o->accumulate != 0;
   bp.r_lo = 0, bp.r_hi = bp.N;
   bp.db32 = NULL, bp.db_last = 1;
@@ -734,40 +371,13 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CU
 
   LCE_DTYPE_SWITCH(p->dtype, T, {
     const bool vec = bwd_vec16_ok(bp, fh_dtype_size(p->dtype));
-    if (!ws_e) FH_TRY(launch_init<T>(fn, stream, bp.dE, p->N, bp.D, bp.accumulate)); /* else per row pass */
-    FH_TRY(launch_init<T>(fn, stream, bp.dC, p->V, bp.D, bp.accumulate));
-    if (tE && !e_atomic && p->N > 0) {
-      const dim3 grid(lce_blocks(p->N, TBM));
-      if (vec) FH_TRY((launch_bwd<T, fh_eng::vec16, true>(fn, grid, stream, bp)));
-      else FH_TRY((launch_bwd<T, fh_eng::scalar, true>(fn, grid, stream, bp)));
-    }
-    if (cols && bp.vt > 0) {
-      bwd_params cpar = bp;
-      if (!e_atomic) cpar.dE.kind = ST_NONE;
-      /* Row passes: one, except FP32 mode with a 16-bit dE, whose fp32 atomic copy holds
-       * L.e_rows rows at a time (see bwd_layout_of). */
-      const int64_t step = ws_e ? L.e_rows : p->N;
-      const int64_t passes = step > 0 ? (p->N + step - 1) / step : 0;
-      if (passes > 1 && tb) {
-        cpar.db32 = (float*)(ws + L.db_off);
-        FH_TRY(fh_cuda_status(cudaMemsetAsync(cpar.db32, 0, sizeof(float) * (size_t)p->V, stream), fn,
-                              "cudaMemsetAsync"));
-      }
-      for (int64_t k = 0; k < (passes > 0 ? passes : 1); ++k) {
-        const int64_t r0 = k * step, r1 = r0 + step < p->N ? r0 + step : p->N;
-        grad_dst chunk = bp.dE; /* the pass's rows of dE, for the fp32 copy's set-up and rounding */
-        if (ws_e) chunk.out = (T*)bp.dE.out + r0 * bp.dE.ld;
-        if (ws_e) FH_TRY(launch_init<T>(fn, stream, chunk, r1 - r0, bp.D, bp.accumulate));
-        cpar.r_lo = (int)r0, cpar.r_hi = (int)r1;
-        cpar.dE.row_base = ws_e ? r0 : 0;
-        cpar.db_last = k + 1 >= passes;
-        if (vec) FH_TRY((launch_bwd<T, fh_eng::vec16, false>(fn, dim3((unsigned)bp.vt), stream, cpar)));
-        else FH_TRY((launch_bwd<T, fh_eng::scalar, false>(fn, dim3((unsigned)bp.vt), stream, cpar)));
-        if (ws_e) FH_TRY(launch_final<T>(fn, stream, chunk, r1 - r0, bp.D));
-      }
-    }
-    if (!ws_e) FH_TRY(launch_final<T>(fn, stream, bp.dE, p->N, bp.D));
-    FH_TRY(launch_final<T>(fn, stream, bp.dC, p->V, bp.D));
+    auto launch = [&](bool row_owner, dim3 grid, const bwd_params& q) -> fh_status_t {
+      if (vec) return row_owner ? launch_bwd<T, fh_eng::vec16, true>(fn, grid, stream, q)
+                           : launch_bwd<T, fh_eng::vec16, false>(fn, grid, stream, q);
+      return row_owner ? launch_bwd<T, fh_eng::scalar, true>(fn, grid, stream, q)
+                  : launch_bwd<T, fh_eng::scalar, false>(fn, grid, stream, q);
+    };
+    FH_TRY((grad_passes<T>(fn, stream, g, bp, p->N, p->V, (int)p->D, bp.vt, launch)));
   });
   return FH_SUCCESS;
 }

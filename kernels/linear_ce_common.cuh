@@ -105,6 +105,22 @@ struct lce_ws_header {
   double denom_reg;
 };
 
+/* Vocabulary splits of a forward from V alone (docs/engine.md "Determinism"): vt class tiles of
+ * the engine's BN, tps tiles per split, S <= max_splits splits, none empty. A row's partials (so
+ * its lse) depend on the split boundaries, which therefore must not depend on N. */
+struct lce_vsplit {
+  int S, tps, vt;
+};
+static inline lce_vsplit lce_vsplit_of(int64_t V, int max_splits) {
+  lce_vsplit L;
+  L.vt = (int)((V + 127) / 128);
+  int S = L.vt < max_splits ? L.vt : max_splits;
+  if (S < 1) S = 1;
+  L.tps = L.vt > 0 ? (L.vt + S - 1) / S : 0;
+  L.S = L.tps > 0 ? (L.vt + L.tps - 1) / L.tps : 1; /* no empty split */
+  return L;
+}
+
 /* Launches the compaction of the valid rows, in row order, by one block (deterministic):
  * rows[0..count) are the i with targets[i] != ignore_index and 0 <= targets[i] < V. A target
  * outside [0, V) that is not ignore_index raises the device error flag and the row is treated
@@ -112,6 +128,9 @@ struct lce_ws_header {
  * Defined in linear_ce_fwd.cu, used by both passes. */
 fh_status_t lce_launch_prep(const char* fn, cudaStream_t stream, const fh_lce_problem_t* p, int* rows,
                             struct lce_ws_header* hdr, int* err_flag);
+/* The same from raw arguments; targets NULL: every row valid (distillation without targets). */
+fh_status_t lce_launch_prep_rows(const char* fn, cudaStream_t stream, const int64_t* targets, int64_t N, int64_t V,
+                                 int64_t ignore_index, int* rows, struct lce_ws_header* hdr, int* err_flag);
 
 /* The backward with label smoothing needs each row's unmasked class count V_i and weight sum
  * W_i (docs/conventions.md), which depend on the row's masked classes: one pass of the forward's

@@ -51,11 +51,8 @@ struct fwd_layout {
  * lse, depend on the split boundaries, so they must not depend on N. */
 static fwd_layout fwd_layout_of(int64_t N, int64_t V, bool smooth) {
   fwd_layout L;
-  L.vt = (int)((V + fh_eng::BN - 1) / fh_eng::BN);
-  int S = L.vt < MAX_SPLITS ? L.vt : MAX_SPLITS;
-  if (S < 1) S = 1;
-  L.tps = L.vt > 0 ? (L.vt + S - 1) / S : 0;
-  L.S = L.tps > 0 ? (L.vt + L.tps - 1) / L.tps : 1; /* no empty split */
+  const lce_vsplit sp = lce_vsplit_of(V, MAX_SPLITS);
+  L.vt = sp.vt, L.tps = sp.tps, L.S = sp.S;
   L.rows_off = 256;
   L.part_off = L.rows_off + lce_align(sizeof(int) * (size_t)N);
   L.nq = smooth ? NQ_SMOOTH : NQ;
@@ -73,7 +70,9 @@ __global__ void __launch_bounds__(256) lce_prep_kernel(const int64_t* __restrict
   for (int i0 = 0; i0 < N; i0 += 256) {
     const int i = i0 + t;
     int v = 0;
-    if (i < N) {
+    if (i < N && !targets) {
+      v = 1; /* no targets (distillation): every row is valid */
+    } else if (i < N) {
       const int64_t y = targets[i];
       if (y != ignore_index) {
         if (y >= 0 && y < V) v = 1;
@@ -95,12 +94,17 @@ __global__ void __launch_bounds__(256) lce_prep_kernel(const int64_t* __restrict
   if (t == 0) hdr->count = base;
 }
 
-fh_status_t lce_launch_prep(const char* fn, cudaStream_t stream, const fh_lce_problem_t* p, int* rows,
-                            lce_ws_header* hdr, int* err_flag) {
-  FH_LAUNCH(lce_prep_kernel, dim3(1), dim3(256), 0, stream, p->targets, (int)p->N, (int)p->V,
-            p->opt.ignore_index, rows, hdr, err_flag);
+fh_status_t lce_launch_prep_rows(const char* fn, cudaStream_t stream, const int64_t* targets, int64_t N, int64_t V,
+                                 int64_t ignore_index, int* rows, lce_ws_header* hdr, int* err_flag) {
+  FH_LAUNCH(lce_prep_kernel, dim3(1), dim3(256), 0, stream, targets, (int)N, (int)V, ignore_index, rows, hdr,
+            err_flag);
   LCE_CHECK_LAUNCH(fn, "lce_prep_kernel");
   return FH_SUCCESS;
+}
+
+fh_status_t lce_launch_prep(const char* fn, cudaStream_t stream, const fh_lce_problem_t* p, int* rows,
+                            lce_ws_header* hdr, int* err_flag) {
+  return lce_launch_prep_rows(fn, stream, p->targets, p->N, p->V, p->opt.ignore_index, rows, hdr, err_flag);
 }
 
 struct fwd_params {
@@ -170,12 +174,12 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_pa
     acc_t acc;
     mainloop<T, Align>::run(acc, a, b, p.D, smem);
     float bj[NJ][2], wj[NJ][2];
+    tile_bias<T>(bj, bias, v0, nv);
     FH_UNROLL
     for (int j = 0; j < NJ; ++j)
     FH_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int c = frag_col(j, e);
-        bj[j][e] = (bias && c < nv) ? fh_to_float(bias[v0 + c]) : 0.0f;
         wj[j][e] = (p.smooth && c < nv) ? (p.cw ? p.cw[v0 + c] : 1.0f) : 0.0f;
       }
     FH_UNROLL

@@ -5,6 +5,7 @@
 #define FH_CUDA_BACKEND_H
 
 #include "fusedhead.h"
+#include "distill.h"
 #include "linear_ce.h"
 
 #ifdef __cplusplus
@@ -45,6 +46,19 @@ fh_status_t fh_cuda_linear_ce_forward(fh_cuda_state_t* st, struct CUstream_st* s
 fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CUstream_st* stream, const fh_lce_problem_t* p,
                                        const fh_linear_ce_grad_inputs_t* in, const fh_linear_ce_grads_t* grads,
                                        void* workspace, size_t workspace_bytes);
+
+/* Distillation (kernels/distill.cu), dense teacher; the problem arrives validated by
+ * src/distill.c. The forward's workspace is fh_cuda_distill_forward_workspace bytes. */
+fh_status_t fh_cuda_distill_forward_workspace(int64_t N, int64_t V, size_t* bytes);
+fh_status_t fh_cuda_distill_forward(fh_cuda_state_t* st, struct CUstream_st* stream, const fh_distill_problem_t* p,
+                                    const fh_distill_outputs_t* out, void* workspace);
+/* The backward (kernels/distill_bwd.cu): workspace for every gradient wanted, in the student's
+ * dtype, under accumulation mode `mode`. */
+fh_status_t fh_cuda_distill_backward_workspace(int64_t N, int64_t V, int64_t D_s, fh_dtype_t dtype,
+                                               fh_accum_mode_t mode, size_t* bytes);
+fh_status_t fh_cuda_distill_backward(fh_cuda_state_t* st, struct CUstream_st* stream, const fh_distill_problem_t* p,
+                                     const fh_distill_grad_inputs_t* in, const fh_distill_grads_t* grads,
+                                     void* workspace);
 
 #ifdef __cplusplus
 }

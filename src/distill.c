@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda_backend.h"
 #include "distill.h"
 #include "fh_internal.h"
 
@@ -188,13 +189,29 @@ fh_status_t fh_distill_check_problem(const char* fn, fh_context_t* ctx, const fh
   return FH_SUCCESS;
 }
 
-fh_status_t fh_distill_cuda_unavailable(const char* fn) {
-  return fh_set_error(FH_ERR_UNSUPPORTED, fn,
-                      "distillation has no CUDA kernels in fusedhead %s; use FH_BACKEND_CPU", fh_version());
+static fh_status_t cuda_unavailable(const char* fn, const char* what) {
+  return fh_set_error(FH_ERR_UNSUPPORTED, fn, "%s has no CUDA kernels in fusedhead %s; use FH_BACKEND_CPU", what,
+                      fh_version());
+}
+
+/* Workspace of the CUDA kernels (dense teacher; docs/distillation_cuda.md): the forward's, or
+ * the backward's for every gradient in the student's dtype under accum_mode. */
+static fh_status_t cuda_need(const char* fn, fh_context_t* ctx, const fh_distill_options_t* o, int backward,
+                             int sparse, int64_t N, int64_t V, int64_t D_s, fh_dtype_t dtype, size_t* need) {
+  *need = 0;
+  if (ctx->backend != FH_BACKEND_CUDA) return FH_SUCCESS;
+  if (sparse) return cuda_unavailable(fn, "sparse-teacher distillation");
+#ifdef FH_HAVE_CUDA
+  if (backward) return fh_cuda_distill_backward_workspace(N, V, D_s, dtype, o->accum_mode, need);
+  return fh_cuda_distill_forward_workspace(N, V, need);
+#else
+  (void)o, (void)backward, (void)N, (void)V, (void)D_s, (void)dtype;
+  return cuda_unavailable(fn, "distillation");
+#endif
 }
 
 static fh_status_t workspace_size(const char* fn, fh_context_t* ctx, const fh_distill_options_t* opts,
-                                  const fh_distill_shape_t* sh, size_t* bytes) {
+                                  const fh_distill_shape_t* sh, int backward, size_t* bytes) {
   fh_clear_error();
   FH_TRY(fh_check_context(fn, ctx));
   fh_distill_options_t o;
@@ -214,18 +231,17 @@ static fh_status_t workspace_size(const char* fn, fh_context_t* ctx, const fh_di
   }
   if (!bytes) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "bytes is NULL");
   *bytes = 0;
-  if (ctx->backend == FH_BACKEND_CUDA) return fh_distill_cuda_unavailable(fn);
-  return FH_SUCCESS;
+  return cuda_need(fn, ctx, &o, backward, sh->K > 0, sh->N, sh->V, sh->D_s, sh->dtype_s, bytes);
 }
 
 fh_status_t fh_distill_forward_workspace_size(fh_context_t* ctx, const fh_distill_options_t* opts,
                                               const fh_distill_shape_t* shape, size_t* bytes) {
-  return workspace_size("fh_distill_forward_workspace_size", ctx, opts, shape, bytes);
+  return workspace_size("fh_distill_forward_workspace_size", ctx, opts, shape, 0, bytes);
 }
 
 fh_status_t fh_distill_backward_workspace_size(fh_context_t* ctx, const fh_distill_options_t* opts,
                                                const fh_distill_shape_t* shape, size_t* bytes) {
-  return workspace_size("fh_distill_backward_workspace_size", ctx, opts, shape, bytes);
+  return workspace_size("fh_distill_backward_workspace_size", ctx, opts, shape, 1, bytes);
 }
 
 static fh_status_t forward(const char* fn, fh_context_t* ctx, const fh_distill_options_t* opts,
@@ -237,8 +253,12 @@ static fh_status_t forward(const char* fn, fh_context_t* ctx, const fh_distill_o
   FH_TRY(fh_distill_check_problem(fn, ctx, opts, NULL, student, dense, sparse, targets, &p));
   if (!out) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "out is NULL");
   FH_TRY(fh_check_reduced_ptr(fn, "out->loss", out->loss, p.opt.reduction, p.N));
-  FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, 0));
-  if (ctx->backend == FH_BACKEND_CUDA) return fh_distill_cuda_unavailable(fn);
+  size_t need;
+  FH_TRY(cuda_need(fn, ctx, &p.opt, 0, p.sparse, p.N, p.V, p.D_s, p.Es->dtype, &need));
+  FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, need));
+#ifdef FH_HAVE_CUDA
+  if (ctx->backend == FH_BACKEND_CUDA) return fh_cuda_distill_forward(ctx->cuda, ctx->stream, &p, out, workspace);
+#endif
   return fh_ref_distill_forward(&p, out);
 }
 
@@ -270,8 +290,12 @@ fh_status_t fh_distill_backward_impl(const char* fn, fh_context_t* ctx, const fh
   FH_TRY(fh_check_grad_tensor(fn, "dE", grads->dE, p.Es, inputs, 6));
   FH_TRY(fh_check_grad_tensor(fn, "dC", grads->dC, p.Cs, inputs, 6));
   FH_TRY(fh_check_grad_tensor(fn, "dbias", grads->dbias, p.bs, inputs, 6));
-  FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, 0));
-  if (ctx->backend == FH_BACKEND_CUDA) return fh_distill_cuda_unavailable(fn);
+  size_t need;
+  FH_TRY(cuda_need(fn, ctx, &p.opt, 1, p.sparse, p.N, p.V, p.D_s, p.Es->dtype, &need));
+  FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, need));
+#ifdef FH_HAVE_CUDA
+  if (ctx->backend == FH_BACKEND_CUDA) return fh_cuda_distill_backward(ctx->cuda, ctx->stream, &p, in, grads, workspace);
+#endif
   return fh_ref_distill_backward(&p, in, grads);
 }
 

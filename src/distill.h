@@ -48,8 +48,6 @@ fh_status_t fh_distill_backward_impl(const char* fn, fh_context_t* ctx, const fh
                                      const fh_distill_head_t* dense, const fh_distill_sparse_teacher_t* sparse,
                                      const int64_t* targets, const fh_distill_grad_inputs_t* in,
                                      const fh_distill_grads_t* grads, void* workspace, size_t workspace_bytes);
-/* FH_ERR_UNSUPPORTED: distillation has no CUDA kernels. */
-fh_status_t fh_distill_cuda_unavailable(const char* fn);
 
 /* The CPU reference (src/ref/distill.c). */
 fh_status_t fh_ref_distill_forward(const fh_distill_problem_t* p, const fh_distill_outputs_t* out);

@@ -91,7 +91,30 @@ struct row_stats {
     Z = s1 * Z + s2 * Z2;
     m = mn;
   }
+  /* Merge the four lanes of a quad (the lanes holding one accumulator row; xor 1, then xor 2),
+   * the lower lane's set first on every lane, so all four end with the same bits. */
+  __device__ __forceinline__ void quad_merge() {
+    FH_UNROLL
+    for (int off = 1; off <= 2; off <<= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, off), Z2 = __shfl_xor_sync(0xffffffffu, Z, off);
+      const float F2 = __shfl_xor_sync(0xffffffffu, F, off);
+      if ((threadIdx.x & off) == 0) {
+        merge(m2, Z2, F2);
+      } else {
+        row_stats o{m2, Z2, F2};
+        o.merge(m, Z, F);
+        *this = o;
+      }
+    }
+  }
 };
+
+/* Sum over the four lanes of a quad (xor 1, then xor 2; fp32 addition commutes, so every lane
+ * gets the same bits). */
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
 
 /* Argmax order over raw logits: NaN is the largest value, ties and NaN-vs-NaN go to the lowest
  * index (docs/linear_ce.md). An empty candidate is (-inf, INT32_MAX). */

@@ -99,6 +99,19 @@ __device__ __forceinline__ int frag_col(int j, int e) {
   return warp_n() * WN + j * 8 + 2 * (int)(threadIdx.x & 3) + (e & 1);
 }
 
+/* The bias of this thread's accumulator columns of the class tile [v0, v0 + nv): bj[j][e] for
+ * column frag_col(j, e), 0 past nv or without a bias (read once per tile by every epilogue). */
+template <typename T>
+__device__ __forceinline__ void tile_bias(float (&bj)[NJ][2], const T* bias, int v0, int nv) {
+  FH_UNROLL
+  for (int j = 0; j < NJ; ++j)
+    FH_UNROLL
+    for (int e = 0; e < 2; ++e) {
+      const int c = frag_col(j, e);
+      bj[j][e] = (bias && c < nv) ? fh_to_float(bias[v0 + c]) : 0.0f;
+    }
+}
+
 /* Byte offset of 16-byte chunk c of row r in a swizzled buffer of CPR chunks per row: 64-byte
  * rows (CPR 4) pair rows up, c ^ ((r >> 1) & 3); rows of 128 bytes or more use c ^ (r & 7).
  * Either way 8 consecutive rows at one logical chunk land in 8 distinct bank groups. */

@@ -26,7 +26,7 @@ lk_spec_t lk_default(int64_t N, int64_t V, int64_t D, fh_dtype_t dtype) {
 }
 
 /* cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero. */
-static double tf32_round(double x) {
+double lk_tf32_round(double x) {
   float f = (float)x;
   uint32_t u;
   memcpy(&u, &f, 4);
@@ -36,10 +36,10 @@ static double tf32_round(double x) {
 }
 
 /* What the tensor core reads of a value stored in dtype (it is already representable). */
-static double tc_view(double x, fh_dtype_t dt) { return dt == FH_DTYPE_F32 ? tf32_round(x) : x; }
+static double tc_view(double x, fh_dtype_t dt) { return dt == FH_DTYPE_F32 ? lk_tf32_round(x) : x; }
 /* Rounding of an fp32 G to the MMA operand type. */
 static float operand_round(float g, fh_dtype_t dt) {
-  if (dt == FH_DTYPE_F32) return (float)tf32_round(g);
+  if (dt == FH_DTYPE_F32) return (float)lk_tf32_round(g);
   return (float)(dt == FH_DTYPE_F16 ? fh_half_bits_to_double(fh_double_to_half_bits(g))
                                     : fh_bf16_bits_to_double(fh_double_to_bf16_bits(g)));
 }
@@ -131,7 +131,7 @@ void lk_set_memory(const lk_memory_t* m) {
 
 /* The buffer the backend gets for `host` (bytes, plus the guard words after it): host itself,
  * or a device copy. */
-static void* mem_mirror(const void* host, size_t bytes, int guarded) {
+void* lk_mirror(const void* host, size_t bytes, int guarded) {
   if (!host || !g_mem.alloc) return (void*)(uintptr_t)host; /* the backend gets the host buffer */
   const size_t total = bytes + (guarded ? TU_GUARD_WORDS * sizeof(uint32_t) : 0);
   void* d = g_mem.alloc(total ? total : 1);
@@ -140,13 +140,13 @@ static void* mem_mirror(const void* host, size_t bytes, int guarded) {
   return d;
 }
 /* Copy a mirror back over `host` (guards included) and release it. */
-static void mem_back(void* host, void* mirror, size_t bytes, int guarded) {
+void lk_back(void* host, void* mirror, size_t bytes, int guarded) {
   if (!host || !g_mem.alloc) return;
   const size_t total = bytes + (guarded ? TU_GUARD_WORDS * sizeof(uint32_t) : 0);
   cr_assert_eq(g_mem.to_host(host, mirror, total), 0, "copy to the host failed");
   g_mem.release(mirror);
 }
-static void mem_drop(const void* host, const void* mirror) {
+void lk_drop(const void* host, const void* mirror) {
   if (host && g_mem.alloc) g_mem.release((void*)(uintptr_t)mirror);
 }
 
@@ -159,17 +159,17 @@ typedef struct lk_inputs {
 static void inputs_mirror(const lk_problem_t* P, lk_inputs_t* in) {
   const size_t es = fh_dtype_size(P->s.dtype);
   in->E = P->tE, in->C = P->tC, in->b = P->tb;
-  in->E.data = mem_mirror(P->tE.data, es * (size_t)(P->tE.rows * P->tE.row_stride), 0);
-  in->C.data = mem_mirror(P->tC.data, es * (size_t)(P->tC.rows * P->tC.row_stride), 0);
-  in->b.data = P->bias ? mem_mirror(P->tb.data, es * (size_t)P->s.V, 0) : NULL;
-  in->targets = mem_mirror(P->f.targets, sizeof(int64_t) * (size_t)P->s.N, 0);
-  in->cw = mem_mirror(P->f.cw, sizeof(float) * (size_t)P->s.V, 0);
-  in->tw = mem_mirror(P->f.tw, sizeof(float) * (size_t)P->s.N, 0);
+  in->E.data = lk_mirror(P->tE.data, es * (size_t)(P->tE.rows * P->tE.row_stride), 0);
+  in->C.data = lk_mirror(P->tC.data, es * (size_t)(P->tC.rows * P->tC.row_stride), 0);
+  in->b.data = P->bias ? lk_mirror(P->tb.data, es * (size_t)P->s.V, 0) : NULL;
+  in->targets = lk_mirror(P->f.targets, sizeof(int64_t) * (size_t)P->s.N, 0);
+  in->cw = lk_mirror(P->f.cw, sizeof(float) * (size_t)P->s.V, 0);
+  in->tw = lk_mirror(P->f.tw, sizeof(float) * (size_t)P->s.N, 0);
 }
 static void inputs_drop(const lk_problem_t* P, lk_inputs_t* in) {
-  mem_drop(P->tE.data, in->E.data), mem_drop(P->tC.data, in->C.data);
-  if (P->bias) mem_drop(P->tb.data, in->b.data);
-  mem_drop(P->f.targets, in->targets), mem_drop(P->f.cw, in->cw), mem_drop(P->f.tw, in->tw);
+  lk_drop(P->tE.data, in->E.data), lk_drop(P->tC.data, in->C.data);
+  if (P->bias) lk_drop(P->tb.data, in->b.data);
+  lk_drop(P->f.targets, in->targets), lk_drop(P->f.cw, in->cw), lk_drop(P->f.tw, in->tw);
 }
 
 fh_status_t lk_run_forward(fh_context_t* ctx, const lk_problem_t* P, lk_fwd_t* out, float* lse32, float* ent32) {
@@ -183,24 +183,24 @@ fh_status_t lk_run_forward(fh_context_t* ctx, const lk_problem_t* P, lk_fwd_t* o
   float* acc = tu_alloc_guarded(sizeof(float));
   int64_t* am = tu_alloc_guarded(sizeof(int64_t) * n);
   const size_t bl = sizeof(float) * (none ? n : 1);
-  fh_linear_ce_outputs_t o = {mem_mirror(loss, bl, 1),         mem_mirror(lse, sizeof(float) * n, 1),
-                              mem_mirror(ent, sizeof(float) * n, 1), mem_mirror(zl, bl, 1),
-                              mem_mirror(am, sizeof(int64_t) * n, 1), mem_mirror(acc, sizeof(float), 1)};
+  fh_linear_ce_outputs_t o = {lk_mirror(loss, bl, 1),         lk_mirror(lse, sizeof(float) * n, 1),
+                              lk_mirror(ent, sizeof(float) * n, 1), lk_mirror(zl, bl, 1),
+                              lk_mirror(am, sizeof(int64_t) * n, 1), lk_mirror(acc, sizeof(float), 1)};
   size_t wsb = 0;
   fh_status_t st = fh_linear_ce_forward_workspace_size(ctx, &P->f.opt, N, P->s.V, P->s.D, P->s.dtype, &wsb);
   cr_assert_eq(st, FH_SUCCESS, "%s", fh_last_error());
   void* ws = tu_alloc_guarded(wsb);
   memset(ws, 0xff, wsb); /* poison: the kernels must not read what they did not write */
-  void* d_ws = mem_mirror(ws, wsb, 1);
+  void* d_ws = lk_mirror(ws, wsb, 1);
   lk_inputs_t in;
   inputs_mirror(P, &in);
   st = fh_linear_ce_forward(ctx, &P->f.opt, &in.E, &in.C, P->bias ? &in.b : NULL, in.targets, in.cw, in.tw, &o, d_ws,
                             wsb);
   inputs_drop(P, &in);
-  mem_back(loss, o.loss, bl, 1), mem_back(zl, o.z_loss, bl, 1);
-  mem_back(lse, o.lse, sizeof(float) * n, 1), mem_back(ent, o.entropy, sizeof(float) * n, 1);
-  mem_back(am, o.argmax, sizeof(int64_t) * n, 1), mem_back(acc, o.accuracy, sizeof(float), 1);
-  mem_back(ws, d_ws, wsb, 1);
+  lk_back(loss, o.loss, bl, 1), lk_back(zl, o.z_loss, bl, 1);
+  lk_back(lse, o.lse, sizeof(float) * n, 1), lk_back(ent, o.entropy, sizeof(float) * n, 1);
+  lk_back(am, o.argmax, sizeof(int64_t) * n, 1), lk_back(acc, o.accuracy, sizeof(float), 1);
+  lk_back(ws, d_ws, wsb, 1);
   if (st == FH_SUCCESS) {
     for (int64_t i = 0; i < N; ++i) {
       out->lse[i] = lse[i], out->entropy[i] = ent[i], out->argmax[i] = am[i];
@@ -342,25 +342,25 @@ fh_status_t lk_run_backward(fh_context_t* ctx, const lk_problem_t* P, const lk_b
   for (int64_t k = 0; k < V; ++k) fh_store(db, dt, k, init ? init->db[k] : NAN);
   fh_tensor_t tE = fh_tensor_2d(dE, dt, N, D), tC = fh_tensor_2d(dC, dt, V, D), tb = fh_tensor_2d(db, dt, 1, V);
   tE.row_stride = tC.row_stride = ld;
-  tE.data = mem_mirror(dE, bE, 1), tC.data = mem_mirror(dC, bC, 1), tb.data = mem_mirror(db, bb, 1);
+  tE.data = lk_mirror(dE, bE, 1), tC.data = lk_mirror(dC, bC, 1), tb.data = lk_mirror(db, bb, 1);
   fh_linear_ce_grads_t g = {(want & 1) ? &tE : NULL, (want & 2) ? &tC : NULL, (want & 4) && P->bias ? &tb : NULL};
   const size_t bgl = sizeof(float) * (size_t)(none ? N : 1), bn = sizeof(float) * (size_t)N;
-  fh_linear_ce_grad_inputs_t gi = {mem_mirror(lse32, bn, 0), mem_mirror(ent32, bn, 0), mem_mirror(gl, bgl, 0),
-                                   mem_mirror(glse, bn, 0)};
+  fh_linear_ce_grad_inputs_t gi = {lk_mirror(lse32, bn, 0), lk_mirror(ent32, bn, 0), lk_mirror(gl, bgl, 0),
+                                   lk_mirror(glse, bn, 0)};
   size_t wsb = 0;
   fh_status_t st = fh_linear_ce_backward_workspace_size(ctx, &P->f.opt, N, V, D, dt, &wsb);
   cr_assert_eq(st, FH_SUCCESS, "%s", fh_last_error());
   void* ws = tu_alloc_guarded(wsb);
   memset(ws, 0xff, wsb);
-  void* d_ws = mem_mirror(ws, wsb, 1);
+  void* d_ws = lk_mirror(ws, wsb, 1);
   lk_inputs_t inp;
   inputs_mirror(P, &inp);
   st = fh_linear_ce_backward(ctx, &P->f.opt, &inp.E, &inp.C, P->bias ? &inp.b : NULL, inp.targets, inp.cw, inp.tw,
                              &gi, &g, d_ws, wsb);
   inputs_drop(P, &inp);
-  mem_drop(lse32, gi.lse), mem_drop(ent32, gi.entropy), mem_drop(gl, gi.grad_loss), mem_drop(glse, gi.grad_lse);
-  mem_back(dE, tE.data, bE, 1), mem_back(dC, tC.data, bC, 1), mem_back(db, tb.data, bb, 1);
-  mem_back(ws, d_ws, wsb, 1);
+  lk_drop(lse32, gi.lse), lk_drop(ent32, gi.entropy), lk_drop(gl, gi.grad_loss), lk_drop(glse, gi.grad_lse);
+  lk_back(dE, tE.data, bE, 1), lk_back(dC, tC.data, bC, 1), lk_back(db, tb.data, bb, 1);
+  lk_back(ws, d_ws, wsb, 1);
   int pad_ok = 1;
   for (int64_t q = 0; q < N * ld; ++q)
     if (q % ld < D) out->dE[q / ld * D + q % ld] = fh_load(dE, dt, q);

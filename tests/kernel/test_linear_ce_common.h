@@ -105,6 +105,15 @@ typedef struct lk_memory {
   int (*to_host)(void* dst, const void* src, size_t bytes);
 } lk_memory_t;
 void lk_set_memory(const lk_memory_t* m); /* NULL: back to host memory */
+/* The buffer the backend gets for `host` (bytes, plus the guard words when guarded): host
+ * itself, or a device copy under the installed hooks; lk_back copies a mirror back over host
+ * (guards included) and releases it, lk_drop releases an input's mirror. */
+void* lk_mirror(const void* host, size_t bytes, int guarded);
+void lk_back(void* host, void* mirror, size_t bytes, int guarded);
+void lk_drop(const void* host, const void* mirror);
+
+/* cvt.rna.tf32.f32: what the tensor core reads of an fp32 value. */
+double lk_tf32_round(double x);
 
 /* Bitwise equality of two double arrays (NaN == NaN). */
 int lk_same_bits(const double* a, const double* b, int64_t n);

@@ -1,0 +1,286 @@
+/* Distillation backward on the tile engine (docs/distillation_cuda.md): student gradients
+ * dEs = G·Cs, dCs = Gᵀ·Es, dbs_j = Σ_i G_ij without storing G, for every divergence of the dense
+ * teacher. Per valid row i (fusedhead.h), from the forward's row state (lse(u), lse(v), S = Σ q a,
+ * lse(s)) and the upstream factor a_i (grad_loss, ÷ N_valid or the divisor for the mean):
+ *     G_ij = a_i [ soft_weight κ / T (qa_ij − q_ij S_i) + hard_weight (softmax(s_i)_j − δ_{j,y_i}) ]
+ * with X = u − lse(u), Y = v − lse(v), q = e^X, qa from the divergence element
+ * (kernels/distill_div.cuh), p − δ at the target formed as expm1 (no cancellation).
+ *
+ * Each (row block, class tile) recomputes both logit tiles with the forward's mainloops and
+ * tiling (bitwise the forward's logits): the teacher's Y and the student's X are parked in
+ * shared memory over the stage buffers, G tile and staging chunk (free at that point), one rolled loop forms
+ * the soft part of G per entry (one copy of the divergence code), the hard part is added in
+ * registers from the student's accumulators, and G goes to shared memory for the streamed GEMMs
+ * of kernels/grad_common.cuh, shared with the linear CE backward: the same kernels' structure
+ * (row-owner kernel for dE, class-owner kernel for dC, dbias and, in FP32 mode, dE by fp32
+ * atomics), the same accumulation modes (FP32, DETERMINISTIC, OUTPUT_DTYPE), workspace pieces and
+ * row passes. The teacher costs one recompute GEMM per tile and no backward GEMM. No tile
+ * filtering: a divergence's gradient is not bounded by the student's p alone.
+ * Workspace: 256 B + 4N (rows) + 24N (row coefficients) + the accumulators' pieces
+ * (grad_ws_of: FP32 mode 16-bit 2·V·D_s + 4·N·D_s, or half the rows from N = 2048 on;
+ * DETERMINISTIC 16-bit 2·(N + V)·D_s; OUTPUT_DTYPE and fp32 none). */
+#include <math.h>
+
+#include "distill_cuda.cuh"
+#include "grad_common.cuh"
+
+namespace fh_dst {
+
+using fh_lce::bwd_smem;
+using fh_lce::grad_dst;
+using fh_lce::TBM;
+using fh_lce::TBV;
+
+constexpr int NC = 6; /* row coefficients: lse(u), lse(v), S, lse(s), soft factor, hard factor */
+static_assert(NC <= fh_lce::NCOEF, "the coefficients fit bwd_smem's rows");
+
+/* The parked tiles (2 x 64 KiB): the student's X from offset 0 (over the stage buffers, free
+ * once its mainloop has returned, and the start of the G tile), the teacher's Y after it (over
+ * the G tile and staging chunk), extended past the staging chunk by this gap where those are
+ * smaller (16-bit types: 12 KiB, 133 KiB in all; fp32: none, bwd_smem's 201 KiB). */
+template <typename T>
+struct park_gap {
+  static constexpr size_t before_coef = fh_eng::SMEM_BYTES + bwd_smem<T>::g_b + bwd_smem<T>::gt_b + bwd_smem<T>::o_b;
+  static constexpr size_t value = 2 * PARK_BYTES > before_coef ? 2 * PARK_BYTES - before_coef : 0;
+  static constexpr size_t smem_bytes = bwd_smem<T>::bytes + value;
+};
+static_assert(PARK_BYTES >= fh_eng::SMEM_BYTES, "the student's park covers the stage buffers");
+
+struct bwd_params {
+  head hs, ht;
+  int N, V, vt;
+  float invT;
+  int hard;
+  dev_div dv;
+  const int* rows;
+  const lce_ws_header* hdr;
+  const float* coef; /* [NC x N] */
+  const int64_t* targets;
+  grad_dst dE, dC;
+  void* dbias;
+  int accumulate;
+  int r_lo, r_hi; /* cols kernel: only the valid rows with original index in [r_lo, r_hi) */
+  float* db32;
+  int db_last;
+};
+
+template <typename T>
+__device__ __forceinline__ void load_row_block(const bwd_params& p, bwd_smem<T>& sm, int row0, int nr) {
+  load_rows(sm.rows, p.rows, row0, nr);
+  for (int r = threadIdx.x; r < TBM; r += fh_eng::THREADS) {
+    sm.y[r] = r < nr && p.targets ? (int)p.targets[sm.rows[r]] : -1;
+    for (int q = 0; q < NC; ++q) sm.coef[q * TBM + r] = r < nr ? p.coef[(size_t)q * p.N + sm.rows[r]] : 0.0f;
+  }
+  __syncthreads();
+}
+
+/* Recompute both tiles and form G in the accumulator registers (0 past the valid rows and
+ * classes). Ends with a barrier: the parked tiles (over sm.g) are read before store_g. */
+template <typename T, typename Align>
+__device__ __forceinline__ void g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_eng::acc_t& acc, int nr, int v0) {
+  using namespace fh_eng;
+  const int nv = p.V - v0 < TBV ? p.V - v0 : TBV;
+  float* park_x = (float*)sm.stages; /* written after the student's mainloop */
+  float* park_y = park_x + PARK * THREADS;
+  float lse[SLOTS];
+  float bj[NJ][2];
+  FH_UNROLL
+  for (int s = 0; s < SLOTS; ++s) lse[s] = sm.coef[TBM + slot_row(s)];
+  head_tile<T, Align>(acc, bj, p.ht, sm.rows, nr, v0, nv, sm.stages);
+  park_log_probs(park_y, acc, bj, lse, p.invT);
+  FH_UNROLL
+  for (int s = 0; s < SLOTS; ++s) lse[s] = sm.coef[slot_row(s)];
+  head_tile<T, Align>(acc, bj, p.hs, sm.rows, nr, v0, nv, sm.stages);
+  park_log_probs(park_x, acc, bj, lse, p.invT);
+  /* The soft part, rolled, over the parked tiles: park_x becomes cs (qa − q S). */
+  FH_NO_UNROLL
+  for (int s = 0; s < SLOTS; ++s) {
+    const int r = slot_row(s);
+    const float S = sm.coef[2 * TBM + r], cs = sm.coef[4 * TBM + r];
+    FH_NO_UNROLL
+    for (int je = 0; je < 2 * NJ; ++je) {
+      const int j = je >> 1, e = je & 1;
+      const float X = parked(park_x, s, j, e);
+      float term, qa;
+      div_eval(p.dv, X, parked(park_y, s, j, e), term, qa);
+      park_x[((s * NJ + j) * 2 + e) * THREADS + threadIdx.x] = cs * (qa - expf(X) * S);
+    }
+  }
+  /* The hard part from the student's raw logits, still in the accumulators. */
+  FH_UNROLL
+  for (int s = 0; s < SLOTS; ++s) {
+    const int r = slot_row(s), y = sm.y[r];
+    const float ls = sm.coef[3 * TBM + r], ch = sm.coef[5 * TBM + r];
+    FH_UNROLL
+    for (int j = 0; j < NJ; ++j)
+      FH_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const int c = frag_col(j, e);
+        float g = 0.0f;
+        if (r < nr && c < nv) {
+          g = parked(park_x, s, j, e);
+          if (p.hard) {
+            const float d = raw_logit(slot_acc(acc, s, j, e), bj[j][e]) - ls;
+            g += ch * (v0 + c == y ? expm1f(d) : expf(d)); /* p − δ */
+          }
+        }
+        slot_acc(acc, s, j, e) = g;
+      }
+  }
+  __syncthreads();
+}
+
+template <typename T, typename Align>
+__global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_bwd_rows_kernel(bwd_params p) {
+  FH_DYNAMIC_SMEM(unsigned char, smem);
+  bwd_smem<T> sm(smem, park_gap<T>::value);
+  const int count = p.hdr->count, row0 = blockIdx.x * TBM;
+  if (row0 >= count) return;
+  const int nr = count - row0 < TBM ? count - row0 : TBM;
+  load_row_block<T>(p, sm, row0, nr);
+  for (int tile = 0; tile < p.vt; ++tile) { /* class order: fixed, so dE is deterministic */
+    const int v0 = tile * TBV, nv = p.V - v0 < TBV ? p.V - v0 : TBV;
+    fh_eng::acc_t acc;
+    g_tile<T, Align>(p, sm, acc, nr, v0);
+    fh_lce::store_g<T>(sm, acc);
+    fh_lce::grad_gemm_rows<T, Align>(sm, p.dE, (const T*)p.hs.C, p.hs.ldc, v0, nv, p.hs.D, nr);
+  }
+}
+
+template <typename T, typename Align>
+__global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_bwd_cols_kernel(bwd_params p) {
+  FH_DYNAMIC_SMEM(unsigned char, smem);
+  bwd_smem<T> sm(smem, park_gap<T>::value);
+  const int count = p.hdr->count, v0 = blockIdx.x * TBV, nv = p.V - v0 < TBV ? p.V - v0 : TBV;
+  __shared__ int range[2];
+  fh_lce::compacted_range(p.rows, count, p.r_lo, p.r_hi, range);
+  const int c_lo = range[0], c_hi = range[1];
+  float db = 0.0f; /* thread c < 128 owns dbias[v0 + c] */
+  for (int row0 = c_lo; row0 < c_hi; row0 += TBM) { /* row order: dC and dbias deterministic */
+    const int nr = c_hi - row0 < TBM ? c_hi - row0 : TBM;
+    __syncthreads(); /* the previous block's readers of the row data are done */
+    load_row_block<T>(p, sm, row0, nr);
+    fh_eng::acc_t acc;
+    g_tile<T, Align>(p, sm, acc, nr, v0);
+    if (p.dbias) fh_lce::dbias_tile<T>(sm, acc, db);
+    fh_lce::store_g<T>(sm, acc);
+    if (p.dC.kind != fh_lce::ST_NONE)
+      fh_lce::grad_gemm_cols<T, Align>(sm, p.dC, (const T*)p.hs.E, p.hs.lde, nr, v0, nv, p.hs.D);
+    if (p.dE.kind != fh_lce::ST_NONE)
+      fh_lce::grad_gemm_rows<T, Align>(sm, p.dE, (const T*)p.hs.C, p.hs.ldc, v0, nv, p.hs.D, nr);
+  }
+  fh_lce::dbias_store<T>(p.dbias, p.db32, p.db_last, p.accumulate, v0, p.V, db);
+}
+
+/* Per-row coefficients in fp64 after the fixed-order valid count (1 block). */
+struct coef_params {
+  const int64_t* targets;
+  int64_t ignore_index;
+  int N, V, reduction;
+  float divisor;
+  double soft, hard; /* soft_weight κ / T, hard_weight */
+  const float* state;
+  const float* grad_loss;
+  float* coef;
+};
+
+__global__ void __launch_bounds__(256) distill_bwd_coef_kernel(coef_params p) {
+  __shared__ double red[256];
+  double v[1] = {0.0};
+  for (int i = threadIdx.x; i < p.N; i += 256) {
+    int64_t y;
+    v[0] += row_valid(p.targets, p.ignore_index, p.V, i, &y) ? 1.0 : 0.0;
+  }
+  lce_block_sum(red, v, 1);
+  const double den = p.divisor > 0.0f ? (double)p.divisor : red[0];
+  const double inv = den > 0.0 ? fh_lce::lce_recip(den) : 0.0; /* a zero denominator gives 0 */
+  const size_t N = (size_t)p.N;
+  for (int i = threadIdx.x; i < p.N; i += 256) {
+    int64_t y;
+    if (!row_valid(p.targets, p.ignore_index, p.V, i, &y)) continue;
+    double a = p.reduction == FH_REDUCTION_NONE ? p.grad_loss[i] : p.grad_loss[0];
+    if (p.reduction == FH_REDUCTION_MEAN) a *= inv;
+    for (int q = 0; q < 4; ++q) p.coef[q * N + i] = p.state[(size_t)i * 4 + q];
+    p.coef[4 * N + i] = (float)(a * p.soft);
+    p.coef[5 * N + i] = (float)(a * p.hard);
+  }
+}
+
+typedef fh_lce::grad_layout bwd_layout;
+static bwd_layout bwd_layout_of(int64_t N, int64_t V, int64_t D, fh_dtype_t dtype, fh_accum_mode_t mode) {
+  return fh_lce::grad_layout_of(N, V, D, dtype, mode, NC); /* every gradient wanted: the query's contract */
+}
+
+template <typename T, typename Align, bool ROWS>
+static fh_status_t launch_bwd(const char* fn, dim3 grid, cudaStream_t stream, const bwd_params& bp) {
+  auto k = ROWS ? distill_bwd_rows_kernel<T, Align> : distill_bwd_cols_kernel<T, Align>;
+  const size_t smem = park_gap<T>::smem_bytes;
+  FH_TRY(fh_cuda_status(fh_eng::allow_smem(k, smem), fn, "cudaFuncSetAttribute(distill_bwd kernel)"));
+  FH_LAUNCH(k, grid, dim3(fh_eng::THREADS), smem, stream, bp);
+  LCE_CHECK_LAUNCH(fn, ROWS ? "distill_bwd_rows_kernel" : "distill_bwd_cols_kernel");
+  return FH_SUCCESS;
+}
+
+} /* namespace fh_dst */
+
+using namespace fh_dst;
+
+extern "C" fh_status_t fh_cuda_distill_backward_workspace(int64_t N, int64_t V, int64_t D_s, fh_dtype_t dtype,
+                                                          fh_accum_mode_t mode, size_t* bytes) {
+  *bytes = bwd_layout_of(N, V, D_s, dtype, mode).total;
+  return FH_SUCCESS;
+}
+
+extern "C" fh_status_t fh_cuda_distill_backward(fh_cuda_state_t* st, struct CUstream_st* stream,
+                                                const fh_distill_problem_t* p, const fh_distill_grad_inputs_t* in,
+                                                const fh_distill_grads_t* grads, void* workspace) {
+  const char* fn = p->fn;
+  FH_TRY(check_problem(fn, p));
+  const fh_distill_options_t* o = &p->opt;
+  const fh_dtype_t dtype = p->Es->dtype;
+  const bwd_layout L = bwd_layout_of(p->N, p->V, p->D_s, dtype, o->accum_mode);
+  unsigned char* ws = (unsigned char*)workspace;
+  lce_ws_header* hdr = (lce_ws_header*)ws;
+  int* rows = (int*)(ws + L.rows_off);
+  float* coef = (float*)(ws + L.coef_off);
+  const fh_lce::grad_plan g =
+      fh_lce::grad_plan_of(o->accum_mode, dtype, grads->dE, grads->dC, grads->dbias, p->bs != NULL, ws, L, o->accumulate);
+  if (!g.any) return FH_SUCCESS; /* nothing wanted: nothing computed or written */
+  const fwd_layout FL = fwd_layout_of(p->N, p->V);
+  const fwd_params fp = make_fwd_params(p, rows, hdr, NULL, FL);
+  bwd_params bp;
+  bp.hs = fp.hs, bp.ht = fp.ht;
+  bp.N = (int)p->N, bp.V = (int)p->V, bp.vt = FL.vt;
+  bp.invT = fp.invT, bp.hard = fp.hard, bp.dv = fp.dv;
+  bp.rows = rows, bp.hdr = hdr, bp.coef = coef, bp.targets = p->targets;
+  bp.dE = g.dE, bp.dC = g.dC;
+  bp.dbias = g.dbias;
+  bp.accumulate = o->accumulate != 0;
+  bp.r_lo = 0, bp.r_hi = bp.N;
+  bp.db32 = NULL, bp.db_last = 1;
+  {
+    FH_TRY(lce_launch_prep_rows(fn, stream, p->targets, p->N, p->V, o->ignore_index, rows, hdr,
+                                fh_cuda_error_flag(st)));
+    coef_params cp;
+    cp.targets = p->targets, cp.ignore_index = o->ignore_index;
+    cp.N = (int)p->N, cp.V = (int)p->V, cp.reduction = (int)o->reduction, cp.divisor = o->divisor;
+    const double T = o->temperature, kappa = o->scale_by_t_squared ? T * T : 1.0;
+    cp.soft = (double)o->soft_weight * kappa / T, cp.hard = o->hard_weight;
+    cp.state = in->row_state, cp.grad_loss = in->grad_loss, cp.coef = coef;
+    FH_LAUNCH(distill_bwd_coef_kernel, dim3(1), dim3(256), 0, stream, cp);
+    LCE_CHECK_LAUNCH(fn, "distill_bwd_coef_kernel");
+  }
+  const size_t es = fh_dtype_size(dtype);
+  const bool vec = operands_vec16(p) && p->D_s % 8 == 0 && fh_lce::dst_vec_ok(bp.dE, es) &&
+                   fh_lce::dst_vec_ok(bp.dC, es);
+  LCE_DTYPE_SWITCH(dtype, T, {
+    auto launch = [&](bool row_owner, dim3 grid, const bwd_params& q) -> fh_status_t {
+      if (vec) return row_owner ? launch_bwd<T, fh_eng::vec16, true>(fn, grid, stream, q)
+                           : launch_bwd<T, fh_eng::vec16, false>(fn, grid, stream, q);
+      return row_owner ? launch_bwd<T, fh_eng::scalar, true>(fn, grid, stream, q)
+                  : launch_bwd<T, fh_eng::scalar, false>(fn, grid, stream, q);
+    };
+    FH_TRY((fh_lce::grad_passes<T>(fn, stream, g, bp, p->N, p->V, (int)p->D_s, bp.vt, launch)));
+  });
+  return FH_SUCCESS;
+}
