@@ -337,8 +337,8 @@ static fh_status_t launch_fwd_tiles(const char* fn, dim3 grid, cudaStream_t stre
                                     float* part) {
   auto k1 = distill_stats_kernel<T, Align>;
   auto k2 = distill_div_kernel<T, Align>;
-  FH_TRY(fh_cuda_status(fh_eng::allow_smem(k1, STATS_SMEM), fn, "cudaFuncSetAttribute(distill_stats_kernel)"));
-  FH_TRY(fh_cuda_status(fh_eng::allow_smem(k2, DIV_SMEM), fn, "cudaFuncSetAttribute(distill_div_kernel)"));
+  FH_TRY(fh_cuda_status(fh_eng::allow_smem<STATS_SMEM>(k1), fn, "cudaFuncSetAttribute(distill_stats_kernel)"));
+  FH_TRY(fh_cuda_status(fh_eng::allow_smem<DIV_SMEM>(k2), fn, "cudaFuncSetAttribute(distill_div_kernel)"));
   fp.part = part;
   FH_LAUNCH(k1, grid, dim3(fh_eng::THREADS), STATS_SMEM, stream, fp);
   LCE_CHECK_LAUNCH(fn, "distill_stats_kernel");

@@ -37,10 +37,10 @@ static_assert(NC <= fh_lce::NCOEF, "the coefficients fit bwd_smem's rows");
 /* The parked tiles (2 x 64 KiB): the student's X from offset 0 (over the stage buffers, free
  * once its mainloop has returned, and the start of the G tile), the teacher's Y after it (over
  * the G tile and staging chunk), extended past the staging chunk by this gap where those are
- * smaller (16-bit types: 12 KiB, 133 KiB in all; fp32: none, bwd_smem's 201 KiB). */
+ * smaller (16-bit types: 12 KiB, 133 KiB in all; fp32: none, bwd_smem's 137 KiB). */
 template <typename T>
 struct park_gap {
-  static constexpr size_t before_coef = fh_eng::SMEM_BYTES + bwd_smem<T>::g_b + bwd_smem<T>::gt_b + bwd_smem<T>::o_b;
+  static constexpr size_t before_coef = fh_eng::SMEM_BYTES + bwd_smem<T>::g_b + bwd_smem<T>::o_b;
   static constexpr size_t value = 2 * PARK_BYTES > before_coef ? 2 * PARK_BYTES - before_coef : 0;
   static constexpr size_t smem_bytes = bwd_smem<T>::bytes + value;
 };
@@ -163,11 +163,13 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_bwd_cols_kernel(bw
     fh_eng::acc_t acc;
     g_tile<T, Align>(p, sm, acc, nr, v0);
     if (p.dbias) fh_lce::dbias_tile<T>(sm, acc, db);
-    fh_lce::store_g<T>(sm, acc);
-    if (p.dC.kind != fh_lce::ST_NONE)
-      fh_lce::grad_gemm_cols<T, Align>(sm, p.dC, (const T*)p.hs.E, p.hs.lde, nr, v0, nv, p.hs.D);
-    if (p.dE.kind != fh_lce::ST_NONE)
+    const bool want_c = p.dC.kind != fh_lce::ST_NONE;
+    const bool tr = fh_lce::store_g_for<T>(sm, acc, want_c);
+    if (want_c) fh_lce::grad_gemm_cols<T, Align>(sm, p.dC, (const T*)p.hs.E, p.hs.lde, nr, v0, nv, p.hs.D);
+    if (p.dE.kind != fh_lce::ST_NONE) {
+      fh_lce::g_for_rows<T>(sm, tr);
       fh_lce::grad_gemm_rows<T, Align>(sm, p.dE, (const T*)p.hs.C, p.hs.ldc, v0, nv, p.hs.D, nr);
+    }
   }
   fh_lce::dbias_store<T>(p.dbias, p.db32, p.db_last, p.accumulate, v0, p.V, db);
 }
@@ -215,7 +217,7 @@ template <typename T, typename Align, bool ROWS>
 static fh_status_t launch_bwd(const char* fn, dim3 grid, cudaStream_t stream, const bwd_params& bp) {
   auto k = ROWS ? distill_bwd_rows_kernel<T, Align> : distill_bwd_cols_kernel<T, Align>;
   const size_t smem = park_gap<T>::smem_bytes;
-  FH_TRY(fh_cuda_status(fh_eng::allow_smem(k, smem), fn, "cudaFuncSetAttribute(distill_bwd kernel)"));
+  FH_TRY(fh_cuda_status(fh_eng::allow_smem<park_gap<T>::smem_bytes>(k), fn, "cudaFuncSetAttribute(distill_bwd kernel)"));
   FH_LAUNCH(k, grid, dim3(fh_eng::THREADS), smem, stream, bp);
   LCE_CHECK_LAUNCH(fn, ROWS ? "distill_bwd_rows_kernel" : "distill_bwd_cols_kernel");
   return FH_SUCCESS;

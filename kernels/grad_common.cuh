@@ -97,17 +97,18 @@ __device__ __forceinline__ void dst_add8(const grad_dst& g, int64_t row, int d, 
 template <typename T>
 struct bwd_smem {
   typedef fh_eng::stream_cfg<T> cfg;
+  /* One 128 x 128 G tile in the operand type: 32 KiB for 16-bit types (ldmatrix.trans reads
+   * Gᵀ from it), 64 KiB for fp32, which holds G or Gᵀ as the next GEMM needs (store_g,
+   * transpose_g): an A100 block has 163 KiB. */
   static constexpr size_t g_b = (size_t)TBM * cfg::RES_ROWB;
-  static constexpr size_t gt_b = sizeof(T) == 4 ? g_b : 0;
   /* Staging row of DC + 8 floats: 16-byte aligned rows for the epilogue's vector reads, and the
    * fragment pairs' 8-byte stores (two half-warp phases of 4 rows x 4 pairs) hit 32 distinct banks. */
   static constexpr int OLD = cfg::DC + 8;
   static constexpr size_t o_b = sizeof(float) * TBM * OLD;
-  static constexpr size_t bytes = fh_eng::SMEM_BYTES + g_b + gt_b + o_b + sizeof(float) * NCOEF * TBM +
+  static constexpr size_t bytes = fh_eng::SMEM_BYTES + g_b + o_b + sizeof(float) * NCOEF * TBM +
                                   2 * sizeof(int) * TBM + sizeof(float) * 2 * TBV;
   unsigned char* stages;
   unsigned char* g;
-  unsigned char* gt;
   float* o;
   float* coef; /* [NCOEF][TBM] */
   int* rows;
@@ -118,8 +119,7 @@ struct bwd_smem {
   __device__ explicit bwd_smem(unsigned char* base, size_t gap = 0) {
     stages = base;
     g = base + fh_eng::SMEM_BYTES;
-    gt = sizeof(T) == 4 ? g + g_b : g;
-    o = (float*)(g + g_b + gt_b);
+    o = (float*)(g + g_b);
     coef = (float*)((unsigned char*)o + o_b + gap);
     rows = (int*)(coef + NCOEF * TBM);
     y = rows + TBM;
@@ -147,10 +147,11 @@ __device__ __forceinline__ void dbias_tile(bwd_smem<T>& sm, const fh_eng::acc_t&
     db += __uint_as_float(fh_ptx::lds_u32(sm.db + threadIdx.x)) + __uint_as_float(fh_ptx::lds_u32(sm.db + TBV + threadIdx.x));
 }
 
-/* G (registers) -> the resident tile in the operand type (tf32-rounded for fp32, which also
- * gets the transposed copy). */
+/* G (registers) -> the resident tile in the operand type (tf32-rounded for fp32). fp32 with
+ * transposed: Gᵀ, for dC = Gᵀ·E (ldmatrix cannot transpose 32-bit elements); 16-bit types
+ * always store G. */
 template <typename T>
-__device__ __forceinline__ void store_g(bwd_smem<T>& sm, const fh_eng::acc_t& acc) {
+__device__ __forceinline__ void store_g(bwd_smem<T>& sm, const fh_eng::acc_t& acc, bool transposed = false) {
   using namespace fh_eng;
   FH_UNROLL
   for (int i = 0; i < MI; ++i)
@@ -167,13 +168,50 @@ __device__ __forceinline__ void store_g(bwd_smem<T>& sm, const fh_eng::acc_t& ac
         } else {
           const uint32_t w0 = __float_as_uint(dtype_traits<T>::from_float(g0));
           const uint32_t w1 = __float_as_uint(dtype_traits<T>::from_float(g1));
-          fh_ptx::sts_u32(sm.g + res_off<T>(r, c), w0);
-          fh_ptx::sts_u32(sm.g + res_off<T>(r, c + 1), w1);
-          fh_ptx::sts_u32(sm.gt + res_off<T>(c, r), w0);
-          fh_ptx::sts_u32(sm.gt + res_off<T>(c + 1, r), w1);
+          if (transposed) {
+            fh_ptx::sts_u32(sm.g + res_off<T>(c, r), w0);
+            fh_ptx::sts_u32(sm.g + res_off<T>(c + 1, r), w1);
+          } else {
+            fh_ptx::sts_u32(sm.g + res_off<T>(r, c), w0);
+            fh_ptx::sts_u32(sm.g + res_off<T>(r, c + 1), w1);
+          }
         }
       }
   __syncthreads();
+}
+
+/* fp32: Gᵀ -> G in place, after dC's GEMM and before dE's (each unordered pair of elements is
+ * swapped by one thread; the streamed GEMM ended with a barrier, and this ends with one). */
+template <typename T>
+__device__ __forceinline__ void transpose_g(bwd_smem<T>& sm) {
+  static_assert(sizeof(T) == 4, "16-bit G tiles are read transposed by ldmatrix.trans");
+  for (int idx = threadIdx.x; idx < TBM * TBV; idx += fh_eng::THREADS) {
+    const int r = idx / TBV, c = idx % TBV;
+    if (r >= c) continue;
+    unsigned char* a = sm.g + fh_eng::res_off<T>(r, c);
+    unsigned char* b = sm.g + fh_eng::res_off<T>(c, r);
+    const uint32_t x = fh_ptx::lds_u32(a), y = fh_ptx::lds_u32(b);
+    fh_ptx::sts_u32(a, y);
+    fh_ptx::sts_u32(b, x);
+  }
+  __syncthreads();
+}
+
+/* Stores G for the GEMMs a block is about to run and, for fp32 with both, turns the tile around
+ * between them: call store_g_for before the first, g_for_rows between dC and dE. */
+template <typename T>
+__device__ __forceinline__ bool store_g_for(bwd_smem<T>& sm, const fh_eng::acc_t& acc, bool want_cols) {
+  const bool transposed = sizeof(T) == 4 && want_cols;
+  store_g<T>(sm, acc, transposed);
+  return transposed;
+}
+template <typename T>
+__device__ __forceinline__ void g_for_rows(bwd_smem<T>& sm, bool transposed) {
+  if constexpr (sizeof(T) == 4) {
+    if (transposed) transpose_g<T>(sm);
+  } else {
+    (void)sm, (void)transposed;
+  }
 }
 
 /* The streamed GEMMs' epilogue: the [128 x DC] chunk goes through the staging buffer to
@@ -268,7 +306,7 @@ __device__ __forceinline__ void grad_gemm_cols(bwd_smem<T>& sm, const grad_dst& 
                                                int v0, int nv, int D) {
   const fh_eng::nt_operand<T> b{E, lde, sm.rows, 0, nr};
   rmw_epi<T, Align> epi{&sm, &dst, nullptr, v0, nv, D};
-  if constexpr (sizeof(T) == 4) fh_eng::stream_gemm<T, Align, false>::run(sm.gt, b, D, nv, sm.stages, epi);
+  if constexpr (sizeof(T) == 4) fh_eng::stream_gemm<T, Align, false>::run(sm.g, b, D, nv, sm.stages, epi); /* Gᵀ */
   else fh_eng::stream_gemm<T, Align, true>::run(sm.g, b, D, nv, sm.stages, epi);
 }
 

@@ -198,9 +198,13 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_bwd_cols_kernel(bwd_pa
     const bool do_c = keep || !p.filter_c, do_e = p.dE.kind != ST_NONE && (keep || !p.filter_e);
     if (!do_c && !do_e) continue;
     if (do_c && p.dbias) dbias_tile<T>(sm, acc, db);
-    store_g<T>(sm, acc);
-    if (do_c && p.dC.kind != ST_NONE) accumulate_dC<T, Align>(p, sm, nr, v0);
-    if (do_e) accumulate_dE<T, Align>(p, sm, p.dE, nr, v0);
+    const bool want_c = do_c && p.dC.kind != ST_NONE;
+    const bool tr = store_g_for<T>(sm, acc, want_c);
+    if (want_c) accumulate_dC<T, Align>(p, sm, nr, v0);
+    if (do_e) {
+      g_for_rows<T>(sm, tr);
+      accumulate_dE<T, Align>(p, sm, p.dE, nr, v0);
+    }
   }
   dbias_store<T>(p.dbias, p.db32, p.db_last, p.accumulate, v0, p.V, db);
 }
@@ -304,7 +308,7 @@ template <typename T, typename Align, bool ROWS>
 fh_status_t launch_bwd(const char* fn, dim3 grid, cudaStream_t stream, const bwd_params& bp) {
   auto k = ROWS ? lce_bwd_rows_kernel<T, Align> : lce_bwd_cols_kernel<T, Align>;
   const size_t smem = bwd_smem<T>::bytes;
-  FH_TRY(fh_cuda_status(fh_eng::allow_smem(k, smem), fn, "cudaFuncSetAttribute(lce_bwd kernel)"));
+  FH_TRY(fh_cuda_status(fh_eng::allow_smem<bwd_smem<T>::bytes>(k), fn, "cudaFuncSetAttribute(lce_bwd kernel)"));
   FH_LAUNCH(k, grid, dim3(fh_eng::THREADS), smem, stream, bp);
   LCE_CHECK_LAUNCH(fn, ROWS ? "lce_bwd_rows_kernel" : "lce_bwd_cols_kernel");
   return FH_SUCCESS;

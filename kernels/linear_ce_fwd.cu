@@ -277,7 +277,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_pa
 template <typename T, typename Align>
 static fh_status_t launch_fwd_tile(const char* fn, dim3 grid, cudaStream_t stream, const fwd_params& fp) {
   auto k = lce_fwd_tile_kernel<T, Align>;
-  FH_TRY(fh_cuda_status(fh_eng::allow_smem(k, FWD_SMEM), fn, "cudaFuncSetAttribute(lce_fwd_tile_kernel)"));
+  FH_TRY(fh_cuda_status(fh_eng::allow_smem<FWD_SMEM>(k), fn, "cudaFuncSetAttribute(lce_fwd_tile_kernel)"));
   FH_LAUNCH(k, grid, dim3(fh_eng::THREADS), FWD_SMEM, stream, fp);
   LCE_CHECK_LAUNCH(fn, "lce_fwd_tile_kernel");
   return FH_SUCCESS;

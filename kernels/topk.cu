@@ -436,7 +436,7 @@ static fh_status_t launch_rows(const char* fn, cudaStream_t stream, const fh_ten
 template <typename T, typename Align>
 static fh_status_t launch_fused(const char* fn, cudaStream_t stream, const fused_params& fp) {
   auto kern = topk_fused_tile_kernel<T, Align>;
-  FH_TRY(fh_cuda_status(fh_eng::allow_smem(kern, FUSED_SMEM), fn, "cudaFuncSetAttribute(topk_fused_tile_kernel)"));
+  FH_TRY(fh_cuda_status(fh_eng::allow_smem<FUSED_SMEM>(kern), fn, "cudaFuncSetAttribute(topk_fused_tile_kernel)"));
   FH_LAUNCH(kern, dim3(fh_lce::lce_blocks(fp.B, F_BM), (unsigned)fp.splits), dim3(fh_eng::THREADS), FUSED_SMEM, stream,
             fp);
   return fh_cuda_launch_status(fn, "topk_fused_tile_kernel");

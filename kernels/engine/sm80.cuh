@@ -273,10 +273,15 @@ static inline bool vec16_ok(const void* p, int64_t ld_elems, size_t esize) {
   return ((uintptr_t)p % 16) == 0 && ((size_t)ld_elems * esize) % 16 == 0;
 }
 
-/* Opt a kernel in to more than 48 KiB of dynamic shared memory. */
-template <typename K>
-static inline cudaError_t allow_smem(K* kernel, size_t bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+/* The most dynamic shared memory one block may opt in to on sm_80 (163 KiB; sm_90 allows 227):
+ * every kernel of the library fits it, checked at compile time by allow_smem. */
+constexpr size_t SMEM_OPTIN_MAX = 166912;
+
+/* Opt a kernel in to BYTES (> 48 KiB) of dynamic shared memory. */
+template <size_t BYTES, typename K>
+static inline cudaError_t allow_smem(K* kernel) {
+  static_assert(BYTES <= SMEM_OPTIN_MAX, "more shared memory than an sm_80 block can have");
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)BYTES);
 }
 
 } /* namespace fh_eng */
