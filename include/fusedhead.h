@@ -151,12 +151,10 @@ FH_API size_t fh_dtype_size(fh_dtype_t dtype);
  * A vector (a bias) is a 1 x n tensor. Inputs are passed as const fh_tensor_t* and never
  * written; `data` is non-const so one type serves inputs and outputs.
  *
- * Fast path (CUDA backend, docs/engine.md "Alignment"): the tensor-core kernels load a matrix
- * operand (E, C, H) with 16-byte asynchronous copies when its `data` is 16-byte aligned and
- * row_stride * dtype_size is a multiple of 16 bytes (dense bf16/fp16 with cols % 8 == 0, fp32
- * with cols % 4 == 0, from cudaMalloc or a framework allocator). The linear CE backward also
- * needs D % 8 == 0 and the same alignment of dE and dC. Any other layout is accepted and gives
- * bitwise the same results through a slower fallback of element loads. */
+ * Fast path (CUDA, docs/engine.md "Alignment"): matrix operands (E, C, H) load by 16-byte async
+ * copies when `data` is 16-byte aligned and row_stride * dtype_size is a multiple of 16 (dense
+ * bf16/fp16 with cols % 8 == 0, fp32 with cols % 4 == 0); backwards also need D % 8 == 0 and
+ * dE, dC aligned alike. Other layouts take a slower element-load path with bitwise equal results. */
 typedef struct fh_tensor {
   void* data;
   fh_dtype_t dtype;
