@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_pa
   row_stats st[SLOTS];
   float swz[SLOTS], zy[SLOTS], av[SLOTS], nun[SLOTS], wun[SLOTS];
   int ai[SLOTS], ys[SLOTS];
-    FH_UNROLL
+  FH_UNROLL
   for (int s = 0; s < SLOTS; ++s) {
     st[s].init();
     swz[s] = 0.0f, zy[s] = 0.0f, av[s] = -INFINITY, ai[s] = INT32_MAX, nun[s] = 0.0f, wun[s] = 0.0f;
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_pa
     tile_bias<T>(bj, bias, v0, nv);
     FH_UNROLL
     for (int j = 0; j < NJ; ++j)
-    FH_UNROLL
+      FH_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int c = frag_col(j, e);
         wj[j][e] = (p.smooth && c < nv) ? (p.cw ? p.cw[v0 + c] : 1.0f) : 0.0f;
@@ -187,9 +187,9 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_pa
       const int i = s >> 1, h = s & 1;
       float z[2 * NJ];
       float tmax = -INFINITY;
-    FH_UNROLL
+      FH_UNROLL
       for (int j = 0; j < NJ; ++j)
-    FH_UNROLL
+        FH_UNROLL
         for (int e = 0; e < 2; ++e) {
           const int c = frag_col(j, e), col = v0 + c;
           float zz = -INFINITY;
@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_pa
     }
   }
   /* Merge the quad's four column sets (lanes xor 1, then xor 2): every lane takes part. */
-    FH_UNROLL
+  FH_UNROLL
   for (int s = 0; s < SLOTS; ++s)
     FH_UNROLL
     for (int off = 1; off <= 2; off <<= 1) {

@@ -281,7 +281,7 @@ __device__ __forceinline__ bool merge_row(const fused_params& p, unsigned char* 
   __syncwarp(); /* every lane has read the row: the compaction overwrites it */
   const unsigned below = (1u << lane) - 1u;
   int m = 0;
-FH_UNROLL
+  FH_UNROLL
   for (int s = 0; s < 4; ++s) {
     const bool pass = (uint32_t)(t[s] >> 32) > thr;
     const unsigned bal = __ballot_sync(FH_FULL_MASK, pass);
@@ -302,7 +302,7 @@ FH_UNROLL
   topk_pair e[8];
   uint64_t lk[8];
   int lpos[8];
-FH_UNROLL
+  FH_UNROLL
   for (int n = 0; n < 8; ++n) {
     const int i = lane + 32 * n;
     e[n] = topk_pair{-INFINITY, -1};
@@ -318,26 +318,26 @@ FH_UNROLL
   __syncwarp(); /* candidates, padding and scr visible to every lane */
   uint64_t ck[4];
   int cpos[4];
-FH_UNROLL
+  FH_UNROLL
   for (int n = 0; n < 4; ++n) {
     const int j = lane + 32 * n;
     ck[n] = ~0ull;
     cpos[n] = 0;
     if (j < m) ck[n] = u64_of(fh_ptx::lds_u32(rowp + 8 * j), fh_ptx::lds_u32(rowp + 8 * j + 4));
   }
-FH_NO_UNROLL
+  FH_NO_UNROLL
   for (int j = 0; j < m; j += 2) {
     const uint4 w = fh_ptx::lds_v4(rowp + 8 * j);
     const uint64_t a = u64_of(w.x, w.y), b = u64_of(w.z, w.w);
-FH_UNROLL
+    FH_UNROLL
     for (int n = 0; n < 8; ++n) lpos[n] += (int)(a > lk[n]) + (int)(b > lk[n]);
-FH_UNROLL
+    FH_UNROLL
     for (int n = 0; n < 4; ++n) cpos[n] += (int)(a > ck[n]) + (int)(b > ck[n]);
   }
-FH_UNROLL
+  FH_UNROLL
   for (int n = 0; n < 8; ++n)
     if (lane + 32 * n < k && lpos[n] < k) dst[lpos[n]] = e[n];
-FH_UNROLL
+  FH_UNROLL
   for (int n = 0; n < 4; ++n) {
     if (lane + 32 * n >= m) continue;
     const uint32_t u = (uint32_t)(ck[n] >> 32);
@@ -382,18 +382,18 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) topk_fused_tile_kernel(fus
     /* -0.0f is the identity of fp32 addition (x + -0 == x for every x, -0 included), so rows
      * without bias keep the accumulator bit for bit. */
     float bj[NJ][2];
-FH_UNROLL
+    FH_UNROLL
     for (int j = 0; j < NJ; ++j)
-FH_UNROLL
+      FH_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int c = frag_col(j, e);
         bj[j][e] = (bias && c < nv) ? fh_to_float(bias[v0 + c]) : -0.0f;
       }
-FH_UNROLL
+    FH_UNROLL
     for (int i = 0; i < MI; ++i)
-FH_UNROLL
+      FH_UNROLL
       for (int h = 0; h < 2; ++h)
-FH_UNROLL
+        FH_UNROLL
         for (int j = 0; j < NJ; ++j) {
           const int r = frag_row(i, 2 * h), c = frag_col(j, 0);
           const uint64_t k0 = c < nv ? tile_key(acc.v[i][j][2 * h] + bj[j][0], c) : 0ull;

@@ -194,9 +194,9 @@ struct mainloop {
                                              unsigned char* smem) {
     FH_UNROLL
     for (int i = 0; i < MI; ++i)
-    FH_UNROLL
+      FH_UNROLL
       for (int j = 0; j < NJ; ++j)
-    FH_UNROLL
+        FH_UNROLL
         for (int e = 0; e < 4; ++e) acc.v[i][j][e] = 0.0f;
     loader<T, Align, BM> la;
     loader<T, Align, BN> lb;
@@ -235,17 +235,17 @@ struct mainloop {
       }
       const unsigned char* sa = smem + (ks % STAGES) * STAGE_BYTES;
       const unsigned char* sb = sa + BM * ROWB;
-    FH_UNROLL
+      FH_UNROLL
       for (int kk = 0; kk < 2; ++kk) { /* two 32-byte k-steps per stage */
         uint32_t af[MI][4], bf[NJ][2];
-    FH_UNROLL
+        FH_UNROLL
         for (int i = 0; i < MI; ++i) {
           const int r = wm * WM + i * 16 + (mi & 1) * 8 + lr;
           fh_ptx::ldsm_x4(af[i], sa + swz(r, 2 * kk + (mi >> 1)));
-    FH_UNROLL
+          FH_UNROLL
           for (int q = 0; q < 4; ++q) af[i][q] = operand<T>::prep(af[i][q]);
         }
-    FH_UNROLL
+        FH_UNROLL
         for (int jj = 0; jj < NJ / 2; ++jj) {
           uint32_t t4[4];
           const int n = wn * WN + jj * 16 + (mi >> 1) * 8 + lr;
@@ -255,9 +255,9 @@ struct mainloop {
           bf[2 * jj + 1][0] = operand<T>::prep(t4[2]);
           bf[2 * jj + 1][1] = operand<T>::prep(t4[3]);
         }
-    FH_UNROLL
+        FH_UNROLL
         for (int i = 0; i < MI; ++i)
-    FH_UNROLL
+          FH_UNROLL
           for (int j = 0; j < NJ; ++j)
             if (i < live_i && j < live_j) operand<T>::mma(acc.v[i][j], af[i], bf[j]);
       }
