@@ -2,18 +2,22 @@
  *
  * G (fusedhead.h), per valid row i with upstream factors a_i (÷ D_ce), b_i (÷ D_reg):
  *     G_ij = [K4 (p_ij − δ_jy) + p_ij (K1 − K2 (log p_ij + h_i)) − K3 w_j] · softcap' · scale
- *     K4 = a w_y (1−α), K3 = a ε, K1 = a ε W + 2 b λ lse_i + grad_lse_i, K2 = b η,
- *     softcap' = 1 − (z/c)², log p = z − lse_i from the forward's lse.
+ *     K4 = a w_y (1−α), K3 = a ε_i, K1 = a ε_i W_i + 2 b λ lse_i + grad_lse_i, K2 = b η,
+ *     softcap' = 1 − (z/c)², log p = z − lse_i from the forward's lse; ε_i = α / V_i and W_i over
+ *     the row's unmasked classes, and G_ij = 0 for a masked class (raw logit -inf,
+ *     docs/conventions.md). With label smoothing V_i and W_i come from one pass of the forward's
+ *     tile kernel (lce_launch_row_counts): 2·N·V·D more FLOPs, only then.
  * K's are formed per row in fp64 by lce_bwd_coef_kernel (one block; the denominators are summed
  * on the device in a fixed order), rounded to fp32. G is fp32; p_y − 1 is expm1f(z_y − lse) (no
  * cancellation: Liger's fix, and better than forming p first); G is rounded to the input dtype
- * (tf32 for fp32) only as a WMMA operand, as CCE does.
+ * (tf32 for fp32) only as an mma operand, as CCE does.
  *
- * Shapes: E [N x D], C [V x D], bias [V]; 64 compacted rows x 64 classes per tile, 128 threads;
- * each logit tile is recomputed by lce_logit_tile() with the forward's exact decomposition, so
- * z is bitwise the forward's. The GEMMs run over D in 32-column chunks: the [64 x 32] operand
- * chunk (C rows or E rows) is staged in shared memory, each warp computes 16 x 32 outputs, which
- * go through shared memory to the accumulator.
+ * Shapes: E [N x D], C [V x D], bias [V]; 128 compacted rows x 128 classes per tile, 256 threads
+ * (the engine's tile, docs/engine.md); each logit tile is recomputed by the forward's mainloop
+ * with the forward's decomposition, so z is bitwise the forward's. G is formed in registers,
+ * stored once to shared memory (grad_common.cuh), and the gradient GEMMs stream C or E through
+ * the engine's second arrangement (engine/stream.cuh) in 128-byte chunks of D, each chunk's
+ * result added to its destination by 16-byte read-modify-writes.
  *
  * Filter (CCE): a tile is skipped for dE (filter_e_grad) / dC and dbias (filter_c_grad) when every
  * |p_ij − δ_jy| < filter_eps ("auto": eps(dtype)/32). It is tested on the unscaled softmax
@@ -23,9 +27,9 @@
  *
  * Two tile kernels, both owner-computes (each output element has one writer, which adds its
  * contributions in a fixed order):
- *   lce_bwd_rows_kernel: block b owns compacted rows [64b, 64b+64) and loops over every class
+ *   lce_bwd_rows_kernel: block b owns compacted rows [128b, 128b+128) and loops over every class
  *     tile in order: dE rows += G·C_tile.
- *   lce_bwd_cols_kernel: block v owns classes [64v, 64v+64) and loops over every row block in
+ *   lce_bwd_cols_kernel: block v owns classes [128v, 128v+128) and loops over every row block in
  *     order: dC rows += Gᵀ·E_rows, dbias in fp32 registers; optionally (mode FP32) also
  *     dE += G·C_tile with fp32 atomics, so one pass produces every gradient.
  * Accumulation modes (fusedhead.h fh_accum_mode_t), with Gemma-2 (N=8192, D=2304, V=256000, bf16)
@@ -43,7 +47,7 @@
  *     accumulation (direct or split fp32 for both). Bitwise identical under any block order.
  *     Costs a second logit recompute: 8·N_valid·V·D FLOPs (+33%). Workspace 2 B·(N + V)·D.
  *   FH_ACCUM_OUTPUT_DTYPE: same kernels, accumulation by read-modify-write in the output dtype
- *     (one rounding per 64-class tile for dE, per 64-row block for dC); dbias still fp32 in
+ *     (one rounding per 128-class tile for dE, per 128-row block for dC); dbias still fp32 in
  *     registers. Workspace O(N). Also deterministic.
  * The accumulate flag starts the accumulators from the existing gradients instead of 0. */
 #include <math.h>
@@ -54,7 +58,6 @@
 #include "linear_ce_common.cuh"
 
 namespace fh_lce {
-
 
 struct bwd_params {
   const void* E;

@@ -139,7 +139,7 @@ static_assert(fh_eng::WARPS_N * fh_eng::BM * NQ_SMOOTH * sizeof(float) <= fh_eng
 template <typename T, typename Align>
 __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_params p) {
   using namespace fh_eng;
-  /* The engine's tile (fh_lce's 64 x 64 constants belong to the backward kernels). */
+  /* Short names for the engine's tile. */
   constexpr int kBM = fh_eng::BM, kBN = fh_eng::BN, kThreads = fh_eng::THREADS;
   FH_DYNAMIC_SMEM(unsigned char, smem);
   int* s_rows = (int*)(smem + SMEM_BYTES);
