@@ -10,7 +10,8 @@
  * chunk c + STAGES - 1 while chunk c is multiplied, one barrier per chunk.
  *
  * Layouts: B chunks are 128 k-rows x 128 bytes (DC = 64 bf16/fp16 or 32 fp32 columns), rows
- * swizzled c ^ (r & 7); the resident tile has 128 rows of 128 elements, same swizzle (res_off).
+ * swizzled c ^ (r & 7) for ldmatrix.trans, c ^ ((r & 3) << 1) for the tf32 loads (swz_k4); the
+ * resident tile has 128 rows of 128 elements, swizzled c ^ (r & 7) (res_off).
  * Warps 4 (M) x 2 (N): each owns 32 rows x DC/2 columns, acc[2][DC/16][4]. */
 #ifndef FH_KERNELS_ENGINE_STREAM_CUH
 #define FH_KERNELS_ENGINE_STREAM_CUH
@@ -57,7 +58,7 @@ __device__ __forceinline__ int s_col(int j, int e) {
 }
 
 /* TRANS_A: A = the resident tile transposed (16-bit types: ldmatrix.trans of the tile; for fp32
- * the caller passes a transposed copy and TRANS_A is false). n_out: output rows that matter
+ * the caller stores the tile transposed and TRANS_A is false). n_out: output rows that matter
  * (warp-uniform skipping of m16 tiles past it). epi(acc, d0) is called once per chunk by every
  * thread, with d0 the chunk's first column; it may use __syncthreads. */
 template <typename T, typename Align, bool TRANS_A>
