@@ -106,13 +106,7 @@ __device__ __forceinline__ int g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_e
   const T* bias = (const T*)p.bias;
   float bj[NJ][2], wj[NJ][2];
   tile_bias<T>(bj, bias, v0, nv);
-  FH_UNROLL
-  for (int j = 0; j < NJ; ++j)
-    FH_UNROLL
-    for (int e = 0; e < 2; ++e) {
-      const int c = frag_col(j, e);
-      wj[j][e] = (p.cw && c < nv) ? p.cw[v0 + c] : 1.0f;
-    }
+  tile_weights(wj, p.cw, v0, nv);
   int big = 0;
   FH_UNROLL
   for (int i = 0; i < MI; ++i)

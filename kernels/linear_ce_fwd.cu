@@ -116,7 +116,7 @@ struct fwd_params {
   const int64_t* targets;
   int N, V, D, S, tps, vt;
   float scale, cap;
-  int smooth, nq;
+  int nq; /* partials per (split, row): NQ, or NQ_SMOOTH with label smoothing */
   const int* rows;
   const lce_ws_header* hdr;
   float* part;
@@ -175,13 +175,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_pa
     mainloop<T, Align>::run(acc, a, b, p.D, smem);
     float bj[NJ][2], wj[NJ][2];
     tile_bias<T>(bj, bias, v0, nv);
-    FH_UNROLL
-    for (int j = 0; j < NJ; ++j)
-      FH_UNROLL
-      for (int e = 0; e < 2; ++e) {
-        const int c = frag_col(j, e);
-        wj[j][e] = (p.smooth && c < nv) ? (p.cw ? p.cw[v0 + c] : 1.0f) : 0.0f;
-      }
+    tile_weights(wj, p.cw, v0, nv); /* Σ w z, W_i: read only with label smoothing */
     FH_UNROLL
     for (int s = 0; s < SLOTS; ++s) {
       const int i = s >> 1, h = s & 1;
@@ -408,7 +402,6 @@ static fh_status_t launch_tiles(const char* fn, cudaStream_t stream, const fh_lc
   fp.N = (int)p->N, fp.V = (int)p->V, fp.D = (int)p->D;
   fp.S = L.S, fp.tps = L.tps, fp.vt = L.vt;
   fp.scale = o->logit_scale, fp.cap = o->softcap;
-  fp.smooth = o->label_smoothing != 0.0f;
   fp.nq = L.nq;
   fp.rows = rows, fp.hdr = hdr, fp.part = part;
   const dim3 grid(lce_blocks(p->N, fh_eng::BM), (unsigned)L.S);

@@ -111,6 +111,16 @@ __device__ __forceinline__ void tile_bias(float (&bj)[NJ][2], const T* bias, int
       bj[j][e] = (bias && c < nv) ? fh_to_float(bias[v0 + c]) : 0.0f;
     }
 }
+/* The class weights of this thread's columns (1 without weights, 0 past the tile's nv classes). */
+__device__ __forceinline__ void tile_weights(float (&wj)[NJ][2], const float* w, int v0, int nv) {
+  FH_UNROLL
+  for (int j = 0; j < NJ; ++j)
+    FH_UNROLL
+    for (int e = 0; e < 2; ++e) {
+      const int c = frag_col(j, e);
+      wj[j][e] = c < nv ? (w ? w[v0 + c] : 1.0f) : 0.0f;
+    }
+}
 
 /* Byte offset of 16-byte chunk c of row r in a swizzled buffer of CPR chunks per row: 64-byte
  * rows (CPR 4) pair rows up, c ^ ((r >> 1) & 3); rows of 128 bytes or more use c ^ (r & 7).
