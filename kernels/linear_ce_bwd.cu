@@ -223,8 +223,6 @@ struct coef_params {
   float* coef;
 };
 
-
-
 /* One block per SM is all this kernel ever has (grid 1): the explicit bound keeps ptxas from
  * capping registers for occupancy, which spilled fp64 values on sm_80. */
 __global__ void __launch_bounds__(256, 1) lce_bwd_coef_kernel(coef_params p) {
