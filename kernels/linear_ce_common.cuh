@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "common.cuh" /* FH_LAUNCH, FH_DYNAMIC_SMEM, launch status, CUDA headers (or the emulator's) */
+#include "engine/epilogue.cuh"
 
 namespace fh_lce {
 
@@ -81,20 +82,10 @@ static inline fh_status_t lce_check_shape(const char* fn, int64_t N, int64_t V, 
  * weight, docs/conventions.md): no 0·inf. NaN still propagates. */
 __device__ __forceinline__ double lce_mul0(double a, double x) { return (a == 0.0 && isinf(x)) ? 0.0 : a * x; }
 
-/* Merge online softmax stats (m, Z = Σ e^{z−m}, F = Σ e^{z−m}(z − m)) of two disjoint sets.
- * (common.cuh's fh_stats carries (m, Z) only; the entropy needs F as well.)
- * An empty set has Z == 0; NaN in Z propagates. */
+/* The finalize kernels' merge of (m, Z, F) split partials, with accurate expf (engine/epilogue.cuh;
+ * common.cuh's fh_stats carries (m, Z) only; the entropy needs F as well). */
 __device__ __forceinline__ void lce_stats_merge(float& m, float& Z, float& F, float m2, float Z2, float F2) {
-  if (Z2 == 0.0f) return;
-  if (Z == 0.0f) {
-    m = m2, Z = Z2, F = F2;
-    return;
-  }
-  const float mn = fmaxf(m, m2), d1 = m - mn, d2 = m2 - mn;
-  const float s1 = expf(d1), s2 = expf(d2);
-  F = s1 * (F + d1 * Z) + s2 * (F2 + d2 * Z2);
-  Z = s1 * Z + s2 * Z2;
-  m = mn;
+  fh_eng::stats_merge<false>(m, Z, F, m2, Z2, F2);
 }
 
 /* Workspace header shared by both passes (first 256 bytes). */

@@ -52,6 +52,23 @@ __device__ __forceinline__ float process_logit(float r, float scale, float cap, 
   return cap > 0.0f ? __fmul_rn(cap, tanh_fast(__fmul_rn(s, inv_cap))) : s;
 }
 
+/* Merge the online statistics (m, Z = Σ e^{z−m}, F = Σ e^{z−m}(z − m)) of a disjoint set into
+ * (m, Z, F). An empty set has Z == 0; NaN in Z propagates. FAST: exp_fast (the tile epilogues),
+ * else expf (the once-per-row finalize kernels). The operand order is the caller's, fixed. */
+template <bool FAST>
+__device__ __forceinline__ void stats_merge(float& m, float& Z, float& F, float m2, float Z2, float F2) {
+  if (Z2 == 0.0f) return;
+  if (Z == 0.0f) {
+    m = m2, Z = Z2, F = F2;
+    return;
+  }
+  const float mn = fmaxf(m, m2), d1 = m - mn, d2 = m2 - mn;
+  const float s1 = FAST ? exp_fast(d1) : expf(d1), s2 = FAST ? exp_fast(d2) : expf(d2);
+  F = s1 * fmaf(d1, Z, F) + s2 * fmaf(d2, Z2, F2);
+  Z = s1 * Z + s2 * Z2;
+  m = mn;
+}
+
 /* Online statistics of one row over the values seen so far: m = max, Z = Σ e^{z−m},
  * F = Σ e^{z−m} (z − m) (the entropy needs F). Empty: Z == 0. A −inf value adds nothing; NaN
  * poisons Z (fmaxf skips it in the max, its exponential is NaN). */
@@ -79,18 +96,7 @@ struct row_stats {
     }
   }
   /* Merge another disjoint set (fixed operand order: the caller fixes who merges whom). */
-  __device__ __forceinline__ void merge(float m2, float Z2, float F2) {
-    if (Z2 == 0.0f) return;
-    if (Z == 0.0f) {
-      m = m2, Z = Z2, F = F2;
-      return;
-    }
-    const float mn = fmaxf(m, m2), d1 = m - mn, d2 = m2 - mn;
-    const float s1 = exp_fast(d1), s2 = exp_fast(d2);
-    F = s1 * fmaf(d1, Z, F) + s2 * fmaf(d2, Z2, F2);
-    Z = s1 * Z + s2 * Z2;
-    m = mn;
-  }
+  __device__ __forceinline__ void merge(float m2, float Z2, float F2) { stats_merge<true>(m, Z, F, m2, Z2, F2); }
   /* Merge the four lanes of a quad (the lanes holding one accumulator row; xor 1, then xor 2),
    * the lower lane's set first on every lane, so all four end with the same bits. */
   __device__ __forceinline__ void quad_merge() {
