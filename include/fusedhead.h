@@ -320,9 +320,9 @@ FH_API fh_status_t fh_linear_ce_forward(fh_context_t* ctx, const fh_linear_ce_op
 
 /* Backward inputs beyond the forward's. */
 typedef struct fh_linear_ce_grad_inputs {
-  const float* lse;       /* required: [N] from the forward with the same options (the CPU
-                             backend recomputes it, and entropy, in fp64 unless the inputs are
-                             fp64: fp32 gradients stay accurate at large logits) */
+  const float* lse;       /* required: [N] from the forward with the same options (recomputed
+                             with entropy by the CPU backend for non-fp64 inputs and by CUDA
+                             for fp32: docs/linear_ce.md "Precision") */
   const float* entropy;   /* [N] from the forward; required when entropy_weight != 0 */
   const float* grad_loss; /* required: [1] for mean/sum, [N] for none (upstream gradient) */
   const float* grad_lse;  /* [N] upstream gradient of the lse output, or NULL (a user-side

@@ -16,7 +16,7 @@
 namespace fh_lce {
 
 enum store_kind { ST_NONE = 0, ST_F32 = 1, ST_SPLIT = 2, ST_OUT = 3, ST_ATOMIC = 4 };
-constexpr int NCOEF = 6; /* lse, K1, K2, h, K3, K4 */
+constexpr int NCOEF = 7; /* lse (or m), K1, K2, h, K3, K4, ln Z (or 0): linear_ce_bwd.cu */
 constexpr int TBM = fh_eng::BM, TBV = fh_eng::BN; /* the engine's tile: 128 rows x 128 classes */
 
 /* One gradient destination. F32/ATOMIC: f32 (+ld32); SPLIT: out holds the high halves (ld),
@@ -147,7 +147,7 @@ __device__ __forceinline__ void dbias_tile(bwd_smem<T>& sm, const fh_eng::acc_t&
     db += __uint_as_float(fh_ptx::lds_u32(sm.db + threadIdx.x)) + __uint_as_float(fh_ptx::lds_u32(sm.db + TBV + threadIdx.x));
 }
 
-/* G (registers) -> the resident tile in the operand type (tf32-rounded for fp32). fp32 with
+/* G (registers) -> the resident tile in the operand type (fp32 stays fp32). fp32 with
  * transposed: Gᵀ, for dC = Gᵀ·E (ldmatrix cannot transpose 32-bit elements); 16-bit types
  * always store G. */
 template <typename T>

@@ -6,11 +6,13 @@
  *     softcap' = 1 − (z/c)², log p = z − lse_i from the forward's lse; ε_i = α / V_i and W_i over
  *     the row's unmasked classes, and G_ij = 0 for a masked class (raw logit -inf,
  *     docs/conventions.md). With label smoothing V_i and W_i come from one pass of the forward's
- *     tile kernel (lce_launch_row_counts): 2·N·V·D more FLOPs, only then.
+ *     tile kernel (lce_launch_row_stats): 2·N·V·D more FLOPs, only then. fp32 inputs take the
+ *     same pass for m_i, ln Z_i and h_i and use log p = (z − m_i) − ln Z_i (docs/linear_ce.md
+ *     "Precision": the forward's fp32 lse would cost 2^-24 |lse| relative in every p).
  * K's are formed per row in fp64 by lce_bwd_coef_kernel (one block; the denominators are summed
  * on the device in a fixed order), rounded to fp32. G is fp32; p_y − 1 is expm1f(z_y − lse) (no
  * cancellation: Liger's fix, and better than forming p first); G is rounded to the input dtype
- * (tf32 for fp32) only as an mma operand, as CCE does.
+ * (fp32 stays fp32) only as an mma operand, as CCE does.
  *
  * Shapes: E [N x D], C [V x D], bias [V]; 128 compacted rows x 128 classes per tile, 256 threads
  * (the engine's tile, docs/engine.md); each logit tile is recomputed by the forward's mainloop
@@ -114,7 +116,7 @@ __device__ __forceinline__ int g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_e
     for (int h = 0; h < 2; ++h) {
       const int r = frag_row(i, 2 * h);
       const float lse = sm.coef[r], k1 = sm.coef[TBM + r], k2 = sm.coef[2 * TBM + r], hr = sm.coef[3 * TBM + r];
-      const float k3 = sm.coef[4 * TBM + r], k4 = sm.coef[5 * TBM + r];
+      const float k3 = sm.coef[4 * TBM + r], k4 = sm.coef[5 * TBM + r], lnz = sm.coef[6 * TBM + r];
       const int y = sm.y[r];
       FH_UNROLL
       for (int j = 0; j < NJ; ++j)
@@ -125,7 +127,7 @@ __device__ __forceinline__ int g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_e
           const float raw = raw_logit(acc.v[i][j][2 * h + e], bj[j][e]);
           if (r < nr && c < nv && raw != -INFINITY) { /* a masked class has gradient 0 */
             const float z = process_logit(raw, p.scale, p.cap, p.inv_cap);
-            const float logp = z - lse, pr = exp_fast(logp);
+            const float logp = __fsub_rn(z - lse, lnz), pr = exp_fast(logp); /* lse, 0 or m, ln Z */
             const float pm = v0 + c == y ? expm1f(logp) : pr; /* p − δ in fp32 without cancellation */
             big |= !(fabsf(pm) < p.eps);                      /* NaN counts as big */
             g = k4 * pm + pr * k1;
@@ -220,6 +222,7 @@ struct coef_params {
   float alpha, lambda, eta, divisor;
   lce_ws_header* hdr;
   const float* counts; /* label smoothing: [2 x N] V_i, W_i over the row's unmasked classes */
+  const float* stats;  /* fp32 inputs: [3 x N] m_i, ln Z_i, h_i recomputed (lce_launch_row_stats) */
   float* coef;
 };
 
@@ -251,11 +254,15 @@ __global__ void __launch_bounds__(256, 1) lce_bwd_coef_kernel(coef_params p) {
     const double g = p.reduction == FH_REDUCTION_NONE ? p.grad_loss[i] : p.grad_loss[0];
     double a = om * g, b = om * g;
     if (p.reduction == FH_REDUCTION_MEAN) a *= inv_ce, b *= inv_reg; /* a zero denominator gives 0 */
-    const double lse = p.lse[i], h = p.entropy ? p.entropy[i] : 0.0, glse = p.grad_lse ? p.grad_lse[i] : 0.0;
+    const double glse = p.grad_lse ? p.grad_lse[i] : 0.0;
+    const double m = p.stats ? (double)p.stats[i] : 0.0, lnz = p.stats ? (double)p.stats[N + i] : 0.0;
+    const double lse = p.stats ? m + lnz : (double)p.lse[i];
+    const double h = p.stats ? (double)p.stats[2 * N + i] : p.entropy ? (double)p.entropy[i] : 0.0;
     /* ε_i = α / V_i and W_i over the row's unmasked classes (docs/conventions.md) */
     double eps = 0.0, W = 0.0;
     if (alpha != 0.0 && p.counts[i] > 0.0f) eps = alpha * lce_recip((double)p.counts[i]), W = p.counts[N + i];
-    p.coef[0 * N + i] = (float)lse;
+    p.coef[0 * N + i] = (float)(p.stats ? m : lse);
+    p.coef[6 * N + i] = (float)lnz;
     p.coef[1 * N + i] = (float)(a * eps * W + 2.0 * b * p.lambda * lse + glse);
     p.coef[2 * N + i] = (float)(b * p.eta);
     p.coef[3 * N + i] = (float)h;
@@ -272,18 +279,22 @@ using namespace fh_lce;
 namespace {
 
 /* The backward's workspace: the gradient layout shared with distillation (grad_common.cuh), then,
- * with label smoothing, each row's unmasked class count and weight sum and the partials of the
- * forward's tile kernel they come from (lce_launch_row_counts). */
+ * with label smoothing, each row's unmasked class count and weight sum, with fp32 inputs each
+ * row's m, ln Z and h, and the partials of the forward's tile kernel they come from
+ * (lce_launch_row_stats). */
 struct bwd_layout {
   grad_layout g;
-  size_t cnt_off, scr_off, total;
+  size_t cnt_off, st_off, scr_off, total;
 };
+static bool recompute_stats(fh_dtype_t dtype) { return dtype == FH_DTYPE_F32; }
 static bwd_layout bwd_layout_of(int64_t N, int64_t V, int64_t D, fh_dtype_t dtype, fh_accum_mode_t mode, bool smooth) {
   bwd_layout L;
+  const bool stats = recompute_stats(dtype);
   L.g = grad_layout_of(N, V, D, dtype, mode, NCOEF); /* every gradient wanted: the query's contract */
   L.cnt_off = L.g.total;
-  L.scr_off = L.cnt_off + (smooth ? lce_align(2 * sizeof(float) * (size_t)N) : 0);
-  L.total = L.scr_off + (smooth ? lce_align(lce_row_counts_scratch(N, V)) : 0);
+  L.st_off = L.cnt_off + (smooth ? lce_align(2 * sizeof(float) * (size_t)N) : 0);
+  L.scr_off = L.st_off + (stats ? lce_align(3 * sizeof(float) * (size_t)N) : 0);
+  L.total = L.scr_off + (smooth || stats ? lce_align(lce_row_stats_scratch(N, V, smooth)) : 0);
   return L;
 }
 
@@ -357,14 +368,16 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CU
 
   FH_TRY(lce_launch_prep(fn, stream, p, rows, hdr, fh_cuda_error_flag(st)));
   float* counts = smooth ? (float*)(ws + L.cnt_off) : NULL;
-  if (smooth && p->N > 0) FH_TRY(lce_launch_row_counts(fn, stream, p, rows, hdr, ws + L.scr_off, counts));
+  float* stats = recompute_stats(p->dtype) ? (float*)(ws + L.st_off) : NULL;
+  if ((counts || stats) && p->N > 0)
+    FH_TRY(lce_launch_row_stats(fn, stream, p, rows, hdr, ws + L.scr_off, smooth, counts, stats));
   coef_params cp;
   cp.targets = p->targets, cp.ignore_index = o->ignore_index;
   cp.N = (int)p->N, cp.V = (int)p->V, cp.reduction = (int)o->reduction;
   cp.cw = p->class_weights, cp.tw = p->token_weights;
   cp.lse = in->lse, cp.entropy = in->entropy, cp.grad_loss = in->grad_loss, cp.grad_lse = in->grad_lse;
   cp.alpha = o->label_smoothing, cp.lambda = o->z_loss_scale, cp.eta = o->entropy_weight, cp.divisor = o->divisor;
-  cp.hdr = hdr, cp.coef = coef, cp.counts = counts;
+  cp.hdr = hdr, cp.coef = coef, cp.counts = counts, cp.stats = stats;
   FH_LAUNCH(lce_bwd_coef_kernel, dim3(1), dim3(256), 0, stream, cp);
   LCE_CHECK_LAUNCH(fn, "lce_bwd_coef_kernel");
 

@@ -8,8 +8,9 @@
  * logit z = softcap(scale · (acc + bias)) is formed by fh_eng::process_logit in both passes, so
  * the target logit, the lse and the gradient's p all come from one arithmetic (nll >= 0, and
  * p_y − 1 formed consistently). Inputs are never rounded further for fp16/bf16 (the products
- * are exact in fp32); fp32 inputs are rounded to tf32 as cuBLAS's TF32 mode does; the tests
- * bound the error against a naive tf32 computation (docs/testing.md "Tolerances"). */
+ * are exact in fp32); fp32 inputs go through the engine's three-piece bf16 split (fp32
+ * accuracy); the tests bound the error against a naive fp32 computation (docs/testing.md
+ * "Tolerances"). */
 #pragma once
 
 #include <stdint.h>
@@ -21,13 +22,13 @@
 
 namespace fh_lce {
 
-/* Conversions between a tensor dtype and fp32: from_float rounds to the operand type (tf32
- * for fp32, to nearest), store_round to the stored type (fp32 itself for fp32). */
+/* Conversions between a tensor dtype and fp32: from_float rounds to the operand type (to
+ * nearest; fp32 stays fp32: the engine splits it), store_round to the stored type. */
 template <typename T>
 struct dtype_traits;
 template <>
 struct dtype_traits<float> {
-  static __device__ __forceinline__ float from_float(float x) { return nvcuda::wmma::__float_to_tf32(x); }
+  static __device__ __forceinline__ float from_float(float x) { return x; }
   static __device__ __forceinline__ float to_float(float x) { return x; }
   static __device__ __forceinline__ float store_round(float x) { return x; }
 };
@@ -123,13 +124,19 @@ fh_status_t lce_launch_prep(const char* fn, cudaStream_t stream, const fh_lce_pr
 fh_status_t lce_launch_prep_rows(const char* fn, cudaStream_t stream, const int64_t* targets, int64_t N, int64_t V,
                                  int64_t ignore_index, int* rows, struct lce_ws_header* hdr, int* err_flag);
 
-/* The backward with label smoothing needs each row's unmasked class count V_i and weight sum
- * W_i (docs/conventions.md), which depend on the row's masked classes: one pass of the forward's
- * tile kernel computes them into counts [2 x N] (V_i, then W_i) for the valid rows. scratch:
- * lce_row_counts_scratch(N, V) bytes, 256-byte aligned. Defined in linear_ce_fwd.cu. */
-size_t lce_row_counts_scratch(int64_t N, int64_t V);
-fh_status_t lce_launch_row_counts(const char* fn, cudaStream_t stream, const fh_lce_problem_t* p, const int* rows,
-                                  const lce_ws_header* hdr, void* scratch, float* counts);
+/* One pass of the forward's tile kernel for the backward (docs/linear_ce.md "Precision"), for
+ * the valid rows:
+ *   counts [2 x N] (or NULL): each row's unmasked class count V_i and weight sum W_i, which
+ *     label smoothing needs (docs/conventions.md: smoothing runs over the unmasked classes);
+ *   stats [3 x N] (or NULL): m_i (the row's largest logit), ln Z_i (Z = Σ e^(z − m)) and the
+ *     entropy h_i, bitwise the forward's merge. fp32 inputs use them instead of the forward's
+ *     fp32 lse: p = e^((z − m) − ln Z) is as accurate as PyTorch's fp32 softmax at any logit
+ *     scale, where e^(z − lse) carries lse's rounding, 2^-24 |lse|, into every p.
+ * smooth: the smoothing layout of the partials (counts needs it). scratch:
+ * lce_row_stats_scratch(N, V, smooth) bytes, 256-byte aligned. Defined in linear_ce_fwd.cu. */
+size_t lce_row_stats_scratch(int64_t N, int64_t V, bool smooth);
+fh_status_t lce_launch_row_stats(const char* fn, cudaStream_t stream, const fh_lce_problem_t* p, const int* rows,
+                                 const lce_ws_header* hdr, void* scratch, bool smooth, float* counts, float* stats);
 
 /* Sums n doubles per thread across the block in a fixed tree order (common.cuh's fh_block_sum
  * is one float; the forward's reductions want fp64 and several values at once); results in red[0..n) of

@@ -414,30 +414,44 @@ static fh_status_t launch_tiles(const char* fn, cudaStream_t stream, const fh_lc
   return FH_SUCCESS;
 }
 
-/* Per valid row i: counts[i] = V_i (unmasked classes), counts[N + i] = W_i (their weight sum),
- * merged over the splits in order. */
-__global__ void __launch_bounds__(256) lce_counts_kernel(const int64_t* targets, int64_t ignore_index, int N, int V,
-                                                         int S, const float* part, float* counts) {
+/* Per valid row i, merged over the splits in order (the finalize kernel's order, so m, Z, F are
+ * bitwise the forward's): counts[i] = V_i, counts[N + i] = W_i (smoothing layout only);
+ * stats[i] = m, stats[N + i] = ln Z, stats[2N + i] = h. */
+__global__ void __launch_bounds__(256) lce_row_stats_kernel(const int64_t* targets, int64_t ignore_index, int N, int V,
+                                                            int S, int nq, const float* part, float* counts,
+                                                            float* stats) {
   const int i = blockIdx.x * 256 + threadIdx.x;
   if (i >= N) return;
   const int64_t y = targets[i];
   if (y == ignore_index || y < 0 || y >= V) return;
   const size_t n = (size_t)N;
-  float c = 0.0f, w = 0.0f;
-  for (int s = 0; s < S; ++s) c += part[(size_t)s * NQ_SMOOTH * n + 7 * n + i], w += part[(size_t)s * NQ_SMOOTH * n + 8 * n + i];
-  counts[i] = c, counts[n + i] = w;
+  const float* P = part + i;
+  float m = P[0], Z = P[n], F = P[2 * n], c = 0.0f, w = 0.0f;
+  for (int s = 0; s < S; ++s) {
+    const float* Q = P + (size_t)s * nq * n;
+    if (s > 0) lce_stats_merge(m, Z, F, Q[0], Q[n], Q[2 * n]);
+    if (nq > NQ) c += Q[7 * n], w += Q[8 * n];
+  }
+  if (counts) counts[i] = c, counts[n + i] = w;
+  if (stats) {
+    const double lnZ = log((double)Z);
+    stats[i] = m;
+    stats[n + i] = (float)lnZ;
+    stats[2 * n + i] = Z != 0.0f ? (float)(lnZ - (double)F / (double)Z) : 0.0f;
+  }
 }
 
-size_t fh_lce::lce_row_counts_scratch(int64_t N, int64_t V) { return fwd_layout_of(N, V, true).total; }
+size_t fh_lce::lce_row_stats_scratch(int64_t N, int64_t V, bool smooth) { return fwd_layout_of(N, V, smooth).total; }
 
-fh_status_t fh_lce::lce_launch_row_counts(const char* fn, cudaStream_t stream, const fh_lce_problem_t* p, const int* rows,
-                                  const lce_ws_header* hdr, void* scratch, float* counts) {
-  const fwd_layout L = fwd_layout_of(p->N, p->V, true);
+fh_status_t fh_lce::lce_launch_row_stats(const char* fn, cudaStream_t stream, const fh_lce_problem_t* p, const int* rows,
+                                         const lce_ws_header* hdr, void* scratch, bool smooth, float* counts,
+                                         float* stats) {
+  const fwd_layout L = fwd_layout_of(p->N, p->V, smooth);
   float* part = (float*)((unsigned char*)scratch + L.part_off);
   FH_TRY(launch_tiles(fn, stream, p, L, rows, hdr, part));
-  FH_LAUNCH(lce_counts_kernel, dim3(lce_blocks(p->N, 256)), dim3(256), 0, stream, p->targets, p->opt.ignore_index,
-            (int)p->N, (int)p->V, L.S, (const float*)part, counts);
-  LCE_CHECK_LAUNCH(fn, "lce_counts_kernel");
+  FH_LAUNCH(lce_row_stats_kernel, dim3(lce_blocks(p->N, 256)), dim3(256), 0, stream, p->targets, p->opt.ignore_index,
+            (int)p->N, (int)p->V, L.S, L.nq, (const float*)part, counts, stats);
+  LCE_CHECK_LAUNCH(fn, "lce_row_stats_kernel");
   return FH_SUCCESS;
 }
 

@@ -129,7 +129,8 @@ __device__ __forceinline__ void mma_f16_16816(float (&d)[4], const uint32_t (&a)
   ::fh_emu::ptx_mma(d, a, b, ::fh_emu::MMA_F16_16816);
 #endif
 }
-/* mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (operands: fp32 bit patterns already
+/* mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (not used by the kernels, whose fp32 path is
+ * the bf16 split of sm80.cuh; kept with its emulator twin for tests; operands: fp32 bit patterns already
  * rounded to tf32; the tensor core ignores the low 13 mantissa bits). */
 __device__ __forceinline__ void mma_tf32_1688(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #ifdef __CUDACC__
@@ -139,6 +140,19 @@ __device__ __forceinline__ void mma_tf32_1688(float (&d)[4], const uint32_t (&a)
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #else
   ::fh_emu::ptx_mma(d, a, b, ::fh_emu::MMA_TF32_1688);
+#endif
+}
+
+/* cvt.rn.bf16x2.f32: two fp32 values rounded to bf16 (to nearest, ties to even; NaN gives the
+ * canonical NaN) packed in one register, `lo` in bits 0-15 and `hi` in bits 16-31: the
+ * element order of a bf16x2 mma operand register. */
+__device__ __forceinline__ uint32_t cvt_bf16x2(float lo, float hi) {
+#ifdef __CUDACC__
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+#else
+  return ::fh_emu::ptx_cvt_bf16x2(lo, hi);
 #endif
 }
 

@@ -15,9 +15,8 @@
  *     c ^ ((r >> 1) & 3), so the 8 row addresses of one ldmatrix phase (rows r..r+7, one chunk)
  *     fall in 8 distinct 16-byte bank groups (conflict-free), and a warp's cp.async writes of
  *     8 whole rows take the minimum 4 wavefronts;
- *   - ldmatrix.x4 feeds mma.sync m16n8k16 (bf16, fp16) or m16n8k8 (tf32 for fp32 inputs; the
- *     fragments are rounded to tf32, round-to-nearest-away, after ldmatrix, as cuBLAS's TF32
- *     mode does), fp32 accumulators.
+ *   - ldmatrix.x4 feeds mma.sync m16n8k16 (bf16, fp16; fp32 inputs as three bf16 pieces and six
+ *     mma per k16, f32x3 below, for fp32 accuracy), fp32 accumulators.
  * Every output element is the fp32 sum over k in one fixed order that depends only on K, so a
  * row's logits do not depend on which other rows share its CTA (batch invariance,
  * docs/engine.md "Determinism").
@@ -52,7 +51,7 @@ constexpr int MI = WM / 16, NJ = WN / 8;            /* 4 x 4 mma tiles per warp 
 constexpr size_t STAGE_BYTES = (size_t)(BM + BN) * ROWB;
 constexpr size_t SMEM_BYTES = STAGES * STAGE_BYTES;
 
-/* Operand dtype: elements per 16-byte chunk, the mma, tf32 rounding. */
+/* Operand dtype: elements per 16-byte chunk, the mma (fp32: f32x3 below). */
 template <typename T>
 struct operand;
 template <>
@@ -61,7 +60,6 @@ struct operand<__nv_bfloat16> {
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     fh_ptx::mma_bf16_16816(d, a, b);
   }
-  static __device__ __forceinline__ uint32_t prep(uint32_t x) { return x; }
   static __device__ __forceinline__ uint16_t bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
 };
 template <>
@@ -70,17 +68,59 @@ struct operand<__half> {
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     fh_ptx::mma_f16_16816(d, a, b);
   }
-  static __device__ __forceinline__ uint32_t prep(uint32_t x) { return x; }
   static __device__ __forceinline__ uint16_t bits(__half x) { return __half_as_ushort(x); }
 };
 template <>
 struct operand<float> {
   static constexpr int PER16 = 4;
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    fh_ptx::mma_tf32_1688(d, a, b);
+};
+
+/* fp32 operands on bf16 tensor cores (docs/engine.md "fp32 inputs"). Each fp32 value x is split
+ * into three bf16 pieces, x0 = rn(x), x1 = rn(x − x0), x2 = rn(x − x0 − x1) (both differences
+ * exact in fp32), so x0 + x1 + x2 = x to within 2^-24 |x|; a product is the six terms whose
+ * weight is at least 2^-16 (x2 y0, x1 y1, x0 y2, x1 y0, x0 y1, x0 y0, small ones first), each
+ * exact in the fp32 accumulator's significand. The error per product is a few units of 2^-24,
+ * what an fp32 FMA loop has, where tf32 (one mma) would have 2^-11: fp32 inputs get fp32
+ * accuracy (docs/linear_ce.md "Precision"), at 6 bf16 mma per 16 k, the cost of 3 tf32 mma.
+ *
+ * Fragments: the fp32 data is read with the tf32 layout (ldmatrix of 32-bit elements, two k
+ * slabs of 8: x[0..3] = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4] of slab 0, y[] of slab 1;
+ * B: b[0] = B[t][g], b[1] = B[t+4][g]). The bf16 m16n8k16 fragment wants k pairs (2t, 2t+1) in
+ * one register; the same permutation of k applied to A and B leaves the sum unchanged, so the
+ * logical pair (2t, 2t+1) is the physical (t, t+4) of slab 0 and (2t+8, 2t+9) that of slab 1. */
+struct f32x3 {
+  /* Three bf16x2 pieces of (lo, hi). A value whose first piece is not finite (inf, NaN, or an
+   * fp32 beyond bf16's range) keeps that piece alone, so x·y follows IEEE (inf·0 = NaN). */
+  static __device__ __forceinline__ void split(uint32_t lo, uint32_t hi, uint32_t& p0, uint32_t& p1, uint32_t& p2) {
+    float a = __uint_as_float(lo), b = __uint_as_float(hi);
+    p0 = fh_ptx::cvt_bf16x2(a, b);
+    const float a0 = __uint_as_float(p0 << 16), b0 = __uint_as_float(p0 & 0xffff0000u);
+    a = fabsf(a0) <= 3.0e38f ? a - a0 : 0.0f;
+    b = fabsf(b0) <= 3.0e38f ? b - b0 : 0.0f;
+    p1 = fh_ptx::cvt_bf16x2(a, b);
+    a -= __uint_as_float(p1 << 16);
+    b -= __uint_as_float(p1 & 0xffff0000u);
+    p2 = fh_ptx::cvt_bf16x2(a, b);
   }
-  static __device__ __forceinline__ uint32_t prep(uint32_t x) {
-    return __float_as_uint(nvcuda::wmma::__float_to_tf32(__uint_as_float(x)));
+  /* A fragment pieces ap[piece][reg] from the tf32-layout fragments of slabs 0 (x) and 1 (y). */
+  static __device__ __forceinline__ void split_a(uint32_t (&ap)[3][4], const uint32_t (&x)[4], const uint32_t (&y)[4]) {
+    split(x[0], x[2], ap[0][0], ap[1][0], ap[2][0]);
+    split(x[1], x[3], ap[0][1], ap[1][1], ap[2][1]);
+    split(y[0], y[2], ap[0][2], ap[1][2], ap[2][2]);
+    split(y[1], y[3], ap[0][3], ap[1][3], ap[2][3]);
+  }
+  /* B fragment pieces from slab 0's (x0, x1) = (B[t][g], B[t+4][g]) and slab 1's (y0, y1). */
+  static __device__ __forceinline__ void split_b(uint32_t (&bp)[3][2], uint32_t x0, uint32_t x1, uint32_t y0, uint32_t y1) {
+    split(x0, x1, bp[0][0], bp[1][0], bp[2][0]);
+    split(y0, y1, bp[0][1], bp[1][1], bp[2][1]);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&ap)[3][4], const uint32_t (&bp)[3][2]) {
+    fh_ptx::mma_bf16_16816(d, ap[2], bp[0]);
+    fh_ptx::mma_bf16_16816(d, ap[1], bp[1]);
+    fh_ptx::mma_bf16_16816(d, ap[0], bp[2]);
+    fh_ptx::mma_bf16_16816(d, ap[1], bp[0]);
+    fh_ptx::mma_bf16_16816(d, ap[0], bp[1]);
+    fh_ptx::mma_bf16_16816(d, ap[0], bp[0]);
   }
 };
 
@@ -130,7 +170,7 @@ __device__ __forceinline__ int swz_rows(int r, int c) {
   return r * CPR * 16 + ((CPR == 4 ? (c ^ ((r >> 1) & 3)) : (c ^ (r & 7))) << 4);
 }
 __device__ __forceinline__ int swz(int r, int c) { return swz_rows<ROWB / 16>(r, c); }
-/* 128-byte rows read by 32-bit loads of 4 consecutive rows x 2 chunks (the streamed GEMM's tf32
+/* 128-byte rows read by 32-bit loads of 4 consecutive rows x 2 chunks (the streamed GEMM's fp32
  * B fragments, which ldmatrix cannot transpose): chunk c of row r at c ^ ((r & 3) << 1) puts
  * those 8 chunks in 8 distinct bank groups. */
 __device__ __forceinline__ int swz_k4(int r, int c) { return r * 128 + ((c ^ ((r & 3) << 1)) << 4); }
@@ -245,31 +285,53 @@ struct mainloop {
       }
       const unsigned char* sa = smem + (ks % STAGES) * STAGE_BYTES;
       const unsigned char* sb = sa + BM * ROWB;
-      FH_UNROLL
-      for (int kk = 0; kk < 2; ++kk) { /* two 32-byte k-steps per stage */
-        uint32_t af[MI][4], bf[NJ][2];
-        FH_UNROLL
-        for (int i = 0; i < MI; ++i) {
-          const int r = wm * WM + i * 16 + (mi & 1) * 8 + lr;
-          fh_ptx::ldsm_x4(af[i], sa + swz(r, 2 * kk + (mi >> 1)));
-          FH_UNROLL
-          for (int q = 0; q < 4; ++q) af[i][q] = operand<T>::prep(af[i][q]);
-        }
+      if constexpr (sizeof(T) == 4) { /* one k16 step per stage, two 32-byte slabs (f32x3) */
+        uint32_t bp[NJ][3][2];
         FH_UNROLL
         for (int jj = 0; jj < NJ / 2; ++jj) {
-          uint32_t t4[4];
+          uint32_t x[4], y[4];
           const int n = wn * WN + jj * 16 + (mi >> 1) * 8 + lr;
-          fh_ptx::ldsm_x4(t4, sb + swz(n, 2 * kk + (mi & 1)));
-          bf[2 * jj][0] = operand<T>::prep(t4[0]);
-          bf[2 * jj][1] = operand<T>::prep(t4[1]);
-          bf[2 * jj + 1][0] = operand<T>::prep(t4[2]);
-          bf[2 * jj + 1][1] = operand<T>::prep(t4[3]);
+          fh_ptx::ldsm_x4(x, sb + swz(n, mi & 1));
+          fh_ptx::ldsm_x4(y, sb + swz(n, 2 + (mi & 1)));
+          f32x3::split_b(bp[2 * jj], x[0], x[1], y[0], y[1]);
+          f32x3::split_b(bp[2 * jj + 1], x[2], x[3], y[2], y[3]);
         }
         FH_UNROLL
-        for (int i = 0; i < MI; ++i)
+        for (int i = 0; i < MI; ++i) {
+          uint32_t x[4], y[4], ap[3][4];
+          const int r = wm * WM + i * 16 + (mi & 1) * 8 + lr;
+          fh_ptx::ldsm_x4(x, sa + swz(r, mi >> 1));
+          fh_ptx::ldsm_x4(y, sa + swz(r, 2 + (mi >> 1)));
+          f32x3::split_a(ap, x, y);
           FH_UNROLL
           for (int j = 0; j < NJ; ++j)
-            if (i < live_i && j < live_j) operand<T>::mma(acc.v[i][j], af[i], bf[j]);
+            if (i < live_i && j < live_j) f32x3::mma(acc.v[i][j], ap, bp[j]);
+        }
+      } else {
+        FH_UNROLL
+        for (int kk = 0; kk < 2; ++kk) { /* two 32-byte k-steps per stage */
+          uint32_t af[MI][4], bf[NJ][2];
+          FH_UNROLL
+          for (int i = 0; i < MI; ++i) {
+            const int r = wm * WM + i * 16 + (mi & 1) * 8 + lr;
+            fh_ptx::ldsm_x4(af[i], sa + swz(r, 2 * kk + (mi >> 1)));
+          }
+          FH_UNROLL
+          for (int jj = 0; jj < NJ / 2; ++jj) {
+            uint32_t t4[4];
+            const int n = wn * WN + jj * 16 + (mi >> 1) * 8 + lr;
+            fh_ptx::ldsm_x4(t4, sb + swz(n, 2 * kk + (mi & 1)));
+            bf[2 * jj][0] = t4[0];
+            bf[2 * jj][1] = t4[1];
+            bf[2 * jj + 1][0] = t4[2];
+            bf[2 * jj + 1][1] = t4[3];
+          }
+          FH_UNROLL
+          for (int i = 0; i < MI; ++i)
+            FH_UNROLL
+            for (int j = 0; j < NJ; ++j)
+              if (i < live_i && j < live_j) operand<T>::mma(acc.v[i][j], af[i], bf[j]);
+        }
       }
     }
     fh_ptx::cp_async_wait<0>();

@@ -5,12 +5,12 @@
  *
  * The k-loop over each chunk is the NT mainloop's inner step (ldmatrix into mma.sync); what
  * differs is that B's rows are k (classes or rows) with the output dimension d contiguous, so
- * B's fragments come from ldmatrix.trans (16-bit) or 32-bit shared loads (tf32, which ldmatrix
- * cannot transpose). The loop over d-chunks is the pipelined main loop: 16-byte cp.async of
+ * B's fragments come from ldmatrix.trans (16-bit) or 32-bit shared loads (fp32, which ldmatrix
+ * cannot transpose; fp32 goes through the three-piece bf16 split f32x3 of sm80.cuh). The loop over d-chunks is the pipelined main loop: 16-byte cp.async of
  * chunk c + STAGES - 1 while chunk c is multiplied, one barrier per chunk.
  *
  * Layouts: B chunks are 128 k-rows x 128 bytes (DC = 64 bf16/fp16 or 32 fp32 columns), rows
- * swizzled c ^ (r & 7) for ldmatrix.trans, c ^ ((r & 3) << 1) for the tf32 loads (swz_k4); the
+ * swizzled c ^ (r & 7) for ldmatrix.trans, c ^ ((r & 3) << 1) for the fp32 loads (swz_k4); the
  * resident tile has 128 rows of 128 elements, swizzled c ^ (r & 7) (res_off).
  * Warps 4 (M) x 2 (N): each owns 32 rows x DC/2 columns, acc[2][DC/16][4]. */
 #ifndef FH_KERNELS_ENGINE_STREAM_CUH
@@ -32,7 +32,6 @@ struct stream_cfg {
   static constexpr int WN = DC / S_WARPS_N;         /* per warp */
   static constexpr int NJ = WN / 8;                 /* n8 tiles per warp */
   static constexpr int MI = BM / S_WARPS_M / 16;    /* m16 tiles per warp (2) */
-  static constexpr int KSTEP = 32 / (int)sizeof(T); /* k per mma: 16, or 8 for tf32 */
   static constexpr int RES_ROWB = SK * (int)sizeof(T);
 };
 
@@ -99,21 +98,44 @@ struct stream_gemm {
         for (int j = 0; j < cfg::NJ; ++j)
           FH_UNROLL
           for (int e = 0; e < 4; ++e) acc.v[i][j][e] = 0.0f;
-      FH_UNROLL
-      for (int k0 = 0; k0 < SK; k0 += cfg::KSTEP) {
-        uint32_t af[cfg::MI][4], bf[cfg::NJ][2];
+      if constexpr (sizeof(T) == 4) { /* f32x3 (sm80.cuh): two k8 slabs of tf32 layout per k16 */
+        const int g = lane >> 2, t = lane & 3;
         FH_UNROLL
-        for (int i = 0; i < cfg::MI; ++i) {
-          const int m0 = wm * 32 + i * 16;
-          if (TRANS_A) { /* rows of the tile are k: matrices (m 0-7|8-15) x (k 0-7|8-15), transposed */
-            fh_ptx::ldsm_x4_trans(af[i], res + res_off<T>(k0 + (mi >> 1) * 8 + lr, m0 + (mi & 1) * 8));
-          } else {
-            fh_ptx::ldsm_x4(af[i], res + res_off<T>(m0 + (mi & 1) * 8 + lr, k0 + (mi >> 1) * (16 / (int)sizeof(T))));
+        for (int k0 = 0; k0 < SK; k0 += 16) {
+          uint32_t bp[cfg::NJ][3][2];
+          FH_UNROLL
+          for (int j = 0; j < cfg::NJ; ++j) { /* B[k][n], n = n0 + g, k = k0 + t (+4, +8, +12) */
+            const int n = wn * cfg::WN + j * 8 + g;
+            uint32_t v[4];
+            FH_UNROLL
+            for (int q = 0; q < 4; ++q) v[q] = fh_ptx::lds_u32(sb + swz_k4(k0 + t + 4 * q, n >> 2) + (n & 3) * 4);
+            f32x3::split_b(bp[j], v[0], v[1], v[2], v[3]);
           }
           FH_UNROLL
-          for (int q = 0; q < 4; ++q) af[i][q] = operand<T>::prep(af[i][q]);
+          for (int i = 0; i < cfg::MI; ++i) {
+            const int m0 = wm * 32 + i * 16;
+            uint32_t x[4], y[4], ap[3][4];
+            fh_ptx::ldsm_x4(x, res + res_off<T>(m0 + (mi & 1) * 8 + lr, k0 + (mi >> 1) * 4));
+            fh_ptx::ldsm_x4(y, res + res_off<T>(m0 + (mi & 1) * 8 + lr, k0 + 8 + (mi >> 1) * 4));
+            f32x3::split_a(ap, x, y);
+            FH_UNROLL
+            for (int j = 0; j < cfg::NJ; ++j)
+              if (i < live_i) f32x3::mma(acc.v[i][j], ap, bp[j]);
+          }
         }
-        if constexpr (sizeof(T) == 2) {
+      } else {
+        FH_UNROLL
+        for (int k0 = 0; k0 < SK; k0 += 16) {
+          uint32_t af[cfg::MI][4], bf[cfg::NJ][2];
+          FH_UNROLL
+          for (int i = 0; i < cfg::MI; ++i) {
+            const int m0 = wm * 32 + i * 16;
+            if (TRANS_A) { /* rows of the tile are k: matrices (m 0-7|8-15) x (k 0-7|8-15), transposed */
+              fh_ptx::ldsm_x4_trans(af[i], res + res_off<T>(k0 + (mi >> 1) * 8 + lr, m0 + (mi & 1) * 8));
+            } else {
+              fh_ptx::ldsm_x4(af[i], res + res_off<T>(m0 + (mi & 1) * 8 + lr, k0 + (mi >> 1) * 8));
+            }
+          }
           FH_UNROLL
           for (int jj = 0; jj < cfg::NJ / 2; ++jj) {
             uint32_t t4[4];
@@ -122,21 +144,12 @@ struct stream_gemm {
             bf[2 * jj][0] = t4[0], bf[2 * jj][1] = t4[1];
             bf[2 * jj + 1][0] = t4[2], bf[2 * jj + 1][1] = t4[3];
           }
-        } else { /* tf32: b0 = B[k0 + t][n], b1 = B[k0 + t + 4][n], n = n0 + g */
-          const int g = lane >> 2, t = lane & 3;
           FH_UNROLL
-          for (int j = 0; j < cfg::NJ; ++j) {
-            const int n = wn * cfg::WN + j * 8 + g;
-            const int r0 = k0 + t, r1 = k0 + t + 4;
-            bf[j][0] = operand<T>::prep(fh_ptx::lds_u32(sb + swz_k4(r0, n >> 2) + (n & 3) * 4));
-            bf[j][1] = operand<T>::prep(fh_ptx::lds_u32(sb + swz_k4(r1, n >> 2) + (n & 3) * 4));
-          }
+          for (int i = 0; i < cfg::MI; ++i)
+            FH_UNROLL
+            for (int j = 0; j < cfg::NJ; ++j)
+              if (i < live_i) operand<T>::mma(acc.v[i][j], af[i], bf[j]);
         }
-        FH_UNROLL
-        for (int i = 0; i < cfg::MI; ++i)
-          FH_UNROLL
-          for (int j = 0; j < cfg::NJ; ++j)
-            if (i < live_i) operand<T>::mma(acc.v[i][j], af[i], bf[j]);
       }
       epi(acc, ch * cfg::DC);
     }

@@ -48,6 +48,8 @@ void ptx_ld_shared(const void* p, void* dst, int bytes);
 float ptx_ex2_approx(float x);
 float ptx_rcp_approx(float x);
 float ptx_lg2_approx(float x);
+/* cvt.rn.bf16x2.f32: lo in bits 0-15, hi in bits 16-31. */
+uint32_t ptx_cvt_bf16x2(float lo, float hi);
 
 } // namespace fh_emu
 

@@ -109,4 +109,15 @@ float ptx_lg2_approx(float x) {
   return (float)y; /* |log2 x| >= 2^-24 for every float x != 1: never subnormal */
 }
 
+namespace {
+/* fp32 -> bf16, round to nearest even (PTX ISA cvt .rn); any NaN becomes the canonical 0x7fff. */
+uint32_t bf16_rn(float x) {
+  const uint32_t b = bits_of(x);
+  if (std::isnan(x)) return 0x7fffu;
+  return (b + 0x7fffu + ((b >> 16) & 1u)) >> 16; /* carries into the exponent: overflow to inf */
+}
+} // namespace
+
+uint32_t ptx_cvt_bf16x2(float lo, float hi) { return bf16_rn(lo) | (bf16_rn(hi) << 16); }
+
 } // namespace fh_emu

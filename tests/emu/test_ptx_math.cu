@@ -114,6 +114,30 @@ __global__ void mufu_kernel(const float* x, float* y) {
   y[t] = fh_ptx::ex2(x[t]) + fh_ptx::rcp(x[t]) + fh_ptx::lg2(x[t]);
 }
 
+/* cvt.rn.bf16x2.f32: round to nearest even, lo in the low half, canonical NaN, overflow to inf;
+ * and the engine's three-piece split of an fp32 value (f32x3 in sm80.cuh) is exact to 2^-24. */
+Test(emu_ptx, cvt_bf16x2_and_the_three_piece_split) {
+  using fh_emu::ptx_cvt_bf16x2;
+  cr_expect_eq(ptx_cvt_bf16x2(1.0f, -2.0f), 0xc0003f80u, "lo in bits 0-15");
+  cr_expect_eq(ptx_cvt_bf16x2(from_bits(0x3f808000u), from_bits(0x3f818000u)), 0x3f823f80u, "ties to even");
+  cr_expect_eq(ptx_cvt_bf16x2(from_bits(0x3f808001u), 0.0f) & 0xffffu, 0x3f81u, "above the tie rounds up");
+  cr_expect_eq(ptx_cvt_bf16x2(NAN, -NAN), 0x7fff7fffu, "canonical NaN");
+  cr_expect_eq(ptx_cvt_bf16x2(FLT_MAX, -INFINITY), 0xff807f80u, "FLT_MAX rounds to inf");
+  int inexact_two = 0;
+  for (float x : inputs(1e6f, 100000, 3)) {
+    double sum = 0.0;
+    float r = x;
+    for (int q = 0; q < 3; ++q) { /* the split's arithmetic: piece, then the exact remainder */
+      const float piece = from_bits(ptx_cvt_bf16x2(r, 0.0f) << 16);
+      if (q == 1) inexact_two += (double)piece + sum != (double)x;
+      sum += piece;
+      r -= piece;
+    }
+    cr_assert(std::fabs(sum - (double)x) <= 0x1p-24 * std::fabs((double)x), "split of %a: sum %a", x, sum);
+  }
+  cr_expect_gt(inexact_two, 50000, "two pieces alone must not be exact (%d)", inexact_two);
+}
+
 Test(emu_ptx, mufu_counted_and_same_in_kernels) {
   std::vector<float> h(32);
   for (int i = 0; i < 32; ++i) h[(size_t)i] = 0.37f + 0.71f * (float)i;

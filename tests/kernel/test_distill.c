@@ -2,7 +2,7 @@
  * through the public API, against the fp64 CPU reference (src/ref/distill.c) with the tolerance
  * rule of test_linear_ce_common.h: |kernel − ref| <= 2 |naive − ref| + 2^-24 (D + V) max|ref|,
  * the naive computation being the same math in fp32 on what the tensor core reads (logits summed
- * in fp32 in k order from the fp16/bf16 values, or from the tf32-rounded fp32 values; softmax
+ * in fp32 in k order from the fp16/bf16/fp32 values, which the engine reads exactly; softmax
  * statistics, X, Y and the row sums in fp32; each element's term and qa rounded to fp32).
  * Shapes cross the engine's tile edges (128 rows, 128 classes, 64-byte k-stages): N = 130,
  * V = 300, D_s = 72, D_t = 40 and a padded teacher vocabulary V_t = 317 > V; every divergence in

@@ -166,12 +166,11 @@ void dk_reference(const dk_problem_t* P, const fh_distill_options_t* o, dk_out_t
 /* Logits of one head for row i in fp32 (k order) from the tensor-core view, plus the bias. */
 static void naive_logits(const fh_tensor_t* E, const fh_tensor_t* C, const fh_tensor_t* b, int64_t i, int64_t V,
                          float* z) {
-  const int f32 = E->dtype == FH_DTYPE_F32;
   for (int64_t j = 0; j < V; ++j) {
     float a = 0.0f;
     for (int64_t k = 0; k < E->cols; ++k) {
       const double e = fh_tensor_get(E, i, k), c = fh_tensor_get(C, j, k);
-      a += (float)((f32 ? lk_tf32_round(e) : e) * (f32 ? lk_tf32_round(c) : c));
+      a += (float)(e * c);
     }
     z[j] = a + (float)fh_tensor_get(b, 0, j);
   }
@@ -417,12 +416,12 @@ void dk_naive_backward(const dk_problem_t* P, const fh_distill_options_t* o, con
           const float d = s[j] - (float)st[3];
           g += ch * (j == P->targets[i] ? expm1f(d) : expf(d));
         }
-        const float gop = (float)(f32 ? lk_tf32_round(g) : dk_round_to(dt, g));
+        const float gop = (float)(f32 ? g : dk_round_to(dt, g));
         ab[j] += g;
         for (int64_t k = 0; k < D; ++k) {
           const double c = fh_tensor_get(&P->tCs, j, k), e = fh_tensor_get(&P->tEs, i, k);
-          aE[k] += gop * (float)(f32 ? lk_tf32_round(c) : c);
-          aC[j * D + k] += gop * (float)(f32 ? lk_tf32_round(e) : e);
+          aE[k] += gop * (float)c;
+          aC[j * D + k] += gop * (float)e;
         }
       }
     }

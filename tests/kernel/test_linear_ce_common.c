@@ -25,21 +25,10 @@ lk_spec_t lk_default(int64_t N, int64_t V, int64_t D, fh_dtype_t dtype) {
   return s;
 }
 
-/* cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero. */
-double lk_tf32_round(double x) {
-  float f = (float)x;
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
-  memcpy(&f, &u, 4);
-  return f;
-}
-
-/* What the tensor core reads of a value stored in dtype (it is already representable). */
-static double tc_view(double x, fh_dtype_t dt) { return dt == FH_DTYPE_F32 ? lk_tf32_round(x) : x; }
-/* Rounding of an fp32 G to the MMA operand type. */
+/* Rounding of an fp32 G to the MMA operand type (fp32 stays fp32: the engine splits it into
+ * three bf16 pieces, docs/engine.md "fp32 inputs"). */
 static float operand_round(float g, fh_dtype_t dt) {
-  if (dt == FH_DTYPE_F32) return (float)lk_tf32_round(g);
+  if (dt == FH_DTYPE_F32) return g;
   return (float)(dt == FH_DTYPE_F16 ? fh_half_bits_to_double(fh_double_to_half_bits(g))
                                     : fh_bf16_bits_to_double(fh_double_to_bf16_bits(g)));
 }
@@ -61,7 +50,7 @@ static void* to_dtype(const float* src, int64_t rows, int64_t cols, int64_t ld, 
         continue;
       }
       fh_store(p, dt, r * ld + c, (double)src[r * cols + c]);
-      (*view)[r * cols + c] = tc_view(fh_load(p, dt, r * ld + c), dt);
+      (*view)[r * cols + c] = fh_load(p, dt, r * ld + c);
     }
   return p;
 }
@@ -74,6 +63,8 @@ void lk_init(lk_problem_t* P, const lk_spec_t* s) {
   fs.bias = s->bias, fs.class_weights = s->class_weights, fs.token_weights = s->token_weights;
   fs.every_peaked = s->every_peaked, fs.every_ignored = s->every_ignored, fs.peak = s->peak;
   lce_fix_init(&P->f, &fs);
+  if (s->e_mul > 0)
+    for (int64_t k = 0; k < s->N * s->D; ++k) P->f.E[k] = (float)(P->f.E[k] * s->e_mul);
   if (s->nan_row >= 0 && s->nan_row < s->N)
     for (int64_t k = 0; k < s->D; ++k) P->f.E[s->nan_row * s->D + k] = NAN;
   const int64_t ld = s->D + s->pad;
@@ -415,8 +406,14 @@ void lk_naive_backward(const lk_problem_t* P, const lk_bwd_in_t* in, const lk_fw
     if (o->reduction == FH_REDUCTION_MEAN) a = dce != 0 ? a / dce : 0, b = dreg != 0 ? b / dreg : 0;
     const float lse = (float)nf->lse[i], h = (float)nf->entropy[i], glse = in->glse ? (float)in->glse[i] : 0.0f;
     naive_row(P, i, z, NULL);
+    /* log p as PyTorch's fp32 log_softmax forms it, (z − m) − ln Σ e^(z − m): no lse rounding
+     * amplified by |lse| (the yardstick the fp32 backward must meet at any logit scale). */
+    float m = -INFINITY, Zs = 0.0f;
+    for (int64_t j = 0; j < V; ++j) m = z[j] > m ? z[j] : m;
+    for (int64_t j = 0; j < V; ++j) Zs += expf(z[j] - m);
+    const float lnz = logf(Zs);
     for (int64_t j = 0; j < V; ++j) {
-      const float logp = z[j] - lse, p = expf(logp), wj = P->f.cw ? P->f.cw[j] : 1.0f;
+      const float logp = (z[j] - m) - lnz, p = expf(logp), wj = P->f.cw ? P->f.cw[j] : 1.0f;
       const float pm = p - (j == y ? 1.0f : 0.0f);
       float g = a * (wy * (1 - alpha) * pm + eps * (W * p - wj)) + b * (2 * o->z_loss_scale * lse * p) + glse * p;
       if (o->entropy_weight != 0 && p != 0) g -= b * o->entropy_weight * p * (logp + h);
@@ -484,8 +481,10 @@ int lk_same_bits(const double* a, const double* b, int64_t n) {
 }
 
 uint64_t lk_engine_gemm_flops(int64_t nv, int64_t V, int64_t D, fh_dtype_t dtype) {
-  const int64_t esize = dtype == FH_DTYPE_F32 ? 4 : 2, kstep = 32 / esize;
-  const int64_t ksteps = 2 * ((D * esize + 63) / 64);
+  /* 16-bit: two k16 mma per 64-byte stage; fp32: one k16 step per stage of six bf16 mma (the
+   * three-piece split, docs/engine.md "fp32 inputs"). */
+  const int64_t esize = dtype == FH_DTYPE_F32 ? 4 : 2, kstep = 16;
+  const int64_t ksteps = (dtype == FH_DTYPE_F32 ? 6 : 2) * ((D * esize + 63) / 64);
   uint64_t f = 0;
   for (int64_t r0 = 0; r0 < nv; r0 += 128)
     for (int64_t v0 = 0; v0 < V; v0 += 128) {

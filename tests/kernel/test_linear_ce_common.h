@@ -8,10 +8,10 @@
  *                                           the kernel and the naive loop sum in different
  *                                           orders, so where the naive error happens to be ~0
  *                                           the kernel may still differ by this much)
- * The naive computation: logits E·Cᵀ from the inputs as the tensor core reads them (fp16/bf16
- * exactly; fp32 rounded to tf32 as cvt.rna does), summed in fp32 in k order; lse, p, G in fp32;
- * G rounded to the input dtype (tf32 for fp32) before the gradient GEMMs, which sum in fp32;
- * gradients rounded once to the output dtype. */
+ * The naive computation: logits E·Cᵀ from the inputs (exact: fp16/bf16 products are exact in
+ * fp32, and fp32 inputs reach the tensor cores as three bf16 pieces, docs/engine.md), summed in
+ * fp32 in k order; lse, p, G in fp32; G rounded to the input dtype (fp32 stays fp32) before the
+ * gradient GEMMs, which sum in fp32; gradients rounded once to the output dtype. */
 #ifndef TEST_LINEAR_CE_COMMON_H
 #define TEST_LINEAR_CE_COMMON_H
 
@@ -29,6 +29,7 @@ typedef struct lk_spec {
   double peak;
   int nan_row; /* >= 0: E row set to NaN */
   int pad;     /* > 0: E, C, dE, dC stored with row_stride = D + pad, NaN in the padding */
+  double e_mul; /* > 0: E's entries multiplied by it (logit-scale tests) */
 } lk_spec_t;
 
 lk_spec_t lk_default(int64_t N, int64_t V, int64_t D, fh_dtype_t dtype);
@@ -112,8 +113,6 @@ void* lk_mirror(const void* host, size_t bytes, int guarded);
 void lk_back(void* host, void* mirror, size_t bytes, int guarded);
 void lk_drop(const void* host, const void* mirror);
 
-/* cvt.rna.tf32.f32: what the tensor core reads of an fp32 value. */
-double lk_tf32_round(double x);
 
 /* Bitwise equality of two double arrays (NaN == NaN). */
 int lk_same_bits(const double* a, const double* b, int64_t n);

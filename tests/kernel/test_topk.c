@@ -11,7 +11,7 @@
  * Exactness. Every logit is a small integer (or ±0, -inf, NaN): logits tensors hold integers in
  * [-3, 3] (so most rows have long ties at the k-th value), the fused head has H, C in [-2, 2],
  * D = 5 and a bias in [-3, 3], so every dot product is an integer of magnitude <= 23, exact in
- * fp16/bf16/tf32 operands and fp32 sums; the fp32 logits then equal the reference's rounded fp64
+ * fp16/bf16 operands (fp32 ones in three bf16 pieces) and fp32 sums; the fp32 logits then equal the reference's rounded fp64
  * logits and the only freedom left is the order, which the API fixes (value descending, NaN
  * first, ties by lowest id). So ids must be equal and values bitwise equal (NaN: both NaN), with
  * no tolerance. Special entries: NaN (several per row in some rows: NaN vs NaN ties by id),
