@@ -3,7 +3,8 @@
  *
  * Per valid row i and class j < V (the teacher's classes j >= V are never read):
  *     u_ij = (Es_i·Cs_j + bs_j) / T,  v_ij = (Et_i·Ct_j + bt_j) / T,  s_ij = Es_i·Cs_j + bs_j
- *     X = u − lse(u), Y = v − lse(v), D_i = Σ_j term(X, Y), S_i = Σ_j qa(X, Y)
+ *     X = (u − m_u) − ln Z_u, Y = (v − m_v) − ln Z_v (log-softmax as PyTorch forms it: no lse
+ *     rounding in X, Y), D_i = Σ_j term(X, Y), S_i = Σ_j qa(X, Y)
  * (term and qa: kernels/distill_div.cuh, the reference's element formulas in fp32).
  *
  * Launches (no host synchronization; grids are sized for N rows, blocks past the device-side
@@ -16,7 +17,7 @@
  *      Σ e^{x−m} of u, of v and (hard term only) of s, and s_{i,y}. Quad shuffles, then the four
  *      warps along N in warp order, give the (split, row) partials [S x 7 x N].
  *   3. distill_fin_stats_kernel (one thread per row): merges the splits in split order:
- *      lse(u), lse(v), lse(s), s_y per row [4 x N].
+ *      m and ln Z of u, v and s, and s_y per row [RS x N] (distill_cuda.cuh).
  *   4. distill_div_kernel<T, Align>, same grid: the second pass. Recomputes both tiles with the
  *      same mainloops (bitwise the first pass's logits): Y of the teacher tile is parked in shared
  *      memory (each thread its own 64 entries: no barrier, no conflicts) while the student tile
@@ -26,13 +27,13 @@
  *      3 has consumed). Shared memory 145 KiB: the student's tile is parked over the engine's
  *      stage buffers once its mainloop has returned (the teacher's is computed first).
  *   5. distill_fin_row_kernel (one thread per row): D, S summed in split order; soft = κ D,
- *      hard = lse(s) − s_y, loss_i, the row state, per-row outputs (reduction none).
+ *      hard = (m_s − s_y) + ln Z_s, loss_i, the row state, per-row outputs (reduction none).
  *   6. distill_reduce_kernel (1 block): fixed-order fp64 sums of loss, soft, hard and the valid
  *      count; mean divides by N_valid or the divisor, a zero denominator gives 0.
  * Splits come from V alone (lce_vsplit_of, at most 16), so a row's results are bitwise the same
  * whatever the batch or block order (docs/engine.md "Determinism").
- * Workspace: 256 B + 4N (rows) + 16N (row statistics) + 28·S·N (partials), rounded to 256 B each;
- * Llama-3 8B -> 1B (N = 8192, V = 128256): S = 16, 3.9 MiB. */
+ * Workspace: 256 B + 4N (rows) + 28N (row statistics) + 12N (row terms) + 28·S·N (partials),
+ * rounded to 256 B each; Llama-3 8B -> 1B (N = 8192, V = 128256): S = 16, 3.9 MiB. */
 #include <math.h>
 
 #include "distill_cuda.cuh"
@@ -40,14 +41,14 @@
 namespace fh_dst {
 
 /* Dynamic shared memory: the engine's stages, the row block's indices and targets (pass 1) or
- * its lse(u), lse(v) (pass 2), then pass 2's parked student tile. */
+ * its indices (pass 2), then pass 2's parked student tile. */
 constexpr size_t STATS_SMEM = fh_eng::SMEM_BYTES + 2 * fh_eng::BM * sizeof(int);
 /* Pass 2: the student's parked X over the stage buffers (free once its mainloop has returned)
  * extended to 64 KiB, the teacher's parked Y, the per-slot sums, then the row data: 145 KiB,
  * within the 163 KiB a block may have on sm_80. */
 constexpr size_t DIV_SUMS = sizeof(float) * 2 * SLOTS * fh_eng::THREADS;
 constexpr size_t DIV_ROWS_OFF = 2 * PARK_BYTES + DIV_SUMS;
-constexpr size_t DIV_SMEM = DIV_ROWS_OFF + 2 * fh_eng::BM * sizeof(int);
+constexpr size_t DIV_SMEM = DIV_ROWS_OFF + fh_eng::BM * sizeof(int);
 static_assert(PARK_BYTES >= fh_eng::SMEM_BYTES, "the student's park covers the stage buffers");
 static_assert(fh_eng::WARPS_N * fh_eng::BM * NQ1 * sizeof(float) <= fh_eng::SMEM_BYTES, "merge scratch");
 
@@ -163,19 +164,19 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_div_kernel(fwd_par
   float* park_y = park_x + PARK * THREADS;
   float* sums = park_y + PARK * THREADS; /* [2 SLOTS][THREADS]: D, then S per slot */
   int* s_rows = (int*)(smem + DIV_ROWS_OFF);
-  float* s_lu = (float*)(s_rows + BM);
   const int count = p.hdr->count, row0 = blockIdx.x * BM;
   if (row0 >= count) return;
   const int nr = count - row0 < BM ? count - row0 : BM;
   load_rows(s_rows, p.rows, row0, nr);
-  for (int r = threadIdx.x; r < BM; r += THREADS) s_lu[r] = r < nr ? p.rs[s_rows[r]] : 0.0f;
   __syncthreads();
-  float lu[SLOTS], lv[SLOTS];
+  float mu[SLOTS], lu[SLOTS], mv[SLOTS], lv[SLOTS];
+  const size_t N = (size_t)p.N;
   FH_UNROLL
   for (int s = 0; s < SLOTS; ++s) {
     const int r = slot_row(s);
-    lu[s] = s_lu[r];
-    lv[s] = r < nr ? p.rs[(size_t)p.N + s_rows[r]] : 0.0f;
+    const float* R = p.rs + s_rows[r];
+    mu[s] = r < nr ? R[0] : 0.0f, lu[s] = r < nr ? R[N] : 0.0f;
+    mv[s] = r < nr ? R[2 * N] : 0.0f, lv[s] = r < nr ? R[3 * N] : 0.0f;
     sums[s * THREADS + threadIdx.x] = 0.0f;
     sums[(SLOTS + s) * THREADS + threadIdx.x] = 0.0f;
   }
@@ -185,9 +186,9 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_div_kernel(fwd_par
     acc_t acc;
     float bj[NJ][2];
     head_tile<T, Align>(acc, bj, p.ht, s_rows, nr, v0, nv, smem);
-    park_log_probs(park_y, acc, bj, lv, p.invT);
+    park_log_probs(park_y, acc, bj, mv, lv, p.invT);
     head_tile<T, Align>(acc, bj, p.hs, s_rows, nr, v0, nv, smem); /* its last barrier frees the stages */
-    park_log_probs(park_x, acc, bj, lu, p.invT);
+    park_log_probs(park_x, acc, bj, mu, lu, p.invT);
     FH_NO_UNROLL
     for (int s = 0; s < SLOTS; ++s) {
       float d = 0.0f, q = 0.0f;
@@ -227,7 +228,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_div_kernel(fwd_par
       d += scr[(size_t)wn * 2 * BM + r];
       sq += scr[(size_t)wn * 2 * BM + BM + r];
     }
-    const size_t N = (size_t)p.N, i = (size_t)s_rows[r];
+    const size_t i = (size_t)s_rows[r];
     float* P = p.part + (size_t)blockIdx.y * 2 * N + i;
     P[0] = d, P[N] = sq;
   }
@@ -251,7 +252,7 @@ __global__ void __launch_bounds__(256) distill_fin_stats_kernel(fin_params p) {
   int64_t y;
   float* R = p.rs + i;
   if (!row_valid(p.targets, p.ignore_index, p.V, i, &y)) {
-    R[0] = R[N] = R[2 * N] = R[3 * N] = 0.0f;
+    for (int q = 0; q < RS; ++q) R[q * N] = 0.0f;
     return;
   }
   const float* P = p.part + i;
@@ -262,10 +263,10 @@ __global__ void __launch_bounds__(256) distill_fin_stats_kernel(fin_params p) {
     lce_stats_merge(mv, Zv, dummy, Q[2 * N], Q[3 * N], 0.0f);
     lce_stats_merge(ms, Zs, dummy, Q[4 * N], Q[5 * N], 0.0f);
   }
-  R[0] = (float)((double)mu + log((double)Zu));
-  R[N] = (float)((double)mv + log((double)Zv));
-  R[2 * N] = p.hard ? (float)((double)ms + log((double)Zs)) : 0.0f;
-  R[3 * N] = p.hard ? P[(size_t)((int)(y / fh_eng::BN) / p.tps) * NQ1 * N + 6 * N] : 0.0f;
+  R[0] = mu, R[N] = (float)log((double)Zu);
+  R[2 * N] = mv, R[3 * N] = (float)log((double)Zv);
+  R[4 * N] = p.hard ? ms : 0.0f, R[5 * N] = p.hard ? (float)log((double)Zs) : 0.0f;
+  R[6 * N] = p.hard ? P[(size_t)((int)(y / fh_eng::BN) / p.tps) * NQ1 * N + 6 * N] : 0.0f;
 }
 
 __global__ void __launch_bounds__(256) distill_fin_row_kernel(fin_params p) {
@@ -281,15 +282,15 @@ __global__ void __launch_bounds__(256) distill_fin_row_kernel(fin_params p) {
       D += p.part[(size_t)s * 2 * N + i];
       S += p.part[(size_t)s * 2 * N + N + i];
     }
-    if (p.hard) hard = (double)R[2 * N] - (double)R[3 * N];
+    if (p.hard) hard = ((double)R[4 * N] - (double)R[6 * N]) + (double)R[5 * N];
   }
   const double soft = p.kappa * D, loss = valid ? p.wh * hard + p.ws * soft : 0.0;
   if (p.state) {
     float* st = p.state + (size_t)i * 4;
-    st[0] = valid ? R[0] : 0.0f;
-    st[1] = valid ? R[N] : 0.0f;
+    st[0] = valid ? (float)((double)R[0] + (double)R[N]) : 0.0f;
+    st[1] = valid ? (float)((double)R[2 * N] + (double)R[3 * N]) : 0.0f;
     st[2] = valid ? (float)S : 0.0f;
-    st[3] = valid ? R[2 * N] : 0.0f;
+    st[3] = valid && p.hard ? (float)((double)R[4 * N] + (double)R[5 * N]) : 0.0f;
   }
   if (p.none) {
     p.loss[i] = (float)loss;
@@ -333,26 +334,56 @@ __global__ void __launch_bounds__(256) distill_reduce_kernel(red_params p) {
 }
 
 template <typename T, typename Align>
-static fh_status_t launch_fwd_tiles(const char* fn, dim3 grid, cudaStream_t stream, fwd_params fp,
-                                    float* part) {
+static fh_status_t launch_stats_tiles(const char* fn, dim3 grid, cudaStream_t stream, const fwd_params& fp) {
   auto k1 = distill_stats_kernel<T, Align>;
-  auto k2 = distill_div_kernel<T, Align>;
   FH_TRY(fh_cuda_status(fh_eng::allow_smem<STATS_SMEM>(k1), fn, "cudaFuncSetAttribute(distill_stats_kernel)"));
-  FH_TRY(fh_cuda_status(fh_eng::allow_smem<DIV_SMEM>(k2), fn, "cudaFuncSetAttribute(distill_div_kernel)"));
-  fp.part = part;
   FH_LAUNCH(k1, grid, dim3(fh_eng::THREADS), STATS_SMEM, stream, fp);
   LCE_CHECK_LAUNCH(fn, "distill_stats_kernel");
   return FH_SUCCESS;
 }
 
 template <typename T, typename Align>
-static fh_status_t launch_div_tiles(const char* fn, dim3 grid, cudaStream_t stream, fwd_params fp) {
-  FH_LAUNCH((distill_div_kernel<T, Align>), grid, dim3(fh_eng::THREADS), DIV_SMEM, stream, fp);
+static fh_status_t launch_div_tiles(const char* fn, dim3 grid, cudaStream_t stream, const fwd_params& fp) {
+  auto k2 = distill_div_kernel<T, Align>;
+  FH_TRY(fh_cuda_status(fh_eng::allow_smem<DIV_SMEM>(k2), fn, "cudaFuncSetAttribute(distill_div_kernel)"));
+  FH_LAUNCH(k2, grid, dim3(fh_eng::THREADS), DIV_SMEM, stream, fp);
   LCE_CHECK_LAUNCH(fn, "distill_div_kernel");
   return FH_SUCCESS;
 }
 
+static fin_params fin_params_of(const fh_distill_problem_t* p, const fwd_layout& L, float* part, float* rs) {
+  const fh_distill_options_t* o = &p->opt;
+  fin_params q;
+  q.targets = p->targets, q.ignore_index = o->ignore_index;
+  q.N = (int)p->N, q.V = (int)p->V, q.S = L.S, q.tps = L.tps, q.hard = o->hard_weight != 0.0f;
+  q.none = o->reduction == FH_REDUCTION_NONE;
+  q.kappa = o->scale_by_t_squared ? (double)o->temperature * (double)o->temperature : 1.0;
+  q.ws = o->soft_weight, q.wh = o->hard_weight;
+  q.part = part, q.rs = rs, q.terms = NULL;
+  q.loss = q.soft = q.hardl = q.state = NULL;
+  return q;
+}
+
 } /* namespace fh_dst */
+
+/* Pass 1 and its merge (launches 2 and 3 of the file comment) into rs [RS x N]; part: the
+ * partials [S x NQ1 x N]. The rows are compacted already (rows, hdr). */
+fh_status_t fh_dst::launch_row_stats(const char* fn, cudaStream_t stream, const fh_distill_problem_t* p,
+                                     const int* rows, const lce_ws_header* hdr, float* rs, float* part) {
+  const fwd_layout L = fwd_layout_of(p->N, p->V);
+  fwd_params fp = make_fwd_params(p, rows, hdr, rs, L);
+  fp.part = part;
+  const dim3 grid(lce_blocks(p->N, fh_eng::BM), (unsigned)L.S);
+  const bool vec = operands_vec16(p);
+  LCE_DTYPE_SWITCH(p->Es->dtype, T, {
+    if (vec) FH_TRY((launch_stats_tiles<T, fh_eng::vec16>(fn, grid, stream, fp)));
+    else FH_TRY((launch_stats_tiles<T, fh_eng::scalar>(fn, grid, stream, fp)));
+  });
+  const fin_params q = fin_params_of(p, L, part, rs);
+  FH_LAUNCH(distill_fin_stats_kernel, dim3(lce_blocks(p->N, 256)), dim3(256), 0, stream, q);
+  LCE_CHECK_LAUNCH(fn, "distill_fin_stats_kernel");
+  return FH_SUCCESS;
+}
 
 using namespace fh_dst;
 
@@ -378,27 +409,18 @@ extern "C" fh_status_t fh_cuda_distill_forward(fh_cuda_state_t* st, struct CUstr
     int* rows = (int*)(ws + L.rows_off);
     FH_TRY(lce_launch_prep_rows(fn, stream, p->targets, p->N, p->V, o->ignore_index, rows, hdr,
                                 fh_cuda_error_flag(st)));
+    FH_TRY(launch_row_stats(fn, stream, p, rows, hdr, rs, part));
     fwd_params fp = make_fwd_params(p, rows, hdr, rs, L);
+    fp.part = part; /* pass 2's partials overwrite pass 1's, which the merge has consumed */
     const dim3 grid(lce_blocks(p->N, fh_eng::BM), (unsigned)L.S);
-    fin_params q;
-    q.targets = p->targets, q.ignore_index = o->ignore_index;
-    q.N = (int)p->N, q.V = (int)p->V, q.S = L.S, q.tps = L.tps, q.hard = fp.hard, q.none = none;
-    q.kappa = o->scale_by_t_squared ? (double)o->temperature * (double)o->temperature : 1.0;
-    q.ws = o->soft_weight, q.wh = o->hard_weight;
-    q.part = part, q.rs = rs, q.terms = terms;
-    q.loss = out->loss, q.soft = out->soft_loss, q.hardl = out->hard_loss, q.state = out->row_state;
     const bool vec = operands_vec16(p);
-    LCE_DTYPE_SWITCH(p->Es->dtype, T, {
-      if (vec) FH_TRY((launch_fwd_tiles<T, fh_eng::vec16>(fn, grid, stream, fp, part)));
-      else FH_TRY((launch_fwd_tiles<T, fh_eng::scalar>(fn, grid, stream, fp, part)));
-    });
-    FH_LAUNCH(distill_fin_stats_kernel, dim3(lce_blocks(p->N, 256)), dim3(256), 0, stream, q);
-    LCE_CHECK_LAUNCH(fn, "distill_fin_stats_kernel");
-    fp.part = part; /* pass 2's partials overwrite pass 1's, which step 3 has consumed */
     LCE_DTYPE_SWITCH(p->Es->dtype, T, {
       if (vec) FH_TRY((launch_div_tiles<T, fh_eng::vec16>(fn, grid, stream, fp)));
       else FH_TRY((launch_div_tiles<T, fh_eng::scalar>(fn, grid, stream, fp)));
     });
+    fin_params q = fin_params_of(p, L, part, rs);
+    q.terms = terms;
+    q.loss = out->loss, q.soft = out->soft_loss, q.hardl = out->hard_loss, q.state = out->row_state;
     FH_LAUNCH(distill_fin_row_kernel, dim3(lce_blocks(p->N, 256)), dim3(256), 0, stream, q);
     LCE_CHECK_LAUNCH(fn, "distill_fin_row_kernel");
   }

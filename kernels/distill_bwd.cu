@@ -4,7 +4,10 @@
  * lse(s)) and the upstream factor a_i (grad_loss, ÷ N_valid or the divisor for the mean):
  *     G_ij = a_i [ soft_weight κ / T (qa_ij − q_ij S_i) + hard_weight (softmax(s_i)_j − δ_{j,y_i}) ]
  * with X = u − lse(u), Y = v − lse(v), q = e^X, qa from the divergence element
- * (kernels/distill_div.cuh), p − δ at the target formed as expm1 (no cancellation).
+ * (kernels/distill_div.cuh), p − δ at the target formed as expm1 (no cancellation). fp32 heads
+ * recompute the forward's first pass (launch_row_stats) for m and ln Z of u, v, s and form
+ * X = (u − m_u) − ln Z_u etc., so the fp32 lse of the row state, whose rounding is 2^-24 |lse|,
+ * never reaches a probability (docs/linear_ce.md "Precision"); S still comes from the state.
  *
  * Each (row block, class tile) recomputes both logit tiles with the forward's mainloops and
  * tiling (bitwise the forward's logits): the teacher's Y and the student's X are parked in
@@ -16,9 +19,10 @@
  * atomics), the same accumulation modes (FP32, DETERMINISTIC, OUTPUT_DTYPE), workspace pieces and
  * row passes. The teacher costs one recompute GEMM per tile and no backward GEMM. No tile
  * filtering: a divergence's gradient is not bounded by the student's p alone.
- * Workspace: 256 B + 4N (rows) + 24N (row coefficients) + the accumulators' pieces
+ * Workspace: 256 B + 4N (rows) + 36N (row coefficients) + the accumulators' pieces
  * (grad_ws_of: FP32 mode 16-bit 2·V·D_s + 4·N·D_s, or half the rows from N = 2048 on;
- * DETERMINISTIC 16-bit 2·(N + V)·D_s; OUTPUT_DTYPE and fp32 none). */
+ * DETERMINISTIC 16-bit 2·(N + V)·D_s; OUTPUT_DTYPE and fp32 none); fp32 heads add the
+ * recomputed row statistics (28N) and their partials (28·S·N). */
 #include <math.h>
 
 #include "distill_cuda.cuh"
@@ -31,7 +35,9 @@ using fh_lce::grad_dst;
 using fh_lce::TBM;
 using fh_lce::TBV;
 
-constexpr int NC = 6; /* row coefficients: lse(u), lse(v), S, lse(s), soft factor, hard factor */
+/* Row coefficients: m and ln Z of u (0, 1) and of v (2, 3), S (4), m and ln Z of s (5, 6), soft
+ * factor (7), hard factor (8); without the recompute m = lse and ln Z = 0. */
+constexpr int NC = 9;
 static_assert(NC <= fh_lce::NCOEF, "the coefficients fit bwd_smem's rows");
 
 /* The parked tiles (2 x 64 KiB): the student's X from offset 0 (over the stage buffers, free
@@ -82,21 +88,21 @@ __device__ __forceinline__ void g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_
   const int nv = p.V - v0 < TBV ? p.V - v0 : TBV;
   float* park_x = (float*)sm.stages; /* written after the student's mainloop */
   float* park_y = park_x + PARK * THREADS;
-  float lse[SLOTS];
+  float m[SLOTS], lnz[SLOTS];
   float bj[NJ][2];
   FH_UNROLL
-  for (int s = 0; s < SLOTS; ++s) lse[s] = sm.coef[TBM + slot_row(s)];
+  for (int s = 0; s < SLOTS; ++s) m[s] = sm.coef[2 * TBM + slot_row(s)], lnz[s] = sm.coef[3 * TBM + slot_row(s)];
   head_tile<T, Align>(acc, bj, p.ht, sm.rows, nr, v0, nv, sm.stages);
-  park_log_probs(park_y, acc, bj, lse, p.invT);
+  park_log_probs(park_y, acc, bj, m, lnz, p.invT);
   FH_UNROLL
-  for (int s = 0; s < SLOTS; ++s) lse[s] = sm.coef[slot_row(s)];
+  for (int s = 0; s < SLOTS; ++s) m[s] = sm.coef[slot_row(s)], lnz[s] = sm.coef[TBM + slot_row(s)];
   head_tile<T, Align>(acc, bj, p.hs, sm.rows, nr, v0, nv, sm.stages);
-  park_log_probs(park_x, acc, bj, lse, p.invT);
+  park_log_probs(park_x, acc, bj, m, lnz, p.invT);
   /* The soft part, rolled, over the parked tiles: park_x becomes cs (qa − q S). */
   FH_NO_UNROLL
   for (int s = 0; s < SLOTS; ++s) {
     const int r = slot_row(s);
-    const float S = sm.coef[2 * TBM + r], cs = sm.coef[4 * TBM + r];
+    const float S = sm.coef[4 * TBM + r], cs = sm.coef[7 * TBM + r];
     FH_NO_UNROLL
     for (int je = 0; je < 2 * NJ; ++je) {
       const int j = je >> 1, e = je & 1;
@@ -110,7 +116,7 @@ __device__ __forceinline__ void g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_
   FH_UNROLL
   for (int s = 0; s < SLOTS; ++s) {
     const int r = slot_row(s), y = sm.y[r];
-    const float ls = sm.coef[3 * TBM + r], ch = sm.coef[5 * TBM + r];
+    const float ms = sm.coef[5 * TBM + r], ls = sm.coef[6 * TBM + r], ch = sm.coef[8 * TBM + r];
     FH_UNROLL
     for (int j = 0; j < NJ; ++j)
       FH_UNROLL
@@ -120,7 +126,7 @@ __device__ __forceinline__ void g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_
         if (r < nr && c < nv) {
           g = parked(park_x, s, j, e);
           if (p.hard) {
-            const float d = raw_logit(slot_acc(acc, s, j, e), bj[j][e]) - ls;
+            const float d = __fsub_rn(raw_logit(slot_acc(acc, s, j, e), bj[j][e]) - ms, ls);
             g += ch * (v0 + c == y ? expm1f(d) : expf(d)); /* p − δ */
           }
         }
@@ -182,6 +188,7 @@ struct coef_params {
   float divisor;
   double soft, hard; /* soft_weight κ / T, hard_weight */
   const float* state;
+  const float* rs; /* fp32: [RS x N] recomputed m, ln Z of u, v, s (launch_row_stats), else NULL */
   const float* grad_loss;
   float* coef;
 };
@@ -202,15 +209,35 @@ __global__ void __launch_bounds__(256) distill_bwd_coef_kernel(coef_params p) {
     if (!row_valid(p.targets, p.ignore_index, p.V, i, &y)) continue;
     double a = p.reduction == FH_REDUCTION_NONE ? p.grad_loss[i] : p.grad_loss[0];
     if (p.reduction == FH_REDUCTION_MEAN) a *= inv;
-    for (int q = 0; q < 4; ++q) p.coef[q * N + i] = p.state[(size_t)i * 4 + q];
-    p.coef[4 * N + i] = (float)(a * p.soft);
-    p.coef[5 * N + i] = (float)(a * p.hard);
+    const float* st = p.state + (size_t)i * 4; /* lse(u), lse(v), S, lse(s) */
+    static const int slot[3] = {0, 2, 5};      /* where m of u, v, s go */
+    for (int h = 0; h < 3; ++h) {
+      const int q = h < 2 ? h : 3; /* the state's lse of that softmax */
+      p.coef[slot[h] * N + i] = p.rs ? p.rs[(size_t)(2 * h) * N + i] : st[q];
+      p.coef[(slot[h] + 1) * N + i] = p.rs ? p.rs[(size_t)(2 * h + 1) * N + i] : 0.0f;
+    }
+    p.coef[4 * N + i] = st[2];
+    p.coef[7 * N + i] = (float)(a * p.soft);
+    p.coef[8 * N + i] = (float)(a * p.hard);
   }
 }
 
-typedef fh_lce::grad_layout bwd_layout;
+/* The gradient layout shared with linear CE, then for fp32 heads the recomputed row statistics
+ * [RS x N] and the forward's pass-1 partials they come from. */
+struct bwd_layout {
+  fh_lce::grad_layout g;
+  size_t rs_off, part_off, total;
+};
+static bool recompute_stats(fh_dtype_t dtype) { return dtype == FH_DTYPE_F32; }
 static bwd_layout bwd_layout_of(int64_t N, int64_t V, int64_t D, fh_dtype_t dtype, fh_accum_mode_t mode) {
-  return fh_lce::grad_layout_of(N, V, D, dtype, mode, NC); /* every gradient wanted: the query's contract */
+  bwd_layout L;
+  L.g = fh_lce::grad_layout_of(N, V, D, dtype, mode, NC); /* every gradient wanted: the query's contract */
+  const bool rec = recompute_stats(dtype);
+  const fwd_layout F = fwd_layout_of(N, V);
+  L.rs_off = L.g.total;
+  L.part_off = L.rs_off + (rec ? fh_lce::lce_align(sizeof(float) * RS * (size_t)N) : 0);
+  L.total = L.part_off + (rec ? fh_lce::lce_align(sizeof(float) * NQ1 * (size_t)F.S * (size_t)N) : 0);
+  return L;
 }
 
 template <typename T, typename Align, bool ROWS>
@@ -243,10 +270,11 @@ extern "C" fh_status_t fh_cuda_distill_backward(fh_cuda_state_t* st, struct CUst
   const bwd_layout L = bwd_layout_of(p->N, p->V, p->D_s, dtype, o->accum_mode);
   unsigned char* ws = (unsigned char*)workspace;
   lce_ws_header* hdr = (lce_ws_header*)ws;
-  int* rows = (int*)(ws + L.rows_off);
-  float* coef = (float*)(ws + L.coef_off);
+  int* rows = (int*)(ws + L.g.rows_off);
+  float* coef = (float*)(ws + L.g.coef_off);
+  float* rs = recompute_stats(dtype) && p->N > 0 ? (float*)(ws + L.rs_off) : NULL;
   const fh_lce::grad_plan g =
-      fh_lce::grad_plan_of(o->accum_mode, dtype, grads->dE, grads->dC, grads->dbias, p->bs != NULL, ws, L, o->accumulate);
+      fh_lce::grad_plan_of(o->accum_mode, dtype, grads->dE, grads->dC, grads->dbias, p->bs != NULL, ws, L.g, o->accumulate);
   if (!g.any) return FH_SUCCESS; /* nothing wanted: nothing computed or written */
   const fwd_layout FL = fwd_layout_of(p->N, p->V);
   const fwd_params fp = make_fwd_params(p, rows, hdr, NULL, FL);
@@ -263,12 +291,13 @@ extern "C" fh_status_t fh_cuda_distill_backward(fh_cuda_state_t* st, struct CUst
   {
     FH_TRY(lce_launch_prep_rows(fn, stream, p->targets, p->N, p->V, o->ignore_index, rows, hdr,
                                 fh_cuda_error_flag(st)));
+    if (rs) FH_TRY(launch_row_stats(fn, stream, p, rows, hdr, rs, (float*)(ws + L.part_off)));
     coef_params cp;
     cp.targets = p->targets, cp.ignore_index = o->ignore_index;
     cp.N = (int)p->N, cp.V = (int)p->V, cp.reduction = (int)o->reduction, cp.divisor = o->divisor;
     const double T = o->temperature, kappa = o->scale_by_t_squared ? T * T : 1.0;
     cp.soft = (double)o->soft_weight * kappa / T, cp.hard = o->hard_weight;
-    cp.state = in->row_state, cp.grad_loss = in->grad_loss, cp.coef = coef;
+    cp.state = in->row_state, cp.rs = rs, cp.grad_loss = in->grad_loss, cp.coef = coef;
     FH_LAUNCH(distill_bwd_coef_kernel, dim3(1), dim3(256), 0, stream, cp);
     LCE_CHECK_LAUNCH(fn, "distill_bwd_coef_kernel");
   }

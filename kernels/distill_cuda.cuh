@@ -21,6 +21,11 @@ using fh_lce::lce_stats_merge;
 using fh_lce::lce_ws_header;
 
 constexpr int NQ1 = 7; /* pass-1 partials per (split, row): m, Z of u, of v, of s; s_y */
+/* Row statistics after pass 1, [RS x N]: m and ln Z of u (rows 0, 1), of v (2, 3), of s (4, 5;
+ * 0 without a hard term), s_y (6). Every log-probability is formed as (x − m) − ln Z, never as
+ * x − lse with lse rounded to fp32, whose error 2^-24 |lse| would reach every probability
+ * (docs/linear_ce.md "Precision"). */
+constexpr int RS = 7;
 constexpr int MAX_SPLITS = 16;
 constexpr int SLOTS = 2 * fh_eng::MI; /* rows of a thread: slot s -> frag_row(s >> 1, 2 (s & 1)) */
 constexpr int PARK = SLOTS * fh_eng::NJ * 2; /* accumulator entries a thread parks (64) */
@@ -45,7 +50,7 @@ struct fwd_params {
   const int* rows;
   const lce_ws_header* hdr;
   const int64_t* targets;
-  const float* rs; /* [4 x N]: lse(u), lse(v), lse(s), s_y (pass 2) */
+  const float* rs; /* [RS x N] row statistics (pass 2): see RS */
   float* part;
 };
 
@@ -79,12 +84,12 @@ __device__ __forceinline__ bool row_valid(const int64_t* targets, int64_t ignore
   return !targets || (*y != ignore_index && *y >= 0 && *y < V);
 }
 
-/* Thread-private parking of a tile's log-probabilities x − lse (x = tempered logit) in shared
- * memory, so that the other head's tile can use the accumulators: entry k of thread t at
+/* Thread-private parking of a tile's log-probabilities (x − m) − ln Z (x = tempered logit) in
+ * shared memory, so that the other head's tile can use the accumulators: entry k of thread t at
  * park[k · THREADS + t] (consecutive threads, consecutive banks; only the owner reads it back,
- * so no barrier is needed). */
+ * so no barrier is needed). ln Z = 0 with m = lse gives x − lse bitwise. */
 __device__ __forceinline__ void park_log_probs(float* park, fh_eng::acc_t& acc, const float (&bj)[fh_eng::NJ][2],
-                                       const float (&lse)[SLOTS], float invT) {
+                                       const float (&m)[SLOTS], const float (&lnz)[SLOTS], float invT) {
   FH_UNROLL
   for (int s = 0; s < SLOTS; ++s)
     FH_UNROLL
@@ -92,13 +97,13 @@ __device__ __forceinline__ void park_log_probs(float* park, fh_eng::acc_t& acc, 
       FH_UNROLL
       for (int e = 0; e < 2; ++e)
         park[((s * fh_eng::NJ + j) * 2 + e) * fh_eng::THREADS + threadIdx.x] =
-            tempered(fh_eng::raw_logit(slot_acc(acc, s, j, e), bj[j][e]), invT) - lse[s];
+            __fsub_rn(tempered(fh_eng::raw_logit(slot_acc(acc, s, j, e), bj[j][e]), invT) - m[s], lnz[s]);
 }
 __device__ __forceinline__ float parked(const float* park, int s, int j, int e) {
   return park[((s * fh_eng::NJ + j) * 2 + e) * fh_eng::THREADS + threadIdx.x];
 }
 
-/* Forward workspace: header, compacted rows, row statistics [4 x N], row terms [3 x N], the
+/* Forward workspace: header, compacted rows, row statistics [RS x N], row terms [3 x N], the
  * (split, row) partials [S x 7 x N] (pass 2 reuses them as [S x 2 x N]). */
 struct fwd_layout {
   int S, tps, vt;
@@ -110,7 +115,7 @@ static inline fwd_layout fwd_layout_of(int64_t N, int64_t V) {
   L.S = sp.S, L.tps = sp.tps, L.vt = sp.vt;
   L.rows_off = 256;
   L.rs_off = L.rows_off + fh_lce::lce_align(sizeof(int) * (size_t)N);
-  L.terms_off = L.rs_off + fh_lce::lce_align(sizeof(float) * 4 * (size_t)N);
+  L.terms_off = L.rs_off + fh_lce::lce_align(sizeof(float) * RS * (size_t)N);
   L.part_off = L.terms_off + fh_lce::lce_align(sizeof(float) * 3 * (size_t)N);
   L.total = L.part_off + fh_lce::lce_align(sizeof(float) * NQ1 * (size_t)L.S * (size_t)N);
   return L;
@@ -169,5 +174,11 @@ static inline fwd_params make_fwd_params(const fh_distill_problem_t* p, const in
   f.rows = rows, f.hdr = hdr, f.targets = p->targets, f.rs = rs, f.part = NULL;
   return f;
 }
+
+/* Pass 1 of the forward and its merge into rs [RS x N] (m and ln Z of u, v, s; s_y), with the
+ * partials in part [S x NQ1 x N]; the rows compacted already. The forward's first half, and what
+ * the fp32 backward recomputes (kernels/distill_bwd.cu). Defined in kernels/distill.cu. */
+fh_status_t launch_row_stats(const char* fn, cudaStream_t stream, const fh_distill_problem_t* p, const int* rows,
+                             const lce_ws_header* hdr, float* rs, float* part);
 
 } /* namespace fh_dst */

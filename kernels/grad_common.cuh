@@ -16,7 +16,7 @@
 namespace fh_lce {
 
 enum store_kind { ST_NONE = 0, ST_F32 = 1, ST_SPLIT = 2, ST_OUT = 3, ST_ATOMIC = 4 };
-constexpr int NCOEF = 7; /* lse (or m), K1, K2, h, K3, K4, ln Z (or 0): linear_ce_bwd.cu */
+constexpr int NCOEF = 9; /* per-row coefficients: linear CE uses 7, distillation 9 (their bwd files) */
 constexpr int TBM = fh_eng::BM, TBV = fh_eng::BN; /* the engine's tile: 128 rows x 128 classes */
 
 /* One gradient destination. F32/ATOMIC: f32 (+ld32); SPLIT: out holds the high halves (ld),

@@ -38,10 +38,10 @@ void dk_init(dk_problem_t* P, const dk_spec_t* s) {
   P->s = *s;
   tu_rng_t r = {s->seed};
   const fh_dtype_t dt = s->dtype;
-  P->Es = mat(&r, &P->tEs, dt, s->N, s->Ds, s->pad, 1.0);
+  P->Es = mat(&r, &P->tEs, dt, s->N, s->Ds, s->pad, s->e_mul > 0 ? s->e_mul : 1.0);
   P->Cs = mat(&r, &P->tCs, dt, s->V, s->Ds, s->pad, 2.0 / sqrt((double)s->Ds));
   P->bs = mat(&r, &P->tbs, dt, 1, s->V, 0, 0.5);
-  P->Et = mat(&r, &P->tEt, dt, s->N, s->Dt, s->pad, 1.0);
+  P->Et = mat(&r, &P->tEt, dt, s->N, s->Dt, s->pad, s->e_mul > 0 ? s->e_mul : 1.0);
   P->Ct = mat(&r, &P->tCt, dt, s->Vt, s->Dt, s->pad, 2.5 / sqrt((double)s->Dt));
   P->bt = mat(&r, &P->tbt, dt, 1, s->Vt, 0, 0.5);
   if (s->nan_row >= 0 && s->nan_row < s->N)
@@ -175,11 +175,13 @@ static void naive_logits(const fh_tensor_t* E, const fh_tensor_t* C, const fh_te
     z[j] = a + (float)fh_tensor_get(b, 0, j);
   }
 }
-static float lse32(const float* z, int64_t V) {
+/* The row's maximum and ln Σ e^(z − m) in fp32: log-softmax is (z − m) − ln Z, as PyTorch's fp32
+ * log_softmax forms it (no lse rounding amplified by |lse|). */
+static void lsm32(const float* z, int64_t V, float* m_out, float* lnz) {
   float m = -INFINITY, s = 0.0f;
   for (int64_t j = 0; j < V; ++j) m = fmaxf(m, z[j]);
   for (int64_t j = 0; j < V; ++j) s += expf(z[j] - m);
-  return m + logf(s);
+  *m_out = m, *lnz = logf(s);
 }
 
 void dk_naive(const dk_problem_t* P, const fh_distill_options_t* o, dk_out_t* out) {
@@ -198,17 +200,18 @@ void dk_naive(const dk_problem_t* P, const fh_distill_options_t* o, dk_out_t* ou
     naive_logits(&P->tEs, &P->tCs, &P->tbs, i, V, s);
     naive_logits(&P->tEt, &P->tCt, &P->tbt, i, V, t);
     for (int64_t j = 0; j < V; ++j) u[j] = s[j] * invT, v[j] = t[j] * invT;
-    const float lu = lse32(u, V), lv = lse32(v, V);
+    float mu, lu, mv, lv, ms = 0.0f, ls = 0.0f;
+    lsm32(u, V, &mu, &lu), lsm32(v, V, &mv, &lv);
     float D = 0.0f, S = 0.0f;
     for (int64_t j = 0; j < V; ++j) {
       double term, qa;
-      fh_div_eval(&dv, (double)(u[j] - lu), (double)(v[j] - lv), &term, &qa);
+      fh_div_eval(&dv, (double)((u[j] - mu) - lu), (double)((v[j] - mv) - lv), &term, &qa);
       D += (float)term, S += (float)qa;
     }
     const int hard = o->hard_weight != 0.0f;
-    const float ls = hard ? lse32(s, V) : 0.0f;
-    const float h = hard ? ls - s[P->targets[i]] : 0.0f;
-    st[0] = lu, st[1] = lv, st[2] = S, st[3] = ls;
+    if (hard) lsm32(s, V, &ms, &ls);
+    const float h = hard ? (ms - s[P->targets[i]]) + ls : 0.0f;
+    st[0] = mu + lu, st[1] = mv + lv, st[2] = S, st[3] = ms + ls;
     out->soft[i] = (double)kap * D;
     out->hard[i] = h;
     out->loss[i] = (double)o->hard_weight * h + (double)o->soft_weight * out->soft[i];
@@ -396,6 +399,7 @@ void dk_naive_backward(const dk_problem_t* P, const fh_distill_options_t* o, con
   const double T = o->temperature, kap = o->scale_by_t_squared ? T * T : 1.0;
   float *s = malloc(sizeof(float) * (size_t)V), *t = malloc(sizeof(float) * (size_t)V);
   float* aE = malloc(sizeof(float) * (size_t)(D + 1));
+  float* tmp = malloc(sizeof(float) * (size_t)(V + 1));
   float* aC = calloc((size_t)(V * D + 1), sizeof(float));
   float* ab = calloc((size_t)(V + 1), sizeof(float));
   for (int64_t i = 0; i < N; ++i) {
@@ -407,13 +411,23 @@ void dk_naive_backward(const dk_problem_t* P, const fh_distill_options_t* o, con
       const float cs = (float)(a * o->soft_weight * kap / T), ch = (float)(a * o->hard_weight);
       naive_logits(&P->tEs, &P->tCs, &P->tbs, i, V, s);
       naive_logits(&P->tEt, &P->tCt, &P->tbt, i, V, t);
+      /* fp32: the log-softmaxes recomputed as PyTorch forms them (what the fp32 backward must
+       * meet); 16-bit: from the state's fp32 lse, as their backward does. */
+      float mu = (float)st[0], lu = 0.0f, mv = (float)st[1], lv = 0.0f, ms = (float)st[3], ls = 0.0f;
+      if (f32) {
+        for (int64_t j = 0; j < V; ++j) tmp[j] = s[j] * invT;
+        lsm32(tmp, V, &mu, &lu);
+        for (int64_t j = 0; j < V; ++j) tmp[j] = t[j] * invT;
+        lsm32(tmp, V, &mv, &lv);
+        lsm32(s, V, &ms, &ls);
+      }
       for (int64_t j = 0; j < V; ++j) {
-        const float X = s[j] * invT - (float)st[0], Y = t[j] * invT - (float)st[1];
+        const float X = (s[j] * invT - mu) - lu, Y = (t[j] * invT - mv) - lv;
         double term, qa;
         fh_div_eval(&dv, X, Y, &term, &qa);
         float g = cs * ((float)qa - expf(X) * (float)st[2]);
         if (o->hard_weight != 0.0f) {
-          const float d = s[j] - (float)st[3];
+          const float d = (s[j] - ms) - ls;
           g += ch * (j == P->targets[i] ? expm1f(d) : expf(d));
         }
         const float gop = (float)(f32 ? g : dk_round_to(dt, g));
@@ -429,7 +443,7 @@ void dk_naive_backward(const dk_problem_t* P, const fh_distill_options_t* o, con
   }
   for (int64_t q = 0; q < V * D; ++q) out->dC[q] = dk_round_to(dt, out->dC[q] + aC[q]);
   for (int64_t j = 0; j < V; ++j) out->db[j] = dk_round_to(dt, out->db[j] + ab[j]);
-  free(s), free(t), free(aE), free(aC), free(ab);
+  free(s), free(t), free(tmp), free(aE), free(aC), free(ab);
 }
 
 const char* const DK_MODE_NAME[3] = {"fp32", "output_dtype", "deterministic"};

@@ -20,6 +20,7 @@ typedef struct dk_spec {
   int pad;         /* > 0: every matrix stored with row_stride = cols + pad (scalar fallback) */
   int nan_row;     /* >= 0: that row of Es is NaN */
   int every_ign;   /* > 0: every every_ign-th row (from 1) ignored; 0: targets NULL */
+  double e_mul;    /* > 0: Es and Et drawn with this standard deviation (logit-scale tests) */
 } dk_spec_t;
 
 typedef struct dk_problem {

@@ -406,12 +406,18 @@ void lk_naive_backward(const lk_problem_t* P, const lk_bwd_in_t* in, const lk_fw
     if (o->reduction == FH_REDUCTION_MEAN) a = dce != 0 ? a / dce : 0, b = dreg != 0 ? b / dreg : 0;
     const float lse = (float)nf->lse[i], h = (float)nf->entropy[i], glse = in->glse ? (float)in->glse[i] : 0.0f;
     naive_row(P, i, z, NULL);
-    /* log p as PyTorch's fp32 log_softmax forms it, (z − m) − ln Σ e^(z − m): no lse rounding
-     * amplified by |lse| (the yardstick the fp32 backward must meet at any logit scale). */
-    float m = -INFINITY, Zs = 0.0f;
-    for (int64_t j = 0; j < V; ++j) m = z[j] > m ? z[j] : m;
-    for (int64_t j = 0; j < V; ++j) Zs += expf(z[j] - m);
-    const float lnz = logf(Zs);
+    /* fp32 inputs: log p as PyTorch's fp32 log_softmax forms it, (z − m) − ln Σ e^(z − m), no
+     * lse rounding amplified by |lse| (the yardstick the fp32 backward must meet at any logit
+     * scale, docs/linear_ce.md "Precision"). 16-bit inputs: z − lse from the forward's fp32 lse,
+     * the documented algorithm of their backward (its rounding is far below theirs). */
+    float m = lse, lnz = 0.0f;
+    if (dt == FH_DTYPE_F32) {
+      float Zs = 0.0f;
+      m = -INFINITY;
+      for (int64_t j = 0; j < V; ++j) m = z[j] > m ? z[j] : m;
+      for (int64_t j = 0; j < V; ++j) Zs += expf(z[j] - m);
+      lnz = logf(Zs);
+    }
     for (int64_t j = 0; j < V; ++j) {
       const float logp = (z[j] - m) - lnz, p = expf(logp), wj = P->f.cw ? P->f.cw[j] : 1.0f;
       const float pm = p - (j == y ? 1.0f : 0.0f);
