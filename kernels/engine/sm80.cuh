@@ -61,6 +61,7 @@ struct operand<__nv_bfloat16> {
     fh_ptx::mma_bf16_16816(d, a, b);
   }
   static __device__ __forceinline__ uint16_t bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+  static constexpr uint32_t EXP2 = 0x7f807f80u; /* the exponent fields of a bf16x2 register */
 };
 template <>
 struct operand<__half> {
@@ -69,11 +70,29 @@ struct operand<__half> {
     fh_ptx::mma_f16_16816(d, a, b);
   }
   static __device__ __forceinline__ uint16_t bits(__half x) { return __half_as_ushort(x); }
+  static constexpr uint32_t EXP2 = 0x7c007c00u;
 };
 template <>
 struct operand<float> {
   static constexpr int PER16 = 4;
 };
+
+/* A register of a streamed-GEMM operand with its non-finite elements (inf, NaN) replaced by 0
+ * (docs/conventions.md "Masked classes"): such an element of C (or E) makes every logit it
+ * touches ±inf or NaN, so the class (row) is either masked, with G = 0 and no 0·∞ allowed into
+ * the gradient sums, or its G is NaN already and the NaN still reaches its sums. 16-bit: two
+ * elements per register; fp32: one. */
+template <typename T>
+__device__ __forceinline__ uint32_t finite_or_zero(uint32_t x) {
+  if constexpr (sizeof(T) == 4) {
+    return (x & 0x7f800000u) == 0x7f800000u ? 0u : x;
+  } else {
+    constexpr uint32_t E = operand<T>::EXP2;
+    const uint32_t lo = (x & (E & 0xffffu)) == (E & 0xffffu) ? 0xffff0000u : 0xffffffffu;
+    const uint32_t hi = (x & (E & 0xffff0000u)) == (E & 0xffff0000u) ? 0x0000ffffu : 0xffffffffu;
+    return x & lo & hi;
+  }
+}
 
 /* fp32 operands on bf16 tensor cores (docs/engine.md "fp32 inputs"). Each fp32 value x is split
  * into three bf16 pieces, x0 = rn(x), x1 = rn(x − x0), x2 = rn(x − x0 − x1) (both differences

@@ -9,6 +9,10 @@
  * cannot transpose; fp32 goes through the three-piece bf16 split f32x3 of sm80.cuh). The loop over d-chunks is the pipelined main loop: 16-byte cp.async of
  * chunk c + STAGES - 1 while chunk c is multiplied, one barrier per chunk.
  *
+ * B's non-finite elements enter the products as 0 (finite_or_zero in sm80.cuh): the gradient
+ * sums never form 0·∞ for a masked class or row (docs/conventions.md), and a NaN gradient row
+ * stays NaN through its own G.
+ *
  * Layouts: B chunks are 128 k-rows x 128 bytes (DC = 64 bf16/fp16 or 32 fp32 columns), rows
  * swizzled c ^ (r & 7) for ldmatrix.trans, c ^ ((r & 3) << 1) for the fp32 loads (swz_k4); the
  * resident tile has 128 rows of 128 elements, swizzled c ^ (r & 7) (res_off).
@@ -108,7 +112,8 @@ struct stream_gemm {
             const int n = wn * cfg::WN + j * 8 + g;
             uint32_t v[4];
             FH_UNROLL
-            for (int q = 0; q < 4; ++q) v[q] = fh_ptx::lds_u32(sb + swz_k4(k0 + t + 4 * q, n >> 2) + (n & 3) * 4);
+            for (int q = 0; q < 4; ++q)
+              v[q] = finite_or_zero<T>(fh_ptx::lds_u32(sb + swz_k4(k0 + t + 4 * q, n >> 2) + (n & 3) * 4));
             f32x3::split_b(bp[j], v[0], v[1], v[2], v[3]);
           }
           FH_UNROLL
@@ -141,8 +146,8 @@ struct stream_gemm {
             uint32_t t4[4];
             const int n0 = wn * cfg::WN + jj * 16;
             fh_ptx::ldsm_x4_trans(t4, sb + swz_rows<CHB / 16>(k0 + (mi & 1) * 8 + lr, n0 / 8 + (mi >> 1)));
-            bf[2 * jj][0] = t4[0], bf[2 * jj][1] = t4[1];
-            bf[2 * jj + 1][0] = t4[2], bf[2 * jj + 1][1] = t4[3];
+            bf[2 * jj][0] = finite_or_zero<T>(t4[0]), bf[2 * jj][1] = finite_or_zero<T>(t4[1]);
+            bf[2 * jj + 1][0] = finite_or_zero<T>(t4[2]), bf[2 * jj + 1][1] = finite_or_zero<T>(t4[3]);
           }
           FH_UNROLL
           for (int i = 0; i < cfg::MI; ++i)
