@@ -9,6 +9,7 @@
 #include "cuda_backend.h"
 #include "distill.h"
 #include "fh_internal.h"
+#include "ref/distill_ref.h"
 
 /* The size of the first published fh_distill_options_t; later fields keep their defaults when
  * an older caller passes a smaller struct. */
@@ -121,6 +122,37 @@ static fh_status_t check_sparse_host(const char* fn, const fh_distill_problem_t*
   return st;
 }
 
+/* Which divergences each sparse mode defines (fusedhead.h, docs/distillation.md "Sparse
+ * teacher"), and its temperature. */
+static fh_status_t check_sparse_mode(const char* fn, const fh_distill_options_t* o) {
+  const fh_distill_sparse_mass_t m = o->sparse_mass;
+  if (m == FH_DISTILL_SPARSE_NONE && o->divergence != FH_DISTILL_FORWARD_KL)
+    return fh_set_error(FH_ERR_UNSUPPORTED, fn,
+                        "opts->divergence is %d; FH_DISTILL_SPARSE_NONE supports only FH_DISTILL_FORWARD_KL (the "
+                        "teacher's entries as given are not one distribution, only the cross-entropy form is defined)",
+                        (int)o->divergence);
+  if (m == FH_DISTILL_SPARSE_RENORMALIZE) {
+    /* Off the support p = 0, and each class there adds q_j f(0): +inf for every student with
+     * mass off S when f(0) is (reverse KL and the divergences that resolve to it). */
+    fh_div_t dv;
+    double f0, a0;
+    fh_div_resolve(o, &dv);
+    fh_div_eval(&dv, 0.0, -INFINITY, &f0, &a0);
+    if (!isfinite(f0))
+      return fh_set_error(FH_ERR_UNSUPPORTED, fn,
+                          "opts->divergence is %d with these parameters; with FH_DISTILL_SPARSE_RENORMALIZE it is "
+                          "+inf whenever the student has mass off the teacher's support (f(0) = +inf); use "
+                          "FH_DISTILL_SPARSE_REMAINDER",
+                          (int)o->divergence);
+  }
+  if (m != FH_DISTILL_SPARSE_RENORMALIZE && o->temperature != 1.0f)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn,
+                        "opts->temperature is %g; FH_DISTILL_SPARSE_%s needs 1 (the tempered mass of the support "
+                        "depends on the unknown tail)",
+                        (double)o->temperature, m == FH_DISTILL_SPARSE_NONE ? "NONE" : "REMAINDER");
+  return FH_SUCCESS;
+}
+
 /* Everything both passes of either teacher kind check; fills `p`. Exactly one of dense and
  * sparse is non-NULL. */
 fh_status_t fh_distill_check_problem(const char* fn, fh_context_t* ctx, const fh_distill_options_t* opts,
@@ -148,15 +180,7 @@ fh_status_t fh_distill_check_problem(const char* fn, fh_context_t* ctx, const fh
   if (V_all == 0 && p->N > 0) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "student->C->rows (V) is 0 with N > 0");
   if (sparse) {
     p->sparse = 1;
-    if (p->opt.divergence != FH_DISTILL_FORWARD_KL)
-      return fh_set_error(FH_ERR_UNSUPPORTED, fn,
-                          "opts->divergence is %d; a sparse teacher supports only FH_DISTILL_FORWARD_KL",
-                          (int)p->opt.divergence);
-    if (p->opt.sparse_mass == FH_DISTILL_SPARSE_REMAINDER && p->opt.temperature != 1.0f)
-      return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn,
-                          "opts->temperature is %g; FH_DISTILL_SPARSE_REMAINDER needs 1 (the tempered mass of "
-                          "the support depends on the unknown tail)",
-                          (double)p->opt.temperature);
+    FH_TRY(check_sparse_mode(fn, &p->opt));
     if (sparse->K < 1)
       return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "teacher->K is %lld (must be >= 1)", (long long)sparse->K);
     if (sparse->K > p->V && p->N > 0)
