@@ -36,6 +36,7 @@
 #include <math.h>
 
 #include "distill_cuda.cuh"
+#include "distill_sparse.cuh"
 
 namespace fh_dst {
 
@@ -100,6 +101,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_stats_kernel(fwd_p
       su[s].add(u, umax);
       if (p.hard) ss[s].add(r, rmax);
     }
+    if (!p.ht.E) continue; /* sparse teacher (kernels/distill_sparse.cuh): the student only */
     head_tile<T, Align>(acc, bj, p.ht, s_rows, nr, v0, nv, smem);
     FH_UNROLL
     for (int s = 0; s < SLOTS; ++s) {
@@ -357,7 +359,7 @@ static fh_status_t launch_div_tiles(const char* fn, dim3 grid, cudaStream_t stre
 using namespace fh_dst;
 
 extern "C" fh_status_t fh_cuda_distill_forward_workspace(int64_t N, int64_t V, size_t* bytes) {
-  *bytes = fwd_layout_of(N, V).total;
+  *bytes = fwd_layout_of(N, V).total; /* a sparse teacher adds fh_cuda_distill_sparse_workspace */
   return FH_SUCCESS;
 }
 
@@ -395,7 +397,10 @@ extern "C" fh_status_t fh_cuda_distill_forward(fh_cuda_state_t* st, struct CUstr
     FH_LAUNCH(distill_fin_stats_kernel, dim3(lce_blocks(p->N, 256)), dim3(256), 0, stream, q);
     LCE_CHECK_LAUNCH(fn, "distill_fin_stats_kernel");
     fp.part = part; /* pass 2's partials overwrite pass 1's, which step 3 has consumed */
-    LCE_DTYPE_SWITCH(p->Es->dtype, T, {
+    if (p->sparse) { /* the per-row pass replaces the divergence tiles: one split of partials */
+      FH_TRY(sparse_forward_rows(fn, fh_cuda_error_flag(st), stream, p, rs, part, rs + p->N, ws + L.total));
+      q.S = 1;
+    } else LCE_DTYPE_SWITCH(p->Es->dtype, T, {
       if (vec) FH_TRY((launch_div_tiles<T, fh_eng::vec16>(fn, grid, stream, fp)));
       else FH_TRY((launch_div_tiles<T, fh_eng::scalar>(fn, grid, stream, fp)));
     });

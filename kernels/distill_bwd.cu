@@ -22,6 +22,7 @@
 #include <math.h>
 
 #include "distill_cuda.cuh"
+#include "distill_sparse.cuh"
 #include "grad_common.cuh"
 
 namespace fh_dst {
@@ -62,6 +63,7 @@ struct bwd_params {
   int r_lo, r_hi; /* cols kernel: only the valid rows with original index in [r_lo, r_hi) */
   float* db32;
   int db_last;
+  sparse_bwd sp; /* ids NULL: dense teacher */
 };
 
 template <typename T>
@@ -84,26 +86,32 @@ __device__ __forceinline__ void g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_
   float* park_y = park_x + PARK * THREADS;
   float lse[SLOTS];
   float bj[NJ][2];
-  FH_UNROLL
-  for (int s = 0; s < SLOTS; ++s) lse[s] = sm.coef[TBM + slot_row(s)];
-  head_tile<T, Align>(acc, bj, p.ht, sm.rows, nr, v0, nv, sm.stages);
-  park_log_probs(park_y, acc, bj, lse, p.invT);
+  if (!p.sp.ids) { /* a sparse teacher has no tile (kernels/distill_sparse.cuh) */
+    FH_UNROLL
+    for (int s = 0; s < SLOTS; ++s) lse[s] = sm.coef[TBM + slot_row(s)];
+    head_tile<T, Align>(acc, bj, p.ht, sm.rows, nr, v0, nv, sm.stages);
+    park_log_probs(park_y, acc, bj, lse, p.invT);
+  }
   FH_UNROLL
   for (int s = 0; s < SLOTS; ++s) lse[s] = sm.coef[slot_row(s)];
   head_tile<T, Align>(acc, bj, p.hs, sm.rows, nr, v0, nv, sm.stages);
   park_log_probs(park_x, acc, bj, lse, p.invT);
   /* The soft part, rolled, over the parked tiles: park_x becomes cs (qa − q S). */
-  FH_NO_UNROLL
-  for (int s = 0; s < SLOTS; ++s) {
-    const int r = slot_row(s);
-    const float S = sm.coef[2 * TBM + r], cs = sm.coef[4 * TBM + r];
+  if (p.sp.ids) {
+    sparse_g_soft(p.sp, sm.rows, sm.coef, TBM, park_x, nr, v0, nv);
+  } else {
     FH_NO_UNROLL
-    for (int je = 0; je < 2 * NJ; ++je) {
-      const int j = je >> 1, e = je & 1;
-      const float X = parked(park_x, s, j, e);
-      float term, qa;
-      div_eval(p.dv, X, parked(park_y, s, j, e), term, qa);
-      park_x[((s * NJ + j) * 2 + e) * THREADS + threadIdx.x] = cs * (qa - expf(X) * S);
+    for (int s = 0; s < SLOTS; ++s) {
+      const int r = slot_row(s);
+      const float S = sm.coef[2 * TBM + r], cs = sm.coef[4 * TBM + r];
+      FH_NO_UNROLL
+      for (int je = 0; je < 2 * NJ; ++je) {
+        const int j = je >> 1, e = je & 1;
+        const float X = parked(park_x, s, j, e);
+        float term, qa;
+        div_eval(p.dv, X, parked(park_y, s, j, e), term, qa);
+        park_x[((s * NJ + j) * 2 + e) * THREADS + threadIdx.x] = cs * (qa - expf(X) * S);
+      }
     }
   }
   /* The hard part from the student's raw logits, still in the accumulators. */
@@ -229,7 +237,7 @@ using namespace fh_dst;
 
 extern "C" fh_status_t fh_cuda_distill_backward_workspace(int64_t N, int64_t V, int64_t D_s, fh_dtype_t dtype,
                                                           fh_accum_mode_t mode, size_t* bytes) {
-  *bytes = bwd_layout_of(N, V, D_s, dtype, mode).total;
+  *bytes = bwd_layout_of(N, V, D_s, dtype, mode).total; /* sparse: + fh_cuda_distill_sparse_workspace */
   return FH_SUCCESS;
 }
 
@@ -260,6 +268,7 @@ extern "C" fh_status_t fh_cuda_distill_backward(fh_cuda_state_t* st, struct CUst
   bp.accumulate = o->accumulate != 0;
   bp.r_lo = 0, bp.r_hi = bp.N;
   bp.db32 = NULL, bp.db_last = 1;
+  bp.sp = sparse_bwd{NULL, NULL, 0};
   {
     FH_TRY(lce_launch_prep_rows(fn, stream, p->targets, p->N, p->V, o->ignore_index, rows, hdr,
                                 fh_cuda_error_flag(st)));
@@ -271,6 +280,7 @@ extern "C" fh_status_t fh_cuda_distill_backward(fh_cuda_state_t* st, struct CUst
     cp.state = in->row_state, cp.grad_loss = in->grad_loss, cp.coef = coef;
     FH_LAUNCH(distill_bwd_coef_kernel, dim3(1), dim3(256), 0, stream, cp);
     LCE_CHECK_LAUNCH(fn, "distill_bwd_coef_kernel");
+    if (p->sparse) FH_TRY(sparse_backward_prep(fn, fh_cuda_error_flag(st), stream, p, coef, ws + L.total, &bp.sp));
   }
   const size_t es = fh_dtype_size(dtype);
   const bool vec = operands_vec16(p) && p->D_s % 8 == 0 && fh_lce::dst_vec_ok(bp.dE, es) &&

@@ -288,10 +288,10 @@ SPARSE_CASES = {
     "remainder_none_hard": dict(sparse_mass="remainder", reduction="none", hard_weight=0.25),
     "none": dict(sparse_mass="none"),
     "none_hard_sum": dict(sparse_mass="none", hard_weight=0.5, reduction="sum"),
-    "renormalize_jsd_T2": dict(sparse_mass="renormalize", divergence="jsd", beta=0.3, temperature=2.0),
+    "renormalize_jsd_T2": dict(sparse_mass="renormalize", divergence="jsd", beta=0.25, temperature=2.0),
     "renormalize_tvd": dict(sparse_mass="renormalize", divergence="tvd"),
     "remainder_reverse_kl": dict(sparse_mass="remainder", divergence="reverse_kl"),
-    "remainder_jsd": dict(sparse_mass="remainder", divergence="jsd", beta=0.7),
+    "remainder_jsd": dict(sparse_mass="remainder", divergence="jsd", beta=0.75),
     "remainder_tvd": dict(sparse_mass="remainder", divergence="tvd"),
 }
 

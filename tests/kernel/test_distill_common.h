@@ -27,6 +27,12 @@ typedef struct dk_problem {
   void *Es, *Cs, *bs, *Et, *Ct, *bt;
   fh_tensor_t tEs, tCs, tbs, tEt, tCt, tbt;
   int64_t* targets;
+  /* A sparse teacher instead of the head (K > 0; tests/kernel/test_distill_sparse.c): ids and
+   * log-probs [N x K]; expect_flag: the device check must reject a row (fh_context_check). */
+  int64_t K;
+  int64_t* ids;
+  float* lp;
+  int expect_flag;
 } dk_problem_t;
 
 /* Results as doubles: per-row loss/soft/hard (reduction none), the state, the reduced values. */
