@@ -97,46 +97,31 @@ static int f0_infinite(const fh_distill_options_t* o) {
   return !isfinite(t);
 }
 
-static void run_forward(int di) {
+/* Every case of CASES in dtype di; the backward (after its forward) cycles the accumulation
+ * mode through the cases, reduction none with per-row upstream gradients (dk_make_gl). */
+static void run_cases(int di, int backward) {
   dk_problem_t P[2];
-  make(&P[0], di, 130, 300, 17, 41, 1);
-  make(&P[1], di, 130, 300, 17, 41, 0);
+  make(&P[0], di, 130, 300, 17, 41 + 2 * (uint64_t)backward, 1);
+  make(&P[1], di, 130, 300, 17, 41 + 2 * (uint64_t)backward, 0);
   int ok = 1;
   for (int c = 0; c < NCASES; ++c) {
-    const fh_distill_options_t o = sopts(&CASES[c]);
-    char label[96];
-    snprintf(label, sizeof label, "%s %s", DNAME[di], CASES[c].name);
-    ok &= dk_check_forward(label, &P[f0_infinite(&o)], &o, NULL);
-  }
-  dk_free(&P[0]), dk_free(&P[1]);
-  cr_assert(ok, "a comparison failed (see the lines above)");
-}
-
-Test(kernel_distill_sparse, forward_f32, .timeout = 1200) { run_forward(0); }
-Test(kernel_distill_sparse, forward_f16, .timeout = 1200) { run_forward(1); }
-Test(kernel_distill_sparse, forward_bf16, .timeout = 1200) { run_forward(2); }
-
-/* The backward: each mode x each accumulation mode, the divergence cycling through the cases of
- * that mode; reduction none with per-row upstream gradients (dk_make_gl). */
-static void run_backward(int di) {
-  dk_problem_t P[2];
-  make(&P[0], di, 130, 300, 17, 43, 1);
-  make(&P[1], di, 130, 300, 17, 43, 0);
-  int ok = 1, n = 0;
-  for (int c = 0; c < NCASES; ++c) {
     fh_distill_options_t o = sopts(&CASES[c]);
-    o.accum_mode = (fh_accum_mode_t)(n++ % 3);
+    o.accum_mode = (fh_accum_mode_t)(c % 3);
     char label[96];
     snprintf(label, sizeof label, "%s %s", DNAME[di], CASES[c].name);
-    ok &= dk_check_backward(label, &P[f0_infinite(&o)], &o, NULL);
+    const dk_problem_t* Q = &P[f0_infinite(&o)];
+    ok &= backward ? dk_check_backward(label, Q, &o, NULL) : dk_check_forward(label, Q, &o, NULL);
   }
   dk_free(&P[0]), dk_free(&P[1]);
   cr_assert(ok, "a comparison failed (see the lines above)");
 }
 
-Test(kernel_distill_sparse, backward_f32, .timeout = 1200) { run_backward(0); }
-Test(kernel_distill_sparse, backward_f16, .timeout = 1200) { run_backward(1); }
-Test(kernel_distill_sparse, backward_bf16, .timeout = 1200) { run_backward(2); }
+Test(kernel_distill_sparse, forward_f32, .timeout = 1200) { run_cases(0, 0); }
+Test(kernel_distill_sparse, forward_f16, .timeout = 1200) { run_cases(1, 0); }
+Test(kernel_distill_sparse, forward_bf16, .timeout = 1200) { run_cases(2, 0); }
+Test(kernel_distill_sparse, backward_f32, .timeout = 1200) { run_cases(0, 1); }
+Test(kernel_distill_sparse, backward_f16, .timeout = 1200) { run_cases(1, 1); }
+Test(kernel_distill_sparse, backward_bf16, .timeout = 1200) { run_cases(2, 1); }
 
 /* K = 1 and K = V (no rest bucket), each mass mode, forward and backward in the three
  * accumulation modes; the mean reduction with a hard term. */
