@@ -95,10 +95,15 @@ __global__ void __launch_bounds__(SP_THREADS) distill_sparse_row_kernel(sparse_r
   __syncthreads();
   if (warp != 0) return; /* warp-uniform; no block barrier follows */
   const bool renorm = p.mode == FH_DISTILL_SPARSE_RENORMALIZE;
-  fh_stats st = fh_stats_identity();
-  for (int k = lane; k < p.K; k += 32) fh_stats_add(st, renorm ? p.lp[base + k] * p.invT : p.lp[base + k]);
-  st = fh_warp_stats(st);
-  const float norm = renorm ? fh_stats_lse(st) : 0.0f;
+  /* Max, then Σ e^{x−m} (two passes over K: no branchy merges in the warp reduction). */
+  float mx = -INFINITY, z = 0.0f;
+  for (int k = lane; k < p.K; k += 32) mx = fmaxf(mx, renorm ? p.lp[base + k] * p.invT : p.lp[base + k]);
+  mx = fh_warp_max(mx);
+  if (renorm && mx > -INFINITY) {
+    for (int k = lane; k < p.K; k += 32) z += expf(p.lp[base + k] * p.invT - mx);
+    z = fh_warp_sum(z);
+  }
+  const float norm = renorm ? mx + logf(z) : 0.0f;
   double acc[4] = {0.0, 0.0, 0.0, 0.0}; /* Σ term, Σ qa, π, Σ_S q */
   const float cs = p.backward ? p.coef[4 * (size_t)p.N + i] : 0.0f, aRs = p.backward ? p.coef[(size_t)p.N + i] : 0.0f;
   for (int k = lane; k < p.K; k += 32) {
@@ -116,7 +121,7 @@ __global__ void __launch_bounds__(SP_THREADS) distill_sparse_row_kernel(sparse_r
     for (int l = 0; l < 32; ++l) acc[q] += sums[q][l]; /* lane order: deterministic */
   }
   const bool remainder = p.mode == FH_DISTILL_SPARSE_REMAINDER;
-  const bool rejected = bad || st.m == -INFINITY || isnan(st.m) || (remainder && acc[2] > 1.0 + SP_MASS_SLACK);
+  const bool rejected = bad || !(mx > -INFINITY) || (remainder && acc[2] > 1.0 + SP_MASS_SLACK);
   if (rejected && lane == 0) atomicExch(p.err, (int)FH_DEVERR_BAD_SPARSE_TEACHER);
   if (p.backward) {
     for (int k = lane; k < p.K; k += 32) p.ids32[base + k] = rejected ? -1 : (int)p.ids[base + k];
