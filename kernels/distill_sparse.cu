@@ -104,24 +104,27 @@ __global__ void __launch_bounds__(SP_THREADS) distill_sparse_row_kernel(sparse_r
     z = fh_warp_sum(z);
   }
   const float norm = renorm ? mx + logf(z) : 0.0f;
-  double acc[4] = {0.0, 0.0, 0.0, 0.0}; /* Σ term, Σ qa, π, Σ_S q */
+  if (lane == 0 && !(mx > -INFINITY)) atomicOr(&bad, 1); /* no finite log-prob */
+  __syncwarp();
+  /* Per-lane running sums Σ term, Σ qa, π, Σ_S q in fp64 in shared memory (each lane its own
+   * column: few values stay live across the element's calls), then summed in lane order. */
+  for (int q = 0; q < 4; ++q) sums[q][lane] = 0.0;
   const float cs = p.backward ? p.coef[4 * (size_t)p.N + i] : 0.0f, aRs = p.backward ? p.coef[(size_t)p.N + i] : 0.0f;
   for (int k = lane; k < p.K; k += 32) {
     const float X = p.xk[base + k], l = p.lp[base + k], Y = renorm ? l * p.invT - norm : l;
     float term, qa;
     div_eval(p.dv, X, Y, term, qa);
     if (X == -INFINITY) qa = 0.0f; /* a masked student class has zero gradient */
-    acc[0] += term, acc[1] += qa, acc[2] += (double)expf(Y), acc[3] += (double)expf(X);
+    sums[0][lane] += term, sums[1][lane] += qa, sums[2][lane] += (double)expf(Y), sums[3][lane] += (double)expf(X);
     if (p.backward) p.xk[base + k] = cs * (qa - expf(X) * aRs); /* the support's correction */
   }
-  for (int q = 0; q < 4; ++q) sums[q][lane] = acc[q];
   __syncwarp();
-  for (int q = 0; q < 4; ++q) {
-    acc[q] = 0.0;
-    for (int l = 0; l < 32; ++l) acc[q] += sums[q][l]; /* lane order: deterministic */
-  }
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  FH_NO_UNROLL
+  for (int l = 0; l < 32; ++l) /* lane order: deterministic */
+    for (int q = 0; q < 4; ++q) acc[q] += sums[q][l];
   const bool remainder = p.mode == FH_DISTILL_SPARSE_REMAINDER;
-  const bool rejected = bad || !(mx > -INFINITY) || (remainder && acc[2] > 1.0 + SP_MASS_SLACK);
+  const bool rejected = bad || (remainder && acc[2] > 1.0 + SP_MASS_SLACK);
   if (rejected && lane == 0) atomicExch(p.err, (int)FH_DEVERR_BAD_SPARSE_TEACHER);
   if (p.backward) {
     for (int k = lane; k < p.K; k += 32) p.ids32[base + k] = rejected ? -1 : (int)p.ids[base + k];
