@@ -45,34 +45,6 @@ static const scase_t CASES[] = {
 };
 #define NCASES ((int)(sizeof CASES / sizeof CASES[0]))
 
-/* K distinct random ids per row with the log-probabilities of a random teacher distribution
- * over V (fp64 log-softmax of 2·N(0,1) logits, rounded to fp32), so the remainder is the real
- * tail mass; every third row from 2 has entries k % 3 == 1 at -inf (entry 0 stays finite). */
-static void sparse_init(dk_problem_t* P, int64_t K, uint64_t seed, int with_ninf) {
-  const int64_t N = P->s.N, V = P->s.V;
-  tu_rng_t r = {seed};
-  P->K = K;
-  P->ids = malloc(sizeof(int64_t) * (size_t)(N * K + 1));
-  P->lp = malloc(sizeof(float) * (size_t)(N * K + 1));
-  double* z = malloc(sizeof(double) * (size_t)V);
-  int64_t* perm = malloc(sizeof(int64_t) * (size_t)V);
-  for (int64_t i = 0; i < N; ++i) {
-    double m = -INFINITY, Z = 0;
-    for (int64_t j = 0; j < V; ++j) m = fmax(m, z[j] = 2.0 * tu_normal(&r)), perm[j] = j;
-    for (int64_t j = 0; j < V; ++j) Z += exp(z[j] - m);
-    for (int64_t j = V - 1; j > 0; --j) {
-      const int64_t k = tu_randint(&r, j + 1), t = perm[j];
-      perm[j] = perm[k], perm[k] = t;
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      P->ids[i * K + k] = perm[k];
-      P->lp[i * K + k] = (with_ninf && i % 3 == 2 && k % 3 == 1) ? -INFINITY : (float)(z[perm[k]] - m - log(Z));
-    }
-  }
-  free(z);
-  free(perm);
-}
-
 static fh_distill_options_t sopts(const scase_t* c) {
   fh_distill_options_t o = dk_opts(c->d, c->param);
   o.sparse_mass = c->mass;
@@ -84,7 +56,7 @@ static void make(dk_problem_t* P, int di, int64_t N, int64_t V, int64_t K, uint6
   dk_spec_t s = dk_default(N, V, 72, V, 8, DTYPES[di]);
   s.seed = seed;
   dk_init(P, &s);
-  sparse_init(P, K, seed + 1, with_ninf);
+  dk_sparse_init(P, K, seed + 1, with_ninf);
 }
 
 /* Divergences with f(0) = +inf (reverse KL, alpha <= 0) are +inf, in every computation, on a row
