@@ -555,8 +555,8 @@ typedef struct fh_distill_shape {
  * vocabulary splits), no N x V term: 3.75 MiB at N = 8192, V = 128256. Backward: 256 + 28 N plus
  * the gradient accumulators of the linear CE backward's accumulation modes for dE [N x D_s] and
  * dC [V x D_s] (fh_accum_mode_t; 0 for fp32 gradients and FH_ACCUM_OUTPUT_DTYPE). Sparse
- * teacher: both plus 8 N K bytes (the K entries' fp32 values and int32 ids). fp64 heads and a
- * teacher dtype other than the student's: FH_ERR_UNSUPPORTED on CUDA. */
+ * teacher: forward + 4 N K, backward + 8 N K bytes (per entry fp32 values; int32 ids). fp64
+ * heads and a teacher dtype other than the student's: FH_ERR_UNSUPPORTED on CUDA. */
 FH_API fh_status_t fh_distill_forward_workspace_size(fh_context_t* ctx, const fh_distill_options_t* opts,
                                                      const fh_distill_shape_t* shape, size_t* bytes);
 FH_API fh_status_t fh_distill_backward_workspace_size(fh_context_t* ctx, const fh_distill_options_t* opts,
