@@ -432,25 +432,23 @@ FH_API fh_status_t fh_linear_ce_backward(fh_context_t* ctx, const fh_linear_ce_o
  *     and bias share one dtype); D_t and D_s are independent.
  *
  * Sparse (offline) teacher: fh_distill_sparse_forward/backward take, instead of a teacher head,
- * K ids [N x K] int64 and log-probabilities [N x K] fp32 per row, at temperature 1 (what serving
- * engines return). Only FH_DISTILL_FORWARD_KL (FH_ERR_UNSUPPORTED otherwise). With S_i the ids
- * of row i (in [0, V), no duplicates in a valid row, checked on the host; order irrelevant):
- *   FH_DISTILL_SPARSE_RENORMALIZE (default): p_ij = exp(logp_ij / T) / Σ_{k∈S_i} exp(logp_ik / T)
- *       on S_i, 0 elsewhere; D = KL(P‖Q). This is exactly the tempered teacher conditioned on
- *       its support for every T (the unknown normalizer cancels). logprobs may be any reals or
- *       −inf (p = 0), with at least one finite per valid row.
- *   FH_DISTILL_SPARSE_REMAINDER: needs T == 1 (the tempered mass of the support depends on the
- *       unknown tail). p_ij = exp(logp_ij) on S_i, the remainder ρ_i = max(0, 1 − Σ_S p) is one
- *       extra bucket against the student's mass outside the support q_R = Σ_{j∉S} q_j:
- *           D = Σ_{j∈S} p_j log(p_j / q_j) + ρ log(ρ / q_R)
- *       (the KL of the two distributions coarsened to S ∪ {rest}; ≥ 0, 0 iff they agree there).
- *       Equivalently it is KL(P̃‖Q) with the teacher completed by p̃_j = ρ q_j / q_R off the
- *       support, so ∂D/∂u_j = q_j − p_j on S and q_j (1 − ρ / q_R) off it: the student is pushed
- *       to give the rest exactly mass ρ without preferring any id in it. Σ_S p may exceed 1 by
- *       at most 1e-3 (rounding of the engine's log-probs); when S covers all of [0, V) there is
- *       no bucket and ρ is dropped.
- *   The row state's slot 1 holds log Σ_S exp(logp / T) (renormalize) or log(ρ / q_R) (remainder;
- *   −inf when ρ = 0 or there is no bucket).
+ * K ids [N x K] int64 (in [0, V), no duplicates in a valid row; order irrelevant) and their
+ * log-probabilities [N x K] fp32 at temperature 1 (what serving engines return). With S the ids
+ * of a row and q_R = Σ_{j∉S} q_j (full semantics: docs/distillation.md "Sparse teacher"):
+ *   RENORMALIZE (default): P is the tempered teacher conditioned on S (p ∝ exp(logp/T) on S,
+ *     0 off it; exact for every T). D(P‖Q) over all V; the classes off S add q_R f(0), so
+ *     divergences with f(0) = +∞ (REVERSE_KL, SKEW_REVERSE_KL at λ = 0, ALPHA at α <= 0, JSD
+ *     endpoints meaning KL(Q‖P)) would be +∞ for every student with mass off S: they are
+ *     FH_ERR_UNSUPPORTED here (REMAINDER defines them).
+ *   REMAINDER: T == 1, p = exp(logp) on S, ρ = max(0, 1 − Σ_S p) (Σ_S p <= 1 + 1e-3): D of P
+ *     and Q coarsened to S ∪ {rest}, the rest holding ρ against q_R. Every divergence.
+ *   NONE: T == 1, FORWARD_KL only (else FH_ERR_UNSUPPORTED: no distribution to compare):
+ *     D = Σ_{j∈S} p_j (log p_j − log q_j), p_j = exp(logp_j) as given, log q_j = u_j − lse over
+ *     all V (Megatron/verl/NeMo-RL-style top-K distillation: cross-entropy restricted to S, not
+ *     a divergence: min π log π < 0 at q = p/π on S, π = Σ_S p); ∂D/∂u_j = q_j π − p_j [j ∈ S].
+ * Off S, ∂D/∂u_j = q_j (a_R − Σqa), a_R = a(ρ/q_R) (ρ = 0: RENORMALIZE); state slot 1 holds a_R.
+ * CUDA checks the device arrays on the device (ids in range, unrepeated; no NaN or +inf; a finite
+ * one; remainder mass): a bad row is skipped and fh_context_check() gives INVALID_ARGUMENT.
  */
 
 typedef enum fh_distill_divergence {
@@ -476,6 +474,7 @@ typedef enum fh_distill_jsd_endpoints {
 typedef enum fh_distill_sparse_mass {
   FH_DISTILL_SPARSE_RENORMALIZE = 0,
   FH_DISTILL_SPARSE_REMAINDER = 1,
+  FH_DISTILL_SPARSE_NONE = 2,
   FH_DISTILL_SPARSE_MASS_COUNT
 } fh_distill_sparse_mass_t;
 
@@ -555,8 +554,9 @@ typedef struct fh_distill_shape {
  * forward 256 + 32 N + 28 N S bytes (each piece rounded up to 256 B; S = min(ceil(V / 128), 16)
  * vocabulary splits), no N x V term: 3.75 MiB at N = 8192, V = 128256. Backward: 256 + 28 N plus
  * the gradient accumulators of the linear CE backward's accumulation modes for dE [N x D_s] and
- * dC [V x D_s] (fh_accum_mode_t; 0 for fp32 gradients and FH_ACCUM_OUTPUT_DTYPE). The sparse
- * teacher, fp64 heads and a teacher dtype other than the student's: FH_ERR_UNSUPPORTED on CUDA. */
+ * dC [V x D_s] (fh_accum_mode_t; 0 for fp32 gradients and FH_ACCUM_OUTPUT_DTYPE). Sparse
+ * teacher: forward + 4 N K, backward + 8 N K bytes (per entry fp32 values; int32 ids). fp64
+ * heads and a teacher dtype other than the student's: FH_ERR_UNSUPPORTED on CUDA. */
 FH_API fh_status_t fh_distill_forward_workspace_size(fh_context_t* ctx, const fh_distill_options_t* opts,
                                                      const fh_distill_shape_t* shape, size_t* bytes);
 FH_API fh_status_t fh_distill_backward_workspace_size(fh_context_t* ctx, const fh_distill_options_t* opts,
@@ -565,7 +565,7 @@ FH_API fh_status_t fh_distill_backward_workspace_size(fh_context_t* ctx, const f
 /* Forward pass (dense teacher). teacher->C has V_t >= V rows; targets [N] int64 or NULL.
  * Outputs must not alias inputs or each other.
  * Statuses: FH_ERR_INVALID_ARGUMENT (NULLs, shapes, dtypes, strides, option ranges, targets),
- * FH_ERR_UNSUPPORTED (CUDA backend: sparse teacher, fp64 heads, or teacher dtype != student dtype),
+ * FH_ERR_UNSUPPORTED (CUDA backend: fp64 heads, or teacher dtype != student dtype),
  * FH_ERR_INSUFFICIENT_WORKSPACE, FH_ERR_OUT_OF_MEMORY. */
 FH_API fh_status_t fh_distill_forward(fh_context_t* ctx, const fh_distill_options_t* opts,
                                       const fh_distill_head_t* student, const fh_distill_head_t* teacher,

@@ -37,6 +37,7 @@
 #include <math.h>
 
 #include "distill_cuda.cuh"
+#include "distill_sparse.cuh"
 
 namespace fh_dst {
 
@@ -101,6 +102,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_stats_kernel(fwd_p
       su[s].add(u, umax);
       if (p.hard) ss[s].add(r, rmax);
     }
+    if (!p.ht.E) continue; /* sparse teacher (kernels/distill_sparse.cuh): the student only */
     head_tile<T, Align>(acc, bj, p.ht, s_rows, nr, v0, nv, smem);
     FH_UNROLL
     for (int s = 0; s < SLOTS; ++s) {
@@ -238,6 +240,7 @@ struct fin_params {
   const int64_t* targets;
   int64_t ignore_index;
   int N, V, S, tps, hard, none;
+  int sparse; /* rs row 2 holds the sparse teacher's a_R (the state's slot 1), row 3 nothing */
   double kappa, ws, wh;
   float* part;
   float* rs;
@@ -288,7 +291,7 @@ __global__ void __launch_bounds__(256) distill_fin_row_kernel(fin_params p) {
   if (p.state) {
     float* st = p.state + (size_t)i * 4;
     st[0] = valid ? (float)((double)R[0] + (double)R[N]) : 0.0f;
-    st[1] = valid ? (float)((double)R[2 * N] + (double)R[3 * N]) : 0.0f;
+    st[1] = !valid ? 0.0f : p.sparse ? R[2 * N] : (float)((double)R[2 * N] + (double)R[3 * N]);
     st[2] = valid ? (float)S : 0.0f;
     st[3] = valid && p.hard ? (float)((double)R[4 * N] + (double)R[5 * N]) : 0.0f;
   }
@@ -357,6 +360,7 @@ static fin_params fin_params_of(const fh_distill_problem_t* p, const fwd_layout&
   q.targets = p->targets, q.ignore_index = o->ignore_index;
   q.N = (int)p->N, q.V = (int)p->V, q.S = L.S, q.tps = L.tps, q.hard = o->hard_weight != 0.0f;
   q.none = o->reduction == FH_REDUCTION_NONE;
+  q.sparse = p->sparse != 0;
   q.kappa = o->scale_by_t_squared ? (double)o->temperature * (double)o->temperature : 1.0;
   q.ws = o->soft_weight, q.wh = o->hard_weight;
   q.part = part, q.rs = rs, q.terms = NULL;
@@ -388,7 +392,7 @@ fh_status_t fh_dst::launch_row_stats(const char* fn, cudaStream_t stream, const 
 using namespace fh_dst;
 
 extern "C" fh_status_t fh_cuda_distill_forward_workspace(int64_t N, int64_t V, size_t* bytes) {
-  *bytes = fwd_layout_of(N, V).total;
+  *bytes = fwd_layout_of(N, V).total; /* a sparse teacher adds fh_cuda_distill_sparse_workspace */
   return FH_SUCCESS;
 }
 
@@ -414,11 +418,16 @@ extern "C" fh_status_t fh_cuda_distill_forward(fh_cuda_state_t* st, struct CUstr
     fp.part = part; /* pass 2's partials overwrite pass 1's, which the merge has consumed */
     const dim3 grid(lce_blocks(p->N, fh_eng::BM), (unsigned)L.S);
     const bool vec = operands_vec16(p);
-    LCE_DTYPE_SWITCH(p->Es->dtype, T, {
+    const bool sparse = p->sparse != 0;
+    if (sparse) /* the per-row pass replaces the divergence tiles: one split; a_R into rs row 2 */
+      FH_TRY(sparse_forward_rows(fn, fh_cuda_error_flag(st), stream, p, rs, rs + p->N, part, rs + 2 * p->N,
+                                 ws + L.total));
+    else LCE_DTYPE_SWITCH(p->Es->dtype, T, {
       if (vec) FH_TRY((launch_div_tiles<T, fh_eng::vec16>(fn, grid, stream, fp)));
       else FH_TRY((launch_div_tiles<T, fh_eng::scalar>(fn, grid, stream, fp)));
     });
     fin_params q = fin_params_of(p, L, part, rs);
+    if (sparse) q.S = 1;
     q.terms = terms;
     q.loss = out->loss, q.soft = out->soft_loss, q.hardl = out->hard_loss, q.state = out->row_state;
     FH_LAUNCH(distill_fin_row_kernel, dim3(lce_blocks(p->N, 256)), dim3(256), 0, stream, q);

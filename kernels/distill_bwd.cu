@@ -26,6 +26,7 @@
 #include <math.h>
 
 #include "distill_cuda.cuh"
+#include "distill_sparse.cuh"
 #include "grad_common.cuh"
 
 namespace fh_dst {
@@ -36,7 +37,8 @@ using fh_lce::TBM;
 using fh_lce::TBV;
 
 /* Row coefficients: m and ln Z of u (0, 1) and of v (2, 3), S (4), m and ln Z of s (5, 6), soft
- * factor (7), hard factor (8); without the recompute m = lse and ln Z = 0. */
+ * factor (7), hard factor (8); without the recompute m = lse and ln Z = 0. A sparse teacher has
+ * its a_R in row 2 (row 3 is 0); kernels/distill_sparse.cuh reads rows 0, 1, 2, 4, 7. */
 constexpr int NC = 9;
 static_assert(NC <= fh_lce::NCOEF, "the coefficients fit bwd_smem's rows");
 
@@ -68,6 +70,7 @@ struct bwd_params {
   int r_lo, r_hi; /* cols kernel: only the valid rows with original index in [r_lo, r_hi) */
   float* db32;
   int db_last;
+  sparse_bwd sp; /* ids NULL: dense teacher */
 };
 
 template <typename T>
@@ -90,26 +93,32 @@ __device__ __forceinline__ void g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_
   float* park_y = park_x + PARK * THREADS;
   float m[SLOTS], lnz[SLOTS];
   float bj[NJ][2];
-  FH_UNROLL
-  for (int s = 0; s < SLOTS; ++s) m[s] = sm.coef[2 * TBM + slot_row(s)], lnz[s] = sm.coef[3 * TBM + slot_row(s)];
-  head_tile<T, Align>(acc, bj, p.ht, sm.rows, nr, v0, nv, sm.stages);
-  park_log_probs(park_y, acc, bj, m, lnz, p.invT);
+  if (!p.sp.ids) { /* a sparse teacher has no tile (kernels/distill_sparse.cuh) */
+    FH_UNROLL
+    for (int s = 0; s < SLOTS; ++s) m[s] = sm.coef[2 * TBM + slot_row(s)], lnz[s] = sm.coef[3 * TBM + slot_row(s)];
+    head_tile<T, Align>(acc, bj, p.ht, sm.rows, nr, v0, nv, sm.stages);
+    park_log_probs(park_y, acc, bj, m, lnz, p.invT);
+  }
   FH_UNROLL
   for (int s = 0; s < SLOTS; ++s) m[s] = sm.coef[slot_row(s)], lnz[s] = sm.coef[TBM + slot_row(s)];
   head_tile<T, Align>(acc, bj, p.hs, sm.rows, nr, v0, nv, sm.stages);
   park_log_probs(park_x, acc, bj, m, lnz, p.invT);
   /* The soft part, rolled, over the parked tiles: park_x becomes cs (qa − q S). */
-  FH_NO_UNROLL
-  for (int s = 0; s < SLOTS; ++s) {
-    const int r = slot_row(s);
-    const float S = sm.coef[4 * TBM + r], cs = sm.coef[7 * TBM + r];
+  if (p.sp.ids) {
+    sparse_g_soft(p.sp, sm.rows, sm.coef, TBM, park_x, nr, v0, nv);
+  } else {
     FH_NO_UNROLL
-    for (int je = 0; je < 2 * NJ; ++je) {
-      const int j = je >> 1, e = je & 1;
-      const float X = parked(park_x, s, j, e);
-      float term, qa;
-      div_eval(p.dv, X, parked(park_y, s, j, e), term, qa);
-      park_x[((s * NJ + j) * 2 + e) * THREADS + threadIdx.x] = cs * (qa - expf(X) * S);
+    for (int s = 0; s < SLOTS; ++s) {
+      const int r = slot_row(s);
+      const float S = sm.coef[4 * TBM + r], cs = sm.coef[7 * TBM + r];
+      FH_NO_UNROLL
+      for (int je = 0; je < 2 * NJ; ++je) {
+        const int j = je >> 1, e = je & 1;
+        const float X = parked(park_x, s, j, e);
+        float term, qa;
+        div_eval(p.dv, X, parked(park_y, s, j, e), term, qa);
+        park_x[((s * NJ + j) * 2 + e) * THREADS + threadIdx.x] = cs * (qa - expf(X) * S);
+      }
     }
   }
   /* The hard part from the student's raw logits, still in the accumulators. */
@@ -189,6 +198,7 @@ struct coef_params {
   double soft, hard; /* soft_weight κ / T, hard_weight */
   const float* state;
   const float* rs; /* fp32: [RS x N] recomputed m, ln Z of u, v, s (launch_row_stats), else NULL */
+  int sparse;      /* the state's slot 1 is the sparse teacher's a_R: coef row 2 takes it as is */
   const float* grad_loss;
   float* coef;
 };
@@ -213,8 +223,9 @@ __global__ void __launch_bounds__(256) distill_bwd_coef_kernel(coef_params p) {
     static const int slot[3] = {0, 2, 5};      /* where m of u, v, s go */
     for (int h = 0; h < 3; ++h) {
       const int q = h < 2 ? h : 3; /* the state's lse of that softmax */
-      p.coef[slot[h] * N + i] = p.rs ? p.rs[(size_t)(2 * h) * N + i] : st[q];
-      p.coef[(slot[h] + 1) * N + i] = p.rs ? p.rs[(size_t)(2 * h + 1) * N + i] : 0.0f;
+      const bool rec = p.rs && !(h == 1 && p.sparse);
+      p.coef[slot[h] * N + i] = rec ? p.rs[(size_t)(2 * h) * N + i] : st[q];
+      p.coef[(slot[h] + 1) * N + i] = rec ? p.rs[(size_t)(2 * h + 1) * N + i] : 0.0f;
     }
     p.coef[4 * N + i] = st[2];
     p.coef[7 * N + i] = (float)(a * p.soft);
@@ -256,7 +267,7 @@ using namespace fh_dst;
 
 extern "C" fh_status_t fh_cuda_distill_backward_workspace(int64_t N, int64_t V, int64_t D_s, fh_dtype_t dtype,
                                                           fh_accum_mode_t mode, size_t* bytes) {
-  *bytes = bwd_layout_of(N, V, D_s, dtype, mode).total;
+  *bytes = bwd_layout_of(N, V, D_s, dtype, mode).total; /* sparse: + fh_cuda_distill_sparse_workspace */
   return FH_SUCCESS;
 }
 
@@ -288,6 +299,7 @@ extern "C" fh_status_t fh_cuda_distill_backward(fh_cuda_state_t* st, struct CUst
   bp.accumulate = o->accumulate != 0;
   bp.r_lo = 0, bp.r_hi = bp.N;
   bp.db32 = NULL, bp.db_last = 1;
+  bp.sp = sparse_bwd{NULL, NULL, 0};
   {
     FH_TRY(lce_launch_prep_rows(fn, stream, p->targets, p->N, p->V, o->ignore_index, rows, hdr,
                                 fh_cuda_error_flag(st)));
@@ -297,9 +309,10 @@ extern "C" fh_status_t fh_cuda_distill_backward(fh_cuda_state_t* st, struct CUst
     cp.N = (int)p->N, cp.V = (int)p->V, cp.reduction = (int)o->reduction, cp.divisor = o->divisor;
     const double T = o->temperature, kappa = o->scale_by_t_squared ? T * T : 1.0;
     cp.soft = (double)o->soft_weight * kappa / T, cp.hard = o->hard_weight;
-    cp.state = in->row_state, cp.rs = rs, cp.grad_loss = in->grad_loss, cp.coef = coef;
+    cp.state = in->row_state, cp.rs = rs, cp.sparse = p->sparse != 0, cp.grad_loss = in->grad_loss, cp.coef = coef;
     FH_LAUNCH(distill_bwd_coef_kernel, dim3(1), dim3(256), 0, stream, cp);
     LCE_CHECK_LAUNCH(fn, "distill_bwd_coef_kernel");
+    if (p->sparse) FH_TRY(sparse_backward_prep(fn, fh_cuda_error_flag(st), stream, p, coef, ws + L.total, &bp.sp));
   }
   const size_t es = fh_dtype_size(dtype);
   const bool vec = operands_vec16(p) && p->D_s % 8 == 0 && fh_lce::dst_vec_ok(bp.dE, es) &&

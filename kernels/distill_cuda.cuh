@@ -123,10 +123,7 @@ static inline fwd_layout fwd_layout_of(int64_t N, int64_t V) {
 
 /* What the CUDA kernels take beyond the API's validation. */
 static inline fh_status_t check_problem(const char* fn, const fh_distill_problem_t* p) {
-  if (p->sparse)
-    return fh_set_error(FH_ERR_UNSUPPORTED, fn,
-                        "a sparse teacher has no CUDA kernels in this version; use FH_BACKEND_CPU");
-  if (p->Es->dtype != p->Et->dtype)
+  if (!p->sparse && p->Es->dtype != p->Et->dtype)
     return fh_set_error(FH_ERR_UNSUPPORTED, fn,
                         "student dtype %d and teacher dtype %d differ: the CUDA kernels need one dtype",
                         (int)p->Es->dtype, (int)p->Et->dtype);
@@ -148,7 +145,8 @@ static inline head head_of(const fh_tensor_t* E, const fh_tensor_t* C, const fh_
 static inline bool operands_vec16(const fh_distill_problem_t* p) {
   const size_t es = fh_dtype_size(p->Es->dtype);
   return fh_eng::vec16_ok(p->Es->data, p->Es->row_stride, es) && fh_eng::vec16_ok(p->Cs->data, p->Cs->row_stride, es) &&
-         fh_eng::vec16_ok(p->Et->data, p->Et->row_stride, es) && fh_eng::vec16_ok(p->Ct->data, p->Ct->row_stride, es);
+         (p->sparse ||
+          (fh_eng::vec16_ok(p->Et->data, p->Et->row_stride, es) && fh_eng::vec16_ok(p->Ct->data, p->Ct->row_stride, es)));
 }
 
 static_assert((int)DK_ALPHA == (int)FH_DIV_ALPHA && (int)DK_TVD == (int)FH_DIV_TVD && (int)DK_ZERO == (int)FH_DIV_ZERO,
@@ -166,7 +164,7 @@ static inline fwd_params make_fwd_params(const fh_distill_problem_t* p, const in
                                          const float* rs, const fwd_layout& L) {
   fwd_params f;
   f.hs = head_of(p->Es, p->Cs, p->bs);
-  f.ht = head_of(p->Et, p->Ct, p->bt);
+  f.ht = p->sparse ? head{} : head_of(p->Et, p->Ct, p->bt); /* sparse: E NULL skips the teacher */
   f.N = (int)p->N, f.V = (int)p->V, f.S = L.S, f.tps = L.tps, f.vt = L.vt;
   f.invT = 1.0f / p->opt.temperature;
   f.hard = p->opt.hard_weight != 0.0f;

@@ -15,6 +15,9 @@ static const char* device_error_text(int code) {
   switch (code) {
     case FH_DEVERR_TARGET_OUT_OF_RANGE: return "a target is outside [0, V) and is not ignore_index";
     case FH_DEVERR_BAD_WEIGHT: return "a weight is negative or not finite";
+    case FH_DEVERR_BAD_SPARSE_TEACHER:
+      return "a sparse teacher row has an id outside [0, V) or repeated, a NaN or +inf log-probability, no finite "
+             "one, or (remainder) total probability above 1 + 1e-3";
     default: return "a kernel reported invalid input data";
   }
 }

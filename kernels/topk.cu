@@ -51,7 +51,7 @@
  *
  * Numerics: values are the logits rounded once to fp32: loaded exactly from a logits tensor of
  * 16-bit inputs; fused, the engine's fp32 tensor-core sum over k in one fixed order that depends
- * only on D (operands exact for fp16/bf16, rounded to tf32 for fp32 inputs), plus the bias in
+ * only on D (operands exact: fp16/bf16 directly, fp32 as three bf16 pieces), plus the bias in
  * fp32 (no bias: the accumulator unchanged). A row's logits therefore do not depend on which
  * rows share its block (docs/engine.md "Determinism"), and the selection itself is exact
  * integer work whatever the split boundaries, so a row's results do not depend on the batch.

@@ -50,6 +50,8 @@ fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CUstream_st* 
 /* Distillation (kernels/distill.cu), dense teacher; the problem arrives validated by
  * src/distill.c. The forward's workspace is fh_cuda_distill_forward_workspace bytes. */
 fh_status_t fh_cuda_distill_forward_workspace(int64_t N, int64_t V, size_t* bytes);
+/* What a sparse teacher adds to either pass's workspace (kernels/distill_sparse.cu), after it. */
+fh_status_t fh_cuda_distill_sparse_workspace(int64_t N, int64_t K, int backward, size_t* bytes);
 fh_status_t fh_cuda_distill_forward(fh_cuda_state_t* st, struct CUstream_st* stream, const fh_distill_problem_t* p,
                                     const fh_distill_outputs_t* out, void* workspace);
 /* The backward (kernels/distill_bwd.cu): workspace for every gradient wanted, in the student's

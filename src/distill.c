@@ -9,6 +9,7 @@
 #include "cuda_backend.h"
 #include "distill.h"
 #include "fh_internal.h"
+#include "ref/distill_ref.h"
 
 /* The size of the first published fh_distill_options_t; later fields keep their defaults when
  * an older caller passes a smaller struct. */
@@ -121,6 +122,37 @@ static fh_status_t check_sparse_host(const char* fn, const fh_distill_problem_t*
   return st;
 }
 
+/* Which divergences each sparse mode defines (fusedhead.h, docs/distillation.md "Sparse
+ * teacher"), and its temperature. */
+static fh_status_t check_sparse_mode(const char* fn, const fh_distill_options_t* o) {
+  const fh_distill_sparse_mass_t m = o->sparse_mass;
+  if (m == FH_DISTILL_SPARSE_NONE && o->divergence != FH_DISTILL_FORWARD_KL)
+    return fh_set_error(FH_ERR_UNSUPPORTED, fn,
+                        "opts->divergence is %d; FH_DISTILL_SPARSE_NONE supports only FH_DISTILL_FORWARD_KL (the "
+                        "teacher's entries as given are not one distribution, only the cross-entropy form is defined)",
+                        (int)o->divergence);
+  if (m == FH_DISTILL_SPARSE_RENORMALIZE) {
+    /* Off the support p = 0, and each class there adds q_j f(0): +inf for every student with
+     * mass off S when f(0) is (reverse KL and the divergences that resolve to it). */
+    fh_div_t dv;
+    double f0, a0;
+    fh_div_resolve(o, &dv);
+    fh_div_eval(&dv, 0.0, -INFINITY, &f0, &a0);
+    if (!isfinite(f0))
+      return fh_set_error(FH_ERR_UNSUPPORTED, fn,
+                          "opts->divergence is %d with these parameters; with FH_DISTILL_SPARSE_RENORMALIZE it is "
+                          "+inf whenever the student has mass off the teacher's support (f(0) = +inf); use "
+                          "FH_DISTILL_SPARSE_REMAINDER",
+                          (int)o->divergence);
+  }
+  if (m != FH_DISTILL_SPARSE_RENORMALIZE && o->temperature != 1.0f)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn,
+                        "opts->temperature is %g; FH_DISTILL_SPARSE_%s needs 1 (the tempered mass of the support "
+                        "depends on the unknown tail)",
+                        (double)o->temperature, m == FH_DISTILL_SPARSE_NONE ? "NONE" : "REMAINDER");
+  return FH_SUCCESS;
+}
+
 /* Everything both passes of either teacher kind check; fills `p`. Exactly one of dense and
  * sparse is non-NULL. */
 fh_status_t fh_distill_check_problem(const char* fn, fh_context_t* ctx, const fh_distill_options_t* opts,
@@ -148,15 +180,7 @@ fh_status_t fh_distill_check_problem(const char* fn, fh_context_t* ctx, const fh
   if (V_all == 0 && p->N > 0) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "student->C->rows (V) is 0 with N > 0");
   if (sparse) {
     p->sparse = 1;
-    if (p->opt.divergence != FH_DISTILL_FORWARD_KL)
-      return fh_set_error(FH_ERR_UNSUPPORTED, fn,
-                          "opts->divergence is %d; a sparse teacher supports only FH_DISTILL_FORWARD_KL",
-                          (int)p->opt.divergence);
-    if (p->opt.sparse_mass == FH_DISTILL_SPARSE_REMAINDER && p->opt.temperature != 1.0f)
-      return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn,
-                          "opts->temperature is %g; FH_DISTILL_SPARSE_REMAINDER needs 1 (the tempered mass of "
-                          "the support depends on the unknown tail)",
-                          (double)p->opt.temperature);
+    FH_TRY(check_sparse_mode(fn, &p->opt));
     if (sparse->K < 1)
       return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "teacher->K is %lld (must be >= 1)", (long long)sparse->K);
     if (sparse->K > p->V && p->N > 0)
@@ -189,23 +213,30 @@ fh_status_t fh_distill_check_problem(const char* fn, fh_context_t* ctx, const fh
   return FH_SUCCESS;
 }
 
+#ifndef FH_HAVE_CUDA
 static fh_status_t cuda_unavailable(const char* fn, const char* what) {
   return fh_set_error(FH_ERR_UNSUPPORTED, fn, "%s has no CUDA kernels in fusedhead %s; use FH_BACKEND_CPU", what,
                       fh_version());
 }
+#endif
 
-/* Workspace of the CUDA kernels (dense teacher; docs/distillation_cuda.md): the forward's, or
- * the backward's for every gradient in the student's dtype under accum_mode. */
+/* Workspace of the CUDA kernels (docs/distillation_cuda.md): the forward's, or the backward's for
+ * every gradient in the student's dtype under accum_mode; a sparse teacher (K > 0) adds its
+ * per-entry area. */
 static fh_status_t cuda_need(const char* fn, fh_context_t* ctx, const fh_distill_options_t* o, int backward,
-                             int sparse, int64_t N, int64_t V, int64_t D_s, fh_dtype_t dtype, size_t* need) {
+                             int64_t K, int64_t N, int64_t V, int64_t D_s, fh_dtype_t dtype, size_t* need) {
   *need = 0;
   if (ctx->backend != FH_BACKEND_CUDA) return FH_SUCCESS;
-  if (sparse) return cuda_unavailable(fn, "sparse-teacher distillation");
 #ifdef FH_HAVE_CUDA
-  if (backward) return fh_cuda_distill_backward_workspace(N, V, D_s, dtype, o->accum_mode, need);
-  return fh_cuda_distill_forward_workspace(N, V, need);
+  size_t extra = 0;
+  (void)fn;
+  if (K > 0) FH_TRY(fh_cuda_distill_sparse_workspace(N, K, backward, &extra));
+  if (backward) FH_TRY(fh_cuda_distill_backward_workspace(N, V, D_s, dtype, o->accum_mode, need));
+  else FH_TRY(fh_cuda_distill_forward_workspace(N, V, need));
+  *need += extra;
+  return FH_SUCCESS;
 #else
-  (void)o, (void)backward, (void)N, (void)V, (void)D_s, (void)dtype;
+  (void)o, (void)backward, (void)K, (void)N, (void)V, (void)D_s, (void)dtype;
   return cuda_unavailable(fn, "distillation");
 #endif
 }
@@ -231,7 +262,7 @@ static fh_status_t workspace_size(const char* fn, fh_context_t* ctx, const fh_di
   }
   if (!bytes) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "bytes is NULL");
   *bytes = 0;
-  return cuda_need(fn, ctx, &o, backward, sh->K > 0, sh->N, sh->V, sh->D_s, sh->dtype_s, bytes);
+  return cuda_need(fn, ctx, &o, backward, sh->K, sh->N, sh->V, sh->D_s, sh->dtype_s, bytes);
 }
 
 fh_status_t fh_distill_forward_workspace_size(fh_context_t* ctx, const fh_distill_options_t* opts,
@@ -254,7 +285,7 @@ static fh_status_t forward(const char* fn, fh_context_t* ctx, const fh_distill_o
   if (!out) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "out is NULL");
   FH_TRY(fh_check_reduced_ptr(fn, "out->loss", out->loss, p.opt.reduction, p.N));
   size_t need;
-  FH_TRY(cuda_need(fn, ctx, &p.opt, 0, p.sparse, p.N, p.V, p.D_s, p.Es->dtype, &need));
+  FH_TRY(cuda_need(fn, ctx, &p.opt, 0, p.sparse ? p.K : 0, p.N, p.V, p.D_s, p.Es->dtype, &need));
   FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, need));
 #ifdef FH_HAVE_CUDA
   if (ctx->backend == FH_BACKEND_CUDA) return fh_cuda_distill_forward(ctx->cuda, ctx->stream, &p, out, workspace);
@@ -291,7 +322,7 @@ fh_status_t fh_distill_backward_impl(const char* fn, fh_context_t* ctx, const fh
   FH_TRY(fh_check_grad_tensor(fn, "dC", grads->dC, p.Cs, inputs, 6));
   FH_TRY(fh_check_grad_tensor(fn, "dbias", grads->dbias, p.bs, inputs, 6));
   size_t need;
-  FH_TRY(cuda_need(fn, ctx, &p.opt, 1, p.sparse, p.N, p.V, p.D_s, p.Es->dtype, &need));
+  FH_TRY(cuda_need(fn, ctx, &p.opt, 1, p.sparse ? p.K : 0, p.N, p.V, p.D_s, p.Es->dtype, &need));
   FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, need));
 #ifdef FH_HAVE_CUDA
   if (ctx->backend == FH_BACKEND_CUDA) return fh_cuda_distill_backward(ctx->cuda, ctx->stream, &p, in, grads, workspace);

@@ -12,7 +12,7 @@ _FN_SPARSE = "fusedhead.sparse_distillation_loss"
 DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "jsd_scaled": 3, "tvd": 4,
                "skew_forward_kl": 5, "skew_reverse_kl": 6, "alpha": 7, "hellinger": 8, "chi_square": 9}
 JSD_ENDPOINTS = {"kl": 0, "plain": 1}
-SPARSE_MASS = {"renormalize": 0, "remainder": 1}
+SPARSE_MASS = {"renormalize": 0, "remainder": 1, "none": 2}
 
 
 def _code(fn, name, table, value):
@@ -240,17 +240,19 @@ def distillation_loss(student_e, student_c, teacher_e, teacher_c, targets=None, 
 
 
 def sparse_distillation_loss(student_e, student_c, teacher_ids, teacher_logprobs, targets=None,
-                             student_bias=None, *, sparse_mass="renormalize", temperature=1.0,
+                             student_bias=None, *, sparse_mass="renormalize", divergence="forward_kl",
+                             beta=0.5, jsd_endpoints="kl", skew=0.1, alpha=0.5, temperature=1.0,
                              scale_by_t_squared=True, soft_weight=1.0, hard_weight=0.0, ignore_index=-100,
                              reduction="mean", divisor=None, return_components=False):
-    """Forward-KL distillation from a sparse (offline) teacher: teacher_ids [..., K] (integer, in
-    [0, V), no duplicates) and teacher_logprobs [..., K] (temperature-1 log-probabilities, as a
-    serving engine returns them). sparse_mass 'renormalize' (the teacher conditioned on its
-    support, any T) or 'remainder' (T = 1; the missing mass is one extra bucket against the
-    student's mass outside the support). Other arguments (return_components included) as
-    distillation_loss."""
-    kw = _kw("forward_kl", 0.5, "kl", 0.1, 0.5, temperature, scale_by_t_squared, soft_weight, hard_weight,
-             ignore_index, reduction, divisor, sparse_mass)
+    """Distillation from a sparse (offline) teacher: teacher_ids [..., K] (integer, in [0, V), no
+    duplicates) and teacher_logprobs [..., K] (temperature-1 log-probabilities, as a serving
+    engine returns them). sparse_mass 'renormalize' (the teacher conditioned on its support, any
+    T; divergences finite off the support), 'remainder' (T = 1; the missing mass is one extra
+    bucket against the student's mass outside the support; every divergence) or 'none' (T = 1,
+    forward_kl only: the log-probs as given against the student's full log-softmax at the ids,
+    docs/distillation.md). Other arguments (return_components included) as distillation_loss."""
+    kw = _kw(divergence, beta, jsd_endpoints, skew, alpha, temperature, scale_by_t_squared, soft_weight,
+             hard_weight, ignore_index, reduction, divisor, sparse_mass)
     fn = _FN_SPARSE
     batch, N, e2, t64 = _common(fn, student_e, student_c, targets, student_bias, kw, teacher_ids=teacher_ids,
                                 teacher_logprobs=teacher_logprobs)

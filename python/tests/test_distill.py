@@ -241,19 +241,35 @@ def sparse_teacher(seed, dtype=torch.float64):
     return ids[:, perm], lp[:, perm], tl
 
 
+def coarse_divergence(divergence, logP, logQ, beta=0.5):
+    """D(P‖Q) of two (coarsened) distributions given as logs; teacher terms carry no gradient."""
+    p, q = logP.exp(), logQ.exp()
+    if divergence == "forward_kl":
+        return torch.where(p > 0, p * (logP - logQ), torch.zeros_like(q)).sum(-1)
+    if divergence == "reverse_kl":
+        return (q * (logQ - logP)).sum(-1)
+    if divergence == "jsd":
+        m = beta * p + (1 - beta) * q
+        tp = torch.where(p > 0, beta * p * (logP - m.log()), torch.zeros_like(q))
+        return (tp + (1 - beta) * q * (logQ - m.log())).sum(-1)
+    assert divergence == "tvd"
+    return 0.5 * (p - q).abs().sum(-1)
+
+
 def ref_sparse(se, sc, sb, ids, lp, targets, mode, temperature=1.0, scale_by_t_squared=True, hard_weight=0.0,
-               soft_weight=1.0, reduction="mean", divisor=None):
+               soft_weight=1.0, reduction="mean", divisor=None, divergence="forward_kl", beta=0.5):
     s = F.linear(se, sc, sb)
     X = F.log_softmax(s / temperature, -1)
     Xs = X.gather(1, ids)
-    if mode == "renormalize":
-        Ys = F.log_softmax(lp / temperature, -1)
-        d = (Ys.exp() * (Ys - Xs)).sum(-1)
+    if mode == "none":
+        d = (lp.exp() * (lp - Xs)).sum(-1)
     else:
-        p = lp.exp()
-        rho = (1 - p.sum(-1)).clamp_min(0)
+        # the support plus the rest bucket: ρ = 0 (renormalize) or 1 − Σ p (remainder)
+        Ys = F.log_softmax(lp / temperature, -1) if mode == "renormalize" else lp
+        rho = torch.zeros_like(lp[:, 0]) if mode == "renormalize" else (1 - lp.exp().sum(-1)).clamp_min(0)
         qR = 1 - Xs.exp().sum(-1)
-        d = (p * (lp - Xs)).sum(-1) + rho * (rho.log() - qR.log())
+        d = coarse_divergence(divergence, torch.cat([Ys, rho.log()[:, None]], -1),
+                              torch.cat([Xs, qR.log()[:, None]], -1), beta)
     rows = soft_weight * (temperature ** 2 if scale_by_t_squared else 1.0) * d
     valid = torch.ones(N, dtype=s.dtype)
     if targets is not None:
@@ -270,6 +286,13 @@ SPARSE_CASES = {
     "renormalize_hard_sum": dict(sparse_mass="renormalize", hard_weight=0.5, reduction="sum"),
     "remainder": dict(sparse_mass="remainder"),
     "remainder_none_hard": dict(sparse_mass="remainder", reduction="none", hard_weight=0.25),
+    "none": dict(sparse_mass="none"),
+    "none_hard_sum": dict(sparse_mass="none", hard_weight=0.5, reduction="sum"),
+    "renormalize_jsd_T2": dict(sparse_mass="renormalize", divergence="jsd", beta=0.25, temperature=2.0),
+    "renormalize_tvd": dict(sparse_mass="renormalize", divergence="tvd"),
+    "remainder_reverse_kl": dict(sparse_mass="remainder", divergence="reverse_kl"),
+    "remainder_jsd": dict(sparse_mass="remainder", divergence="jsd", beta=0.75),
+    "remainder_tvd": dict(sparse_mass="remainder", divergence="tvd"),
 }
 
 

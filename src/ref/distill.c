@@ -57,20 +57,66 @@ static void scratch_free(scratch_t* s) {
   free(s->mask);
 }
 
-/* Sparse teacher of row i: log p of entry k (renormalize: logp/T − log Σ_S e^{logp/T} with the
- * normalizer in `t1`; remainder: logp as given). */
-static double sparse_logp(const fh_distill_problem_t* p, int64_t i, int64_t k, double t1) {
-  const double lp = p->logprobs[i * p->K + k];
-  return p->opt.sparse_mass == FH_DISTILL_SPARSE_REMAINDER ? lp : lp / (double)p->opt.temperature - t1;
+/* Sparse teacher of row i (docs/distillation.md "Sparse teacher"): the log-normalizer of the
+ * support, log Σ_S e^{logp/T} for renormalize, 0 otherwise (remainder and none use logp as
+ * given, T = 1). */
+static double sparse_lognorm(const fh_distill_problem_t* p, int64_t i) {
+  if (p->opt.sparse_mass != FH_DISTILL_SPARSE_RENORMALIZE) return 0.0;
+  fh_ref_softmax_stats_t sk;
+  fh_ref_stats_init(&sk);
+  for (int64_t k = 0; k < p->K; ++k) fh_ref_stats_add(&sk, p->logprobs[i * p->K + k] / (double)p->opt.temperature);
+  return fh_ref_stats_lse(&sk);
 }
 
-/* Mark row i's support in the scratch mask (value 1) with p̃ at each id, or clear it. */
-static void sparse_mark(const fh_distill_problem_t* p, scratch_t* s, int64_t i, double t1, int on) {
+/* Row i's support: for each entry k, X = log q and Y = log p at id_k, the element (term, qa);
+ * marks the support in the scratch mask with qa at each id (the backward's on-support q a).
+ * Sums Σ term into *D, Σ qa into *S (masked student classes left out) and Σ p into *pi. The
+ * row's Es must be in s->es. */
+static void sparse_support(const fh_distill_problem_t* p, const fh_div_t* dv, scratch_t* s, int64_t i, double lse_u,
+                           double* D, double* S, double* pi) {
+  const double T = p->opt.temperature, norm = sparse_lognorm(p, i);
+  const int renorm = p->opt.sparse_mass == FH_DISTILL_SPARSE_RENORMALIZE;
+  *D = *S = *pi = 0.0;
   for (int64_t k = 0; k < p->K; ++k) {
     const int64_t id = p->ids[i * p->K + k];
-    s->mask[id] = (unsigned char)on;
-    s->pval[id] = on ? exp(sparse_logp(p, i, k, t1)) : 0.0;
+    const double lp = p->logprobs[i * p->K + k], Y = renorm ? lp / T - norm : lp;
+    const double sj = logit(p->Cs, p->bs, s->es, s->cs, id);
+    double term, qa;
+    fh_div_eval(dv, sj / T - lse_u, Y, &term, &qa);
+    *D += term;
+    if (sj == -INFINITY) qa = 0.0; /* a masked student class has zero gradient */
+    *S += qa;
+    *pi += exp(Y);
+    s->mask[id] = 1;
+    s->pval[id] = qa;
   }
+}
+static void sparse_clear(const fh_distill_problem_t* p, scratch_t* s, int64_t i) {
+  for (int64_t k = 0; k < p->K; ++k) s->mask[p->ids[i * p->K + k]] = 0;
+}
+
+/* The rest bucket of row i (renormalize: teacher mass ρ = 0; remainder: ρ = max(0, 1 − π)) with
+ * the student's q_R = Σ_{j∉S} q_j summed in log space over the complement (1 − Σ_S q would
+ * cancel when the support holds most of Q). Adds its element to *D, *S and returns
+ * a_R = a(ρ/q_R), the off-support gradient's a (0 without a bucket: mode none, K = V, or
+ * q_R = 0). Needs the support marked. */
+static double sparse_bucket(const fh_distill_problem_t* p, const fh_div_t* dv, scratch_t* s, double lse_u, double pi,
+                            double* D, double* S) {
+  const double T = p->opt.temperature;
+  if (p->opt.sparse_mass == FH_DISTILL_SPARSE_NONE || p->K >= p->V) return 0.0;
+  const double rho = p->opt.sparse_mass == FH_DISTILL_SPARSE_REMAINDER && pi < 1.0 ? 1.0 - pi : 0.0;
+  fh_ref_softmax_stats_t sc;
+  fh_ref_stats_init(&sc);
+  for (int64_t j = 0; j < p->V; ++j)
+    if (!s->mask[j]) fh_ref_stats_add(&sc, logit(p->Cs, p->bs, s->es, s->cs, j) / T);
+  const double log_qR = fh_ref_stats_lse(&sc) - lse_u, log_rho = log(rho);
+  double term, qa;
+  fh_div_eval(dv, log_qR, log_rho, &term, &qa); /* both −inf: 0, 0 */
+  *D += term;
+  if (log_qR == -INFINITY) return 0.0; /* no student mass off S: no gradient there */
+  *S += qa;
+  fh_div_eval(dv, 0.0, log_rho - log_qR, &term, &qa); /* q = 1, p = ρ/q_R: qa = a(ρ/q_R) */
+  return qa;
 }
 
 /* Pass 1 of row i over the problem's classes: the FH_SHARD_DISTILL_STATS partial statistics
@@ -133,8 +179,6 @@ static void div_row(const fh_distill_problem_t* p, const fh_div_t* dv, scratch_t
 /* One row of the forward: fills st[NS], returns soft D and hard CE through the pointers. */
 static void forward_row(const fh_distill_problem_t* p, const fh_div_t* dv, scratch_t* s, int64_t i, double* st,
                         double* D_out, double* hard_out) {
-  const int64_t V = p->V;
-  const double T = p->opt.temperature;
   double q[FH_SHARD_DISTILL_STATS], lse[3], s_y;
   /* Pass 1: softmax statistics of s/T, t/T (shared V only) and s, as one rank of a shard. */
   stats_row(p, s, i, q);
@@ -146,42 +190,11 @@ static void forward_row(const fh_distill_problem_t* p, const fh_div_t* dv, scrat
     t1 = lse[1];
     div_row(p, dv, s, i, lse_u, t1, &D, &S);
   } else {
-    /* Forward KL over the support: Σ_k p_k (log p_k − X_{id_k}), and S = −Σ p̃. */
-    const int remainder = p->opt.sparse_mass == FH_DISTILL_SPARSE_REMAINDER;
-    t1 = 0.0;
-    if (!remainder) {
-      fh_ref_softmax_stats_t sk;
-      fh_ref_stats_init(&sk);
-      for (int64_t k = 0; k < p->K; ++k) fh_ref_stats_add(&sk, p->logprobs[i * p->K + k] / T);
-      t1 = fh_ref_stats_lse(&sk);
-    }
-    double pi = 0.0;
-    for (int64_t k = 0; k < p->K; ++k) {
-      const double Y = sparse_logp(p, i, k, t1), pk = exp(Y);
-      const double X = logit(p->Cs, p->bs, s->es, s->cs, p->ids[i * p->K + k]) / T - lse_u;
-      if (pk > 0.0) D += pk * (Y - X);
-      pi += pk;
-    }
-    S = -pi;
-    if (remainder) {
-      /* The rest bucket: ρ = max(0, 1 − π) against q_R = Σ_{j∉S} q_j, summed in log space over
-       * the complement (1 − Σ_S q would cancel when the support holds most of Q). */
-      double rho = 1.0 - pi;
-      if (rho < 0.0) rho = 0.0;
-      t1 = -INFINITY;
-      if (p->K < V && rho > 0.0) {
-        sparse_mark(p, s, i, 0.0, 1);
-        fh_ref_softmax_stats_t sc;
-        fh_ref_stats_init(&sc);
-        for (int64_t j = 0; j < V; ++j)
-          if (!s->mask[j]) fh_ref_stats_add(&sc, logit(p->Cs, p->bs, s->es, s->cs, j) / T);
-        sparse_mark(p, s, i, 0.0, 0);
-        const double log_qR = fh_ref_stats_lse(&sc) - lse_u;
-        t1 = log(rho) - log_qR; /* log(ρ / q_R): off-support p̃_j = q_j e^{t1} */
-        D += rho * t1;
-        S -= rho;
-      }
-    }
+    /* The support's elements, then the rest bucket; slot 1 of the state holds a_R. */
+    double pi;
+    sparse_support(p, dv, s, i, lse_u, &D, &S, &pi);
+    t1 = sparse_bucket(p, dv, s, lse_u, pi, &D, &S);
+    sparse_clear(p, s, i);
   }
   st[0] = lse_u;
   st[1] = t1;
@@ -317,18 +330,17 @@ static double grad_entry(const fh_distill_problem_t* p, const row_coef_t* rc, in
   return rc->coef * g;
 }
 
-/* q a of class j for a row: dense from the teacher logit t; sparse −p̃ from the scratch mask
- * (support) or the remainder's e^{t1} q_j. */
+/* q a of class j for a row: dense from the teacher logit t; sparse from the scratch mask
+ * (support: the element's qa) or q_j a_R off the support. */
 static double elem_qa(const fh_distill_problem_t* p, const fh_div_t* dv, const row_coef_t* rc, double s, double t,
-                      int on_support, double psup) {
+                      int on_support, double qa_sup) {
   const double T = p->opt.temperature, X = s / T - rc->st[0];
   if (!p->sparse) {
     double term, qa;
     fh_div_eval(dv, X, t / T - rc->st[1], &term, &qa);
     return qa;
   }
-  if (on_support) return -psup;
-  return p->opt.sparse_mass == FH_DISTILL_SPARSE_REMAINDER ? -exp(X + rc->st[1]) : 0.0;
+  return on_support ? qa_sup : exp(X) * rc->st[1];
 }
 
 static int wanted(const fh_tensor_t* t) { return t && t->data; }
@@ -375,8 +387,9 @@ fh_status_t fh_ref_distill_backward_f64(const fh_distill_problem_t* p, const dou
         memset(accE, 0, sizeof(double) * (size_t)D);
         if (row_valid(p, i)) {
           fh_ref_row_to_double(p->Es, i, s.es);
+          double d0, d1, d2;
           if (!p->sparse) fh_ref_row_to_double(p->Et, i, s.et);
-          else sparse_mark(p, &s, i, rc[i].st[1], 1);
+          else sparse_support(p, &dv, &s, i, rc[i].st[0], &d0, &d1, &d2);
           for (int64_t j = 0; j < V; ++j) {
             const double sj = logit(p->Cs, p->bs, s.es, s.cs, j);
             if (sj == -INFINITY) continue; /* masked: zero gradient, and no 0 · inf from Cs_j */
@@ -385,7 +398,7 @@ fh_status_t fh_ref_distill_backward_f64(const fh_distill_problem_t* p, const dou
             const double g = grad_entry(p, &rc[i], j, sj, qa);
             for (int64_t k = 0; k < D; ++k) accE[k] += g * s.cs[k];
           }
-          if (p->sparse) sparse_mark(p, &s, i, 0.0, 0);
+          if (p->sparse) sparse_clear(p, &s, i);
         }
         if (dE64) memcpy(dE64 + i * D, accE, sizeof(double) * (size_t)D);
         if (tE) fh_ref_store_row(tE, i, accE, D, acc);
@@ -416,8 +429,9 @@ fh_status_t fh_ref_distill_backward_f64(const fh_distill_problem_t* p, const dou
         for (int64_t i = 0; i < N; ++i) {
           if (!row_valid(p, i)) continue;
           fh_ref_row_to_double(p->Es, i, s.es);
+          double d0, d1, d2;
           if (!p->sparse) fh_ref_row_to_double(p->Et, i, s.et);
-          else sparse_mark(p, &s, i, rc[i].st[1], 1);
+          else sparse_support(p, &dv, &s, i, rc[i].st[0], &d0, &d1, &d2);
           for (int64_t r = 0; r < nb; ++r) {
             const int64_t j = j0 + r;
             const double sj = logit(p->Cs, p->bs, s.es, s.cs, j);
@@ -428,7 +442,7 @@ fh_status_t fh_ref_distill_backward_f64(const fh_distill_problem_t* p, const dou
             accb[r] += g;
             for (int64_t k = 0; k < D; ++k) accC[r * D + k] += g * s.es[k];
           }
-          if (p->sparse) sparse_mark(p, &s, i, 0.0, 0);
+          if (p->sparse) sparse_clear(p, &s, i);
         }
         fh_ref_store_class_block(j0, nb, D, accC, accb, dC64, tC, db64, tb, acc);
       }

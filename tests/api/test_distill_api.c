@@ -127,7 +127,7 @@ Test(api_distill, option_ranges) {
   BAD_OPTION(F.o.divergence = (fh_distill_divergence_t)99, "opts->divergence");
   BAD_OPTION(F.o.jsd_endpoints = (fh_distill_jsd_endpoints_t)5, "opts->jsd_endpoints");
   BAD_OPTION(F.o.reduction = (fh_reduction_t)-1, "opts->reduction");
-  BAD_OPTION(F.o.sparse_mass = (fh_distill_sparse_mass_t)2, "opts->sparse_mass");
+  BAD_OPTION(F.o.sparse_mass = (fh_distill_sparse_mass_t)3, "opts->sparse_mass");
   BAD_OPTION(F.o.accum_mode = (fh_accum_mode_t)9, "opts->accum_mode");
   BAD_OPTION(F.o.beta = 1.5f, "opts->beta");
   BAD_OPTION(F.o.beta = NAN, "opts->beta");
@@ -251,8 +251,24 @@ Test(api_distill, sparse_teacher) {
   expect_error(sfwd(), FH_ERR_INVALID_ARGUMENT, "teacher->logprobs[3] has total probability", NULL);
   F.o.sparse_mass = FH_DISTILL_SPARSE_RENORMALIZE; /* renormalize accepts any reals */
   cr_expect(sfwd() == FH_SUCCESS, "%s", fh_last_error());
-  F.o.divergence = FH_DISTILL_JSD;
-  expect_error(sfwd(), FH_ERR_UNSUPPORTED, "supports only FH_DISTILL_FORWARD_KL", NULL);
+  F.o.divergence = FH_DISTILL_JSD; /* renormalize: finite off the support */
+  cr_expect(sfwd() == FH_SUCCESS, "%s", fh_last_error());
+  F.o.divergence = FH_DISTILL_REVERSE_KL; /* f(0) = +inf: only with the remainder bucket */
+  expect_error(sfwd(), FH_ERR_UNSUPPORTED, "mass off the teacher's support", "FH_DISTILL_SPARSE_REMAINDER");
+  F.o.divergence = FH_DISTILL_ALPHA, F.o.alpha = 0.0f;
+  expect_error(sfwd(), FH_ERR_UNSUPPORTED, "f(0) = +inf", NULL);
+  F.o.alpha = 0.5f;
+  cr_expect(sfwd() == FH_SUCCESS, "%s", fh_last_error());
+  F.o.sparse_mass = FH_DISTILL_SPARSE_NONE;
+  expect_error(sfwd(), FH_ERR_UNSUPPORTED, "SPARSE_NONE supports only FH_DISTILL_FORWARD_KL", NULL);
+  F.o.divergence = FH_DISTILL_FORWARD_KL;
+  cr_expect(sfwd() == FH_SUCCESS, "%s", fh_last_error());
+  F.o.temperature = 2.0f;
+  expect_error(sfwd(), FH_ERR_INVALID_ARGUMENT, "opts->temperature is 2", "NONE needs 1");
+  F.o.temperature = 1.0f;
+  F.o.sparse_mass = FH_DISTILL_SPARSE_REMAINDER, F.o.divergence = FH_DISTILL_REVERSE_KL;
+  F.lp[3 * K] = -1.0f;
+  cr_expect(sfwd() == FH_SUCCESS, "%s", fh_last_error());
 }
 
 Test(api_distill, workspace_queries) {

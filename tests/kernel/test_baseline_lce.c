@@ -11,10 +11,8 @@
  * longest fp32 sum feeding the output (the γ_n reordering bound where the naive error happens
  * to be ~0): D + V for the loss and dE (logit over D, normaliser and G·C over V), D + V + N for
  * dC and dbias (their GEMM sums over the N rows).
- * For fp32 inputs the naive view of E and C is set to the exact fp32 values (the baseline's
- * cuBLAS GEMMs use fp32 compute, not tf32); the naive backward still rounds G to tf32 before
- * its gradient sums, which makes the fp32 gradient budget looser than the baseline needs, so
- * fp32 gradients get a second, tighter check: the pure reordering bound with 4·n_terms (the
+ * For fp32 inputs the naive view of E and C is the exact fp32 values (the baseline's cuBLAS
+ * GEMMs use fp32 compute, not tf32), and fp32 gradients get a second, tighter check: the pure reordering bound with 4·n_terms (the
  * logit error, about D·u relative, reaches G through p and is summed again over V or N).
  * dbias of 16-bit inputs: the baseline sums G after rounding it to the dtype (what a framework's
  * bias gradient, grad_output.sum(0), does), while the naive sums the fp32 G; the rounding adds
@@ -158,7 +156,7 @@ static void check_case(int64_t N, int64_t V, int64_t D, fh_dtype_t dt, fh_reduct
   lk_problem_t P;
   lk_init(&P, &s);
   P.f.opt.reduction = red;
-  if (dt == FH_DTYPE_F32) /* the naive logits in fp32 as the baseline's GEMM, not tf32 */
+  if (dt == FH_DTYPE_F32) /* the naive logits from the exact fp32 values, as the baseline's GEMM */
     for (int64_t r = 0; r < N + V; ++r)
       for (int64_t k = 0; k < D; ++k) {
         const int64_t ld = D + pad;

@@ -52,8 +52,38 @@ void dk_init(dk_problem_t* P, const dk_spec_t* s) {
   }
 }
 
+/* K distinct random ids per row with the log-probabilities of a random teacher distribution
+ * over V (fp64 log-softmax of 2·N(0,1) logits, rounded to fp32), so the remainder is the real
+ * tail mass; with_ninf: every third row from 2 has entries k % 3 == 1 at -inf (entry 0 stays
+ * finite). */
+void dk_sparse_init(dk_problem_t* P, int64_t K, uint64_t seed, int with_ninf) {
+  const int64_t N = P->s.N, V = P->s.V;
+  tu_rng_t r = {seed};
+  P->K = K;
+  P->ids = malloc(sizeof(int64_t) * (size_t)(N * K + 1));
+  P->lp = malloc(sizeof(float) * (size_t)(N * K + 1));
+  double* z = malloc(sizeof(double) * (size_t)V);
+  int64_t* perm = malloc(sizeof(int64_t) * (size_t)V);
+  for (int64_t i = 0; i < N; ++i) {
+    double m = -INFINITY, Z = 0;
+    for (int64_t j = 0; j < V; ++j) m = fmax(m, z[j] = 2.0 * tu_normal(&r)), perm[j] = j;
+    for (int64_t j = 0; j < V; ++j) Z += exp(z[j] - m);
+    for (int64_t j = V - 1; j > 0; --j) {
+      const int64_t k = tu_randint(&r, j + 1), t = perm[j];
+      perm[j] = perm[k], perm[k] = t;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      P->ids[i * K + k] = perm[k];
+      P->lp[i * K + k] = (with_ninf && i % 3 == 2 && k % 3 == 1) ? -INFINITY : (float)(z[perm[k]] - m - log(Z));
+    }
+  }
+  free(z);
+  free(perm);
+}
+
 void dk_free(dk_problem_t* P) {
   free(P->Es), free(P->Cs), free(P->bs), free(P->Et), free(P->Ct), free(P->bt), free(P->targets);
+  free(P->ids), free(P->lp);
   memset(P, 0, sizeof *P);
 }
 
@@ -65,6 +95,10 @@ fh_distill_problem_t dk_ref_problem(const dk_problem_t* P, const fh_distill_opti
   p.Es = &P->tEs, p.Cs = &P->tCs, p.bs = &P->tbs, p.Et = &P->tEt, p.Ct = &P->tCt, p.bt = &P->tbt;
   p.targets = P->targets;
   p.opt = *o;
+  if (P->K > 0) {
+    p.sparse = 1, p.K = P->K, p.ids = P->ids, p.logprobs = P->lp;
+    p.Et = p.Ct = p.bt = NULL, p.V_t = p.D_t = 0;
+  }
   return p;
 }
 
@@ -102,6 +136,26 @@ static void inputs_drop(const dk_problem_t* P, dk_inputs_t* in) {
   lk_drop(P->tEt.data, in->Et.data), lk_drop(P->tCt.data, in->Ct.data), lk_drop(P->tbt.data, in->bt.data);
   lk_drop(P->targets, in->targets);
 }
+/* The sparse teacher's arrays as the backend sees them, and the device flag after a call. */
+static const fh_distill_sparse_teacher_t* sparse_mirror(const dk_problem_t* P, fh_distill_sparse_teacher_t* sp) {
+  const size_t n = (size_t)(P->s.N > 0 ? P->s.N : 1) * (size_t)P->K;
+  sp->ids = lk_mirror(P->ids, sizeof(int64_t) * n, 0);
+  sp->logprobs = lk_mirror(P->lp, sizeof(float) * n, 0);
+  sp->K = P->K;
+  return sp;
+}
+static void sparse_drop(const dk_problem_t* P, fh_distill_sparse_teacher_t* sp) {
+  lk_drop(P->ids, sp->ids), lk_drop(P->lp, sp->logprobs);
+}
+static void check_flag(const dk_problem_t* P, fh_context_t* ctx) {
+  const fh_status_t f = fh_context_check(ctx);
+  if (P->expect_flag)
+    cr_assert(f == FH_ERR_INVALID_ARGUMENT && strstr(fh_last_error(), "sparse teacher row"),
+              "the device check did not reject the row: %d %s", (int)f, fh_last_error());
+  else
+    cr_assert_eq(f, FH_SUCCESS, "%s", fh_last_error());
+}
+
 /* A 256-byte aligned workspace of `bytes` filled with garbage (nothing may be read before it is
  * written), or its device mirror. */
 static void* ws_alloc(size_t bytes, void** host) {
@@ -119,7 +173,7 @@ fh_status_t dk_run(const dk_problem_t* P, const fh_distill_options_t* o, dk_out_
   const int none = o->reduction == FH_REDUCTION_NONE;
   const size_t bl = sizeof(float) * (size_t)(none ? (N > 0 ? N : 1) : 1), bs = sizeof(float) * (size_t)(N > 0 ? N : 1) * NS;
   fh_context_t* ctx = cuda_ctx();
-  fh_distill_shape_t sh = {P->s.N, P->s.V, P->s.Ds, P->s.Vt, P->s.Dt, 0, P->s.dtype, P->s.dtype};
+  fh_distill_shape_t sh = {P->s.N, P->s.V, P->s.Ds, P->s.Vt, P->s.Dt, P->K, P->s.dtype, P->s.dtype};
   size_t ws = 0;
   cr_assert_eq(fh_distill_forward_workspace_size(ctx, o, &sh, &ws), FH_SUCCESS, "%s", fh_last_error());
   void* wh;
@@ -133,8 +187,11 @@ fh_status_t dk_run(const dk_problem_t* P, const fh_distill_options_t* o, dk_out_
   fh_distill_head_t hs = {&in.Es, &in.Cs, &in.bs}, ht = {&in.Et, &in.Ct, &in.bt};
   fh_distill_outputs_t O = {lk_mirror(loss, bl, 1), lk_mirror(st, bs, 1), lk_mirror(soft, bl, 1),
                             lk_mirror(hard, bl, 1)};
-  const fh_status_t rc = fh_distill_forward(ctx, o, &hs, &ht, in.targets, &O, w, ws);
-  if (rc == FH_SUCCESS) cr_assert_eq(fh_context_check(ctx), FH_SUCCESS, "%s", fh_last_error());
+  fh_distill_sparse_teacher_t sp;
+  const fh_status_t rc = P->K > 0 ? fh_distill_sparse_forward(ctx, o, &hs, sparse_mirror(P, &sp), in.targets, &O, w, ws)
+                                  : fh_distill_forward(ctx, o, &hs, &ht, in.targets, &O, w, ws);
+  if (rc == FH_SUCCESS) check_flag(P, ctx);
+  if (P->K > 0) sparse_drop(P, &sp);
   inputs_drop(P, &in);
   lk_back(loss, O.loss, bl, 1), lk_back(st, O.row_state, bs, 1), lk_back(soft, O.soft_loss, bl, 1);
   lk_back(hard, O.hard_loss, bl, 1);
@@ -184,6 +241,46 @@ static void lsm32(const float* z, int64_t V, float* m_out, float* lnz) {
   *m_out = m, *lnz = logf(s);
 }
 
+/* The sparse teacher of row i in fp32 from the student's tempered logits u, their max mu and
+ * ln Z lu (the naive form of kernels/distill_sparse.cu): D, S, a_R, and qa at each id in qa[]
+ * (NaN off S). */
+static void naive_sparse_row(const dk_problem_t* P, const fh_distill_options_t* o, const fh_div_t* dv, int64_t i,
+                             const float* u, float mu, float lu, float* qa_v, float* D, float* S, float* aR) {
+  const int64_t K = P->K, V = P->s.V;
+  const float invT = 1.0f / o->temperature;
+  const int renorm = o->sparse_mass == FH_DISTILL_SPARSE_RENORMALIZE, rem = o->sparse_mass == FH_DISTILL_SPARSE_REMAINDER;
+  float* l = malloc(sizeof(float) * (size_t)K);
+  for (int64_t k = 0; k < K; ++k) l[k] = renorm ? P->lp[i * K + k] * invT : P->lp[i * K + k];
+  float nm = 0.0f, nz = 0.0f;
+  if (renorm) lsm32(l, K, &nm, &nz);
+  const float norm = nm + nz;
+  float pi = 0.0f, sq = 0.0f;
+  *D = *S = *aR = 0.0f;
+  for (int64_t j = 0; j < V; ++j) qa_v[j] = NAN;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t id = P->ids[i * K + k];
+    const float X = (u[id] - mu) - lu, Y = l[k] - norm;
+    double term, qa;
+    fh_div_eval(dv, X, Y, &term, &qa);
+    *D += (float)term, *S += (float)qa, pi += expf(Y), sq += expf(X);
+    qa_v[id] = (float)qa;
+  }
+  if (o->sparse_mass != FH_DISTILL_SPARSE_NONE && K < V) {
+    const float qR = sq < 1.0f ? 1.0f - sq : 0.0f, rho = rem && pi < 1.0f ? 1.0f - pi : 0.0f;
+    double term, qa;
+    if (qR > 0.0f || rho > 0.0f) {
+      fh_div_eval(dv, logf(qR), logf(rho), &term, &qa);
+      *D += (float)term;
+    }
+    if (qR > 0.0f) {
+      *S += (float)qa;
+      fh_div_eval(dv, 0.0, (double)(logf(rho) - logf(qR)), &term, &qa);
+      *aR = (float)qa;
+    }
+  }
+  free(l);
+}
+
 void dk_naive(const dk_problem_t* P, const fh_distill_options_t* o, dk_out_t* out) {
   const int64_t N = P->s.N, V = P->s.V;
   fh_div_t dv;
@@ -198,12 +295,14 @@ void dk_naive(const dk_problem_t* P, const fh_distill_options_t* o, dk_out_t* ou
     for (int q = 0; q < NS; ++q) st[q] = 0;
     if (P->targets && P->targets[i] == o->ignore_index) continue;
     naive_logits(&P->tEs, &P->tCs, &P->tbs, i, V, s);
-    naive_logits(&P->tEt, &P->tCt, &P->tbt, i, V, t);
+    if (P->K == 0) naive_logits(&P->tEt, &P->tCt, &P->tbt, i, V, t);
     for (int64_t j = 0; j < V; ++j) u[j] = s[j] * invT, v[j] = t[j] * invT;
-    float mu, lu, mv, lv, ms = 0.0f, ls = 0.0f;
-    lsm32(u, V, &mu, &lu), lsm32(v, V, &mv, &lv);
+    float mu, lu, mv = 0.0f, lv = 0.0f, ms = 0.0f, ls = 0.0f;
+    lsm32(u, V, &mu, &lu);
+    if (P->K == 0) lsm32(v, V, &mv, &lv);
     float D = 0.0f, S = 0.0f;
-    for (int64_t j = 0; j < V; ++j) {
+    if (P->K > 0) naive_sparse_row(P, o, &dv, i, u, mu, lu, v, &D, &S, &mv); /* mv: a_R, the state's slot 1 */
+    for (int64_t j = 0; j < V && P->K == 0; ++j) {
       double term, qa;
       fh_div_eval(&dv, (double)((u[j] - mu) - lu), (double)((v[j] - mv) - lv), &term, &qa);
       D += (float)term, S += (float)qa;
@@ -317,7 +416,7 @@ fh_status_t dk_run_backward(const dk_problem_t* P, const fh_distill_options_t* o
   const fh_dtype_t dt = P->s.dtype;
   const size_t es = fh_dtype_size(dt);
   fh_context_t* ctx = cuda_ctx();
-  fh_distill_shape_t sh = {N, V, D, P->s.Vt, P->s.Dt, 0, dt, dt};
+  fh_distill_shape_t sh = {N, V, D, P->s.Vt, P->s.Dt, P->K, dt, dt};
   size_t ws = 0;
   cr_assert_eq(fh_distill_backward_workspace_size(ctx, o, &sh, &ws), FH_SUCCESS, "%s", fh_last_error());
   void* wh;
@@ -347,8 +446,12 @@ fh_status_t dk_run_backward(const dk_problem_t* P, const fh_distill_options_t* o
   fh_distill_head_t hs = {&inp.Es, &inp.Cs, &inp.bs}, ht = {&inp.Et, &inp.Ct, &inp.bt};
   fh_distill_grad_inputs_t in = {d_st, d_g};
   fh_distill_grads_t G = {&tE, &tC, &tb};
-  const fh_status_t rc = fh_distill_backward(ctx, o, &hs, &ht, inp.targets, &in, &G, w, ws);
-  if (rc == FH_SUCCESS) cr_assert_eq(fh_context_check(ctx), FH_SUCCESS, "%s", fh_last_error());
+  fh_distill_sparse_teacher_t sp;
+  const fh_status_t rc = P->K > 0
+                             ? fh_distill_sparse_backward(ctx, o, &hs, sparse_mirror(P, &sp), inp.targets, &in, &G, w, ws)
+                             : fh_distill_backward(ctx, o, &hs, &ht, inp.targets, &in, &G, w, ws);
+  if (rc == FH_SUCCESS) check_flag(P, ctx);
+  if (P->K > 0) sparse_drop(P, &sp);
   inputs_drop(P, &inp);
   lk_drop(st, d_st), lk_drop(g32, d_g);
   lk_back(dE, tE.data, bE, 1), lk_back(dC, tC.data, bC, 1), lk_back(db, tb.data, bb, 1);
@@ -410,21 +513,30 @@ void dk_naive_backward(const dk_problem_t* P, const fh_distill_options_t* o, con
       const double a = upstream(P, o, gl, i);
       const float cs = (float)(a * o->soft_weight * kap / T), ch = (float)(a * o->hard_weight);
       naive_logits(&P->tEs, &P->tCs, &P->tbs, i, V, s);
-      naive_logits(&P->tEt, &P->tCt, &P->tbt, i, V, t);
+      if (P->K == 0) naive_logits(&P->tEt, &P->tCt, &P->tbt, i, V, t);
       /* fp32: the log-softmaxes recomputed as PyTorch forms them (what the fp32 backward must
-       * meet); 16-bit: from the state's fp32 lse, as their backward does. */
+       * meet); 16-bit: from the state's fp32 lse, as their backward does. A sparse teacher's
+       * slot 1 is its a_R. */
       float mu = (float)st[0], lu = 0.0f, mv = (float)st[1], lv = 0.0f, ms = (float)st[3], ls = 0.0f;
       if (f32) {
         for (int64_t j = 0; j < V; ++j) tmp[j] = s[j] * invT;
         lsm32(tmp, V, &mu, &lu);
-        for (int64_t j = 0; j < V; ++j) tmp[j] = t[j] * invT;
-        lsm32(tmp, V, &mv, &lv);
+        if (P->K == 0) {
+          for (int64_t j = 0; j < V; ++j) tmp[j] = t[j] * invT;
+          lsm32(tmp, V, &mv, &lv);
+        }
         lsm32(s, V, &ms, &ls);
+      }
+      if (P->K > 0) { /* t[j]: qa at the support, NaN off it (then q a_R) */
+        float d0, d1, d2;
+        for (int64_t j = 0; j < V; ++j) tmp[j] = s[j] * invT;
+        naive_sparse_row(P, o, &dv, i, tmp, mu, lu, t, &d0, &d1, &d2);
       }
       for (int64_t j = 0; j < V; ++j) {
         const float X = (s[j] * invT - mu) - lu, Y = (t[j] * invT - mv) - lv;
         double term, qa;
-        fh_div_eval(&dv, X, Y, &term, &qa);
+        if (P->K > 0) qa = isnan(t[j]) ? (double)(expf(X) * (float)st[1]) : (double)t[j];
+        else fh_div_eval(&dv, X, Y, &term, &qa);
         float g = cs * ((float)qa - expf(X) * (float)st[2]);
         if (o->hard_weight != 0.0f) {
           const float d = (s[j] - ms) - ls;

@@ -28,6 +28,12 @@ typedef struct dk_problem {
   void *Es, *Cs, *bs, *Et, *Ct, *bt;
   fh_tensor_t tEs, tCs, tbs, tEt, tCt, tbt;
   int64_t* targets;
+  /* A sparse teacher instead of the head (K > 0; tests/kernel/test_distill_sparse.c): ids and
+   * log-probs [N x K]; expect_flag: the device check must reject a row (fh_context_check). */
+  int64_t K;
+  int64_t* ids;
+  float* lp;
+  int expect_flag;
 } dk_problem_t;
 
 /* Results as doubles: per-row loss/soft/hard (reduction none), the state, the reduced values. */
@@ -43,6 +49,9 @@ typedef struct dk_grads {
 dk_spec_t dk_default(int64_t N, int64_t V, int64_t Ds, int64_t Vt, int64_t Dt, fh_dtype_t dt);
 void dk_init(dk_problem_t* P, const dk_spec_t* s);
 void dk_free(dk_problem_t* P);
+/* A sparse teacher for P (tests/kernel/test_distill_sparse.c): K distinct ids per row with a
+ * random teacher's fp32 log-probs; with_ninf: some -inf entries (never entry 0). */
+void dk_sparse_init(dk_problem_t* P, int64_t K, uint64_t seed, int with_ninf);
 fh_distill_problem_t dk_ref_problem(const dk_problem_t* P, const fh_distill_options_t* o);
 void dk_out_alloc(dk_out_t* o, int64_t N);
 void dk_out_free(dk_out_t* o);

@@ -96,8 +96,10 @@ double dfx_loss(const fh_distill_problem_t* p, const double* grad_loss, double* 
 /* TVD is piecewise smooth: its kinks are where p_ij = q_ij. A difference quotient across one
  * measures the jump, not the gradient, so TVD checks skip an entry (or direction) whose stencil
  * changes the sign pattern of Y − X. This signature hashes that pattern (dense teacher). */
+static uint64_t sparse_kink_signature(const fh_distill_problem_t* p);
 static uint64_t kink_signature(const fh_distill_problem_t* p) {
-  if (p->sparse || p->opt.divergence != FH_DISTILL_TVD) return 0;
+  if (p->opt.divergence != FH_DISTILL_TVD) return 0;
+  if (p->sparse) return sparse_kink_signature(p);
   const double T = p->opt.temperature;
   uint64_t h = 1469598103934665603ull;
   double* x = (double*)malloc(sizeof(double) * 2 * (size_t)p->V);
@@ -118,6 +120,41 @@ static uint64_t kink_signature(const fh_distill_problem_t* p) {
     }
   }
   free(x);
+  return h;
+}
+
+/* The same for a sparse teacher: the signs of Y − X on the support and of log ρ − log q_R. */
+static uint64_t sparse_kink_signature(const fh_distill_problem_t* p) {
+  const double T = p->opt.temperature;
+  const int renorm = p->opt.sparse_mass == FH_DISTILL_SPARSE_RENORMALIZE;
+  uint64_t h = 1469598103934665603ull;
+  double* x = (double*)malloc(sizeof(double) * (size_t)p->V);
+  unsigned char* in = (unsigned char*)malloc((size_t)p->V);
+  for (int64_t i = 0; i < p->N; ++i) {
+    if (p->targets && p->targets[i] == p->opt.ignore_index) continue;
+    double ms = -INFINITY, zs = 0, mt = -INFINITY, zt = 0, pi = 0, qR = 0;
+    for (int64_t j = 0; j < p->V; ++j) {
+      double s = p->bs ? fh_tensor_get(p->bs, 0, j) : 0;
+      for (int64_t k = 0; k < p->D_s; ++k) s += fh_tensor_get(p->Es, i, k) * fh_tensor_get(p->Cs, j, k);
+      x[j] = s / T, in[j] = 0;
+      ms = fmax(ms, x[j]);
+    }
+    for (int64_t j = 0; j < p->V; ++j) zs += exp(x[j] - ms);
+    for (int64_t k = 0; k < p->K; ++k) mt = fmax(mt, p->logprobs[i * p->K + k] / T);
+    for (int64_t k = 0; k < p->K; ++k) zt += exp(p->logprobs[i * p->K + k] / T - mt);
+    for (int64_t k = 0; k < p->K; ++k) {
+      const int64_t id = p->ids[i * p->K + k];
+      const double lp = p->logprobs[i * p->K + k], Y = renorm ? lp / T - mt - log(zt) : lp;
+      const double d = Y - (x[id] - ms - log(zs));
+      in[id] = 1, pi += exp(Y);
+      h = (h ^ (uint64_t)(d > 0 ? 2 : d < 0 ? 1 : 0)) * 1099511628211ull;
+    }
+    for (int64_t j = 0; j < p->V; ++j) qR += in[j] ? 0.0 : exp(x[j] - ms) / zs;
+    const double rho = p->opt.sparse_mass == FH_DISTILL_SPARSE_REMAINDER && pi < 1 ? 1 - pi : 0;
+    h = (h ^ (uint64_t)(rho > qR ? 2 : rho < qR ? 1 : 0)) * 1099511628211ull;
+  }
+  free(x);
+  free(in);
   return h;
 }
 

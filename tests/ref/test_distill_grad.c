@@ -90,10 +90,10 @@ Test(ref_distill_grad, no_bias_no_targets) {
 
 /* Sparse teacher: K ids per row drawn from the dense teacher's distribution support, with the
  * teacher's true log-probabilities (T = 1), so the remainder is the real tail mass. */
-static void fd_sparse(const char* name, fh_distill_sparse_mass_t mass, float T, float hard) {
+static void fd_sparse_opts(const char* name, const fh_distill_options_t* o, uint64_t seed) {
   enum { K = 11 };
   dfx_t f;
-  dfx_init(&f, N_, V_, DS_, VT_, DT_, 99 + (uint64_t)mass, 1, 1, 3);
+  dfx_init(&f, N_, V_, DS_, VT_, DT_, seed, 1, 1, 3);
   tu_rng_t r = {7};
   int64_t* ids = (int64_t*)malloc(sizeof(int64_t) * N_ * K);
   float* lp = (float*)malloc(sizeof(float) * N_ * K);
@@ -106,13 +106,8 @@ static void fd_sparse(const char* name, fh_distill_sparse_mass_t mass, float T, 
       lp[i * K + k] = (float)tu_quantize(-2.0 - 2.0 * tu_uniform(&r), 12);
     }
   }
-  fh_distill_options_t o;
-  fh_distill_options_init(&o);
-  o.sparse_mass = mass;
-  o.temperature = T;
-  o.hard_weight = hard;
   fh_distill_problem_t p;
-  dfx_problem(&f, &o, 1, &p);
+  dfx_problem(&f, o, 1, &p);
   p.sparse = 1, p.K = K, p.ids = ids, p.logprobs = lp;
   p.Et = p.Ct = p.bt = NULL;
   const int ok = dfx_check_fd(&f, &p, name, 5);
@@ -122,6 +117,45 @@ static void fd_sparse(const char* name, fh_distill_sparse_mass_t mass, float T, 
   cr_assert(ok, "%s: gradient disagrees with finite differences", name);
 }
 
+static void fd_sparse(const char* name, fh_distill_sparse_mass_t mass, float T, float hard) {
+  fh_distill_options_t o;
+  fh_distill_options_init(&o);
+  o.sparse_mass = mass;
+  o.temperature = T;
+  o.hard_weight = hard;
+  fd_sparse_opts(name, &o, 99 + (uint64_t)mass);
+}
+
 Test(ref_distill_grad, sparse_renormalize) { fd_sparse("sparse_renormalize", FH_DISTILL_SPARSE_RENORMALIZE, 1.7f, 0.0f); }
 Test(ref_distill_grad, sparse_remainder) { fd_sparse("sparse_remainder", FH_DISTILL_SPARSE_REMAINDER, 1.0f, 0.0f); }
 Test(ref_distill_grad, sparse_remainder_hard) { fd_sparse("sparse_remainder_hard", FH_DISTILL_SPARSE_REMAINDER, 1.0f, 0.5f); }
+Test(ref_distill_grad, sparse_none) { fd_sparse("sparse_none", FH_DISTILL_SPARSE_NONE, 1.0f, 0.0f); }
+Test(ref_distill_grad, sparse_none_hard) { fd_sparse("sparse_none_hard", FH_DISTILL_SPARSE_NONE, 1.0f, 0.5f); }
+
+/* Every divergence the sparse teacher defines, in both modes that have a rest bucket
+ * (renormalize: ρ = 0 and T = 1.7; remainder: T = 1). */
+#define FD_SPARSE(tname, mass, T, dv, field, value)           \
+  Test(ref_distill_grad, sparse_##tname) {                    \
+    fh_distill_options_t o = opts(dv);                        \
+    o.sparse_mass = mass, o.temperature = T, field = value;   \
+    fd_sparse_opts("sparse_" #tname, &o, 0x5a0 + __LINE__);   \
+  }
+#define RN FH_DISTILL_SPARSE_RENORMALIZE
+#define RM FH_DISTILL_SPARSE_REMAINDER
+FD_SPARSE(renorm_jsd, RN, 1.7f, FH_DISTILL_JSD, o.beta, 0.3f)
+FD_SPARSE(renorm_jsd_scaled, RN, 1.7f, FH_DISTILL_JSD_SCALED, o.beta, 0.7f)
+FD_SPARSE(renorm_tvd, RN, 1.7f, FH_DISTILL_TVD, o.beta, 0.5f)
+FD_SPARSE(renorm_skew_fkl, RN, 1.7f, FH_DISTILL_SKEW_FORWARD_KL, o.skew, 0.25f)
+FD_SPARSE(renorm_skew_rkl, RN, 1.7f, FH_DISTILL_SKEW_REVERSE_KL, o.skew, 0.4f)
+FD_SPARSE(renorm_alpha_0_3, RN, 1.7f, FH_DISTILL_ALPHA, o.alpha, 0.3f)
+FD_SPARSE(renorm_hellinger, RN, 1.7f, FH_DISTILL_HELLINGER, o.beta, 0.5f)
+FD_SPARSE(renorm_chi_square, RN, 1.7f, FH_DISTILL_CHI_SQUARE, o.beta, 0.5f)
+FD_SPARSE(remainder_reverse_kl, RM, 1.0f, FH_DISTILL_REVERSE_KL, o.beta, 0.5f)
+FD_SPARSE(remainder_jsd, RM, 1.0f, FH_DISTILL_JSD, o.beta, 0.3f)
+FD_SPARSE(remainder_jsd_scaled, RM, 1.0f, FH_DISTILL_JSD_SCALED, o.beta, 0.7f)
+FD_SPARSE(remainder_tvd, RM, 1.0f, FH_DISTILL_TVD, o.beta, 0.5f)
+FD_SPARSE(remainder_skew_fkl, RM, 1.0f, FH_DISTILL_SKEW_FORWARD_KL, o.skew, 0.25f)
+FD_SPARSE(remainder_skew_rkl, RM, 1.0f, FH_DISTILL_SKEW_REVERSE_KL, o.skew, 0.4f)
+FD_SPARSE(remainder_alpha_minus_0_5, RM, 1.0f, FH_DISTILL_ALPHA, o.alpha, -0.5f)
+FD_SPARSE(remainder_alpha_1_5, RM, 1.0f, FH_DISTILL_ALPHA, o.alpha, 1.5f)
+FD_SPARSE(remainder_hellinger, RM, 1.0f, FH_DISTILL_HELLINGER, o.beta, 0.5f)
