@@ -83,6 +83,7 @@ typedef enum fh_device_error {
   FH_DEVERR_NONE = 0,
   FH_DEVERR_TARGET_OUT_OF_RANGE = 1, /* a target outside [0, V) that is not ignore_index */
   FH_DEVERR_BAD_WEIGHT = 2,          /* a per-row weight that is negative or not finite */
+  FH_DEVERR_DECODE_PARAM = 3,        /* a decoding per-row parameter or sparse-list entry out of range */
   FH_DEVERR_COUNT
 } fh_device_error_t;
 

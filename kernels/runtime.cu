@@ -15,6 +15,8 @@ static const char* device_error_text(int code) {
   switch (code) {
     case FH_DEVERR_TARGET_OUT_OF_RANGE: return "a target is outside [0, V) and is not ignore_index";
     case FH_DEVERR_BAD_WEIGHT: return "a weight is negative or not finite";
+    case FH_DEVERR_DECODE_PARAM:
+      return "a decoding per-row parameter, bias or banned-id entry is out of range (the row was reported degenerate)";
     default: return "a kernel reported invalid input data";
   }
 }
