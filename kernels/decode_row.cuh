@@ -48,54 +48,31 @@ struct dec_smem {
   double carry;
 };
 
-/* Block reductions: every thread calls them; fixed tree order. */
-__device__ __forceinline__ double dec_block_sum(double v, dec_smem& sm) {
+/* Block reductions: every thread calls them; fixed tree order over `buf` (DEC_THREADS entries). */
+template <class T, class Op>
+__device__ __forceinline__ T dec_block_reduce(T v, T* buf, const Op& op) {
   const int t = threadIdx.x;
-  sm.red[t] = v;
+  buf[t] = v;
   __syncthreads();
   for (int s = DEC_THREADS / 2; s > 0; s >>= 1) {
-    if (t < s) sm.red[t] += sm.red[t + s];
+    if (t < s) buf[t] = op(buf[t], buf[t + s]);
     __syncthreads();
   }
-  const double r = sm.red[0];
-  __syncthreads();
+  const T r = buf[0];
+  __syncthreads(); /* everyone has read buf[0] before the next reduction writes it */
   return r;
 }
-__device__ __forceinline__ int64_t dec_block_min(int64_t v, dec_smem& sm) {
-  const int t = threadIdx.x;
-  sm.ired[t] = v;
-  __syncthreads();
-  for (int s = DEC_THREADS / 2; s > 0; s >>= 1) {
-    if (t < s && sm.ired[t + s] < sm.ired[t]) sm.ired[t] = sm.ired[t + s];
-    __syncthreads();
-  }
-  const int64_t r = sm.ired[0];
-  __syncthreads();
-  return r;
+__device__ __forceinline__ double dec_block_sum(double v, dec_smem& sm) {
+  return dec_block_reduce(v, sm.red, [](double a, double b) { return a + b; });
 }
 __device__ __forceinline__ double dec_block_max(double v, dec_smem& sm) {
-  const int t = threadIdx.x;
-  sm.red[t] = v;
-  __syncthreads();
-  for (int s = DEC_THREADS / 2; s > 0; s >>= 1) {
-    if (t < s && sm.red[t + s] > sm.red[t]) sm.red[t] = sm.red[t + s];
-    __syncthreads();
-  }
-  const double r = sm.red[0];
-  __syncthreads();
-  return r;
+  return dec_block_reduce(v, sm.red, [](double a, double b) { return b > a ? b : a; });
+}
+__device__ __forceinline__ int64_t dec_block_min(int64_t v, dec_smem& sm) {
+  return dec_block_reduce(v, sm.ired, [](int64_t a, int64_t b) { return b < a ? b : a; });
 }
 __device__ __forceinline__ int64_t dec_block_sum_i(int64_t v, dec_smem& sm) {
-  const int t = threadIdx.x;
-  sm.ired[t] = v;
-  __syncthreads();
-  for (int s = DEC_THREADS / 2; s > 0; s >>= 1) {
-    if (t < s) sm.ired[t] += sm.ired[t + s];
-    __syncthreads();
-  }
-  const int64_t r = sm.ired[0];
-  __syncthreads();
-  return r;
+  return dec_block_reduce(v, sm.ired, [](int64_t a, int64_t b) { return a + b; });
 }
 /* Argmax of (key, id): the larger key, equal keys to the lower id; id -1 is empty. Returns the
  * winner's id and sorted position. */

@@ -3,7 +3,7 @@
  * Formula: per segment, the (key, value) pairs sorted ascending by the 64-bit key, stably.
  * Shapes and arguments: as documented in segsort.cuh. Thread mapping: CUB's. Numerics: integer
  * keys, exact. The emulator build compiles this file to nothing; its twin is
- * tests/emu/emu_segsort.cpp. */
+ * tests/emu/emu_blas.cpp. */
 #ifdef __CUDACC__
 #include <cub/device/device_segmented_radix_sort.cuh>
 

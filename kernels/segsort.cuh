@@ -1,6 +1,6 @@
 /* segsort.cuh: the wrapper of cub::DeviceSegmentedRadixSort that the decoding launcher uses
  * (kernels/decode.cu). Under nvcc it calls CUB (kernels/segsort.cu); in the SIMT emulator build
- * it is a host implementation with exactly the documented semantics (tests/emu/emu_segsort.cpp),
+ * it is a host implementation with exactly the documented semantics (tests/emu/emu_blas.cpp),
  * so a wrong segment layout or temp-storage size fails the kernel tests. Stream-ordered, no
  * synchronization. Returns FH_SUCCESS or a status with the error set under `fn`. */
 #ifndef FH_KERNELS_SEGSORT_CUH

@@ -28,6 +28,7 @@
 #include "dtype.h"
 #include "fh_emu.h"
 #include "fusedhead.h"
+#include "test_dev_util.h"
 #include "test_util.h"
 
 typedef struct cfg {
@@ -54,22 +55,6 @@ static double logit_value(tu_rng_t* rng, int64_t r, int64_t j, int64_t V) {
   return 3.0 * tu_normal(rng);
 }
 
-static void* to_device(const void* h, size_t bytes) {
-  void* d = NULL;
-  cr_assert_eq(cudaMalloc(&d, bytes ? bytes : 1), cudaSuccess);
-  if (bytes) cr_assert_eq(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice), cudaSuccess);
-  return d;
-}
-
-/* Device outputs with guard words after each; NULL when bytes == 0 is not wanted. */
-static void* alloc_out(size_t bytes) {
-  uint32_t guards[TU_GUARD_WORDS];
-  for (int i = 0; i < TU_GUARD_WORDS; ++i) guards[i] = TU_GUARD_VALUE;
-  void* d = NULL;
-  cr_assert_eq(cudaMalloc(&d, bytes + sizeof guards), cudaSuccess);
-  cr_assert_eq(cudaMemcpy((char*)d + bytes, guards, sizeof guards, cudaMemcpyHostToDevice), cudaSuccess);
-  return d;
-}
 static void* fetch(const void* d, size_t bytes) {
   const size_t gb = TU_GUARD_WORDS * sizeof(uint32_t);
   void* h = malloc(bytes + gb);
@@ -285,6 +270,7 @@ static void run_grid(const cfg_t* c) {
 DECODE_TEST(greedy, CFG("greedy", FH_DECODE_STANDARD), .T = 0.0f)
 DECODE_TEST(temperature, CFG("temperature", FH_DECODE_STANDARD), .T = 0.7f, .nlp = 5)
 DECODE_TEST(temperature_tiny, CFG("temperature_tiny", FH_DECODE_STANDARD), .T = 1e-3f)
+DECODE_TEST(temperature_to_zero, CFG("temperature_to_zero", FH_DECODE_STANDARD), .T = 1e-20f, .top_p = 0.5f)
 DECODE_TEST(min_p, CFG("min_p", FH_DECODE_STANDARD), .min_p = 0.1f)
 DECODE_TEST(top_k1, CFG("top_k1", FH_DECODE_STANDARD), .top_k = 1)
 DECODE_TEST(top_k5, CFG("top_k5", FH_DECODE_STANDARD), .top_k = 5, .T = 1.5f)
