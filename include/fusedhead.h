@@ -674,8 +674,8 @@ FH_API fh_status_t fh_distill_sparse_backward(fh_context_t* ctx, const fh_distil
  * Parameters: scalars in the options; a per-row array (length B, host memory for the CPU
  * backend, device memory for CUDA so that no host sync is needed) replaces its scalar when not
  * NULL. The CPU backend checks every per-row value on the host (FH_ERR_INVALID_ARGUMENT naming
- * the array and the row).
- */
+ * the array and the row); CUDA checks them and the bias/ban lists on the device: such a row is
+ * reported degenerate and fh_context_check returns FH_ERR_INVALID_ARGUMENT. */
 
 typedef enum fh_decode_sampler {
   FH_DECODE_STANDARD = 0,    /* min-p → top-k → top-p */
@@ -752,14 +752,14 @@ typedef struct fh_decode_outputs {
 } fh_decode_outputs_t;
 
 /* Workspace in bytes for B rows of V logits (D = 0: from logits; D > 0: fused). 0 on the CPU
- * backend. CUDA: FH_ERR_UNSUPPORTED in this version (decoding has no CUDA kernels yet). */
+ * backend. CUDA: from logits 32·B·V bytes + CUB sort storage (docs/decoding.md); fused: UNSUPPORTED. */
 FH_API fh_status_t fh_decode_workspace_size(fh_context_t* ctx, const fh_decode_options_t* opts, int64_t B,
                                             int64_t V, int64_t D, fh_dtype_t dtype, size_t* bytes);
 
 /* Decode from logits [B x V] (fp32, fp16 or bf16, row stride honoured). V >= 1 when B > 0.
  * Outputs must not alias inputs or each other.
  * Statuses: FH_ERR_INVALID_ARGUMENT (NULLs, shapes, dtypes, option and per-row ranges, ids),
- * FH_ERR_UNSUPPORTED (CUDA backend), FH_ERR_INSUFFICIENT_WORKSPACE, FH_ERR_OUT_OF_MEMORY. */
+ * FH_ERR_UNSUPPORTED (CUDA: fused, or B·V >= 2^31), FH_ERR_INSUFFICIENT_WORKSPACE, FH_ERR_OUT_OF_MEMORY. */
 FH_API fh_status_t fh_decode_from_logits(fh_context_t* ctx, const fh_decode_options_t* opts,
                                          const fh_tensor_t* logits, const fh_decode_outputs_t* out,
                                          void* workspace, size_t workspace_bytes);
@@ -774,7 +774,7 @@ FH_API fh_status_t fh_decode_fused(fh_context_t* ctx, const fh_decode_options_t*
 /* Exact top-k: values [B x k] (fp32, the logit rounded once) and ids [B x k] (int64), sorted by
  * value descending, ties by lowest id; NaN sorts above +inf (as torch.topk); −inf entries are
  * ordinary values. 1 <= k <= V. No bias, bans or temperature. Statuses as fh_decode_from_logits.
- * CUDA backend (the only decoding op it runs): k <= 256 (larger k: FH_ERR_UNSUPPORTED); from
+ * CUDA backend: k <= 256 (larger k: FH_ERR_UNSUPPORTED); from
  * logits needs no workspace; fused needs 16·B·S·k bytes, S = ceil(T / ceil(T / 16)) vocabulary
  * splits of T = ceil(V / 64) tiles (at most 256·B·k bytes). The CPU backend needs none. */
 FH_API fh_status_t fh_topk_workspace_size(fh_context_t* ctx, int64_t B, int64_t V, int64_t D, int64_t k,

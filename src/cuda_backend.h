@@ -5,6 +5,7 @@
 #define FH_CUDA_BACKEND_H
 
 #include "fusedhead.h"
+#include "decode.h"
 #include "distill.h"
 #include "linear_ce.h"
 
@@ -33,6 +34,13 @@ size_t fh_cuda_topk_workspace(int64_t B, int64_t V, int64_t D, int64_t k);
 fh_status_t fh_cuda_topk(fh_cuda_state_t* st, struct CUstream_st* stream, const char* fn, const fh_tensor_t* logits,
                          const fh_tensor_t* H, const fh_tensor_t* C, const fh_tensor_t* bias, int64_t k, float* values,
                          int64_t* ids, void* workspace);
+
+/* Decoding from logits (kernels/decode.cu): every sampler, per-row arrays and sparse lists in
+ * device memory (checked on the device: FH_DEVERR_DECODE_PARAM). The workspace is
+ * fh_cuda_decode_workspace(B, V) bytes; B x V must be < 2^31 (else FH_ERR_UNSUPPORTED). */
+fh_status_t fh_cuda_decode_workspace(int64_t B, int64_t V, const char* fn, size_t* bytes);
+fh_status_t fh_cuda_decode(fh_cuda_state_t* st, struct CUstream_st* stream, const fh_decode_problem_t* p,
+                           const fh_decode_outputs_t* out, void* workspace);
 
 /* Linear cross-entropy (kernels/linear_ce*.cu). Workspace sizes are exact byte counts for the
  * problem; the compute calls get a workspace at least that large (checked by the caller). */

@@ -1,7 +1,7 @@
 /* Decoding: option defaults, argument validation and backend dispatch for fh_decode_* and
  * fh_topk_*. The semantics are documented in fusedhead.h; the CPU reference is src/ref/decode*.c.
- * The CUDA backend runs top-k (kernels/topk.cu); its samplers have no kernels in this version
- * and say so. */
+ * The CUDA backend runs top-k (kernels/topk.cu) and decoding from logits (kernels/decode.cu);
+ * fused decoding has no CUDA kernel yet and says so. */
 #include <math.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -39,8 +39,15 @@ void fh_decode_options_init(fh_decode_options_t* o) {
 }
 
 static fh_status_t cuda_unavailable(const char* fn) {
+#ifdef FH_HAVE_CUDA
+  return fh_set_error(FH_ERR_UNSUPPORTED, fn,
+                      "fused decoding has no CUDA kernel in fusedhead %s; use fh_decode_from_logits or "
+                      "FH_BACKEND_CPU",
+                      fh_version());
+#else
   return fh_set_error(FH_ERR_UNSUPPORTED, fn,
                       "decoding has no CUDA kernels in fusedhead %s; use FH_BACKEND_CPU", fh_version());
+#endif
 }
 
 /* Ranges shared by the scalar options and the per-row arrays. `name` names the argument. */
@@ -233,6 +240,12 @@ fh_status_t fh_decode_workspace_size(fh_context_t* ctx, const fh_decode_options_
   FH_TRY(fh_check_enum(fn, "dtype", (int)dtype, FH_DTYPE_COUNT));
   if (!bytes) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "bytes is NULL");
   *bytes = 0;
+#ifdef FH_HAVE_CUDA
+  if (ctx->backend == FH_BACKEND_CUDA && D == 0) {
+    FH_TRY(fh_check_backend_dtype(fn, "dtype", ctx, dtype));
+    return fh_cuda_decode_workspace(B, V, fn, bytes);
+  }
+#endif
   if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
   return FH_SUCCESS;
 }
@@ -257,6 +270,16 @@ static fh_status_t decode(const char* fn, fh_context_t* ctx, const fh_decode_opt
                                         "out->lse", "out->entropy", "out->allowed_count", "out->topn_ids",
                                         "out->topn_logprobs", "out->flags"};
   FH_TRY(check_aliasing(fn, outs, names, 10, &p.src));
+#ifdef FH_HAVE_CUDA
+  if (ctx->backend == FH_BACKEND_CUDA && !fused) {
+    /* Per-row arrays and lists are device memory: the kernels check them (FH_DEVERR_DECODE_PARAM). */
+    FH_TRY(fh_check_backend_dtype(fn, "logits->dtype", ctx, logits->dtype));
+    size_t need = 0;
+    FH_TRY(fh_cuda_decode_workspace(B, V, fn, &need));
+    FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, need));
+    return fh_cuda_decode(ctx->cuda, ctx->stream, &p, out, workspace);
+  }
+#endif
   FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, 0));
   if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
   FH_TRY(check_rows_host(fn, &p.opt, B, V));

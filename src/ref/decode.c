@@ -12,19 +12,7 @@
 #include "ref_common.h"
 
 void fh_ref_decode_row_params(const fh_decode_options_t* o, int64_t b, fh_decode_row_params_t* prm) {
-  prm->sampler = o->sampler;
-  prm->temperature = o->temperature_per_row ? o->temperature_per_row[b] : o->temperature;
-  prm->top_k = o->top_k_per_row ? o->top_k_per_row[b] : o->top_k;
-  prm->top_p = o->top_p_per_row ? o->top_p_per_row[b] : o->top_p;
-  prm->min_p = o->min_p_per_row ? o->min_p_per_row[b] : o->min_p;
-  prm->top_n_sigma = o->top_n_sigma_per_row ? o->top_n_sigma_per_row[b] : o->top_n_sigma;
-  prm->epsilon = o->epsilon_per_row ? o->epsilon_per_row[b] : o->epsilon;
-  prm->top_h_alpha = o->top_h_alpha_per_row ? o->top_h_alpha_per_row[b] : o->top_h_alpha;
-  prm->bregman_lambda = o->bregman_lambda_per_row ? o->bregman_lambda_per_row[b] : o->bregman_lambda;
-  prm->bregman_alpha = o->bregman_alpha;
-  prm->top_h_candidates = o->top_h_candidates;
-  prm->seed = o->seed_per_row ? o->seed_per_row[b] : o->seed;
-  prm->offset = o->offset_per_row ? o->offset_per_row[b] : o->offset;
+  fh_dm_row_params(o, b, prm);
 }
 
 /* Per-thread buffers: the row scratch plus the fused path's H row and one C row in fp64. */

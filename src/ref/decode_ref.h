@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "decode.h"
+#include "decode_math.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -24,8 +25,32 @@ typedef struct fh_decode_row_params {
   uint64_t seed, offset;
 } fh_decode_row_params_t;
 
-/* Parameters of row b: the per-row array entry where given, else the scalar. */
+/* Parameters of row b: the per-row array entry where given, else the scalar. Shared with the
+ * CUDA kernels (kernels/decode.cu), which read the per-row arrays in device memory. */
+FH_DM void fh_dm_row_params(const fh_decode_options_t* o, int64_t b, fh_decode_row_params_t* prm) {
+  prm->sampler = o->sampler;
+  prm->temperature = o->temperature_per_row ? o->temperature_per_row[b] : o->temperature;
+  prm->top_k = o->top_k_per_row ? o->top_k_per_row[b] : o->top_k;
+  prm->top_p = o->top_p_per_row ? o->top_p_per_row[b] : o->top_p;
+  prm->min_p = o->min_p_per_row ? o->min_p_per_row[b] : o->min_p;
+  prm->top_n_sigma = o->top_n_sigma_per_row ? o->top_n_sigma_per_row[b] : o->top_n_sigma;
+  prm->epsilon = o->epsilon_per_row ? o->epsilon_per_row[b] : o->epsilon;
+  prm->top_h_alpha = o->top_h_alpha_per_row ? o->top_h_alpha_per_row[b] : o->top_h_alpha;
+  prm->bregman_lambda = o->bregman_lambda_per_row ? o->bregman_lambda_per_row[b] : o->bregman_lambda;
+  prm->bregman_alpha = o->bregman_alpha;
+  prm->top_h_candidates = o->top_h_candidates;
+  prm->seed = o->seed_per_row ? o->seed_per_row[b] : o->seed;
+  prm->offset = o->offset_per_row ? o->offset_per_row[b] : o->offset;
+}
 void fh_ref_decode_row_params(const fh_decode_options_t* o, int64_t b, fh_decode_row_params_t* prm);
+
+/* Whether a row's parameters are in the ranges src/decode.c checks on the host (the CUDA kernels
+ * check the per-row arrays on the device with it). */
+FH_DM int fh_dm_row_params_ok(const fh_decode_row_params_t* r) {
+  return isfinite(r->temperature) && r->temperature >= 0.0 && r->top_p > 0.0 && r->top_p <= 1.0 &&
+         r->min_p >= 0.0 && r->min_p <= 1.0 && isfinite(r->top_n_sigma) && r->epsilon >= 0.0 && r->epsilon < 1.0 &&
+         r->top_h_alpha > 0.0 && r->top_h_alpha <= 1.0 && isfinite(r->bregman_lambda) && r->bregman_lambda >= 0.0;
+}
 
 /* A sort entry: (s, id), ordered by s descending then id ascending. */
 typedef struct fh_decode_pair {

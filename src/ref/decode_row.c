@@ -5,8 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "decode_math.h"
 #include "decode_ref.h"
-#include "philox.h"
 
 int fh_ref_decode_pair_cmp(const void* pa, const void* pb) {
   const fh_decode_pair_t* a = (const fh_decode_pair_t*)pa;
@@ -54,7 +54,7 @@ int64_t fh_ref_decode_rule_standard(const fh_decode_row_params_t* prm, const fh_
                                     int64_t V, double m) {
   int64_t n = n_fin;
   if (prm->min_p > 0.0) {
-    const double thr = m + log(prm->min_p);
+    const double thr = fh_dm_min_p_threshold(m, prm->min_p);
     int64_t i = 0;
     while (i < n && srt[i].s >= thr) ++i;
     n = i;
@@ -71,7 +71,7 @@ int64_t fh_ref_decode_rule_standard(const fh_decode_row_params_t* prm, const fh_
       if (i > 0 && srt[i].s != srt[i - 1].s) { /* a new tie group: its mass above is final */
         above += group_mass;
         group_mass = 0.0;
-        if (!(above / Zs < prm->top_p)) break;
+        if (!fh_dm_top_p_keeps(above, Zs, prm->top_p)) break;
       }
       group_mass += exp(srt[i].s - m);
       keep = i + 1;
@@ -95,19 +95,14 @@ static void rule_top_n_sigma(const fh_decode_row_params_t* prm, const double* z,
   mean /= (double)cnt; /* cnt >= 1: the row is not degenerate */
   for (int64_t v = 0; v < V; ++v)
     if (isfinite(z[v])) m2 += (z[v] - mean) * (z[v] - mean);
-  const double thr = zmax - prm->top_n_sigma * sqrt(m2 / (double)cnt);
+  const double thr = fh_dm_n_sigma_threshold(zmax, prm->top_n_sigma, m2, (double)cnt);
   for (int64_t v = 0; v < V; ++v) allowed[v] = isfinite(z[v]) && (off || z[v] >= thr);
 }
 
 /* ε / η: keep log p_v ≥ ln ε (ln η); ε = 0 keeps every finite token. */
 static void rule_eps_eta(const fh_decode_row_params_t* prm, const double* logp, int64_t V, double h,
                          unsigned char* allowed) {
-  double thr = -INFINITY;
-  if (prm->epsilon > 0.0) {
-    thr = log(prm->epsilon);
-    /* η = min(ε, √ε·e^{−h}) in log space: ln η = min(ln ε, ½ ln ε − h). */
-    if (prm->sampler == FH_DECODE_ETA) thr = fmin(thr, 0.5 * thr - h);
-  }
+  const double thr = fh_dm_eps_eta_threshold(prm->sampler == FH_DECODE_ETA, prm->epsilon, h);
   for (int64_t v = 0; v < V; ++v) allowed[v] = logp[v] > -INFINITY && logp[v] >= thr;
 }
 
@@ -116,16 +111,12 @@ static int64_t rule_top_h(const fh_decode_row_params_t* prm, const fh_decode_pai
                           double lse) {
   const int64_t N = prm->top_h_candidates < n_fin ? prm->top_h_candidates : n_fin;
   double HN = 0.0;
-  for (int64_t i = 0; i < N; ++i) {
-    const double lp = srt[i].s - lse, pv = exp(lp);
-    HN += pv > 0.0 ? -pv * lp : 0.0;
-  }
+  for (int64_t i = 0; i < N; ++i) HN += fh_dm_top_h_term(srt[i].s - lse);
   const double tau = prm->top_h_alpha * HN;
   double H = 0.0;
   int64_t k = 0;
   for (int64_t j = 1; j <= N; ++j) { /* H_j is non-decreasing: stop at the first excess */
-    const double lp = srt[j - 1].s - lse, pv = exp(lp);
-    H += pv > 0.0 ? -pv * lp : 0.0;
+    H += fh_dm_top_h_term(srt[j - 1].s - lse);
     if (H <= tau) k = j;
     else break;
   }
@@ -138,13 +129,10 @@ static int64_t bregman_k(double lambda, const fh_decode_pair_t* srt, int64_t n_f
   for (int64_t k = 1; k <= n_fin; ++k) {
     P += exp(srt[k - 1].s - lse);
     const double pnext = k < n_fin ? exp(srt[k].s - lse) : 0.0;
-    if (log1p(pnext / P) <= lambda) return k;
+    if (fh_dm_bregman_stop(pnext, P, lambda)) return k;
   }
   return n_fin;
 }
-
-/* log(q_(i)/p_(1)) = log1p(expm1(a·lr_i) + c)/a with lr_i = ln(p_(i)/p_(1)), a = α − 1. */
-static double alpha_logratio(double a, double lr, double c) { return log1p(expm1(a * lr) + c) / a; }
 
 /* α-renormalisation on the first k sorted tokens, whose .s holds ln p (the full softmax): writes
  * logq of those ids. With a = α − 1, lr_i = ln(p_(i)/p_(1)) ≤ 0 and the shifted constant
@@ -154,20 +142,20 @@ static double alpha_logratio(double a, double lr, double c) { return log1p(expm1
  * bisection down to adjacent doubles finds c′. */
 static void bregman_alpha_renorm(double alpha, const fh_decode_pair_t* srt, int64_t k, double* logq) {
   const double a = alpha - 1.0, lp1 = srt[0].s;
-  double lo = a > 0 ? 0.0 : -1.0, hi = a > 0 ? expm1(-a * lp1) : 0.0;
-  for (int it = 0; it < 4000; ++it) {
+  double lo, hi;
+  fh_dm_alpha_bracket(a, lp1, &lo, &hi);
+  for (int it = 0; it < FH_DM_ALPHA_MAX_ITERS; ++it) {
     const double mid = 0.5 * (lo + hi);
     if (mid <= lo || mid >= hi) break;
     double sum = 0.0;
-    for (int64_t i = 0; i < k; ++i) sum += exp(lp1 + alpha_logratio(a, srt[i].s - lp1, mid));
-    if ((a > 0) == (sum > 1.0)) hi = mid;
-    else lo = mid;
+    for (int64_t i = 0; i < k; ++i) sum += exp(lp1 + fh_dm_alpha_logratio(a, srt[i].s - lp1, mid));
+    fh_dm_alpha_step(a, sum, mid, &lo, &hi);
   }
   /* The end where Σ q >= 1; for a < 0 that is lo, which has moved off −1 (k >= 2). */
-  const double c = a > 0 ? hi : lo;
+  const double c = fh_dm_alpha_root(a, lo, hi);
   double tot = 0.0;
   for (int64_t i = 0; i < k; ++i) {
-    logq[srt[i].id] = lp1 + alpha_logratio(a, srt[i].s - lp1, c);
+    logq[srt[i].id] = lp1 + fh_dm_alpha_logratio(a, srt[i].s - lp1, c);
     tot += exp(logq[srt[i].id]);
   }
   const double lt = log(tot); /* the last bisection step's residual: afterwards Σ q = 1 to rounding */
@@ -285,7 +273,7 @@ void fh_ref_decode_row(const double* z, int64_t V, const fh_decode_row_params_t*
     tok = -1;
     for (int64_t v = 0; v < V; ++v) {
       if (!A[v]) continue;
-      const double key = (alpha_q ? logq[v] : s[v]) + fh_gumbel_noise(prm->seed, prm->offset, (uint64_t)v);
+      const double key = (alpha_q ? logq[v] : s[v]) + fh_dm_gumbel(prm->seed, prm->offset, (uint64_t)v);
       if (tok < 0 || key > best) {
         best = key;
         tok = v;

@@ -1,17 +1,24 @@
 /* emu_blas.cpp: the emulator twins of kernels/blas.cuh: cublasGemmEx and cub::DeviceScan::
- * ExclusiveSum, with their documented semantics and argument
+ * ExclusiveSum, and of kernels/segsort.cuh: cub::DeviceSegmentedRadixSort::SortPairs (each
+ * segment sorted ascending by key, stably, into the outputs at the same positions; nothing
+ * outside the segments touched), with their documented semantics and argument
  * checks, on host memory. The GEMM accumulates in fp64 and rounds once into C's dtype (cuBLAS:
  * fp32 with an unspecified order), so kernel tests compare against it with fp32 tolerances. */
+#include <algorithm>
 #include <cstring>
+#include <numeric>
+#include <vector>
 
 #include "blas.cuh"
 #include "dtype.h"
 #include "fh_internal.h"
+#include "segsort.cuh"
 
 namespace {
 /* What the twins require of temp storage. CUB's sizes differ; callers must use the queried
  * value, never a constant, and the twin writes every byte so a short allocation trips ASan. */
 size_t scan_temp_bytes(int n) { return 512 + 4 * (size_t)(n > 0 ? n : 0); }
+size_t sort_temp_bytes(int segs) { return 256 + 8 * (size_t)(segs > 0 ? segs : 0); }
 
 fh_status_t temp_protocol(void* temp, size_t* temp_bytes, size_t need, const char* fn, const char* what) {
   if (!temp_bytes) return fh_set_error(FH_ERR_INTERNAL, fn, "%s: temp_storage_bytes is NULL", what);
@@ -80,3 +87,28 @@ fh_status_t fh_exclusive_sum_i32(void* temp, size_t* temp_bytes, const int32_t* 
   return FH_SUCCESS;
 }
 
+
+fh_status_t fh_segmented_sort_u64_i32(void* temp, size_t* temp_bytes, const uint64_t* keys_in, uint64_t* keys_out,
+                                      const int32_t* vals_in, int32_t* vals_out, int num_items, int num_segments,
+                                      const int32_t* offsets, struct CUstream_st*, const char* fn) {
+  static const char what[] = "cub::DeviceSegmentedRadixSort::SortPairs";
+  const bool query = temp == nullptr;
+  FH_TRY(temp_protocol(temp, temp_bytes, sort_temp_bytes(num_segments), fn, what));
+  if (query) return FH_SUCCESS;
+  if (num_items < 0 || num_segments < 0)
+    return fh_set_error(FH_ERR_INTERNAL, fn, "%s: num_items %d, num_segments %d", what, num_items, num_segments);
+  std::vector<int> idx;
+  for (int s = 0; s < num_segments; ++s) {
+    const int lo = offsets[s], hi = offsets[s + 1];
+    if (lo < 0 || hi > num_items || hi < lo)
+      return fh_set_error(FH_ERR_INTERNAL, fn, "%s: segment %d is [%d, %d) of %d items", what, s, lo, hi, num_items);
+    idx.resize((size_t)(hi - lo));
+    std::iota(idx.begin(), idx.end(), lo);
+    std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return keys_in[a] < keys_in[b]; });
+    for (int i = lo; i < hi; ++i) {
+      keys_out[i] = keys_in[idx[(size_t)(i - lo)]];
+      vals_out[i] = vals_in[idx[(size_t)(i - lo)]];
+    }
+  }
+  return FH_SUCCESS;
+}

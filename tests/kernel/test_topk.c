@@ -27,6 +27,7 @@
 #include "dtype.h"
 #include "fh_emu.h"
 #include "fusedhead.h"
+#include "test_dev_util.h"
 #include "test_util.h"
 
 enum { FUSED_D = 5 };
@@ -39,23 +40,6 @@ static double logit_value(tu_rng_t* rng, int64_t r, int64_t j, int64_t V) {
   const double x = (double)(tu_randint(rng, 7) - 3);
   if (x == 0.0 && j % 2) return -0.0;                  /* -0 ties with +0 */
   return x;
-}
-
-static void* to_device(const void* h, size_t bytes) {
-  void* d = NULL;
-  cr_assert_eq(cudaMalloc(&d, bytes ? bytes : 1), cudaSuccess);
-  if (bytes) cr_assert_eq(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice), cudaSuccess);
-  return d;
-}
-
-/* Outputs on the device with guard words after each. */
-static void* alloc_out(size_t bytes) {
-  uint32_t guards[TU_GUARD_WORDS];
-  for (int i = 0; i < TU_GUARD_WORDS; ++i) guards[i] = TU_GUARD_VALUE;
-  void* d = NULL;
-  cr_assert_eq(cudaMalloc(&d, bytes + sizeof guards), cudaSuccess);
-  cr_assert_eq(cudaMemcpy((char*)d + bytes, guards, sizeof guards, cudaMemcpyHostToDevice), cudaSuccess);
-  return d;
 }
 
 static int same_value(float a, float b) {
