@@ -109,7 +109,9 @@ __device__ __forceinline__ uint32_t finite_or_zero(uint32_t x) {
  * logical pair (2t, 2t+1) is the physical (t, t+4) of slab 0 and (2t+8, 2t+9) that of slab 1. */
 struct f32x3 {
   /* Three bf16x2 pieces of (lo, hi). A value whose first piece is not finite (inf, NaN, or an
-   * fp32 beyond bf16's range) keeps that piece alone, so x·y follows IEEE (inf·0 = NaN). */
+   * fp32 beyond bf16's range) keeps that piece alone (no inf − inf among its own pieces); its
+   * products with another value's zero or opposite-signed pieces can still form 0·∞ or ∞ − ∞, so
+   * an infinity inside fp32 E or C gives NaN logits (docs/conventions.md). */
   static __device__ __forceinline__ void split(uint32_t lo, uint32_t hi, uint32_t& p0, uint32_t& p1, uint32_t& p2) {
     float a = __uint_as_float(lo), b = __uint_as_float(hi);
     p0 = fh_ptx::cvt_bf16x2(a, b);
