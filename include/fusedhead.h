@@ -670,7 +670,6 @@ FH_API fh_status_t fh_distill_sparse_backward(fh_context_t* ctx, const fh_distil
  * best; ties share a rank); lse and entropy of softmax(s); allowed_count = |A|; top-n ids and
  * log p of the n largest s (ties by lowest id), n = opts.num_logprobs; flags (FH_DECODE_FLAG_*).
  * Degenerate rows: see 2.
- *
  * Parameters: scalars in the options; a per-row array (length B, host memory for the CPU
  * backend, device memory for CUDA so that no host sync is needed) replaces its scalar when not
  * NULL. The CPU backend checks every per-row value on the host (FH_ERR_INVALID_ARGUMENT naming
@@ -691,6 +690,7 @@ typedef enum fh_decode_sampler {
 #define FH_DECODE_FLAG_DEGENERATE 1u      /* NaN or +inf in z, or every z is −inf */
 #define FH_DECODE_FLAG_GREEDY 2u          /* T == 0: argmax */
 #define FH_DECODE_FLAG_ARGMAX_FALLBACK 4u /* the rule kept nothing; A = {argmax} (ε, η) */
+#define FH_DECODE_FLAG_SECOND_PASS 8u     /* CUDA fused: decoded by the exact fallback (docs/decoding.md) */
 
 typedef struct fh_decode_options {
   size_t struct_size;          /* sizeof(fh_decode_options_t), set by init */

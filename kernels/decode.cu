@@ -27,7 +27,7 @@
  * the reference's; sums (Z, F, the prefix sums of top-p / top-H / Bregman, σ, the α
  * normaliser) are fp64 in another order (docs/decoding.md, "CUDA backend"). Row offsets are
  * int64. A row's results do not depend on the batch. */
-#include "decode_row.cuh"
+#include "decode_rule.cuh"
 #include "segsort.cuh"
 
 namespace {
@@ -45,6 +45,10 @@ struct dec_params {
   uint32_t* info;          /* [B] INFO_* bits */
   fh_decode_outputs_t out; /* device pointers */
   int* err;
+  /* The fused path's exact fallback (kernels/decode_fused.cu): only rows with DEC_ROW_FALLBACK
+   * in only[b] are decoded, from z already materialised (bias and lists applied) at zb + offs[b],
+   * offs written beforehand (the flagged rows packed). NULL: every row, from p.z. */
+  const uint32_t* only;
 };
 
 template <typename T>
@@ -52,17 +56,22 @@ __global__ void __launch_bounds__(DEC_THREADS) decode_prep_kernel(dec_params p) 
   __shared__ uint32_t sh_info;
   const int t = threadIdx.x;
   const int64_t b = blockIdx.x, V = p.V;
-  const T* src = static_cast<const T*>(p.z) + b * p.ldz;
-  double* z = p.zb + b * V;
-  for (int64_t j = t; j < V; j += DEC_THREADS) z[j] = (double)fh_to_float(src[j]);
+  if (p.only && !(p.only[b] & DEC_ROW_FALLBACK)) return;
+  const int64_t base = p.only ? (int64_t)p.offs[b] : b * V;
+  double* z = p.zb + base;
+  if (!p.only) {
+    const T* src = static_cast<const T*>(p.z) + b * p.ldz;
+    for (int64_t j = t; j < V; j += DEC_THREADS) z[j] = (double)fh_to_float(src[j]);
+  }
   fh_decode_row_params_t prm;
   fh_dm_row_params(&p.o, b, &prm);
-  if (t == 0) {
+  if (t == 0 && !p.only) {
     p.offs[b] = (int32_t)(b * V);
     if (b == p.B - 1) p.offs[p.B] = (int32_t)(p.B * V);
   }
   __syncthreads(); /* z complete before thread 0 edits it */
-  if (t == 0) {
+  if (t == 0 && p.only) sh_info = 0u; /* materialised z: the lists are applied, the row was checked */
+  if (t == 0 && !p.only) {
     const fh_decode_options_t& o = p.o;
     uint32_t bad = fh_dm_row_params_ok(&prm) ? 0u : INFO_BAD;
     if (o.bias_width > 0) { /* list order: repeated ids add up as on the CPU */
@@ -92,8 +101,8 @@ __global__ void __launch_bounds__(DEC_THREADS) decode_prep_kernel(dec_params p) 
   for (int64_t j = t; j < V; j += DEC_THREADS) {
     const double zj = z[j];
     f |= zj != zj ? INFO_NAN : zj == INFINITY ? INFO_PINF : zj > -INFINITY ? INFO_FINITE : 0u;
-    p.kin[b * V + j] = dec_key_of(zj / temp);
-    p.iin[b * V + j] = (int32_t)j;
+    p.kin[base + j] = dec_key_of(zj / temp);
+    p.iin[base + j] = (int32_t)j;
   }
   if (f) atomicOr(&sh_info, f);
   __syncthreads();
@@ -103,224 +112,58 @@ __global__ void __launch_bounds__(DEC_THREADS) decode_prep_kernel(dec_params p) 
   }
 }
 
-/* FH_DECODE_STANDARD on the sorted row: min-p, top-k (tie-inclusive) and top-p each keep a
- * prefix (src/ref/decode_row.c, fh_ref_decode_rule_standard). */
-template <class S>
-__device__ int64_t rule_standard(const fh_decode_row_params_t& prm, const S& s, int64_t n_fin, int64_t V, double m,
-                                 dec_smem& sm) {
-  int64_t n = n_fin;
-  if (prm.min_p > 0.0) {
-    const double thr = fh_dm_min_p_threshold(m, prm.min_p);
-    n = dec_partition_point(0, n, [&](int64_t i) { return s(i) >= thr; });
-  }
-  if (prm.top_k > 0 && prm.top_k < V && prm.top_k < n) { /* the tie group of the k-th stays whole */
-    const double sk = s(prm.top_k - 1);
-    n = dec_partition_point(0, n, [&](int64_t i) { return s(i) >= sk; });
-  }
-  if (prm.top_p < 1.0) {
-    const auto term = [&](int64_t j) { return exp(s(j) - m); };
-    double Zs = 0.0, unused = 0.0;
-    dec_scan_first(n, term, [](int64_t, double, double) { return false; }, &Zs, sm);
-    /* the first tie group (after the first) whose mass strictly above is not < top_p */
-    n = dec_scan_first(
-        n, term,
-        [&](int64_t j, double above, double) {
-          return j > 0 && s(j) != s(j - 1) && !fh_dm_top_p_keeps(above, Zs, prm.top_p);
-        },
-        &unused, sm);
-  }
-  return n;
-}
-
-__device__ void write_degenerate(const dec_params& p, int64_t b, uint32_t info) {
-  const fh_decode_outputs_t& out = p.out;
-  const int64_t n = p.o.num_logprobs;
-  if (threadIdx.x == 0) {
-    out.tokens[b] = p.o.degenerate_token;
-    if (out.logprob) out.logprob[b] = NAN;
-    if (out.full_logprob) out.full_logprob[b] = NAN;
-    if (out.rank) out.rank[b] = 0;
-    if (out.lse) out.lse[b] = (info & (INFO_NAN | INFO_BAD)) ? NAN : (info & INFO_PINF) ? INFINITY : -INFINITY;
-    if (out.entropy) out.entropy[b] = NAN;
-    if (out.allowed_count) out.allowed_count[b] = 0;
-    if (out.flags) out.flags[b] = FH_DECODE_FLAG_DEGENERATE;
-  }
-  for (int64_t i = threadIdx.x; i < n; i += DEC_THREADS) {
-    if (out.topn_ids) out.topn_ids[b * n + i] = -1;
-    if (out.topn_logprobs) out.topn_logprobs[b * n + i] = NAN;
-  }
-}
-
 __global__ void __launch_bounds__(DEC_THREADS) decode_row_kernel(dec_params p) {
   __shared__ dec_smem sm;
   const int t = threadIdx.x;
-  const int64_t b = blockIdx.x, V = p.V, nlp = p.o.num_logprobs;
-  const fh_decode_outputs_t& out = p.out;
-  const uint32_t info = p.info[b];
+  const int64_t b = blockIdx.x, V = p.V;
+  if (p.only && !(p.only[b] & DEC_ROW_FALLBACK)) return; /* the fused path decided this row */
+  const uint32_t info = p.info[b], extra = p.only ? FH_DECODE_FLAG_SECOND_PASS : 0u;
   if ((info & (INFO_NAN | INFO_PINF | INFO_BAD)) || !(info & INFO_FINITE)) { /* block-uniform */
-    write_degenerate(p, b, info);
+    dec_write_degenerate(p.o, p.out, b, info, extra);
     return;
   }
-  const uint64_t* keys = p.kout + b * V;
-  const int32_t* ids = p.iout + b * V;
-  const double* z = p.zb + b * V;
+  const int64_t base = p.offs[b];
+  const uint64_t* keys = p.kout + base;
+  const int32_t* ids = p.iout + base;
+  const double* z = p.zb + base;
   const auto s = [&](int64_t i) { return dec_s_of(keys[i]); };
-  fh_decode_row_params_t prm;
-  fh_dm_row_params(&p.o, b, &prm);
-  const bool greedy = prm.temperature == 0.0;
-  const double m = s(0); /* position 0: the argmax, lowest id among ties */
-  const int64_t n_fin = dec_partition_point(0, V, [&](int64_t i) { return s(i) > -INFINITY; });
+  dec_totals tot;
+  tot.m = s(0); /* position 0: the argmax, lowest id among ties */
+  tot.n_fin = dec_partition_point(0, V, [&](int64_t i) { return s(i) > -INFINITY; });
   double zp = 0.0, fp = 0.0;
-  for (int64_t i = t; i < n_fin; i += DEC_THREADS) {
-    const double d = s(i) - m, e = exp(d);
+  for (int64_t i = t; i < tot.n_fin; i += DEC_THREADS) {
+    const double d = s(i) - tot.m, e = exp(d);
     zp += e;
     fp += e * d;
   }
-  const double Z = dec_block_sum(zp, sm), F = dec_block_sum(fp, sm);
-  const double lse = m + log(Z), h = log(Z) - F / Z;
-
-  uint32_t flags = 0;
-  int64_t prefix = -1; /* rules keeping a sorted prefix set it; otherwise a predicate (pred) */
-  int pred = 0;        /* 1: top-nσ on z, 2: ε / η on log p */
-  bool nsig_off = false;
-  double thr = 0.0;
-  if (greedy) {
-    prefix = 1;
-    flags |= FH_DECODE_FLAG_GREEDY;
-  } else {
-    switch (prm.sampler) {
-      case FH_DECODE_STANDARD: prefix = rule_standard(prm, s, n_fin, V, m, sm); break;
-      case FH_DECODE_TOP_N_SIGMA: {
-        nsig_off = !(prm.top_n_sigma > 0.0) || V <= 1;
-        double sp = 0.0, zm = -INFINITY;
-        int64_t cp = 0;
-        for (int64_t j = t; j < V; j += DEC_THREADS)
-          if (isfinite(z[j])) {
-            ++cp;
-            sp += z[j];
-            zm = fmax(zm, z[j]);
-          }
-        const int64_t cnt = dec_block_sum_i(cp, sm);
-        const double mean = dec_block_sum(sp, sm) / (double)cnt, zmax = dec_block_max(zm, sm);
-        double mp = 0.0;
-        for (int64_t j = t; j < V; j += DEC_THREADS)
-          if (isfinite(z[j])) mp += (z[j] - mean) * (z[j] - mean);
-        thr = fh_dm_n_sigma_threshold(zmax, prm.top_n_sigma, dec_block_sum(mp, sm), (double)cnt);
-        pred = 1;
-        break;
+  tot.Z = dec_block_sum(zp, sm);
+  tot.F = dec_block_sum(fp, sm);
+  tot.gid = -1;
+  tot.gs = 0.0;
+  tot.zcnt = tot.zmean = tot.zm2 = tot.zmax = 0.0;
+  fh_decode_row_params_t prm;
+  fh_dm_row_params(&p.o, b, &prm);
+  if (prm.temperature != 0.0 && prm.sampler == FH_DECODE_TOP_N_SIGMA) { /* block-uniform */
+    double sp = 0.0, zm = -INFINITY;
+    int64_t cp = 0;
+    for (int64_t j = t; j < V; j += DEC_THREADS)
+      if (isfinite(z[j])) {
+        ++cp;
+        sp += z[j];
+        zm = fmax(zm, z[j]);
       }
-      case FH_DECODE_EPSILON:
-      case FH_DECODE_ETA:
-        thr = fh_dm_eps_eta_threshold(prm.sampler == FH_DECODE_ETA, prm.epsilon, h);
-        pred = 2;
-        break;
-      case FH_DECODE_TOP_H: {
-        const int64_t N = prm.top_h_candidates < n_fin ? prm.top_h_candidates : n_fin;
-        const auto term = [&](int64_t j) { return fh_dm_top_h_term(s(j) - lse); };
-        double HN = 0.0, unused = 0.0;
-        dec_scan_first(N, term, [](int64_t, double, double) { return false; }, &HN, sm);
-        const double tau = prm.top_h_alpha * HN;
-        /* H_j is the same computation as HN's prefix, so α = 1 keeps all N */
-        const int64_t k = dec_scan_first(N, term, [&](int64_t, double, double H) { return H > tau; }, &unused, sm);
-        prefix = k > 1 ? k : 1;
-        break;
-      }
-      case FH_DECODE_BREGMAN:
-      default: {
-        double unused = 0.0;
-        const int64_t j = dec_scan_first(
-            n_fin, [&](int64_t i) { return exp(s(i) - lse); },
-            [&](int64_t i, double, double P) {
-              const double pnext = i + 1 < n_fin ? exp(s(i + 1) - lse) : 0.0;
-              return fh_dm_bregman_stop(pnext, P, prm.bregman_lambda) != 0;
-            },
-            &unused, sm);
-        prefix = j < n_fin ? j + 1 : n_fin;
-        break;
-      }
-    }
+    const int64_t cnt = dec_block_sum_i(cp, sm);
+    tot.zcnt = (double)cnt;
+    tot.zmean = dec_block_sum(sp, sm) / (double)cnt;
+    tot.zmax = dec_block_max(zm, sm);
+    double mp = 0.0;
+    for (int64_t j = t; j < V; j += DEC_THREADS)
+      if (isfinite(z[j])) mp += (z[j] - tot.zmean) * (z[j] - tot.zmean);
+    tot.zm2 = dec_block_sum(mp, sm);
   }
-  /* The rule's set before the union with the argmax (position 0). */
-  const auto rule = [&](int64_t i) -> bool {
-    if (prefix >= 0) return i < prefix;
-    if (pred == 1) {
-      const double zi = z[ids[i]];
-      return isfinite(zi) && (nsig_off || zi >= thr);
-    }
-    const double lp = s(i) - lse;
-    return lp > -INFINITY && lp >= thr;
-  };
-  int64_t cnt0 = prefix;
-  if (prefix < 0) {
-    int64_t c = 0;
-    for (int64_t i = t; i < n_fin; i += DEC_THREADS) c += rule(i);
-    cnt0 = dec_block_sum_i(c, sm);
-  }
-  if (cnt0 == 0) flags |= FH_DECODE_FLAG_ARGMAX_FALLBACK;
-  const int64_t count = cnt0 + (rule(0) ? 0 : 1);
-  const int64_t n_lim = prefix >= 0 ? (prefix > 1 ? prefix : 1) : n_fin;
-  const auto allowed = [&](int64_t i) { return i == 0 || rule(i); };
-
-  /* α-Bregman renormalisation (α != 1) on the first k* > 1 tokens: bisection on c′. */
-  const bool alpha_q = !greedy && prm.sampler == FH_DECODE_BREGMAN && prm.bregman_alpha != 1.0 && prefix > 1;
-  const double a = prm.bregman_alpha - 1.0, lp1 = s(0) - lse;
-  double c = 0.0, lt = 0.0;
-  const auto lq = [&](int64_t i, double cc) { return lp1 + fh_dm_alpha_logratio(a, (s(i) - lse) - lp1, cc); };
-  if (alpha_q) {
-    double lo, hi;
-    fh_dm_alpha_bracket(a, lp1, &lo, &hi);
-    for (int it = 0; it < FH_DM_ALPHA_MAX_ITERS; ++it) { /* lo, hi are block-uniform */
-      const double mid = 0.5 * (lo + hi);
-      if (mid <= lo || mid >= hi) break;
-      double ps = 0.0;
-      for (int64_t i = t; i < prefix; i += DEC_THREADS) ps += exp(lq(i, mid));
-      fh_dm_alpha_step(a, dec_block_sum(ps, sm), mid, &lo, &hi);
-    }
-    c = fh_dm_alpha_root(a, lo, hi);
-    double ps = 0.0;
-    for (int64_t i = t; i < prefix; i += DEC_THREADS) ps += exp(lq(i, c));
-    lt = log(dec_block_sum(ps, sm));
-  }
-  double lseA = 0.0;
-  if (!alpha_q) { /* q = p on A renormalised */
-    double zp2 = 0.0;
-    for (int64_t i = t; i < n_lim; i += DEC_THREADS)
-      if (allowed(i)) zp2 += exp(s(i) - m);
-    lseA = m + log(dec_block_sum(zp2, sm));
-  }
-
-  /* The keyed Gumbel-max over A; equal keys go to the lower id. */
-  int64_t tok = ids[0], pos = 0;
-  if (!greedy) {
-    double best = -INFINITY;
-    int64_t bid = -1, bpos = -1;
-    for (int64_t i = t; i < n_lim; i += DEC_THREADS) {
-      if (!allowed(i)) continue;
-      const int64_t id = ids[i];
-      const double key = (alpha_q ? lq(i, c) - lt : s(i)) + fh_dm_gumbel(prm.seed, prm.offset, (uint64_t)id);
-      if (bid < 0 || key > best || (key == best && id < bid)) {
-        best = key;
-        bid = id;
-        bpos = i;
-      }
-    }
-    dec_block_argmax(best, bid, bpos, sm, &tok, &pos);
-  }
-  const double st = s(pos);
-  if (t == 0) {
-    out.tokens[b] = tok;
-    if (out.logprob) out.logprob[b] = greedy ? 0.0f : (float)(alpha_q ? lq(pos, c) - lt : st - lseA);
-    if (out.full_logprob) out.full_logprob[b] = (float)(st - lse);
-    if (out.rank) out.rank[b] = 1 + dec_partition_point(0, pos, [&](int64_t i) { return s(i) > st; });
-    if (out.lse) out.lse[b] = (float)lse;
-    if (out.entropy) out.entropy[b] = (float)h;
-    if (out.allowed_count) out.allowed_count[b] = count;
-    if (out.flags) out.flags[b] = flags;
-  }
-  for (int64_t i = t; i < nlp; i += DEC_THREADS) {
-    if (out.topn_ids) out.topn_ids[b * nlp + i] = ids[i];
-    if (out.topn_logprobs) out.topn_logprobs[b * nlp + i] = (float)(s(i) - lse);
-  }
+  decode_row_body(
+      p.o, p.out, b, V, s, [&](int64_t i) { return (int64_t)ids[i]; }, [&](int64_t i) { return z[ids[i]]; }, V, true,
+      tot, extra, sm);
 }
 
 constexpr size_t DEC_ALIGN = 256;
@@ -364,6 +207,30 @@ fh_status_t launch_prep(const char* fn, cudaStream_t s, const dec_params& p) {
   return fh_cuda_launch_status(fn, "decode_prep_kernel");
 }
 
+/* The three steps over the workspace laid out as L; p.z / p.only say which rows and from where. */
+fh_status_t run_steps(const char* fn, cudaStream_t s, fh_dtype_t dtype, unsigned char* ws, const dec_layout& L,
+                      dec_params& p) {
+  p.zb = reinterpret_cast<double*>(ws + L.zb);
+  p.kin = reinterpret_cast<uint64_t*>(ws + L.kin);
+  p.kout = reinterpret_cast<uint64_t*>(ws + L.kout);
+  p.iin = reinterpret_cast<int32_t*>(ws + L.iin);
+  p.iout = reinterpret_cast<int32_t*>(ws + L.iout);
+  p.offs = reinterpret_cast<int32_t*>(ws + L.offs);
+  p.info = reinterpret_cast<uint32_t*>(ws + L.info);
+  switch (dtype) {
+    case FH_DTYPE_F32: FH_TRY(launch_prep<float>(fn, s, p)); break;
+    case FH_DTYPE_F16: FH_TRY(launch_prep<__half>(fn, s, p)); break;
+    case FH_DTYPE_BF16: FH_TRY(launch_prep<__nv_bfloat16>(fn, s, p)); break;
+    default: return fh_set_error(FH_ERR_INTERNAL, fn, "dtype %d reached the decoding kernels", (int)dtype);
+  }
+  size_t tb = L.temp_bytes;
+  const int64_t n = p.B * p.V;
+  FH_TRY(fh_segmented_sort_u64_i32(ws + L.temp, &tb, p.kin, p.kout, p.iin, p.iout, (int)n, (int)p.B, p.offs,
+                                   (struct CUstream_st*)s, fn));
+  FH_LAUNCH(decode_row_kernel, dim3((unsigned)p.B), dim3(DEC_THREADS), 0, s, p);
+  return fh_cuda_launch_status(fn, "decode_row_kernel");
+}
+
 } /* namespace */
 
 extern "C" fh_status_t fh_cuda_decode_workspace(int64_t B, int64_t V, const char* fn, size_t* bytes) {
@@ -385,32 +252,44 @@ extern "C" fh_status_t fh_cuda_decode(fh_cuda_state_t* st, struct CUstream_st* s
   if (B == 0) return FH_SUCCESS;
   dec_layout L;
   FH_TRY(dec_layout_of(B, V, fn, &L));
-  unsigned char* ws = static_cast<unsigned char*>(workspace);
   dec_params p;
   p.o = pr->opt;
   p.z = z->data;
   p.ldz = z->row_stride;
   p.B = B;
   p.V = V;
-  p.zb = reinterpret_cast<double*>(ws + L.zb);
-  p.kin = reinterpret_cast<uint64_t*>(ws + L.kin);
-  p.kout = reinterpret_cast<uint64_t*>(ws + L.kout);
-  p.iin = reinterpret_cast<int32_t*>(ws + L.iin);
-  p.iout = reinterpret_cast<int32_t*>(ws + L.iout);
-  p.offs = reinterpret_cast<int32_t*>(ws + L.offs);
-  p.info = reinterpret_cast<uint32_t*>(ws + L.info);
   p.out = *out;
   p.err = st->d_error;
-  cudaStream_t s = (cudaStream_t)stream;
-  switch (z->dtype) {
-    case FH_DTYPE_F32: FH_TRY(launch_prep<float>(fn, s, p)); break;
-    case FH_DTYPE_F16: FH_TRY(launch_prep<__half>(fn, s, p)); break;
-    case FH_DTYPE_BF16: FH_TRY(launch_prep<__nv_bfloat16>(fn, s, p)); break;
-    default: return fh_set_error(FH_ERR_INTERNAL, fn, "dtype %d reached the decoding kernels", (int)z->dtype);
-  }
-  size_t tb = L.temp_bytes;
-  FH_TRY(fh_segmented_sort_u64_i32(ws + L.temp, &tb, p.kin, p.kout, p.iin, p.iout, (int)(B * V), (int)B, p.offs,
-                                   stream, fn));
-  FH_LAUNCH(decode_row_kernel, dim3((unsigned)B), dim3(DEC_THREADS), 0, s, p);
-  return fh_cuda_launch_status(fn, "decode_row_kernel");
+  p.only = NULL;
+  return run_steps(fn, (cudaStream_t)stream, z->dtype, static_cast<unsigned char*>(workspace), L, p);
 }
+
+/* The fused path's exact fallback (kernels/decode_fused.cu, docs/decoding.md "Fused decoding
+ * on CUDA"): the from-logits steps over the rows flagged in `only`, whose z the caller has
+ * materialised at zb + offs[b] (fh_dec::fallback_z / fallback_offs of the same workspace). */
+namespace fh_dec {
+fh_status_t fallback_layout(int64_t B, int64_t V, const char* fn, size_t* zb, size_t* offs, size_t* total) {
+  dec_layout L;
+  FH_TRY(dec_layout_of(B, V, fn, &L));
+  *zb = L.zb;
+  *offs = L.offs;
+  *total = L.total;
+  return FH_SUCCESS;
+}
+fh_status_t fallback_run(const char* fn, struct CUstream_st* stream, const fh_decode_options_t& o,
+                         const fh_decode_outputs_t& out, int64_t B, int64_t V, void* workspace, const uint32_t* only,
+                         int* err) {
+  dec_layout L;
+  FH_TRY(dec_layout_of(B, V, fn, &L));
+  dec_params p;
+  p.o = o;
+  p.z = NULL;
+  p.ldz = 0;
+  p.B = B;
+  p.V = V;
+  p.out = out;
+  p.err = err;
+  p.only = only;
+  return run_steps(fn, (cudaStream_t)stream, FH_DTYPE_F32, static_cast<unsigned char*>(workspace), L, p);
+}
+} /* namespace fh_dec */
