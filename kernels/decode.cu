@@ -72,27 +72,9 @@ __global__ void __launch_bounds__(DEC_THREADS) decode_prep_kernel(dec_params p) 
   __syncthreads(); /* z complete before thread 0 edits it */
   if (t == 0 && p.only) sh_info = 0u; /* materialised z: the lists are applied, the row was checked */
   if (t == 0 && !p.only) {
-    const fh_decode_options_t& o = p.o;
     uint32_t bad = fh_dm_row_params_ok(&prm) ? 0u : INFO_BAD;
-    if (o.bias_width > 0) { /* list order: repeated ids add up as on the CPU */
-      const int64_t c = o.bias_count[b];
-      if (c < 0 || c > o.bias_width) bad = INFO_BAD;
-      for (int64_t i = 0; !bad && i < c; ++i) {
-        const int64_t id = o.bias_ids[b * o.bias_width + i];
-        const float val = o.bias_values[b * o.bias_width + i];
-        if (id < 0 || id >= V || !isfinite(val)) bad = INFO_BAD;
-        else z[id] += (double)val;
-      }
-    }
-    if (o.banned_width > 0) { /* then the bans: −inf wins over any bias */
-      const int64_t c = o.banned_count[b];
-      if (c < 0 || c > o.banned_width) bad = INFO_BAD;
-      for (int64_t i = 0; !bad && i < c; ++i) {
-        const int64_t id = o.banned_ids[b * o.banned_width + i];
-        if (id < 0 || id >= V) bad = INFO_BAD;
-        else z[id] = -INFINITY;
-      }
-    }
+    /* list order: repeated ids add up as on the CPU; then the bans (−inf wins over any bias) */
+    if (!bad) bad = dec_row_lists(p.o, b, V, [&](int64_t id, double val, bool ban) { z[id] = ban ? val : z[id] + val; });
     sh_info = bad;
   }
   __syncthreads(); /* the edited z and sh_info visible to the block */

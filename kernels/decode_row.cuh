@@ -28,6 +28,35 @@ constexpr int DEC_IPT = 8; /* consecutive sorted positions per thread in a scan 
 /* Row info bits, written by the prep kernel. */
 constexpr uint32_t INFO_NAN = 1u, INFO_PINF = 2u, INFO_FINITE = 4u, INFO_BAD = 8u;
 
+/* The row's sparse edits in the reference's order: every bias entry (id, value) in list order,
+ * then every ban (id, value −inf); `edit(id, value, ban)` is called for each. Returns INFO_BAD
+ * (and stops) at the first count or entry out of range (counts in [0, width], ids in [0, V),
+ * finite values), else 0. Shared by the from-logits prep, the fused prep and the fused
+ * epilogue (kernels/decode.cu, kernels/decode_fused.cu). */
+template <class Edit>
+__device__ __forceinline__ uint32_t dec_row_lists(const fh_decode_options_t& o, int64_t b, int64_t V, const Edit& edit) {
+  if (o.bias_width > 0) {
+    const int64_t c = o.bias_count[b];
+    if (c < 0 || c > o.bias_width) return INFO_BAD;
+    for (int64_t i = 0; i < c; ++i) {
+      const int64_t id = o.bias_ids[b * o.bias_width + i];
+      const float val = o.bias_values[b * o.bias_width + i];
+      if (id < 0 || id >= V || !isfinite(val)) return INFO_BAD;
+      edit(id, (double)val, false);
+    }
+  }
+  if (o.banned_width > 0) {
+    const int64_t c = o.banned_count[b];
+    if (c < 0 || c > o.banned_width) return INFO_BAD;
+    for (int64_t i = 0; i < c; ++i) {
+      const int64_t id = o.banned_ids[b * o.banned_width + i];
+      if (id < 0 || id >= V) return INFO_BAD;
+      edit(id, -INFINITY, true);
+    }
+  }
+  return 0u;
+}
+
 /* Order key of s: larger s gives a smaller key (the sort is ascending), -0 equal to +0. */
 __device__ __forceinline__ uint64_t dec_key_of(double s) {
   uint64_t u = (uint64_t)__double_as_longlong(s == 0.0 ? 0.0 : s);

@@ -41,6 +41,12 @@ fh_status_t fh_cuda_topk(fh_cuda_state_t* st, struct CUstream_st* stream, const 
 fh_status_t fh_cuda_decode_workspace(int64_t B, int64_t V, const char* fn, size_t* bytes);
 fh_status_t fh_cuda_decode(fh_cuda_state_t* st, struct CUstream_st* stream, const fh_decode_problem_t* p,
                            const fh_decode_outputs_t* out, void* workspace);
+/* Fused decoding (kernels/decode_fused.cu): the head's logits never written, an exact fallback
+ * for rows the candidates do not decide. Workspace fh_cuda_decode_fused_workspace(B, V, D,
+ * lists) bytes, lists nonzero when the options carry a bias or ban list (B x V < 2^31). */
+fh_status_t fh_cuda_decode_fused_workspace(int64_t B, int64_t V, int64_t D, int lists, const char* fn, size_t* bytes);
+fh_status_t fh_cuda_decode_fused(fh_cuda_state_t* st, struct CUstream_st* stream, const fh_decode_problem_t* p,
+                                 const fh_decode_outputs_t* out, void* workspace);
 
 /* Linear cross-entropy (kernels/linear_ce*.cu). Workspace sizes are exact byte counts for the
  * problem; the compute calls get a workspace at least that large (checked by the caller). */

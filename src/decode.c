@@ -1,7 +1,7 @@
 /* Decoding: option defaults, argument validation and backend dispatch for fh_decode_* and
  * fh_topk_*. The semantics are documented in fusedhead.h; the CPU reference is src/ref/decode*.c.
- * The CUDA backend runs top-k (kernels/topk.cu) and decoding from logits (kernels/decode.cu);
- * fused decoding has no CUDA kernel yet and says so. */
+ * The CUDA backend runs top-k (kernels/topk.cu), decoding from logits (kernels/decode.cu) and
+ * fused decoding (kernels/decode_fused.cu). */
 #include <math.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -38,16 +38,10 @@ void fh_decode_options_init(fh_decode_options_t* o) {
   o->degenerate_token = -1;
 }
 
+/* A CUDA context in a build without the CUDA backend (every CUDA path returns before this). */
 static fh_status_t cuda_unavailable(const char* fn) {
-#ifdef FH_HAVE_CUDA
   return fh_set_error(FH_ERR_UNSUPPORTED, fn,
-                      "fused decoding has no CUDA kernel in fusedhead %s; use fh_decode_from_logits or "
-                      "FH_BACKEND_CPU",
-                      fh_version());
-#else
-  return fh_set_error(FH_ERR_UNSUPPORTED, fn,
-                      "decoding has no CUDA kernels in fusedhead %s; use FH_BACKEND_CPU", fh_version());
-#endif
+                      "decoding has no CUDA kernels in this build of fusedhead %s; use FH_BACKEND_CPU", fh_version());
 }
 
 /* Ranges shared by the scalar options and the per-row arrays. `name` names the argument. */
@@ -241,9 +235,10 @@ fh_status_t fh_decode_workspace_size(fh_context_t* ctx, const fh_decode_options_
   if (!bytes) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "bytes is NULL");
   *bytes = 0;
 #ifdef FH_HAVE_CUDA
-  if (ctx->backend == FH_BACKEND_CUDA && D == 0) {
+  if (ctx->backend == FH_BACKEND_CUDA) {
     FH_TRY(fh_check_backend_dtype(fn, "dtype", ctx, dtype));
-    return fh_cuda_decode_workspace(B, V, fn, bytes);
+    if (D == 0) return fh_cuda_decode_workspace(B, V, fn, bytes);
+    return fh_cuda_decode_fused_workspace(B, V, D, o.bias_width > 0 || o.banned_width > 0, fn, bytes);
   }
 #endif
   if (ctx->backend == FH_BACKEND_CUDA) return cuda_unavailable(fn);
@@ -278,6 +273,13 @@ static fh_status_t decode(const char* fn, fh_context_t* ctx, const fh_decode_opt
     FH_TRY(fh_cuda_decode_workspace(B, V, fn, &need));
     FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, need));
     return fh_cuda_decode(ctx->cuda, ctx->stream, &p, out, workspace);
+  }
+  if (ctx->backend == FH_BACKEND_CUDA) {
+    FH_TRY(fh_check_backend_dtype(fn, "H->dtype", ctx, H->dtype));
+    size_t need = 0;
+    FH_TRY(fh_cuda_decode_fused_workspace(B, V, p.src.D, p.opt.bias_width > 0 || p.opt.banned_width > 0, fn, &need));
+    FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, need));
+    return fh_cuda_decode_fused(ctx->cuda, ctx->stream, &p, out, workspace);
   }
 #endif
   FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, 0));

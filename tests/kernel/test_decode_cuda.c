@@ -104,18 +104,6 @@ Test(kernel_decode, device_checks_per_row_values) {
   fh_context_destroy(gpu);
 }
 
-/* Fused decoding has no CUDA kernel yet: it says so by name. */
-Test(kernel_decode, fused_unsupported) {
-  fh_context_t* gpu = NULL;
-  cr_assert_eq(fh_context_create(&gpu, FH_BACKEND_CUDA, 0), FH_SUCCESS, "%s", fh_last_error());
-  fh_decode_options_t o;
-  fh_decode_options_init(&o);
-  size_t wsb = 0;
-  cr_assert_eq(fh_decode_workspace_size(gpu, &o, 2, 10, 4, FH_DTYPE_F32, &wsb), FH_ERR_UNSUPPORTED);
-  cr_assert(strstr(fh_last_error(), "fused decoding") != NULL, "%s", fh_last_error());
-  fh_context_destroy(gpu);
-}
-
 /* The GPU suite's near-tie allowance must not accept an ordinary wrong token: on a row with a
  * clear winner every other token is refused. */
 Test(kernel_decode, near_tie_refuses_wrong_tokens) {
