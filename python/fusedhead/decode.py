@@ -11,7 +11,7 @@ FLAG_DEGENERATE, FLAG_GREEDY, FLAG_ARGMAX_FALLBACK = 1, 2, 4
 
 SampleOutput = collections.namedtuple(
     "SampleOutput", "tokens logprob full_logprob rank lse entropy allowed_count topn_ids topn_logprobs flags")
-SampleOutput.__doc__ = """Per-row results of sample()/sample_fused() (include/fusedhead.h, "Decoding"):
+SampleOutput.__doc__ = """Per-row results of sample()/sample_fused() (include/fusedhead_decode.h):
 tokens int64 [B]; logprob = log q(token) of the final (truncated, renormalised) distribution and
 full_logprob = log softmax(s)(token), float32 [B]; rank int64 [B] (1 is best); lse and entropy of
 softmax(s), float32 [B]; allowed_count int64 [B] (size of the allowed set); topn_ids int64 and

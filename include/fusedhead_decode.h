@@ -1,0 +1,198 @@
+/*
+ * fusedhead: decoding (sampling from the LM head). Part of the public API of fusedhead.h, which
+ * includes this file (include fusedhead.h, not this file). The semantics of every sampler, the
+ * random keys and the CUDA backend's fused path are described in docs/decoding.md.
+ */
+#ifndef FUSEDHEAD_DECODE_H
+#define FUSEDHEAD_DECODE_H
+
+/*
+ * Decoding: the next token of B rows, from given logits [B x V] or fused with the LM head
+ * (z_bv = H_b · C_v + bias_v, H [B x D], C [V x D], bias [1 x V]; the CPU reference computes each
+ * logit as one fp64 dot product of the exact inputs). Per row b, in this order:
+ *   1. z ← logits; z_id += value for every (id, value) of the row's sparse logit bias (repeated
+ *      ids add up, in list order); z_id ← −inf for every banned id (bans win over bias).
+ *   2. Degenerate row: z holds a NaN or +inf, or every z is −inf (e.g. all ids banned). Result:
+ *      token = opts.degenerate_token (default −1: any in-range id would be a silently wrong token),
+ *      flag FH_DECODE_FLAG_DEGENERATE, logprob/full_logprob/entropy NaN, rank 0, allowed_count 0,
+ *      lse as fh_rows_logsumexp (NaN / +inf / −inf), top-n ids −1 and logprobs NaN. Never a crash.
+ *   3. T = temperature. T == 0: greedy (below). T > 0: s = z / T. (vLLM treats T < 1e-5 as greedy;
+ *      here every T > 0 is the real tempered distribution, which is well defined in fp64; pass 0
+ *      for greedy.) Statistics: m = max s, lse = log Σ e^s, p = e^(s − lse),
+ *      h = −Σ p ln p (entropy in nats). Greedy rows report these for T = 1 (s = z).
+ *   4. Allowed set A ⊆ {v : z_v > −inf} by the row's truncation rule (opts.sampler), then
+ *      A ← A ∪ {a} where a = argmax s with the lowest id among ties: A is never empty.
+ *   5. Sampling distribution q on A: q_v = p_v / Σ_A p (renormalised), except the α-Bregman
+ *      decoder (below). token = argmax_{v ∈ A} (log q_v + g_v) (Gumbel-max; for renormalised p
+ *      the reference evaluates the equivalent s_v + g_v), g_v = −ln(−ln u_v), u_v the keyed
+ *      uniform of (seed_b, offset_b, v) defined under "Randomness". Exact ties of the key (prob. 0)
+ *      go to the lowest id.
+ * Greedy (T == 0): token = a (lowest id among maximal z), A = {a}, logprob 0 (q is a point mass),
+ * flag FH_DECODE_FLAG_GREEDY; the truncation rule and the random key are not used.
+ *
+ * Truncation rules (exact, in fp64 on the CPU reference; "≥" keeps equality; "tie-inclusive"
+ * means tokens with equal s are all in or all out):
+ *   FH_DECODE_STANDARD (default): min-p → top-k → top-p, vLLM's order, each off by default.
+ *     min-p (arXiv 2407.01082, vLLM): keep s_v ≥ m + ln(min_p), i.e. p_v ≥ min_p·p_max. min_p in
+ *       [0, 1]; 0 is off; 1 keeps the maximal tie class.
+ *     top-k: keep v with #{j in the min-p survivors : s_j > s_v} < k (tie-inclusive: FlashInfer
+ *       and vLLM masks; ties at the k-th value may give more than k tokens). k <= 0 or k >= V is
+ *       off (vLLM uses −1 for off).
+ *     top-p, FlashInfer's rule on the survivors renormalised (FlashInfer top_k_first, i.e.
+ *       sequential, not SGLang's joint rule: p = (.30,.25,.24,.11,.10), k = 3, P = .35 keeps
+ *       only the first token): r_v = p_v / Σ_{survivors} p, keep v with
+ *       Σ_{survivors j : s_j > s_v} r_j < top_p (tie-inclusive; the mass strictly above is summed
+ *       in descending order, ties by id, in fp64). top_p in (0, 1]; 1 is off.
+ *   FH_DECODE_TOP_N_SIGMA (arXiv 2411.07641): keep z_v ≥ max z − n·σ, σ the population standard
+ *     deviation (divide by the count, llama.cpp) of the finite z of the row. Evaluated on z
+ *     before temperature, so A is exactly temperature-invariant (in exact arithmetic s-space
+ *     gives the same set). n = top_n_sigma; n <= 0 or V <= 1 is off (all finite tokens).
+ *   FH_DECODE_EPSILON (arXiv 2210.15191, HF EpsilonLogitsWarper): keep p_v ≥ ε (HF removes
+ *     p < ε); ε = epsilon in [0, 1), 0 is off. Empty → {a} and FH_DECODE_FLAG_ARGMAX_FALLBACK.
+ *   FH_DECODE_ETA: keep p_v ≥ η, η = min(ε, √ε·exp(−h)) with h the entropy of p in nats
+ *     (HF EtaLogitsWarper's code; its docstring's sqrt(ε·e^−h) is wrong). Fallback as ε.
+ *   FH_DECODE_TOP_H (arXiv 2509.02510, reference code logit_processor.py): the top N =
+ *     min(top_h_candidates, V) tokens of p in (s descending, id ascending) order, p the full
+ *     softmax; τ = α·Σ_{i≤N} −p_(i) ln p_(i), H_j = Σ_{i≤j} −p_(i) ln p_(i);
+ *     A = the first k, k = max(1, max{j ≤ N : H_j ≤ τ}). Positional, as the reference code's
+ *     sort (the log base cancels; N bounds the guard at α = 1). α = top_h_alpha in (0, 1].
+ *   FH_DECODE_BREGMAN ("Foundations of Top-k Decoding", arXiv 2505.19371): these formulas follow
+ *     the derivation in docs/decoding.md, worked out from the paper's abstract and summaries,
+ *     not verified against the paper body. With p_(1) ≥ p_(2) ≥ … in (s descending, id ascending)
+ *     order, P_k = Σ_{i≤k} p_(i), p_(V+1) = 0 and λ = bregman_lambda ≥ 0:
+ *       k* = min{k ≥ 1 : ln(1 + p_(k+1)/P_k) ≤ λ}  (the first minimiser of the KL cost
+ *       J(k) = −ln P_k + λk, discretely convex in k); A = the first k* tokens (positional).
+ *     Renormalisation, α = bregman_alpha > 0: α = 1 (KL) gives q = p / P_k*; otherwise
+ *       q_v = (p_v^(α−1) + c)^(1/(α−1)) on A with the scalar c solved by bisection so that
+ *       Σ_A q = 1 (α < 1 up-weights large p more than proportionally). Evaluated as
+ *       q_v = p_(1)·exp(log1p(expm1((α−1) ln(p_v/p_(1))) + c′)/(α−1)), accurate for α near 1.
+ *       The token is the Gumbel-max of log q, which is not proportional to p here.
+ *
+ * Randomness: Philox4x32-10, key = (seed lo32, seed hi32), counter = (v lo32, v hi32, offset
+ * lo32, offset hi32); u_v = ((((x0 << 32) | x1) >> 12) + 0.5)·2^−52 from the output words, never
+ * 0 or 1. The noise of token v depends on (seed_b, offset_b, v) only, so the token does not
+ * depend on the batch, tiling or vocabulary splits; use a fresh offset (the decode step) or seed
+ * per draw. A CUDA backend uses the same keying (docs/decoding.md, "Randomness").
+ *
+ * Outputs per row (each optional except tokens; NULL = not wanted): logprob = log q_token (the
+ * final sampling distribution: renormalised on A, α-Bregman q; greedy 0); full_logprob =
+ * log p_token (untruncated softmax of s); rank = 1 + #{v : s_v > s_token} (vLLM's rank, 1 is
+ * best; ties share a rank); lse and entropy of softmax(s); allowed_count = |A|; top-n ids and
+ * log p of the n largest s (ties by lowest id), n = opts.num_logprobs; flags (FH_DECODE_FLAG_*).
+ * Degenerate rows: see 2.
+ * Parameters: scalars in the options; a per-row array (length B, host memory for the CPU
+ * backend, device memory for CUDA so that no host sync is needed) replaces its scalar when not
+ * NULL. The CPU backend checks every per-row value on the host (FH_ERR_INVALID_ARGUMENT naming
+ * the array and the row); CUDA checks them and the bias/ban lists on the device: such a row is
+ * reported degenerate and fh_context_check returns FH_ERR_INVALID_ARGUMENT. */
+
+typedef enum fh_decode_sampler {
+  FH_DECODE_STANDARD = 0,    /* min-p → top-k → top-p */
+  FH_DECODE_TOP_N_SIGMA = 1, /* top_n_sigma */
+  FH_DECODE_EPSILON = 2,     /* epsilon */
+  FH_DECODE_ETA = 3,         /* epsilon (η derived from it) */
+  FH_DECODE_TOP_H = 4,       /* top_h_alpha, top_h_candidates */
+  FH_DECODE_BREGMAN = 5,     /* bregman_lambda, bregman_alpha */
+  FH_DECODE_SAMPLER_COUNT
+} fh_decode_sampler_t;
+
+/* Row flags (bit mask, uint32). */
+#define FH_DECODE_FLAG_DEGENERATE 1u      /* NaN or +inf in z, or every z is −inf */
+#define FH_DECODE_FLAG_GREEDY 2u          /* T == 0: argmax */
+#define FH_DECODE_FLAG_ARGMAX_FALLBACK 4u /* the rule kept nothing; A = {argmax} (ε, η) */
+#define FH_DECODE_FLAG_SECOND_PASS 8u     /* CUDA fused: decoded by the exact fallback (docs/decoding.md) */
+
+typedef struct fh_decode_options {
+  size_t struct_size;          /* sizeof(fh_decode_options_t), set by init */
+  fh_decode_sampler_t sampler; /* default FH_DECODE_STANDARD */
+  float temperature;           /* default 1; finite and >= 0; 0 is greedy */
+  int64_t top_k;               /* default 0 (off); <= 0 or >= V is off */
+  float top_p;                 /* default 1 (off); in (0, 1] */
+  float min_p;                 /* default 0 (off); in [0, 1] */
+  float top_n_sigma;           /* default 1; finite; <= 0 is off (TOP_N_SIGMA) */
+  float epsilon;               /* default 3e-4 (HF's suggested η range 3e-4..4e-3); [0, 1) */
+  float top_h_alpha;           /* default 0.4 (the reference code's); in (0, 1] */
+  int64_t top_h_candidates;    /* default 100 (the reference code's N); >= 1 */
+  float bregman_lambda;        /* default 0.1 (no anchor default); finite and >= 0 */
+  float bregman_alpha;         /* default 1 (KL renormalisation); finite and > 0 */
+  uint64_t seed;               /* default 0 */
+  uint64_t offset;             /* default 0 */
+  int64_t num_logprobs;        /* default 0: n of the top-n outputs; in [0, V] */
+  int64_t degenerate_token;    /* default -1: token of a degenerate row; -1 or in [0, V) */
+  /* Per-row arrays [B] (NULL: the scalar above for every row). */
+  const float* temperature_per_row;
+  const int64_t* top_k_per_row;
+  const float* top_p_per_row;
+  const float* min_p_per_row;
+  const float* top_n_sigma_per_row;
+  const float* epsilon_per_row;
+  const float* top_h_alpha_per_row;
+  const float* bregman_lambda_per_row;
+  const uint64_t* seed_per_row;
+  const uint64_t* offset_per_row;
+  /* Sparse logit bias: row b adds bias_values[b·bias_width + i] to z at bias_ids[b·bias_width + i]
+   * for i < bias_count[b] (count in [0, bias_width], ids in [0, V), values finite). Off when
+   * bias_width == 0 (default). */
+  int64_t bias_width;
+  const int64_t* bias_ids;
+  const float* bias_values;
+  const int64_t* bias_count;
+  /* Banned ids: z ← −inf at banned_ids[b·banned_width + i], i < banned_count[b] (ids in [0, V)).
+   * Off when banned_width == 0 (default). */
+  int64_t banned_width;
+  const int64_t* banned_ids;
+  const int64_t* banned_count;
+} fh_decode_options_t;
+
+/* Fill `opts` with the defaults above. */
+FH_API void fh_decode_options_init(fh_decode_options_t* opts);
+
+/* Outputs, buffers of the context's kind; only tokens is required. */
+typedef struct fh_decode_outputs {
+  int64_t* tokens;        /* [B] */
+  float* logprob;         /* [B] log q(token), the final sampling distribution */
+  float* full_logprob;    /* [B] log softmax(s)(token), untruncated */
+  int64_t* rank;          /* [B] 1 + #{v : s_v > s_token}; 0 for degenerate rows */
+  float* lse;             /* [B] log Σ exp(s) */
+  float* entropy;         /* [B] entropy of softmax(s), nats */
+  int64_t* allowed_count; /* [B] |A| (0 for degenerate rows) */
+  int64_t* topn_ids;      /* [B x num_logprobs] */
+  float* topn_logprobs;   /* [B x num_logprobs] log softmax(s) of topn_ids */
+  uint32_t* flags;        /* [B] FH_DECODE_FLAG_* */
+} fh_decode_outputs_t;
+
+/* Workspace in bytes for B rows of V logits (D = 0: from logits; D > 0: fused). 0 on the CPU
+ * backend. CUDA: from logits 32·B·V bytes + CUB sort storage (docs/decoding.md); fused: UNSUPPORTED. */
+FH_API fh_status_t fh_decode_workspace_size(fh_context_t* ctx, const fh_decode_options_t* opts, int64_t B,
+                                            int64_t V, int64_t D, fh_dtype_t dtype, size_t* bytes);
+
+/* Decode from logits [B x V] (fp32, fp16 or bf16, row stride honoured). V >= 1 when B > 0.
+ * Outputs must not alias inputs or each other.
+ * Statuses: FH_ERR_INVALID_ARGUMENT (NULLs, shapes, dtypes, option and per-row ranges, ids),
+ * FH_ERR_UNSUPPORTED (CUDA: fused, or B·V >= 2^31), FH_ERR_INSUFFICIENT_WORKSPACE, FH_ERR_OUT_OF_MEMORY. */
+FH_API fh_status_t fh_decode_from_logits(fh_context_t* ctx, const fh_decode_options_t* opts,
+                                         const fh_tensor_t* logits, const fh_decode_outputs_t* out,
+                                         void* workspace, size_t workspace_bytes);
+
+/* Decode fused with the head: H [B x D], C [V x D], bias [1 x V] or NULL, one dtype. The CPU
+ * reference holds one row of V doubles per thread, never B x V. Same results as
+ * fh_decode_from_logits on the fp64 logits; same statuses. */
+FH_API fh_status_t fh_decode_fused(fh_context_t* ctx, const fh_decode_options_t* opts, const fh_tensor_t* H,
+                                   const fh_tensor_t* C, const fh_tensor_t* bias,
+                                   const fh_decode_outputs_t* out, void* workspace, size_t workspace_bytes);
+
+/* Exact top-k: values [B x k] (fp32, the logit rounded once) and ids [B x k] (int64), sorted by
+ * value descending, ties by lowest id; NaN sorts above +inf (as torch.topk); −inf entries are
+ * ordinary values. 1 <= k <= V. No bias, bans or temperature. Statuses as fh_decode_from_logits.
+ * CUDA backend: k <= 256 (larger k: FH_ERR_UNSUPPORTED); from
+ * logits needs no workspace; fused needs 16·B·S·k bytes, S = ceil(T / ceil(T / 16)) vocabulary
+ * splits of T = ceil(V / 64) tiles (at most 256·B·k bytes). The CPU backend needs none. */
+FH_API fh_status_t fh_topk_workspace_size(fh_context_t* ctx, int64_t B, int64_t V, int64_t D, int64_t k,
+                                          fh_dtype_t dtype, size_t* bytes);
+FH_API fh_status_t fh_topk_from_logits(fh_context_t* ctx, const fh_tensor_t* logits, int64_t k, float* values,
+                                       int64_t* ids, void* workspace, size_t workspace_bytes);
+FH_API fh_status_t fh_topk_fused(fh_context_t* ctx, const fh_tensor_t* H, const fh_tensor_t* C,
+                                 const fh_tensor_t* bias, int64_t k, float* values, int64_t* ids,
+                                 void* workspace, size_t workspace_bytes);
+
+#endif /* FUSEDHEAD_DECODE_H */
