@@ -162,21 +162,25 @@ typedef struct fh_decode_outputs {
 } fh_decode_outputs_t;
 
 /* Workspace in bytes for B rows of V logits (D = 0: from logits; D > 0: fused). 0 on the CPU
- * backend. CUDA: from logits 32·B·V bytes + CUB sort storage (docs/decoding.md); fused: UNSUPPORTED. */
+ * backend. CUDA: from logits 32·B·V bytes + CUB sort storage; fused: the per-(row, split) state
+ * and candidates, plus the from-logits workspace reserved for the exact fallback (docs/decoding.md,
+ * "Fused decoding on CUDA"). */
 FH_API fh_status_t fh_decode_workspace_size(fh_context_t* ctx, const fh_decode_options_t* opts, int64_t B,
                                             int64_t V, int64_t D, fh_dtype_t dtype, size_t* bytes);
 
 /* Decode from logits [B x V] (fp32, fp16 or bf16, row stride honoured). V >= 1 when B > 0.
  * Outputs must not alias inputs or each other.
  * Statuses: FH_ERR_INVALID_ARGUMENT (NULLs, shapes, dtypes, option and per-row ranges, ids),
- * FH_ERR_UNSUPPORTED (CUDA: fused, or B·V >= 2^31), FH_ERR_INSUFFICIENT_WORKSPACE, FH_ERR_OUT_OF_MEMORY. */
+ * FH_ERR_UNSUPPORTED (CUDA: B·V >= 2^31), FH_ERR_INSUFFICIENT_WORKSPACE, FH_ERR_OUT_OF_MEMORY. */
 FH_API fh_status_t fh_decode_from_logits(fh_context_t* ctx, const fh_decode_options_t* opts,
                                          const fh_tensor_t* logits, const fh_decode_outputs_t* out,
                                          void* workspace, size_t workspace_bytes);
 
 /* Decode fused with the head: H [B x D], C [V x D], bias [1 x V] or NULL, one dtype. The CPU
  * reference holds one row of V doubles per thread, never B x V. Same results as
- * fh_decode_from_logits on the fp64 logits; same statuses. */
+ * fh_decode_from_logits on the fp64 logits; same statuses (CUDA also: D == 0 is FH_ERR_UNSUPPORTED).
+ * CUDA: C is streamed once per 128 rows; a row the streamed candidates cannot decide is decoded by
+ * an exact second pass and flagged FH_DECODE_FLAG_SECOND_PASS (docs/decoding.md). */
 FH_API fh_status_t fh_decode_fused(fh_context_t* ctx, const fh_decode_options_t* opts, const fh_tensor_t* H,
                                    const fh_tensor_t* C, const fh_tensor_t* bias,
                                    const fh_decode_outputs_t* out, void* workspace, size_t workspace_bytes);

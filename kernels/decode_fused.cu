@@ -58,6 +58,7 @@ struct split_stat { /* per (row, split), and per row after the merge */
   int32_t gid, eid; /* −1: none */
   uint32_t info;    /* INFO_* bits */
 };
+static_assert(sizeof(split_stat) == 104, "scripts/decode_table.py's cost model counts 104 bytes per (row, split)");
 
 struct fparams {
   fh_decode_options_t o;
@@ -344,15 +345,16 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) decode_fused_tile_kernel(f
       row_update<T, MAT>(p, c, row0 + c, v0, nv, zt + c * ZP, rs, lk, lz, li);
     __syncthreads(); /* every warp is done with the tile before the next tile's copies land */
   }
-  if (MAT) return;
-  for (int c = warp; c < nr; c += F_WARPS) { /* the split's results: warps own their rows */
-    const int64_t b = row0 + c, at = b * p.splits + blockIdx.y;
-    const int64_t ci = b * (int64_t)p.splits * NC + (int64_t)blockIdx.y * NC + lane;
-    p.ckey[ci] = lk[c * NC + lane];
-    p.cz[ci] = lz[c * NC + lane];
-    p.cid[ci] = li[c * NC + lane];
-    p.cval[ci] = (int32_t)(blockIdx.y * NC + lane);
-    if (lane == 0) p.st[at] = rs[c];
+  if constexpr (!MAT) {
+    for (int c = warp; c < nr; c += F_WARPS) { /* the split's results: warps own their rows */
+      const int64_t b = row0 + c, at = b * p.splits + blockIdx.y;
+      const int64_t ci = b * (int64_t)p.splits * NC + (int64_t)blockIdx.y * NC + lane;
+      p.ckey[ci] = lk[c * NC + lane];
+      p.cz[ci] = lz[c * NC + lane];
+      p.cid[ci] = li[c * NC + lane];
+      p.cval[ci] = (int32_t)(blockIdx.y * NC + lane);
+      if (lane == 0) p.st[at] = rs[c];
+    }
   }
 }
 

@@ -95,3 +95,31 @@ int tu_check_close(const char* name, const double* x, const double* ref, int64_t
 int tu_check_close_f(const char* name, const float* x, const double* ref, int64_t n, double atol, double rtol) {
   TU_CHECK_BODY((double)x[i])
 }
+
+double tu_chi2_pooled(const long* observed, const double* expected, int n, int* cells) {
+  double chi2 = 0.0, pool_o = 0.0, pool_e = 0.0;
+  int k = 0;
+  for (int i = 0; i < n; ++i) {
+    const double e = expected[i];
+    if (!(e > 0.0)) continue;
+    if (e < 5.0) {
+      pool_o += (double)observed[i];
+      pool_e += e;
+      continue;
+    }
+    chi2 += ((double)observed[i] - e) * ((double)observed[i] - e) / e;
+    ++k;
+  }
+  if (pool_e > 0.0) {
+    chi2 += (pool_o - pool_e) * (pool_o - pool_e) / pool_e;
+    ++k;
+  }
+  *cells = k;
+  return chi2;
+}
+
+double tu_chi2_crit(double df) {
+  const double zq = 4.753, a = 2.0 / (9.0 * df);
+  const double t = 1.0 - a + zq * sqrt(a);
+  return df * t * t * t;
+}

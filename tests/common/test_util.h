@@ -32,4 +32,12 @@ int tu_guards_intact(const void* p, size_t bytes); /* 1 if the guard words after
 int tu_check_close(const char* name, const double* x, const double* ref, int64_t n, double atol, double rtol);
 int tu_check_close_f(const char* name, const float* x, const double* ref, int64_t n, double atol, double rtol);
 
+/* Pearson's χ² of observed counts against expected counts e[i] (cells with e[i] <= 0 are
+ * skipped; cells with e[i] < 5 are pooled into one); *cells gets the number of cells used. */
+double tu_chi2_pooled(const long* observed, const double* expected, int n, int* cells);
+/* The χ² quantile at p = 1e-6 for df degrees of freedom (Wilson–Hilferty, z = 4.753): a fixed-seed
+ * sampler test passes it with a wide margin when correct, and fails by orders of magnitude when
+ * its distribution is wrong. */
+double tu_chi2_crit(double df);
+
 #endif

@@ -376,6 +376,7 @@ void add_counters(fh_emu_counters_t& to, const fh_emu_counters_t& c) {
   to.bank_conflict_replays += c.bank_conflict_replays;
   to.bank_conflict_max_ways = std::max(to.bank_conflict_max_ways, c.bank_conflict_max_ways);
   to.mufu_ops += c.mufu_ops;
+  to.bytes_g2s_watched += c.bytes_g2s_watched;
 }
 
 } // namespace
@@ -558,6 +559,8 @@ void run_launch(const LaunchState& L) {
   std::snprintf(g_total.kernel, sizeof g_total.kernel, "%s", L.cfg.name);
 }
 
+std::atomic<uintptr_t> g_watch_lo{0}, g_watch_hi{0};
+
 } // namespace fh_emu
 
 #ifdef FH_EMU_ASM_SWITCH
@@ -619,6 +622,11 @@ void fh_emu_reset_counters(void) {
   std::lock_guard<std::mutex> lock(fh_emu::g_counter_mutex);
   std::memset(&fh_emu::g_total, 0, sizeof fh_emu::g_total);
   std::memset(&fh_emu::g_last, 0, sizeof fh_emu::g_last);
+}
+void fh_emu_watch_global(const void* base, uint64_t bytes) {
+  const uintptr_t lo = bytes ? (uintptr_t)base : 0;
+  fh_emu::g_watch_lo.store(lo);
+  fh_emu::g_watch_hi.store(bytes ? lo + (uintptr_t)bytes : 0);
 }
 void fh_emu_set_seed(uint64_t seed) {
   fh_emu::read_env();

@@ -2,6 +2,9 @@
 #ifndef FH_EMU_INTERNAL_H
 #define FH_EMU_INTERNAL_H
 
+#include <atomic>
+#include <cstdint>
+
 #include "emu_api.h"
 #include "fh_emu.h"
 
@@ -38,6 +41,8 @@ size_t dynamic_smem_bytes();
 PtxState*& worker_ptx_slot();
 bool& worker_ptx_active();
 fh_emu_counters_t& worker_counters();
+/* The range fh_emu_watch_global set ([lo, hi), empty when hi == 0). */
+extern std::atomic<uintptr_t> g_watch_lo, g_watch_hi;
 /* Maybe hand the fiber back to the scheduler (FH_EMU_YIELD probability, seeded per block). */
 void maybe_yield();
 /* A report: "========= fh_emu <tool>: <what>", kernel, launch, block; report_die ends it. */

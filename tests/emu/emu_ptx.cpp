@@ -368,6 +368,13 @@ void ptx_on_block_end(PtxState& s) {
 
 /* ---- the twins ---- */
 
+/* Bytes of [g, g + n) inside the watched range (fh_emu_watch_global). */
+static uint64_t watched_overlap(const unsigned char* g, int n) {
+  const uintptr_t lo = g_watch_lo.load(std::memory_order_relaxed), hi = g_watch_hi.load(std::memory_order_relaxed);
+  const uintptr_t a = std::max((uintptr_t)g, lo), b = std::min((uintptr_t)g + (uintptr_t)n, hi);
+  return b > a ? (uint64_t)(b - a) : 0u;
+}
+
 void ptx_cp_async(void* smem, const void* gmem, int cp_size, int src_bytes) {
   PtxState& s = ptx::state();
   maybe_yield();
@@ -393,6 +400,7 @@ void ptx_cp_async(void* smem, const void* gmem, int cp_size, int src_bytes) {
   fh_emu_counters_t& c = worker_counters();
   ++c.cp_async_ops;
   c.bytes_g2s += (uint64_t)src_bytes;
+  c.bytes_g2s_watched += watched_overlap(g, src_bytes);
   ptx::group_access(s, ptx::S_CP, smem, cp_size, gmem, src_bytes);
 }
 

@@ -20,11 +20,12 @@ int fh_emu_format_counters(const fh_emu_counters_t* c, char* buf, unsigned long 
       "fh_emu counters: kernel %s, %llu launch(es)\n"
       "  blocks %llu, threads %llu, barriers %llu, warp collectives %llu (shuffles %llu), atomics %llu\n"
       "  mma %llu (%llu FLOP), ldmatrix %llu, mufu %llu\n"
-      "  cp.async %llu (%llu bytes global->shared), %llu warp requests, %llu sectors (%.2f per request)\n"
+      "  cp.async %llu (%llu bytes global->shared, %llu from the watched range), %llu warp requests, %llu sectors "
+      "(%.2f per request)\n"
       "  shared requests %llu, wavefronts %llu, bank-conflict replays %llu (%.1f%%), worst phase %llu-way\n",
       c->kernel[0] ? c->kernel : "-", u(c->launches), u(c->blocks), u(c->threads), u(c->barriers),
       u(c->warp_collectives), u(c->shuffles), u(c->atomics), u(c->mma_ops), u(c->mma_flops), u(c->ldmatrix_ops),
-      u(c->mufu_ops), u(c->cp_async_ops), u(c->bytes_g2s), u(c->global_requests), u(c->global_sectors),
+      u(c->mufu_ops), u(c->cp_async_ops), u(c->bytes_g2s), u(c->bytes_g2s_watched), u(c->global_requests), u(c->global_sectors),
       sectors_per_request, u(c->smem_requests), u(c->smem_wavefronts), u(c->bank_conflict_replays), 100.0 * lost,
       u(c->bank_conflict_max_ways));
 }

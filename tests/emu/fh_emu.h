@@ -34,6 +34,7 @@ typedef struct fh_emu_counters {
   uint64_t bank_conflict_replays;  /* wavefronts beyond one per phase: sum of (ways - 1) */
   uint64_t bank_conflict_max_ways; /* worst phase of any instruction (a maximum, not a sum) */
   uint64_t mufu_ops;               /* ex2/rcp/lg2.approx calls, per thread */
+  uint64_t bytes_g2s_watched;      /* of bytes_g2s, those read from the watched range (below) */
 } fh_emu_counters_t;
 
 /* Counters of the most recent launch that ran (zeros before any launch). */
@@ -41,6 +42,11 @@ fh_emu_counters_t fh_emu_last_counters(void);
 /* Counters summed over every launch since the last fh_emu_reset_counters(). */
 fh_emu_counters_t fh_emu_total_counters(void);
 void fh_emu_reset_counters(void);
+/* The watched global range [base, base + bytes) (one at a time; bytes 0 clears it): cp.async
+ * bytes read from it are counted in bytes_g2s_watched, so a test can check how many times a
+ * kernel streams one operand (say the classifier C) apart from the others. Only cp.async reads
+ * are seen: kernels on the scalar (non-16-byte) path load with ordinary instructions. */
+void fh_emu_watch_global(const void* base, uint64_t bytes);
 
 /* Block order: every launch shuffles its blocks with a seed derived from this base seed and
  * the launch index; setting the seed also resets the launch index, so a test is reproducible.

@@ -11,11 +11,14 @@
  * bias and bans. D = 40 crosses the fp32 and 16-bit k-stage edges; V crosses the 128-id tile and
  * the split edges; B = 300 spans three row blocks. The exact fallback is counted per case
  * (FH_DECODE_FLAG_SECOND_PASS, masked before the flag comparison) and the cases that must
- * exercise it (top-p alone at high entropy, ties across the whole vocabulary) check that it ran. */
+ * exercise it (top-p alone at high entropy, ties across the whole vocabulary) check that it ran.
+ * Every case also counts the bytes of C the kernels read (the emulator's watched range): one
+ * pass of V x D per row block, plus one per row block holding a fallback row. */
 #include <criterion/criterion.h>
 #include <cuda_runtime_api.h>
 #include <string.h>
 
+#include "fh_emu.h"
 #include "fusedhead.h"
 #include "test_decode_common.h"
 #include "test_dev_util.h"
@@ -66,10 +69,25 @@ static int64_t run_fused(const cfg_t* c, fh_dtype_t dtype, int64_t B, int64_t V,
   const fh_decode_outputs_t oc = outs_view(&ro), og = outs_view(&dvo);
   cr_assert_eq(fh_decode_fused(cpu, &oh, &tH, &tC, with_bias ? &tb : NULL, &oc, NULL, 0), FH_SUCCESS, "%s",
                fh_last_error());
+  fh_emu_reset_counters();
+  fh_emu_watch_global(dc, (uint64_t)(V * D) * es);
   cr_assert_eq(fh_decode_fused(gpu, &od, &dH, &dC, with_bias ? &dbt : NULL, &og, ws, wsb), FH_SUCCESS, "%s",
                fh_last_error());
+  const uint64_t c_read = fh_emu_total_counters().bytes_g2s_watched;
+  fh_emu_watch_global(NULL, 0);
   cr_assert_eq(fh_context_check(gpu), FH_SUCCESS, "%s", fh_last_error());
   outs_fetch(&go, &dvo, B, n);
+  /* C is streamed once per row block of 128 rows (the 16-byte cp.async path: 16-byte aligned
+   * rows here), and once more per row block that holds a row of the exact fallback. */
+  int64_t passes = 0;
+  for (int64_t r0 = 0; r0 < B; r0 += 128) {
+    int again = 0;
+    for (int64_t b = r0; b < B && b < r0 + 128; ++b) again |= (go.flags[b] & FH_DECODE_FLAG_SECOND_PASS) != 0;
+    passes += 1 + again;
+  }
+  cr_assert_eq(c_read, (uint64_t)passes * (uint64_t)(V * D) * es,
+               "%s dtype=%d B=%lld V=%lld: %llu bytes of C read, expected %lld pass(es) of %lld", c->name, (int)dtype,
+               (long long)B, (long long)V, (unsigned long long)c_read, (long long)passes, (long long)(V * D) * (long long)es);
   const int64_t second = compare_outs(c, &go, &ro, B, V, n, dtype, NULL, &oh, FH_DECODE_FLAG_SECOND_PASS);
   for (int i = 0; i < 32; ++i) cudaFree(keep[i]);
   cudaFree(ws), cudaFree(dh), cudaFree(dc), cudaFree(db), free(hh), free(hc), free(hb);

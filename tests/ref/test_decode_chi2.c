@@ -3,10 +3,10 @@
  * repeated over B = 100000 rows, each row with its own offset (deterministic seed), so one call
  * draws 100k samples. The expected distribution q is the fp64 core's (its sets are pinned by
  * the hand tests; here the sampling path is under test). Draws outside A must be 0. Cells with
- * expected count < 5 are pooled. The critical value is the χ² quantile at p = 1e-6 (Wilson–
- * Hilferty, z = 4.753): the seeds are fixed, so this is a deterministic check whose threshold
- * a correct sampler passes with overwhelming margin and a wrong one (a missing Gumbel sign, a
- * wrong set, q ∝ p for α-Bregman) fails by orders of magnitude. */
+ * expected count < 5 are pooled; the critical value is tu_chi2_crit's (p = 1e-6): the seeds are
+ * fixed, so this is a deterministic check whose threshold a correct sampler passes with a wide
+ * margin and a wrong one (a missing Gumbel sign, a wrong set, q ∝ p for α-Bregman) fails by
+ * orders of magnitude. */
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdio.h>
@@ -30,12 +30,6 @@ static void make_row(float* z) {
   z[3] = 2.0f;
   z[30] = 2.0f; /* a tie at the 4th/5th value */
   z[40] = -INFINITY;
-}
-
-static double chi2_crit(double df) {
-  const double zq = 4.753, a = 2.0 / (9.0 * df);
-  const double t = 1.0 - a + zq * sqrt(a);
-  return df * t * t * t;
 }
 
 static void check_sampler(const char* name, const fh_decode_options_t* base, int64_t want_count) {
@@ -75,24 +69,11 @@ static void check_sampler(const char* name, const fh_decode_options_t* base, int
     cnt[tok[b]]++;
     outside += !w.allowed[tok[b]];
   }
-  double chi2 = 0, pool_o = 0, pool_e = 0;
+  double expect[V];
+  for (int v = 0; v < V; ++v) expect[v] = w.allowed[v] ? NDRAW * exp(w.logq[v]) : 0.0;
   int cells = 0;
-  for (int v = 0; v < V; ++v) {
-    if (!w.allowed[v]) continue;
-    const double e = NDRAW * exp(w.logq[v]);
-    if (e < 5) {
-      pool_o += (double)cnt[v];
-      pool_e += e;
-      continue;
-    }
-    chi2 += ((double)cnt[v] - e) * ((double)cnt[v] - e) / e;
-    ++cells;
-  }
-  if (pool_e > 0) {
-    chi2 += (pool_o - pool_e) * (pool_o - pool_e) / pool_e;
-    ++cells;
-  }
-  const double df = cells > 1 ? cells - 1 : 1, crit = chi2_crit(df);
+  const double chi2 = tu_chi2_pooled(cnt, expect, V, &cells);
+  const double df = cells > 1 ? cells - 1 : 1, crit = tu_chi2_crit(df);
   printf("chi2 %s: |A| = %lld, cells %d, chi2 = %.2f, critical(p=1e-6, df=%g) = %.2f, outside A = %ld\n", name,
          (long long)r.allowed_count, cells, chi2, df, crit, outside);
   fflush(stdout);
