@@ -122,7 +122,8 @@ __global__ void __launch_bounds__(BT) bl_dbias_kernel(const T* __restrict__ G, i
   dbias[j] = fh_lce::dtype_traits<T>::store_round(s);
 }
 
-fh_status_t bl_check(const char* fn, fh_context_t* ctx, const fh_baseline_lce_args_t* a, void* ws, size_t bytes) {
+/* The arguments (targets only where the op reads them). */
+fh_status_t bl_check_args(const char* fn, fh_context_t* ctx, const fh_baseline_lce_args_t* a, bool targets) {
   if (!ctx || !a) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "ctx or args is NULL");
   if (ctx->backend != FH_BACKEND_CUDA || !ctx->cuda)
     return fh_set_error(FH_ERR_UNSUPPORTED, fn, "the baseline runs on a CUDA context only");
@@ -136,8 +137,13 @@ fh_status_t bl_check(const char* fn, fh_context_t* ctx, const fh_baseline_lce_ar
   /* cuBLAS takes int sizes and leading dimensions; G's ld is 4V / sizeof(dtype) */
   if (a->N >= INT32_MAX || a->V >= INT32_MAX / 4 || a->D >= INT32_MAX || a->lde >= INT32_MAX || a->ldc >= INT32_MAX)
     return fh_set_error(FH_ERR_UNSUPPORTED, fn, "a size or stride beyond the int range of cuBLAS");
-  if ((a->N > 0 && (!a->E || !a->targets)) || (a->V > 0 && a->D > 0 && !a->C))
+  if ((a->N > 0 && (!a->E || (targets && !a->targets))) || (a->V > 0 && a->D > 0 && !a->C))
     return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "E, C or targets is NULL");
+  return FH_SUCCESS;
+}
+
+fh_status_t bl_check(const char* fn, fh_context_t* ctx, const fh_baseline_lce_args_t* a, void* ws, size_t bytes) {
+  FH_TRY(bl_check_args(fn, ctx, a, true));
   size_t need = 0;
   FH_TRY(fh_baseline_lce_workspace_size(a->N, a->V, a->dtype, &need));
   return fh_check_workspace(fn, ws, bytes, need);
@@ -226,4 +232,14 @@ extern "C" fh_status_t fh_baseline_lce_backward(fh_context_t* ctx, const fh_base
     });
   }
   return FH_SUCCESS;
+}
+
+extern "C" fh_status_t fh_baseline_logits(fh_context_t* ctx, const fh_baseline_lce_args_t* a, float* logits) {
+  static const char fn[] = "fh_baseline_logits";
+  FH_TRY(bl_check_args(fn, ctx, a, false));
+  if (!logits && a->N > 0 && a->V > 0) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "logits is NULL");
+  if (a->N == 0 || a->V == 0) return FH_SUCCESS;
+  /* column-major, as the forward: Lᵀ [V x N] = (C stored D x V)ᵀ · (Eᵀ stored D x N) */
+  return fh_gemm(ctx->cuda->blas, ctx->stream, fn, FH_OP_T, FH_OP_N, (int)a->V, (int)a->N, (int)a->D, 1.0f, a->C,
+                 (int)a->ldc, a->E, (int)a->lde, a->dtype, 0.0f, logits, (int)a->V, FH_DTYPE_F32);
 }

@@ -53,6 +53,11 @@ fh_status_t fh_baseline_lce_workspace_size(int64_t N, int64_t V, fh_dtype_t dtyp
 fh_status_t fh_baseline_lce_forward(fh_context_t* ctx, const fh_baseline_lce_args_t* a, float* loss, void* workspace,
                                     size_t workspace_bytes);
 
+/* The forward's first step alone: logits [N x V] fp32 (row stride V) = E·Cᵀ by one cuBLAS GEMM
+ * (bias, targets and reduction are not read). bench/bench_decode.c samples from it with
+ * fh_decode_from_logits: the unfused decoding a serving engine runs. Statuses as the forward. */
+fh_status_t fh_baseline_logits(fh_context_t* ctx, const fh_baseline_lce_args_t* a, float* logits);
+
 /* grad_loss: device fp32 [1]. dE [N x D] (row stride ld_dE), dC [V x D] (ld_dC), dbias [V]:
  * each in a.dtype, NULL when not wanted; overwritten. The workspace must hold this problem's
  * forward results. */

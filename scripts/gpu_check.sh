@@ -5,7 +5,8 @@
 #      scripts/fetch_anchors.sh in third_party/anchors/_criterion), the gpu suite test_gpu;
 #   2. runs the gpu suite (ctest -R '^gpu$' -j1) and python/tests (CPU tensors: that suite has no
 #      device selection; CUDA tensors are covered by the parity check of step 3);
-#   3. bench/bench_anchors.py: a parity check of the Python binding on CUDA tensors, then fusedhead,
+#   3. bench_decode: fused decoding against cuBLAS logits + fh_decode_from_logits at the LLM
+#      shapes (build-gpu/gpu_check_decode.csv); then bench/bench_anchors.py: a parity check of the Python binding on CUDA tensors, then fusedhead,
 #      the cuBLAS + unfused baseline (bench_linear_ce), eager PyTorch, Liger-Kernel and Cut
 #      Cross-Entropy (from third_party/anchors when present) at the CCE and Liger shapes, bf16,
 #      forward and forward+backward. Writes build-gpu/gpu_check.csv and build-gpu/gpu_check_summary.md.
@@ -166,7 +167,7 @@ else
   if run_logged configure "$(cap 120)" cmake -S . -B "$BUILD" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release \
     -DFH_ENABLE_CUDA=ON -DFH_CUDA_ARCHITECTURES="$ARCH" -DCMAKE_CUDA_COMPILER="$(command -v nvcc)" \
     -DFH_BUILD_TESTS=$TESTS -DFH_BUILD_BENCH=ON -DFH_BUILD_EMULATOR=OFF; then
-    targets=(fusedhead bench_linear_ce)
+    targets=(fusedhead bench_linear_ce bench_decode)
     [ "$TESTS" = ON ] && targets+=(test_gpu)
     if run_logged build "$(cap 300)" cmake --build "$BUILD" -j "${GPU_CHECK_JOBS:-$(nproc)}" --target "${targets[@]}"; then
       BUILD_OK=1
@@ -216,7 +217,30 @@ elif [ "$SKIP_TESTS" = 1 ]; then
   step "gpu suite and python/tests: skipped (--skip-tests)"
 fi
 
-# ---- 3. parity on CUDA tensors and the timings beside the anchors -----------------------------------
+# ---- 3a. fused decoding against cuBLAS logits + fh_decode_from_logits (bench/bench_decode.c) -----
+DECODE_CSV=$BUILD/gpu_check_decode.csv
+DECODE_MD=$BUILD/gpu_check_decode.md
+rm -f "$DECODE_CSV" "$DECODE_MD"
+if [ "$BUILD_OK" = 1 ]; then
+  t=$(date +%s)
+  if run_logged bench_decode "$(cap 90)" "$BUILD/bench_decode" --warmup "$WARMUP" --gpu-reps "$REPS" --no-cpu; then
+    grep -v '^#' "$LOGS/bench_decode.log" | grep -E '^(kind|gpu),' >"$DECODE_CSV"
+    {
+      echo "## Fused decoding (bench_decode, bf16, median ms after an L2 flush)"
+      echo
+      echo "| sampler | B | V | D | impl | ms | spread | HBM floor ms | fallback rows | token mismatches |"
+      echo "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"
+      awk -F, '$1 == "gpu" { printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $2, $3, $4, $5, $7, $8, $9, $10, $11, $12 }' \
+        "$DECODE_CSV"
+    } >"$DECODE_MD"
+    step "fused decoding bench: done, $(($(date +%s) - t)) s, $(grep -c '^gpu,' "$DECODE_CSV") rows in $DECODE_CSV"
+  else
+    step "fused decoding bench: FAILED ($LOGS/bench_decode.log)"
+    tail -15 "$LOGS/bench_decode.log" | sed 's/^/    /' | tee -a "$STEPS"
+  fi
+fi
+
+# ---- 3b. parity on CUDA tensors and the timings beside the anchors ----------------------------------
 PARITY_OK=0
 BENCH_DONE=0
 if [ "$BUILD_OK" = 1 ]; then
@@ -278,6 +302,7 @@ SUMMARY=$BUILD/gpu_check_summary.md
   echo "Total $(elapsed) s."
   echo
   [ -f "${BENCH_MD:-/nonexistent}" ] && sed '1s/^# /## /; 2,$s/^## /### /' "$BENCH_MD"
+  [ -f "$DECODE_MD" ] && { echo; cat "$DECODE_MD"; }
 } >"$SUMMARY"
 rm -f "$STEPS.head" "$STEPS"
 echo
@@ -285,6 +310,7 @@ cat "$SUMMARY"
 if [ -n "$OUTDIR" ]; then
   mkdir -p "$OUTDIR" && cp -f "$SUMMARY" "$LOG" "$OUTDIR"/ 2>/dev/null
   [ -f "${CSV:-/nonexistent}" ] && cp -f "$CSV" "$OUTDIR"/
+  [ -f "$DECODE_CSV" ] && cp -f "$DECODE_CSV" "$OUTDIR"/
   say "copied the summary, the CSV and the log to $OUTDIR"
 fi
 say "summary in $SUMMARY ($(elapsed) s)"

@@ -288,6 +288,105 @@ static inline void run_case(const cfg_t* c, fh_dtype_t dtype, int64_t B, int64_t
   fh_context_destroy(gpu), fh_context_destroy(cpu);
 }
 
+/* The fused comparison (kernels/decode_fused.cu) on exact inputs: H and C hold multiples of 1/2
+ * in [-1, 1] (rows r % 5 == 1 scaled by 4: peaked), the bias multiples of 1/4 with −inf at
+ * v % 97 == 13, rows r % 7 == 3 of H zero (every logit equals the bias: ties across the
+ * vocabulary) and a NaN in rows r % 9 == 5 (degenerate), so every fp32 tensor-core logit equals
+ * the reference's fp64 dot product. */
+static inline double fused_h_value(tu_rng_t* rng, int64_t r, int64_t j) {
+  if (r % 7 == 3) return 0.0;
+  if (r % 9 == 5 && j == 3) return NAN;
+  const double x = 0.5 * (double)(tu_randint(rng, 5) - 2);
+  return r % 5 == 1 ? 4.0 * x : x;
+}
+
+/* Optional probe of the bytes of C a fused call reads (the emulator's watched range): `watch`
+ * before the call, `read` after it. */
+typedef struct fused_probe {
+  void (*watch)(const void* base, uint64_t bytes);
+  uint64_t (*read)(void);
+} fused_probe_t;
+
+/* Runs one fused case on both backends and compares them (compare_outs); with allow_near_ties the
+ * host logits (exact in fp32) back the near-tie allowance of real hardware. With a probe, C must
+ * be read once per row block of 128 rows, plus once per row block holding a fallback row (the
+ * 16-byte path: rows here are 16-byte aligned). Returns the rows decoded by the fallback. */
+static inline int64_t run_fused(const cfg_t* c, fh_dtype_t dtype, int64_t B, int64_t V, int64_t D, int with_bias,
+                                int allow_near_ties, const fused_probe_t* probe) {
+  fh_context_t *gpu = NULL, *cpu = NULL;
+  cr_assert_eq(fh_context_create(&gpu, FH_BACKEND_CUDA, 0), FH_SUCCESS, "%s", fh_last_error());
+  cr_assert_eq(fh_context_create(&cpu, FH_BACKEND_CPU, 0), FH_SUCCESS);
+  tu_rng_t rng = {(uint64_t)(B * 1000003 + V * 7919 + dtype * 31 + 29) ^ (uint64_t)strlen(c->name) << 40};
+  const size_t es = fh_dtype_size(dtype);
+  void* hh = malloc((size_t)(B * D) * es + 1);
+  void* hc = malloc((size_t)(V * D) * es + 1);
+  void* hb = malloc((size_t)V * es + 1);
+  float* hz = malloc((size_t)(B * V) * sizeof(float) + 1);
+  cr_assert(hh && hc && hb && hz);
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t j = 0; j < D; ++j) fh_store(hh, dtype, r * D + j, fused_h_value(&rng, r, j));
+  for (int64_t v = 0; v < V; ++v)
+    for (int64_t j = 0; j < D; ++j) fh_store(hc, dtype, v * D + j, 0.5 * (double)(tu_randint(&rng, 5) - 2));
+  for (int64_t v = 0; v < V; ++v)
+    fh_store(hb, dtype, v, v % 97 == 13 && V > 1 ? -INFINITY : 0.25 * (double)(tu_randint(&rng, 9) - 4));
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t v = 0; v < V; ++v) {
+      double z = with_bias ? fh_load(hb, dtype, v) : 0.0;
+      for (int64_t j = 0; j < D; ++j) z += fh_load(hh, dtype, r * D + j) * fh_load(hc, dtype, v * D + j);
+      hz[r * V + v] = (float)z;
+    }
+  void *dh = to_device(hh, (size_t)(B * D) * es), *dc = to_device(hc, (size_t)(V * D) * es);
+  void* db = to_device(hb, (size_t)V * es);
+  const fh_tensor_t tH = {hh, dtype, B, D, D}, tC = {hc, dtype, V, D, D}, tb = {hb, dtype, 1, V, V};
+  const fh_tensor_t dH = {dh, dtype, B, D, D}, dC = {dc, dtype, V, D, D}, dbt = {db, dtype, 1, V, V};
+  const fh_tensor_t tz = {hz, FH_DTYPE_F32, B, V, V};
+  rows_t rw;
+  rows_make(&rw, B, V, &rng);
+  fh_decode_options_t oh, od;
+  options_of(c, V, &oh);
+  options_of(c, V, &od);
+  void* keep[32] = {0};
+  options_rows(&oh, c, &rw, B, 0, NULL);
+  options_rows(&od, c, &rw, B, 1, keep);
+  const int64_t n = oh.num_logprobs;
+  outs_t ro, dvo, go;
+  outs_alloc(&ro, B, n, 0);
+  outs_alloc(&dvo, B, n, 1);
+  size_t wsb = 0;
+  cr_assert_eq(fh_decode_workspace_size(gpu, &od, B, V, D, dtype, &wsb), FH_SUCCESS, "%s", fh_last_error());
+  void* ws = NULL;
+  if (wsb) cr_assert_eq(cudaMalloc(&ws, wsb), cudaSuccess);
+  const fh_decode_outputs_t oc = outs_view(&ro), og = outs_view(&dvo);
+  cr_assert_eq(fh_decode_fused(cpu, &oh, &tH, &tC, with_bias ? &tb : NULL, &oc, NULL, 0), FH_SUCCESS, "%s",
+               fh_last_error());
+  if (probe) probe->watch(dc, (uint64_t)(V * D) * es);
+  cr_assert_eq(fh_decode_fused(gpu, &od, &dH, &dC, with_bias ? &dbt : NULL, &og, ws, wsb), FH_SUCCESS, "%s",
+               fh_last_error());
+  const uint64_t c_read = probe ? probe->read() : 0;
+  cr_assert_eq(fh_context_check(gpu), FH_SUCCESS, "%s", fh_last_error());
+  outs_fetch(&go, &dvo, B, n);
+  if (probe) {
+    int64_t passes = 0;
+    for (int64_t r0 = 0; r0 < B; r0 += 128) {
+      int again = 0;
+      for (int64_t b = r0; b < B && b < r0 + 128; ++b) again |= (go.flags[b] & FH_DECODE_FLAG_SECOND_PASS) != 0;
+      passes += 1 + again;
+    }
+    cr_assert_eq(c_read, (uint64_t)passes * (uint64_t)(V * D) * es,
+                 "%s dtype=%d B=%lld V=%lld: %llu bytes of C read, expected %lld pass(es) of %lld", c->name,
+                 (int)dtype, (long long)B, (long long)V, (unsigned long long)c_read, (long long)passes,
+                 (long long)(V * D) * (long long)es);
+  }
+  const int64_t second =
+      compare_outs(c, &go, &ro, B, V, n, dtype, allow_near_ties ? &tz : NULL, &oh, FH_DECODE_FLAG_SECOND_PASS);
+  for (int i = 0; i < 32; ++i) cudaFree(keep[i]);
+  cudaFree(ws), cudaFree(dh), cudaFree(dc), cudaFree(db), free(hh), free(hc), free(hb), free(hz);
+  outs_free(&ro, 0), outs_free(&dvo, 1), outs_free(&go, 0);
+  rows_free(&rw);
+  fh_context_destroy(gpu), fh_context_destroy(cpu);
+  return second;
+}
+
 static inline void run_grid(const cfg_t* c) {
   static const int64_t Bs[] = {1, 5, 37}, Vs[] = {1, 101, 4099};
   static const fh_dtype_t dts[] = {FH_DTYPE_F32, FH_DTYPE_F16, FH_DTYPE_BF16};

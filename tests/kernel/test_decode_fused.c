@@ -23,78 +23,21 @@
 #include "test_decode_common.h"
 #include "test_dev_util.h"
 
-static double h_value(tu_rng_t* rng, int64_t r, int64_t j) {
-  if (r % 7 == 3) return 0.0;                 /* logits = bias: ties across the vocabulary */
-  if (r % 9 == 5 && j == 3) return NAN;       /* degenerate */
-  const double x = 0.5 * (double)(tu_randint(rng, 5) - 2);
-  return r % 5 == 1 ? 4.0 * x : x;            /* peaked rows */
+/* The emulator's watched range (fh_emu.h) as run_fused's probe. */
+static void probe_watch(const void* base, uint64_t bytes) {
+  fh_emu_reset_counters();
+  fh_emu_watch_global(base, bytes);
 }
+static uint64_t probe_read(void) {
+  const uint64_t b = fh_emu_total_counters().bytes_g2s_watched;
+  fh_emu_watch_global(NULL, 0);
+  return b;
+}
+static const fused_probe_t PROBE = {probe_watch, probe_read};
 
 /* Runs one case; returns the rows decoded by the fallback. */
-static int64_t run_fused(const cfg_t* c, fh_dtype_t dtype, int64_t B, int64_t V, int64_t D, int with_bias) {
-  fh_context_t *gpu = NULL, *cpu = NULL;
-  cr_assert_eq(fh_context_create(&gpu, FH_BACKEND_CUDA, 0), FH_SUCCESS, "%s", fh_last_error());
-  cr_assert_eq(fh_context_create(&cpu, FH_BACKEND_CPU, 0), FH_SUCCESS);
-  tu_rng_t rng = {(uint64_t)(B * 1000003 + V * 7919 + dtype * 31 + 29) ^ (uint64_t)strlen(c->name) << 40};
-  const size_t es = fh_dtype_size(dtype);
-  void* hh = malloc((size_t)(B * D) * es + 1);
-  void* hc = malloc((size_t)(V * D) * es + 1);
-  void* hb = malloc((size_t)V * es + 1);
-  for (int64_t r = 0; r < B; ++r)
-    for (int64_t j = 0; j < D; ++j) fh_store(hh, dtype, r * D + j, h_value(&rng, r, j));
-  for (int64_t v = 0; v < V; ++v)
-    for (int64_t j = 0; j < D; ++j) fh_store(hc, dtype, v * D + j, 0.5 * (double)(tu_randint(&rng, 5) - 2));
-  for (int64_t v = 0; v < V; ++v)
-    fh_store(hb, dtype, v, v % 97 == 13 && V > 1 ? -INFINITY : 0.25 * (double)(tu_randint(&rng, 9) - 4));
-  void *dh = to_device(hh, (size_t)(B * D) * es), *dc = to_device(hc, (size_t)(V * D) * es);
-  void* db = to_device(hb, (size_t)V * es);
-  const fh_tensor_t tH = {hh, dtype, B, D, D}, tC = {hc, dtype, V, D, D}, tb = {hb, dtype, 1, V, V};
-  const fh_tensor_t dH = {dh, dtype, B, D, D}, dC = {dc, dtype, V, D, D}, dbt = {db, dtype, 1, V, V};
-  rows_t rw;
-  rows_make(&rw, B, V, &rng);
-  fh_decode_options_t oh, od;
-  options_of(c, V, &oh);
-  options_of(c, V, &od);
-  void* keep[32] = {0};
-  options_rows(&oh, c, &rw, B, 0, NULL);
-  options_rows(&od, c, &rw, B, 1, keep);
-  const int64_t n = oh.num_logprobs;
-  outs_t ro, dvo, go;
-  outs_alloc(&ro, B, n, 0);
-  outs_alloc(&dvo, B, n, 1);
-  size_t wsb = 0;
-  cr_assert_eq(fh_decode_workspace_size(gpu, &od, B, V, D, dtype, &wsb), FH_SUCCESS, "%s", fh_last_error());
-  void* ws = NULL;
-  if (wsb) cr_assert_eq(cudaMalloc(&ws, wsb), cudaSuccess);
-  const fh_decode_outputs_t oc = outs_view(&ro), og = outs_view(&dvo);
-  cr_assert_eq(fh_decode_fused(cpu, &oh, &tH, &tC, with_bias ? &tb : NULL, &oc, NULL, 0), FH_SUCCESS, "%s",
-               fh_last_error());
-  fh_emu_reset_counters();
-  fh_emu_watch_global(dc, (uint64_t)(V * D) * es);
-  cr_assert_eq(fh_decode_fused(gpu, &od, &dH, &dC, with_bias ? &dbt : NULL, &og, ws, wsb), FH_SUCCESS, "%s",
-               fh_last_error());
-  const uint64_t c_read = fh_emu_total_counters().bytes_g2s_watched;
-  fh_emu_watch_global(NULL, 0);
-  cr_assert_eq(fh_context_check(gpu), FH_SUCCESS, "%s", fh_last_error());
-  outs_fetch(&go, &dvo, B, n);
-  /* C is streamed once per row block of 128 rows (the 16-byte cp.async path: 16-byte aligned
-   * rows here), and once more per row block that holds a row of the exact fallback. */
-  int64_t passes = 0;
-  for (int64_t r0 = 0; r0 < B; r0 += 128) {
-    int again = 0;
-    for (int64_t b = r0; b < B && b < r0 + 128; ++b) again |= (go.flags[b] & FH_DECODE_FLAG_SECOND_PASS) != 0;
-    passes += 1 + again;
-  }
-  cr_assert_eq(c_read, (uint64_t)passes * (uint64_t)(V * D) * es,
-               "%s dtype=%d B=%lld V=%lld: %llu bytes of C read, expected %lld pass(es) of %lld", c->name, (int)dtype,
-               (long long)B, (long long)V, (unsigned long long)c_read, (long long)passes, (long long)(V * D) * (long long)es);
-  const int64_t second = compare_outs(c, &go, &ro, B, V, n, dtype, NULL, &oh, FH_DECODE_FLAG_SECOND_PASS);
-  for (int i = 0; i < 32; ++i) cudaFree(keep[i]);
-  cudaFree(ws), cudaFree(dh), cudaFree(dc), cudaFree(db), free(hh), free(hc), free(hb);
-  outs_free(&ro, 0), outs_free(&dvo, 1), outs_free(&go, 0);
-  rows_free(&rw);
-  fh_context_destroy(gpu), fh_context_destroy(cpu);
-  return second;
+static int64_t run_fused_emu(const cfg_t* c, fh_dtype_t dtype, int64_t B, int64_t V, int64_t D, int with_bias) {
+  return run_fused(c, dtype, B, V, D, with_bias, 0, &PROBE);
 }
 
 /* Every dtype x B in {1, 5, 37} x V in {1, 101, 4099}, bias on odd cases; returns fallback rows. */
@@ -106,7 +49,7 @@ static int64_t run_fused_grid(const cfg_t* c) {
   for (int d = 0; d < 3; ++d)
     for (int i = 0; i < 3; ++i)
       for (int j = 0; j < 3; ++j) {
-        second += run_fused(c, dts[d], Bs[i], Vs[j], 40, (d + i + j) % 2);
+        second += run_fused_emu(c, dts[d], Bs[i], Vs[j], 40, (d + i + j) % 2);
         rows += Bs[i];
       }
   cr_log_info("%s: %lld of %lld rows by the exact fallback; largest share of a float tolerance used %.3f", c->name,
@@ -143,7 +86,7 @@ FUSED_TEST(per_row_bregman, CFG("per_row_bregman", FH_DECODE_BREGMAN), .per_row 
  * certificate must fail and the fallback decide, exactly. */
 Test(kernel_decode_fused, fallback_runs_and_is_exact) {
   const cfg_t c = {CFG("fallback_top_p", FH_DECODE_STANDARD), .T = 3.0f, .top_p = 0.95f, .nlp = 2};
-  const int64_t second = run_fused(&c, FH_DTYPE_BF16, 5, 4099, 40, 1);
+  const int64_t second = run_fused_emu(&c, FH_DTYPE_BF16, 5, 4099, 40, 1);
   cr_log_info("fallback_top_p: %lld of 5 rows by the exact fallback", (long long)second);
   cr_assert(second >= 3, "the high-entropy top-p rows must need the fallback (%lld did)", (long long)second);
 }
@@ -151,7 +94,7 @@ Test(kernel_decode_fused, fallback_runs_and_is_exact) {
 /* Three row blocks (B = 300) and a vocabulary of many splits (V = 50000, 196 splits of 2 tiles). */
 Test(kernel_decode_fused, row_blocks_and_splits) {
   const cfg_t a = {CFG("rows300", FH_DECODE_STANDARD), .top_k = 20, .top_p = 0.9f, .per_row = 1, .lists = 1};
-  run_fused(&a, FH_DTYPE_F16, 300, 101, 40, 1);
+  run_fused_emu(&a, FH_DTYPE_F16, 300, 101, 40, 1);
   const cfg_t b = {CFG("vocab50000", FH_DECODE_STANDARD), .min_p = 0.05f, .nlp = 6};
-  run_fused(&b, FH_DTYPE_BF16, 3, 50000, 24, 1);
+  run_fused_emu(&b, FH_DTYPE_BF16, 3, 50000, 24, 1);
 }
