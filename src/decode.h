@@ -3,6 +3,7 @@
 #define FH_DECODE_H
 
 #include "fusedhead.h"
+#include "philox.h" /* FH_PHILOX_HD: helpers shared with the kernels */
 
 #ifdef __cplusplus
 extern "C" {
@@ -45,7 +46,7 @@ typedef struct fh_filter_problem {
 } fh_filter_problem_t;
 
 /* The input row of output row i (the indices mapping, or i). */
-static inline int64_t fh_filter_input_row(const fh_filter_options_t* o, int64_t i) {
+FH_PHILOX_HD int64_t fh_filter_input_row(const fh_filter_options_t* o, int64_t i) {
   return o->indices ? o->indices[i] : o->indices_i32 ? (int64_t)o->indices_i32[i] : i;
 }
 

@@ -2,7 +2,8 @@
  * defaults, argument validation and backend dispatch for fh_decode_from_probs,
  * fh_decode_renorm_probs, fh_decode_mask_logits and fh_spec_accept. Semantics: fusedhead_decode.h
  * and docs/decoding.md ("From probabilities", "Speculative sampling"); the CPU reference is
- * src/ref/decode_probs.c and src/ref/spec.c. The CUDA backend has no kernels for these yet. */
+ * src/ref/decode_probs.c and src/ref/spec.c. The CUDA backend (kernels/decode_probs.cu) runs
+ * fh_spec_accept and fh_decode_from_probs with every filter off; the rest is FH_ERR_UNSUPPORTED. */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -11,6 +12,9 @@
 
 #include "decode.h"
 #include "fh_internal.h"
+#ifdef FH_HAVE_CUDA
+#include "cuda_backend.h"
+#endif
 
 #define FILTER_MIN_SIZE (offsetof(fh_filter_options_t, indices_i32) + sizeof(const int32_t*))
 #define SPEC_MIN_SIZE (offsetof(fh_spec_options_t, offset_per_row) + sizeof(const uint64_t*))
@@ -34,11 +38,20 @@ void fh_spec_options_init(fh_spec_options_t* o) {
   o->sum_tolerance = 1e-3f;
 }
 
-/* Every CUDA path: no kernels yet (docs/decoding.md, "From probabilities"). */
-static fh_status_t no_cuda(const char* fn) {
-  return fh_set_error(FH_ERR_UNSUPPORTED, fn,
-                      "has no CUDA kernels yet (docs/decoding.md, \"From probabilities\"); use FH_BACKEND_CPU");
+/* A CUDA path without kernels (docs/decoding.md, "From probabilities": what CUDA runs). */
+static fh_status_t no_cuda(const char* fn, const char* what) {
+  return fh_set_error(FH_ERR_UNSUPPORTED, fn, "has no CUDA kernels %s (docs/decoding.md, \"From probabilities\"); "
+                      "use FH_BACKEND_CPU", what);
 }
+
+#ifdef FH_HAVE_CUDA
+/* The CUDA kernel samples with every filter off and no top-n: the per-row filter arrays (device
+ * memory) must be absent, so this is decided on the host without reading them. */
+static int filters_off(const fh_filter_options_t* o, int64_t V) {
+  return (o->top_k <= 0 || o->top_k >= V) && o->top_p == 1.0f && o->min_p == 0.0f && !o->top_k_per_row &&
+         !o->top_p_per_row && !o->min_p_per_row && o->num_logprobs == 0 && !o->strict_rows;
+}
+#endif
 
 static fh_status_t check_tolerance(const char* fn, const char* name, double tol) {
   if (!(tol >= 0.0))
@@ -134,8 +147,7 @@ fh_status_t fh_filter_workspace_size(fh_context_t* ctx, const fh_filter_options_
   if (B < 0 || V < 0)
     return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "B, V are %lld, %lld (must be >= 0)", (long long)B, (long long)V);
   if (!bytes) return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "bytes is NULL");
-  *bytes = 0;
-  if (ctx->backend == FH_BACKEND_CUDA) return no_cuda(fn);
+  *bytes = 0; /* none on either backend (the CUDA kernels of kernels/decode_probs.cu need none) */
   return FH_SUCCESS;
 }
 
@@ -173,7 +185,12 @@ static fh_status_t filter_call(const char* fn, int call, fh_context_t* ctx, cons
     FH_TRY(fh_decode_check_aliasing(fn, outs, names, 2, &src));
   }
   FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, 0));
-  if (ctx->backend == FH_BACKEND_CUDA) return no_cuda(fn); /* before reading any device memory */
+  if (ctx->backend == FH_BACKEND_CUDA) { /* before reading any device memory */
+#ifdef FH_HAVE_CUDA
+    if (call == CALL_SAMPLE && filters_off(&p.opt, p.V)) return fh_cuda_from_probs(ctx->cuda, ctx->stream, &p, out, tok32);
+#endif
+    return no_cuda(fn, call == CALL_SAMPLE ? "for top-k, top-p, min-p, top-n or strict_rows yet" : "yet");
+  }
   FH_TRY(check_filter_rows_host(&p));
   if (p.B == 0) return FH_SUCCESS;
   if (probs && p.opt.strict_rows) FH_TRY(fh_ref_probs_strict(fn, "probs", in, p.B, &p.opt, p.opt.sum_tolerance));
@@ -248,7 +265,14 @@ fh_status_t fh_spec_accept(fh_context_t* ctx, const fh_spec_options_t* opts, con
     if (outs[i] && outs[i] == (const void*)draft_tokens)
       return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s aliases draft_tokens", names[i]);
   FH_TRY(fh_check_workspace(fn, workspace, workspace_bytes, 0));
-  if (ctx->backend == FH_BACKEND_CUDA) return no_cuda(fn);
+  if (ctx->backend == FH_BACKEND_CUDA) {
+    if (p.opt.strict_rows) return no_cuda(fn, "for strict_rows (the rows are device memory)");
+#ifdef FH_HAVE_CUDA
+    return fh_cuda_spec_accept(ctx->cuda, ctx->stream, &p, out);
+#else
+    return no_cuda(fn, "in this build");
+#endif
+  }
   for (int64_t j = 0; j < p.B * K; ++j)
     if (draft_tokens[j] < 0 || draft_tokens[j] >= p.V)
       return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "draft_tokens[%lld] is %lld (must be in [0, %lld))",

@@ -256,7 +256,7 @@ Test(api_spec_accept, validation) {
   fh_context_destroy(ctx);
 }
 
-/* A CUDA context: FH_ERR_UNSUPPORTED (no kernels yet, or no CUDA backend in this build). */
+/* A CUDA context: FH_ERR_UNSUPPORTED for a filtered draw (no kernel yet). */
 Test(api_decode_probs, cuda_unsupported) {
   fh_context_t* ctx = NULL;
   if (fh_context_create(&ctx, FH_BACKEND_CUDA, 0) != FH_SUCCESS) {
@@ -266,11 +266,12 @@ Test(api_decode_probs, cuda_unsupported) {
   fh_tensor_t t = fh_tensor_2d(p, FH_DTYPE_F32, 1, NV);
   fh_filter_options_t f;
   fh_filter_options_init(&f);
+  f.top_k = 2; /* a filter: no CUDA kernel yet */
   int64_t tok;
   fh_decode_outputs_t out;
   memset(&out, 0, sizeof out);
   out.tokens = &tok;
   expect_msg(fh_decode_from_probs(ctx, &f, &t, &out, NULL, NULL, 0), FH_ERR_UNSUPPORTED, "fh_decode_from_probs: ",
-             "no CUDA kernels");
+             "no CUDA kernels for top-k");
   fh_context_destroy(ctx);
 }
