@@ -84,7 +84,7 @@ typedef enum fh_device_error {
   FH_DEVERR_TARGET_OUT_OF_RANGE = 1, /* a target outside [0, V) that is not ignore_index */
   FH_DEVERR_BAD_WEIGHT = 2,          /* a per-row weight that is negative or not finite */
   FH_DEVERR_BAD_SPARSE_TEACHER = 3,  /* a sparse teacher's id or log-probs (fusedhead.h) */
-  FH_DEVERR_DECODE_PARAM = 4,        /* a decoding per-row parameter, sparse-list, draft or index entry out of range */
+  FH_DEVERR_DECODE_PARAM = 4,        /* a decoding per-row parameter or sparse-list entry out of range */
   FH_DEVERR_COUNT
 } fh_device_error_t;
 
