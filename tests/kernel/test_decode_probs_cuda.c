@@ -110,8 +110,10 @@ static void spec_case(int64_t B, int64_t K, int64_t V, uint64_t salt) {
   dt.data = to_device(pt, sizeof(float) * (size_t)(B * W) * ld);
   int64_t* d_d = (int64_t*)to_device(d, sizeof(int64_t) * (size_t)(B * K));
   fh_spec_options_t od = o;
-  od.seed_per_row = (uint64_t*)to_device(seeds, sizeof(uint64_t) * B);
-  od.offset_per_row = (uint64_t*)to_device(offs, sizeof(uint64_t) * B);
+  uint64_t* d_seeds = (uint64_t*)to_device(seeds, sizeof(uint64_t) * B);
+  uint64_t* d_offs = (uint64_t*)to_device(offs, sizeof(uint64_t) * B);
+  od.seed_per_row = d_seeds;
+  od.offset_per_row = d_offs;
   fh_spec_outputs_t go = {(int64_t*)alloc_out(nt), (int64_t*)alloc_out(nb), (int64_t*)alloc_out(nb),
                           (int64_t*)alloc_out(nb), (uint32_t*)alloc_out(sizeof(uint32_t) * B)};
   cr_assert_eq(fh_spec_accept(gpu, &od, d_d, &dd, &dt, K, &go, NULL, 0), FH_SUCCESS, "%s", fh_last_error());
@@ -144,8 +146,7 @@ static void spec_case(int64_t B, int64_t K, int64_t V, uint64_t salt) {
     cr_expect_eq(f0, FH_SPEC_FLAG_DEGENERATE);
   }
   free(gt), free(ga), free(ge), free(gi), free(gf);
-  cudaFree(dd.data), cudaFree(dt.data), cudaFree(d_d), cudaFree((void*)od.seed_per_row);
-  cudaFree((void*)od.offset_per_row);
+  cudaFree(dd.data), cudaFree(dt.data), cudaFree(d_d), cudaFree(d_seeds), cudaFree(d_offs);
   cudaFree(go.output_tokens), cudaFree(go.accepted), cudaFree(go.emitted), cudaFree(go.accepted_independent);
   cudaFree(go.flags);
   free(pd), free(pt), free(d), free(seeds), free(offs), free(rt), free(ra), free(re), free(ri), free(rf);
@@ -197,8 +198,10 @@ static void probs_case(int64_t Bin, int64_t B, int64_t V, uint64_t salt) {
   fh_tensor_t dp = hp;
   dp.data = to_device(p, sizeof(float) * (size_t)Bin * ld);
   fh_filter_options_t od = o;
-  od.indices_i32 = (int32_t*)to_device(idx, sizeof(int32_t) * (size_t)B);
-  od.offset_per_row = (uint64_t*)to_device(offs, n8);
+  int32_t* d_idx = (int32_t*)to_device(idx, sizeof(int32_t) * (size_t)B);
+  uint64_t* d_offs = (uint64_t*)to_device(offs, n8);
+  od.indices_i32 = d_idx;
+  od.offset_per_row = d_offs;
   fh_decode_outputs_t go = {(int64_t*)alloc_out(n8), (float*)alloc_out(n4), (float*)alloc_out(n4),
                             (int64_t*)alloc_out(n8), (float*)alloc_out(n4), (float*)alloc_out(n4),
                             (int64_t*)alloc_out(n8), NULL, NULL, (uint32_t*)alloc_out(n4)};
@@ -225,12 +228,12 @@ static void probs_case(int64_t Bin, int64_t B, int64_t V, uint64_t salt) {
   if (Bin > 3 && V > 1) cr_expect(bad > 0, "the invalid rows were drawn");
   /* an index outside the input rows, on the device */
   const int32_t out_of_range = (int32_t)Bin;
-  cr_assert_eq(cudaMemcpy((void*)od.indices_i32, &out_of_range, sizeof out_of_range, cudaMemcpyHostToDevice),
+  cr_assert_eq(cudaMemcpy(d_idx, &out_of_range, sizeof out_of_range, cudaMemcpyHostToDevice),
                cudaSuccess);
   cr_assert_eq(fh_decode_from_probs(gpu, &od, &dp, &go, NULL, NULL, 0), FH_SUCCESS);
   cr_expect_eq(fh_context_check(gpu), FH_ERR_INVALID_ARGUMENT);
   free(gt), free(gr), free(gc), free(gl), free(gfl), free(gs), free(ge), free(gf), free(gt32);
-  cudaFree(dp.data), cudaFree((void*)od.indices_i32), cudaFree((void*)od.offset_per_row);
+  cudaFree(dp.data), cudaFree(d_idx), cudaFree(d_offs);
   cudaFree(go.tokens), cudaFree(go.logprob), cudaFree(go.full_logprob), cudaFree(go.rank), cudaFree(go.lse);
   cudaFree(go.entropy), cudaFree(go.allowed_count), cudaFree(go.flags), cudaFree(g32);
   free(p), free(idx), free(offs), free(rt), free(rr), free(rc), free(rl), free(rfl), free(rs), free(re), free(rf);
