@@ -245,11 +245,15 @@ FH_API fh_status_t fh_topk_fused(fh_context_t* ctx, const fh_tensor_t* H, const 
  * num_indices and output row i reads input row indices[i], which must be in [0, B_in) (FlashInfer's
  * `indices`: several outputs may share one distribution). Per-row parameter arrays are [B],
  * indexed by the output row. Host memory for the CPU backend.
- * Workspace: none on the CPU backend (fh_filter_workspace_size reports 0).
- * CUDA backend: not built yet; every call returns FH_ERR_UNSUPPORTED on a CUDA context.
+ * Workspace: none (fh_filter_workspace_size reports 0 on both backends).
+ * CUDA backend (device pointers, no host synchronization): fh_decode_from_probs with every filter
+ * off (top_k off, top_p 1, min_p 0, no per-row filter arrays, num_logprobs 0, strict_rows 0);
+ * indices are read on the device, and one outside the input rows makes that row degenerate and
+ * fh_context_check return FH_ERR_INVALID_ARGUMENT. Filtered draws, fh_decode_renorm_probs and
+ * fh_decode_mask_logits return FH_ERR_UNSUPPORTED on CUDA (not built yet).
  * Statuses: FH_ERR_INVALID_ARGUMENT (NULLs, shapes, options, per-row values, indices, aliasing,
- * invalid rows with strict_rows), FH_ERR_UNSUPPORTED (dtype other than fp32 for probs; CUDA),
- * FH_ERR_OUT_OF_MEMORY. */
+ * invalid rows with strict_rows), FH_ERR_UNSUPPORTED (dtype other than fp32 for probs; the CUDA
+ * cases above), FH_ERR_OUT_OF_MEMORY. */
 
 #define FH_DECODE_FLAG_INVALID_PROBS 16u /* a probability row: NaN, inf, negative, or sum off 1 */
 
@@ -276,7 +280,7 @@ typedef struct fh_filter_options {
 
 FH_API void fh_filter_options_init(fh_filter_options_t* opts);
 
-/* 0 bytes on the CPU backend; FH_ERR_UNSUPPORTED on CUDA (no kernels yet). */
+/* 0 bytes on either backend. */
 FH_API fh_status_t fh_filter_workspace_size(fh_context_t* ctx, const fh_filter_options_t* opts, int64_t B,
                                             int64_t V, size_t* bytes);
 
@@ -326,8 +330,11 @@ FH_API fh_status_t fh_decode_mask_logits(fh_context_t* ctx, const fh_filter_opti
  * Degenerate row (any of its 2K + 1 probability rows invalid): output −1 everywhere, counts 0,
  * flags FH_SPEC_FLAG_DEGENERATE.
  * Use a key that was not used to draft (the draft's noise must be independent of a_i and h).
+ * CUDA backend: the same results (device pointers, no host synchronization, no workspace); draft
+ * ids are checked on the device (a row with one outside [0, V) is degenerate and fh_context_check
+ * returns FH_ERR_INVALID_ARGUMENT); strict_rows is FH_ERR_UNSUPPORTED there.
  * Statuses: FH_ERR_INVALID_ARGUMENT (NULLs, shapes, K, draft token ids, options, aliasing, strict
- * rows), FH_ERR_UNSUPPORTED (non-fp32 probabilities; CUDA context: not built yet). */
+ * rows), FH_ERR_UNSUPPORTED (non-fp32 probabilities; strict_rows on CUDA). */
 
 #define FH_SPEC_FLAG_DEGENERATE 1u         /* an invalid probability row */
 #define FH_SPEC_FLAG_ZERO_DRAFT 2u         /* a verified draft token had p_d = 0 */
@@ -353,7 +360,7 @@ typedef struct fh_spec_outputs {
   uint32_t* flags;               /* [B] FH_SPEC_FLAG_* */
 } fh_spec_outputs_t;
 
-/* No workspace on the CPU backend (pass NULL, 0). */
+/* No workspace on either backend (pass NULL, 0). */
 FH_API fh_status_t fh_spec_accept(fh_context_t* ctx, const fh_spec_options_t* opts, const int64_t* draft_tokens,
                                   const fh_tensor_t* draft_probs, const fh_tensor_t* target_probs, int64_t K,
                                   const fh_spec_outputs_t* out, void* workspace, size_t workspace_bytes);
