@@ -199,4 +199,174 @@ FH_API fh_status_t fh_topk_fused(fh_context_t* ctx, const fh_tensor_t* H, const 
                                  const fh_tensor_t* bias, int64_t k, float* values, int64_t* ids,
                                  void* workspace, size_t workspace_bytes);
 
+/* ---- Sampling from probabilities, filtered distributions, speculative acceptance ----
+ * (docs/decoding.md, "From probabilities" and "Speculative sampling"; FlashInfer's
+ * sampling_from_probs, top_k/top_p_renorm_probs, top_k_mask_logits and
+ * chain_speculative_sampling are the reference points.)
+ *
+ * Probability rows. probs [B_in x V] is fp32 (row stride honoured), used as given: no log is taken
+ * before the rules, no temperature. A row is VALID when every entry is finite and >= 0 and its
+ * sum S (fp64, ids ascending) satisfies S > 0 and |S − 1| <= sum_tolerance. An invalid row is
+ * data, not an argument error: it is reported as a degenerate row (below), unless
+ * strict_rows != 0, in which case the CPU backend returns FH_ERR_INVALID_ARGUMENT naming the first
+ * invalid row and what is wrong with it, before writing any output.
+ *
+ * Filter on probabilities (p-space form of FH_DECODE_STANDARD, same order and tie rules): over
+ * P = {v : p_v > 0} (zero-probability ids are never kept), sorted (p descending, id ascending):
+ *   min-p: keep p_v >= min_p · p_max (the product of two fp32 values is exact in fp64);
+ *   top-k: keep v with #{j among the survivors : p_j > p_v} < k, tie-inclusive; k <= 0 or
+ *     k >= V is off;
+ *   top-p: r_v = p_v / Σ_survivors p; keep v with Σ_{survivors j : p_j > p_v} r_j < top_p,
+ *     tie-inclusive, the mass above summed in fp64 in sorted order; top_p = 1 is off.
+ * A is never empty for a valid row (every stage keeps the largest tie group).
+ *
+ * fh_decode_from_probs: token = argmax_{v ∈ A} (ln p_v + g_v) in fp64 (Gumbel-max: the same
+ * keyed noise g_v = −ln(−ln u_v) of (seed_i, offset_i, v) as fh_decode_from_logits, so the token
+ * does not depend on the batch, the row's place in it, or tiling); exact key ties go to the lowest
+ * id. The renormalisation of p does not move the argmax, so the token is a draw from p/Σ_A p.
+ * Outputs (fh_decode_outputs_t, each optional; tokens or tokens_i32 must be given):
+ *   logprob = ln(p_tok / Σ_A p) (the final distribution); full_logprob = ln(p_tok / S);
+ *   rank = 1 + #{v : p_v > p_tok}; lse = ln S (the log of the row's sum: 0 for an exactly
+ *   normalised row; there are no logits); entropy = −Σ (p/S) ln(p/S) over p > 0, nats;
+ *   allowed_count = |A|; top-n ids and ln(p/S) of the n largest p (ties by lowest id), n =
+ *   num_logprobs (zero-probability ids report −inf); flags (FH_DECODE_FLAG_*).
+ * Degenerate (invalid) row: token = degenerate_token (default −1), flags FH_DECODE_FLAG_DEGENERATE
+ * | FH_DECODE_FLAG_INVALID_PROBS, logprob/full_logprob/entropy/lse NaN, rank 0, allowed_count 0,
+ * top-n ids −1 and logprobs NaN. Never a crash.
+ *
+ * fh_decode_renorm_probs: out[i, v] = p_v / Σ_A p for v ∈ A, 0 elsewhere (fp32, one rounding of
+ * the fp64 quotient); FlashInfer's top_k_renorm_probs / top_p_renorm_probs, with min-p and the
+ * chain as above. Degenerate row: the whole output row NaN.
+ *
+ * fh_decode_mask_logits: logits [B_in x V] (fp32, fp16 or bf16); out [B x V] fp32: z_v (converted
+ * exactly) for v ∈ A, −inf elsewhere, A the allowed set of fh_decode_from_logits with
+ * FH_DECODE_STANDARD at T = 1 (min-p → top-k → top-p on softmax(z), tie-inclusive: the very rule
+ * code of the sampler). Top-k alone is FlashInfer's top_k_mask_logits. A row with a NaN or +inf,
+ * or with every z at −inf, is degenerate: the whole output row NaN.
+ *
+ * Rows and indices (all three calls): without indices, output row i reads input row i and
+ * B = probs->rows. With indices (int64 `indices` or int32 `indices_i32`, not both), B =
+ * num_indices and output row i reads input row indices[i], which must be in [0, B_in) (FlashInfer's
+ * `indices`: several outputs may share one distribution). Per-row parameter arrays are [B],
+ * indexed by the output row. Host memory for the CPU backend.
+ * Workspace: none (fh_filter_workspace_size reports 0 on both backends).
+ * CUDA backend (device pointers, no host synchronization): fh_decode_from_probs with every filter
+ * off (top_k off, top_p 1, min_p 0, no per-row filter arrays, num_logprobs 0, strict_rows 0);
+ * indices are read on the device, and one outside the input rows makes that row degenerate and
+ * fh_context_check return FH_ERR_INVALID_ARGUMENT. Filtered draws, fh_decode_renorm_probs and
+ * fh_decode_mask_logits return FH_ERR_UNSUPPORTED on CUDA (not built yet).
+ * Statuses: FH_ERR_INVALID_ARGUMENT (NULLs, shapes, options, per-row values, indices, aliasing,
+ * invalid rows with strict_rows), FH_ERR_UNSUPPORTED (dtype other than fp32 for probs; the CUDA
+ * cases above), FH_ERR_OUT_OF_MEMORY. */
+
+#define FH_DECODE_FLAG_INVALID_PROBS 16u /* a probability row: NaN, inf, negative, or sum off 1 */
+
+typedef struct fh_filter_options {
+  size_t struct_size;     /* sizeof(fh_filter_options_t), set by init */
+  int64_t top_k;          /* default 0 (off); <= 0 or >= V is off */
+  float top_p;            /* default 1 (off); in (0, 1] */
+  float min_p;            /* default 0 (off); in [0, 1] */
+  float sum_tolerance;    /* default 1e-3; >= 0 (+inf: only S > 0 is required) */
+  int strict_rows;        /* default 0: invalid rows are degenerate; 1: FH_ERR_INVALID_ARGUMENT */
+  uint64_t seed;          /* default 0 (fh_decode_from_probs) */
+  uint64_t offset;        /* default 0 */
+  int64_t num_logprobs;   /* default 0 (fh_decode_from_probs): n of the top-n outputs, in [0, V] */
+  int64_t degenerate_token; /* default -1: token of a degenerate row; -1 or in [0, V) */
+  const int64_t* top_k_per_row; /* [B] or NULL; likewise below */
+  const float* top_p_per_row;
+  const float* min_p_per_row;
+  const uint64_t* seed_per_row;
+  const uint64_t* offset_per_row;
+  int64_t num_indices;          /* B when indices are given */
+  const int64_t* indices;       /* [num_indices] or NULL */
+  const int32_t* indices_i32;   /* [num_indices] or NULL */
+} fh_filter_options_t;
+
+FH_API void fh_filter_options_init(fh_filter_options_t* opts);
+
+/* 0 bytes on either backend. */
+FH_API fh_status_t fh_filter_workspace_size(fh_context_t* ctx, const fh_filter_options_t* opts, int64_t B,
+                                            int64_t V, size_t* bytes);
+
+/* Sample one token per output row from probs (see above). tokens_i32 [B] (or NULL) receives the
+ * same tokens as int32 (V must be below 2^31); out->tokens may be NULL when tokens_i32 is given.
+ * Outputs must not alias inputs or each other. */
+FH_API fh_status_t fh_decode_from_probs(fh_context_t* ctx, const fh_filter_options_t* opts, const fh_tensor_t* probs,
+                                        const fh_decode_outputs_t* out, int32_t* tokens_i32, void* workspace,
+                                        size_t workspace_bytes);
+
+/* Filtered, renormalised probabilities: out [B x V] fp32 (row stride honoured, must not overlap
+ * probs); flags [B] (or NULL): 0, or FH_DECODE_FLAG_DEGENERATE | FH_DECODE_FLAG_INVALID_PROBS. */
+FH_API fh_status_t fh_decode_renorm_probs(fh_context_t* ctx, const fh_filter_options_t* opts,
+                                          const fh_tensor_t* probs, const fh_tensor_t* out, uint32_t* flags,
+                                          void* workspace, size_t workspace_bytes);
+
+/* Masked logits: out [B x V] fp32 (must not overlap logits); flags [B] (or NULL): 0 or
+ * FH_DECODE_FLAG_DEGENERATE. sum_tolerance, seed, offset, num_logprobs are not used. */
+FH_API fh_status_t fh_decode_mask_logits(fh_context_t* ctx, const fh_filter_options_t* opts,
+                                         const fh_tensor_t* logits, const fh_tensor_t* out, uint32_t* flags,
+                                         void* workspace, size_t workspace_bytes);
+
+/* Chain speculative sampling (Leviathan et al., ICML 2023, arXiv 2211.17192; Chen et al., arXiv
+ * 2302.01318): verify K draft tokens per row against the target model in one call.
+ * Inputs: draft_tokens [B x K] int64 (each in [0, V)), draft_probs p_d [B·K x V] fp32 (row b·K + i
+ * is the draft distribution at position i), target_probs p_t [B·(K+1) x V] fp32 (row b·(K+1) + i;
+ * row K is the bonus position). K >= 0; B = target_probs->rows / (K + 1). Every probability row
+ * is checked as above (sum_tolerance, strict_rows); the probabilities are used as given (not
+ * renormalised), so each decision below is a function of the stored values and the uniform only.
+ * Per row b, key (seed_b, offset_b), for i = 0 .. K−1 with d = d_i, t = p_t,i(d), q = p_d,i(d):
+ *   a_i = the uniform of Philox counter (2^64 − 1 − i, offset) (words x0, x1, docs/decoding.md),
+ *     never equal to a token's counter;
+ *   accept iff a_i < t / q (fp64 quotient; t >= q always accepts); q = 0: accept iff t > 0
+ *     (the limit of min(1, t/q); the draft could not have drawn d, flag FH_SPEC_FLAG_ZERO_DRAFT);
+ *   on the first rejection: r = max(0, p_t,i − p_d,i) (fp64 difference per id); emit
+ *     argmax_{v : r_v > 0} (ln r_v + h_v) and stop, h_v = −ln(−ln w_v) with w_v the uniform of
+ *     words (x2, x3) of token v's counter (v, offset) (independent of fh_decode_*'s noise under
+ *     the same key). If r is all zero (only possible through rounding or q = 0), emit the same
+ *     argmax over ln p_t,i instead and set FH_SPEC_FLAG_RESIDUAL_FALLBACK.
+ * If all K are accepted, emit the bonus argmax_{v : p_t,K(v) > 0} (ln p_t,K(v) + h_v).
+ * Then the emitted tokens have exactly the target distribution (the defining property).
+ * Outputs: output_tokens [B x (K+1)]: the accepted drafts, then the correction or bonus token,
+ * then −1; accepted [B] = number of drafts emitted (leading accepts, FlashInfer's
+ * emitted_draft_token_num); emitted [B] = accepted + 1, the tokens written; optional
+ * accepted_independent [B] = #{i < K : draft i passes its own test}, the rejection rule applied to
+ * every position (FlashInfer's accepted_token_num, an acceptance-rate metric); flags [B].
+ * Degenerate row (any of its 2K + 1 probability rows invalid): output −1 everywhere, counts 0,
+ * flags FH_SPEC_FLAG_DEGENERATE.
+ * Use a key that was not used to draft (the draft's noise must be independent of a_i and h).
+ * CUDA backend: the same results (device pointers, no host synchronization, no workspace); draft
+ * ids are checked on the device (a row with one outside [0, V) is degenerate and fh_context_check
+ * returns FH_ERR_INVALID_ARGUMENT); strict_rows is FH_ERR_UNSUPPORTED there.
+ * Statuses: FH_ERR_INVALID_ARGUMENT (NULLs, shapes, K, draft token ids, options, aliasing, strict
+ * rows), FH_ERR_UNSUPPORTED (non-fp32 probabilities; strict_rows on CUDA). */
+
+#define FH_SPEC_FLAG_DEGENERATE 1u         /* an invalid probability row */
+#define FH_SPEC_FLAG_ZERO_DRAFT 2u         /* a verified draft token had p_d = 0 */
+#define FH_SPEC_FLAG_RESIDUAL_FALLBACK 4u  /* max(0, p_t − p_d) was all zero: corrected from p_t */
+
+typedef struct fh_spec_options {
+  size_t struct_size;  /* sizeof(fh_spec_options_t), set by init */
+  float sum_tolerance; /* default 1e-3, as fh_filter_options_t */
+  int strict_rows;     /* default 0 */
+  uint64_t seed;       /* default 0 */
+  uint64_t offset;     /* default 0 */
+  const uint64_t* seed_per_row;   /* [B] or NULL */
+  const uint64_t* offset_per_row; /* [B] or NULL */
+} fh_spec_options_t;
+
+FH_API void fh_spec_options_init(fh_spec_options_t* opts);
+
+typedef struct fh_spec_outputs {
+  int64_t* output_tokens;        /* [B x (K+1)], required */
+  int64_t* accepted;             /* [B] */
+  int64_t* emitted;              /* [B] */
+  int64_t* accepted_independent; /* [B] */
+  uint32_t* flags;               /* [B] FH_SPEC_FLAG_* */
+} fh_spec_outputs_t;
+
+/* No workspace on either backend (pass NULL, 0). */
+FH_API fh_status_t fh_spec_accept(fh_context_t* ctx, const fh_spec_options_t* opts, const int64_t* draft_tokens,
+                                  const fh_tensor_t* draft_probs, const fh_tensor_t* target_probs, int64_t K,
+                                  const fh_spec_outputs_t* out, void* workspace, size_t workspace_bytes);
+
 #endif /* FUSEDHEAD_DECODE_H */

@@ -19,7 +19,8 @@ static const char* device_error_text(int code) {
       return "a sparse teacher row has an id outside [0, V) or repeated, a NaN or +inf log-probability, no finite "
              "one, or (remainder) total probability above 1 + 1e-3";
     case FH_DEVERR_DECODE_PARAM:
-      return "a decoding per-row parameter, bias or banned-id entry is out of range (the row was reported degenerate)";
+      return "a decoding per-row parameter, bias, banned-id, draft-token or row-index entry is out of range (the row "
+             "was reported degenerate)";
     default: return "a kernel reported invalid input data";
   }
 }

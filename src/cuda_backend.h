@@ -48,6 +48,14 @@ fh_status_t fh_cuda_decode_fused_workspace(int64_t B, int64_t V, int64_t D, int 
 fh_status_t fh_cuda_decode_fused(fh_cuda_state_t* st, struct CUstream_st* stream, const fh_decode_problem_t* p,
                                  const fh_decode_outputs_t* out, void* workspace);
 
+/* Probability rows (kernels/decode_probs.cu): chain speculative acceptance, and sampling from
+ * probabilities with every filter off (src/decode_probs.c checks that); draft ids and indices
+ * are checked on the device (FH_DEVERR_DECODE_PARAM). No workspace. */
+fh_status_t fh_cuda_spec_accept(fh_cuda_state_t* st, struct CUstream_st* stream, const fh_spec_problem_t* p,
+                                const fh_spec_outputs_t* out);
+fh_status_t fh_cuda_from_probs(fh_cuda_state_t* st, struct CUstream_st* stream, const fh_filter_problem_t* p,
+                               const fh_decode_outputs_t* out, int32_t* tokens_i32);
+
 /* Linear cross-entropy (kernels/linear_ce*.cu). Workspace sizes are exact byte counts for the
  * problem; the compute calls get a workspace at least that large (checked by the caller). */
 fh_status_t fh_cuda_linear_ce_forward_workspace(const fh_cuda_state_t* st, const fh_linear_ce_options_t* opt,

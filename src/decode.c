@@ -50,7 +50,7 @@ static fh_status_t check_temperature(const char* fn, const char* name, double t)
     return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s is %g (must be finite and >= 0; 0 is greedy)", name, t);
   return FH_SUCCESS;
 }
-static fh_status_t check_top_p(const char* fn, const char* name, double v) {
+fh_status_t fh_decode_check_top_p(const char* fn, const char* name, double v) {
   if (!(v > 0.0 && v <= 1.0))
     return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn, "%s is %g (must be in (0, 1]; 1 is off)", name, v);
   return FH_SUCCESS;
@@ -73,7 +73,7 @@ static fh_status_t check_options(const char* fn, const fh_decode_options_t* user
   o->struct_size = sizeof *o;
   FH_TRY(fh_check_enum(fn, "opts->sampler", (int)o->sampler, FH_DECODE_SAMPLER_COUNT));
   FH_TRY(check_temperature(fn, "opts->temperature", o->temperature));
-  FH_TRY(check_top_p(fn, "opts->top_p", o->top_p));
+  FH_TRY(fh_decode_check_top_p(fn, "opts->top_p", o->top_p));
   FH_TRY(fh_check_float_range(fn, "opts->min_p", o->min_p, 0.0, 1.0));
   FH_TRY(fh_check_float_range(fn, "opts->top_n_sigma", o->top_n_sigma, -INFINITY, INFINITY));
   FH_TRY(check_epsilon(fn, "opts->epsilon", o->epsilon));
@@ -139,7 +139,7 @@ static fh_status_t check_id_lists(const char* fn, const char* what, const int64_
     }                                                                   \
   }
 
-static fh_status_t check_min_p(const char* fn, const char* name, double v) {
+fh_status_t fh_decode_check_min_p(const char* fn, const char* name, double v) {
   return fh_check_float_range(fn, name, v, 0.0, 1.0);
 }
 static fh_status_t check_finite(const char* fn, const char* name, double v) {
@@ -153,8 +153,8 @@ static fh_status_t check_lambda(const char* fn, const char* name, double v) {
 static fh_status_t check_rows_host(const char* fn, const fh_decode_options_t* o, int64_t B, int64_t V) {
   char name[64];
   CHECK_ROWS(temperature_per_row, check_temperature)
-  CHECK_ROWS(top_p_per_row, check_top_p)
-  CHECK_ROWS(min_p_per_row, check_min_p)
+  CHECK_ROWS(top_p_per_row, fh_decode_check_top_p)
+  CHECK_ROWS(min_p_per_row, fh_decode_check_min_p)
   CHECK_ROWS(top_n_sigma_per_row, check_finite)
   CHECK_ROWS(epsilon_per_row, check_epsilon)
   CHECK_ROWS(top_h_alpha_per_row, check_top_h_alpha)
@@ -199,8 +199,8 @@ static fh_status_t check_source(const char* fn, const fh_tensor_t* logits, const
 }
 
 /* Output pointers must be distinct from each other and from the inputs' data. */
-static fh_status_t check_aliasing(const char* fn, const void* const* outs, const char* const* names, int n,
-                                  const fh_decode_source_t* s) {
+fh_status_t fh_decode_check_aliasing(const char* fn, const void* const* outs, const char* const* names, int n,
+                                     const fh_decode_source_t* s) {
   const void* ins[4] = {s->logits ? s->logits->data : NULL, s->H ? s->H->data : NULL, s->C ? s->C->data : NULL,
                         s->bias ? s->bias->data : NULL};
   for (int i = 0; i < n; ++i) {
@@ -264,7 +264,7 @@ static fh_status_t decode(const char* fn, fh_context_t* ctx, const fh_decode_opt
   static const char* const names[10] = {"out->tokens", "out->logprob", "out->full_logprob", "out->rank",
                                         "out->lse", "out->entropy", "out->allowed_count", "out->topn_ids",
                                         "out->topn_logprobs", "out->flags"};
-  FH_TRY(check_aliasing(fn, outs, names, 10, &p.src));
+  FH_TRY(fh_decode_check_aliasing(fn, outs, names, 10, &p.src));
 #ifdef FH_HAVE_CUDA
   if (ctx->backend == FH_BACKEND_CUDA && !fused) {
     /* Per-row arrays and lists are device memory: the kernels check them (FH_DEVERR_DECODE_PARAM). */
@@ -336,7 +336,7 @@ static fh_status_t topk(const char* fn, fh_context_t* ctx, const fh_tensor_t* lo
   FH_TRY(fh_check_ptr(fn, "ids", ids, s.B));
   const void* outs[2] = {values, ids};
   static const char* const names[2] = {"values", "ids"};
-  FH_TRY(check_aliasing(fn, outs, names, 2, &s));
+  FH_TRY(fh_decode_check_aliasing(fn, outs, names, 2, &s));
 #ifdef FH_HAVE_CUDA
   if (ctx->backend == FH_BACKEND_CUDA) {
     FH_TRY(fh_check_backend_dtype(fn, "the inputs' dtype", ctx, s.logits ? s.logits->dtype : s.H->dtype));

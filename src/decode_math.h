@@ -21,6 +21,24 @@ FH_DM double fh_dm_gumbel(uint64_t seed, uint64_t offset, uint64_t token) {
   return -log(-log(u));
 }
 
+/* The second Gumbel noise of token `token` (Philox words x2, x3 of the same counter): the
+ * speculative correction and bonus draws (docs/decoding.md, "Speculative sampling"), independent
+ * of fh_dm_gumbel under the same key. */
+FH_DM double fh_dm_gumbel2(uint64_t seed, uint64_t offset, uint64_t token) {
+  const fh_philox4x32_t w = fh_philox_token_words(seed, offset, token);
+  return -log(-log(fh_philox_u52(w.v[2], w.v[3])));
+}
+
+/* The acceptance uniform of draft position i: the counter of "token" 2^64 − 1 − i, which no real
+ * token id (< 2^62) reaches, so it never shares a counter with a token's noise. */
+FH_DM double fh_dm_spec_uniform(uint64_t seed, uint64_t offset, int64_t i) {
+  return fh_philox_token_uniform(seed, offset, UINT64_MAX - (uint64_t)i);
+}
+
+/* Speculative acceptance of a draft token with target probability t and draft probability q
+ * under uniform a: a < t/q; q = 0 accepts iff t > 0 (the limit of min(1, t/q)). */
+FH_DM int fh_dm_spec_accepts(double a, double t, double q) { return q > 0.0 ? a < t / q : t > 0.0; }
+
 /* min-p: keep s ≥ m + ln(min_p) (min_p > 0). */
 FH_DM double fh_dm_min_p_threshold(double m, double min_p) { return m + log(min_p); }
 

@@ -79,6 +79,9 @@ typedef struct fh_decode_row_result {
   uint32_t flags;
 } fh_decode_row_result_t;
 
+/* 1 when logits z[V] make a degenerate row: a NaN or +inf, or every z at −inf. */
+int fh_ref_decode_row_is_degenerate(const double* z, int64_t V);
+
 /* Decode one row of processed logits z[V] (bias and bans already applied). degenerate_token is
  * the token reported for a degenerate row. */
 void fh_ref_decode_row(const double* z, int64_t V, const fh_decode_row_params_t* prm, int64_t degenerate_token,
@@ -89,6 +92,10 @@ void fh_ref_decode_row(const double* z, int64_t V, const fh_decode_row_params_t*
  * the kept prefix (before the argmax union). */
 int64_t fh_ref_decode_rule_standard(const fh_decode_row_params_t* prm, const fh_decode_pair_t* srt, int64_t n_fin,
                                     int64_t V, double m);
+/* The same rule with probs != 0: srt holds (p, id) pairs sorted (p descending, id ascending), m =
+ * p_max; min-p keeps p ≥ min_p·m and top-p sums p (docs/decoding.md, "From probabilities"). */
+int64_t fh_ref_decode_rule_standard_space(const fh_decode_row_params_t* prm, const fh_decode_pair_t* srt,
+                                          int64_t n_fin, int64_t V, double m, int probs);
 
 /* Row b's logits z[V] from the source (h [D], c [D] fp64 scratch for the fused head). */
 void fh_ref_decode_logits(const fh_decode_source_t* src, int64_t b, double* z, double* h, double* c);

@@ -49,12 +49,15 @@ static int64_t tie_inclusive_prefix(const fh_decode_pair_t* srt, int64_t n, int6
 }
 
 /* min-p → top-k → top-p on the first n_fin sorted positions. Every stage keeps a prefix of the
- * sorted order (its thresholds are monotone in s), so the result is a prefix length. */
-int64_t fh_ref_decode_rule_standard(const fh_decode_row_params_t* prm, const fh_decode_pair_t* srt, int64_t n_fin,
-                                    int64_t V, double m) {
+ * sorted order (its thresholds are monotone in s), so the result is a prefix length. With
+ * probs != 0 the entries hold probabilities p (m = p_max) instead of log-weights s: min-p compares
+ * p ≥ min_p·p_max and top-p sums p itself, so p-space rows (fh_decode_from_probs, docs/decoding.md
+ * "From probabilities") follow the same order and tie rules without a log/exp round trip. */
+int64_t fh_ref_decode_rule_standard_space(const fh_decode_row_params_t* prm, const fh_decode_pair_t* srt,
+                                          int64_t n_fin, int64_t V, double m, int probs) {
   int64_t n = n_fin;
   if (prm->min_p > 0.0) {
-    const double thr = fh_dm_min_p_threshold(m, prm->min_p);
+    const double thr = probs ? prm->min_p * m : fh_dm_min_p_threshold(m, prm->min_p);
     int64_t i = 0;
     while (i < n && srt[i].s >= thr) ++i;
     n = i;
@@ -64,7 +67,7 @@ int64_t fh_ref_decode_rule_standard(const fh_decode_row_params_t* prm, const fh_
     /* Renormalise over the survivors (top_k_first), then keep tie groups whose strictly-larger
      * mass is < top_p. Sums run in sorted order so the result is reproducible. */
     double Zs = 0.0;
-    for (int64_t i = 0; i < n; ++i) Zs += exp(srt[i].s - m);
+    for (int64_t i = 0; i < n; ++i) Zs += probs ? srt[i].s : exp(srt[i].s - m);
     double above = 0.0, group_mass = 0.0;
     int64_t keep = 0;
     for (int64_t i = 0; i < n; ++i) {
@@ -73,12 +76,17 @@ int64_t fh_ref_decode_rule_standard(const fh_decode_row_params_t* prm, const fh_
         group_mass = 0.0;
         if (!fh_dm_top_p_keeps(above, Zs, prm->top_p)) break;
       }
-      group_mass += exp(srt[i].s - m);
+      group_mass += probs ? srt[i].s : exp(srt[i].s - m);
       keep = i + 1;
     }
     n = keep;
   }
   return n;
+}
+
+int64_t fh_ref_decode_rule_standard(const fh_decode_row_params_t* prm, const fh_decode_pair_t* srt, int64_t n_fin,
+                                    int64_t V, double m) {
+  return fh_ref_decode_rule_standard_space(prm, srt, n_fin, V, m, 0);
 }
 
 /* top-nσ on z (before temperature): z_v ≥ max z − n·σ, σ the population std of finite z. */
@@ -182,17 +190,18 @@ static void degenerate_row(const double* z, int64_t V, int64_t degenerate_token,
   r->flags = FH_DECODE_FLAG_DEGENERATE;
 }
 
-void fh_ref_decode_row(const double* z, int64_t V, const fh_decode_row_params_t* prm, int64_t degenerate_token,
-                       fh_decode_scratch_t* w, fh_decode_row_result_t* r) {
+int fh_ref_decode_row_is_degenerate(const double* z, int64_t V) {
   int bad = 1;
   for (int64_t v = 0; v < V; ++v) {
-    if (isnan(z[v]) || z[v] == INFINITY) {
-      bad = 1;
-      break;
-    }
+    if (isnan(z[v]) || z[v] == INFINITY) return 1;
     if (z[v] > -INFINITY) bad = 0;
   }
-  if (bad) {
+  return bad;
+}
+
+void fh_ref_decode_row(const double* z, int64_t V, const fh_decode_row_params_t* prm, int64_t degenerate_token,
+                       fh_decode_scratch_t* w, fh_decode_row_result_t* r) {
+  if (fh_ref_decode_row_is_degenerate(z, V)) {
     degenerate_row(z, V, degenerate_token, w, r);
     return;
   }
