@@ -31,30 +31,16 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench_util.h"
 #include "fusedhead.h"
 #ifdef FH_HAVE_CUDA
 #include "../kernels/baseline_lce.h"
 #include "bench_cuda.h"
 #endif
 
-#ifndef FH_GIT_COMMIT
-#define FH_GIT_COMMIT "unknown"
-#endif
-
 static void die(const char* what) {
   fprintf(stderr, "bench_decode: %s failed: %s\n", what, fh_last_error());
   exit(1);
-}
-
-static double now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
-}
-
-static int cmp_d(const void* a, const void* b) {
-  const double x = *(const double*)a, y = *(const double*)b;
-  return x < y ? -1 : x > y;
 }
 
 /* The two option sets of the GPU rows (the CPU row uses the second). */
@@ -84,11 +70,11 @@ static void cpu_run(int reps) {
   memset(&out, 0, sizeof out);
   out.tokens = tok;
   for (int r = -1; r < reps; ++r) { /* r = -1: warm-up */
-    const double t0 = now_ms();
+    const double t0 = bu_now_ms();
     if (fh_decode_fused(ctx, &o, &tH, &tC, NULL, &out, NULL, 0) != FH_SUCCESS) die("fh_decode_fused (CPU)");
-    if (r >= 0) t[r] = now_ms() - t0;
+    if (r >= 0) t[r] = bu_now_ms() - t0;
   }
-  qsort(t, (size_t)reps, sizeof(double), cmp_d);
+  qsort(t, (size_t)reps, sizeof(double), bu_cmp_double);
   printf("cpu,top_k_top_p,%lld,%lld,%lld,f32,cpu-reference,%.3f,%.3f,,,,0,cpu,%s,measured: median of %d (fp64 "
          "reference; not a GPU number)\n",
          (long long)B, (long long)V, (long long)D, t[reps / 2], t[reps - 1] - t[0], FH_GIT_COMMIT, reps);
@@ -159,7 +145,7 @@ static double time_calls(const shape_run_t* r, void* flush, size_t flush_bytes, 
     if ((t[i] = bc_timer_stop_ms(tm)) < 0) goto done;
   }
   if (fh_context_check(r->ctx) != FH_SUCCESS) goto done;
-  qsort(t, (size_t)reps, sizeof(double), cmp_d);
+  qsort(t, (size_t)reps, sizeof(double), bu_cmp_double);
   med = t[reps / 2];
   *spread = t[reps - 1] - t[0];
 done:

@@ -44,14 +44,11 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench_util.h"
 #include "fusedhead.h"
 #ifdef FH_HAVE_CUDA
 #include "../kernels/baseline_lce.h"
 #include "bench_cuda.h"
-#endif
-
-#ifndef FH_GIT_COMMIT
-#define FH_GIT_COMMIT "unknown"
 #endif
 
 typedef struct gpu {
@@ -73,17 +70,6 @@ static const shape_t SHAPES[5] = {{"cce-gemma2", 8192, 256000, 2304},
 static void die(const char* what) {
   fprintf(stderr, "bench_linear_ce: %s: %s\n", what, fh_last_error());
   exit(1);
-}
-
-static double now_ms(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec * 1e3 + (double)t.tv_nsec * 1e-6;
-}
-
-static int cmp_d(const void* a, const void* b) {
-  double x = *(const double*)a, y = *(const double*)b;
-  return x < y ? -1 : x > y;
 }
 
 static void projection(void) {
@@ -243,7 +229,7 @@ static double gpu_time(gpu_run_t* g, int impl, int mode, int pass, bc_timer_t* t
     }
   }
   if (fh_context_check(g->ctx) != FH_SUCCESS) die("device error flag");
-  qsort(g->t, (size_t)g->reps, sizeof(double), cmp_d);
+  qsort(g->t, (size_t)g->reps, sizeof(double), bu_cmp_double);
   const double N = (double)sh->N, V = (double)sh->V, D = (double)sh->D, b = 2.0;
   const double in_bytes = (N + V) * D * b + 12.0 * N, grad_bytes = (N + V) * D * b;
   const double fwd = 2.0, bwd = impl == 1 ? 4.0 : mode == FH_ACCUM_FP32 ? 6.0 : 8.0;
@@ -399,13 +385,13 @@ static void cpu_run(int64_t N, int64_t V, int64_t D, int reps) {
   double* t = malloc(sizeof(double) * (size_t)(reps + 1));
   for (int pass = 0; pass < 2; ++pass) {
     for (int r = -1; r < reps; ++r) { /* r = -1: warm-up */
-      const double t0 = now_ms();
+      const double t0 = bu_now_ms();
       fh_status_t s = pass == 0 ? fh_linear_ce_forward(ctx, &o, &tE, &tC, NULL, y, NULL, NULL, &out, NULL, 0)
                                 : fh_linear_ce_backward(ctx, &o, &tE, &tC, NULL, y, NULL, NULL, &in, &g, NULL, 0);
       if (s != FH_SUCCESS) die(pass == 0 ? "forward" : "backward");
-      if (r >= 0) t[r] = now_ms() - t0;
+      if (r >= 0) t[r] = bu_now_ms() - t0;
     }
-    qsort(t, (size_t)reps, sizeof(double), cmp_d);
+    qsort(t, (size_t)reps, sizeof(double), bu_cmp_double);
     /* the reference computes logits in fp64 scalar code: forward 2NVD, backward 8NVD (it
      * recomputes the logits for dE and again for dC) */
     const double flops = (pass == 0 ? 2.0 : 8.0) * (double)N * (double)V * (double)D;

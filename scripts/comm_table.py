@@ -17,6 +17,9 @@ import os
 import re
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import readme_block  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = os.path.join(ROOT, "include", "fusedhead_shard.h")
 BEGIN, END = "<!-- comm-table:begin (scripts/comm_table.py) -->", "<!-- comm-table:end -->"
@@ -90,35 +93,8 @@ def table(w=None):
     return "\n".join(rows)
 
 
-def block(text):
-    return BEGIN + "\n" + text + "\n" + END
-
-
 def main(argv):
-    t = table()
-    if len(argv) == 1:
-        print(t)
-        return 0
-    if len(argv) != 3 or argv[1] not in ("--check", "--write"):
-        print(__doc__)
-        return 2
-    path = argv[2]
-    with open(path, encoding="utf-8") as f:
-        doc = f.read()
-    m = re.search(re.escape(BEGIN) + r"\n.*?" + re.escape(END), doc, re.S)
-    if not m:
-        print("comm_table: no table markers in %s" % path)
-        return 1
-    if argv[1] == "--write":
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(doc[:m.start()] + block(t) + doc[m.end():])
-        return 0
-    if m.group(0) != block(t):
-        print("comm_table: the table in %s is not the one the code gives; run scripts/comm_table.py --write %s"
-              % (path, path))
-        return 1
-    print("comm_table: %s holds the table the code gives" % path)
-    return 0
+    return readme_block.main(argv, "comm_table", BEGIN, END, table(), __doc__)
 
 
 if __name__ == "__main__":

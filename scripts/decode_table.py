@@ -25,10 +25,12 @@ once more for each row block holding a flagged row, see the suite's counts):
     logit, one warp per row) is not overlapped with the loads in this version and is not
     modelled: the time is a lower bound of this design.
 """
-import math
 import os
 import re
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import readme_block  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- decode-table:begin (scripts/decode_table.py) -->", "<!-- decode-table:end -->"
@@ -83,35 +85,8 @@ def table():
     return "\n".join(rows)
 
 
-def block(text):
-    return BEGIN + "\n" + text + "\n" + END
-
-
 def main(argv):
-    t = table()
-    if len(argv) == 1:
-        print(t)
-        return 0
-    if len(argv) != 3 or argv[1] not in ("--check", "--write"):
-        print(__doc__)
-        return 2
-    path = argv[2]
-    with open(path, encoding="utf-8") as f:
-        doc = f.read()
-    m = re.search(re.escape(BEGIN) + r"\n.*?" + re.escape(END), doc, re.S)
-    if not m:
-        print("decode_table: no table markers in %s" % path)
-        return 1
-    if argv[1] == "--write":
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(doc[:m.start()] + block(t) + doc[m.end():])
-        return 0
-    if m.group(0) != block(t):
-        print("decode_table: the table in %s is not the one the model gives; run scripts/decode_table.py --write %s"
-              % (path, path))
-        return 1
-    print("decode_table: %s holds the table the model gives" % path)
-    return 0
+    return readme_block.main(argv, "decode_table", BEGIN, END, table(), __doc__)
 
 
 if __name__ == "__main__":

@@ -246,6 +246,45 @@ static inline int64_t compare_outs(const cfg_t* c, const outs_t* gp, const outs_
   return second;
 }
 
+/* What every CUDA-against-CPU decode comparison sets up: the per-row arrays and lists (rows_make),
+ * host (oh) and device (od) options, host and device outputs, and the CUDA workspace for D
+ * (0: from logits). */
+typedef struct dec_setup {
+  rows_t rw;
+  fh_decode_options_t oh, od;
+  void* keep[32];
+  int64_t n;
+  outs_t ro, dvo, go;
+  fh_decode_outputs_t oc, og;
+  void* ws;
+  size_t wsb;
+} dec_setup_t;
+
+static inline void setup_begin(dec_setup_t* u, fh_context_t* gpu, const cfg_t* c, int64_t B, int64_t V, int64_t D,
+                               fh_dtype_t dtype, tu_rng_t* rng) {
+  memset(u, 0, sizeof *u);
+  rows_make(&u->rw, B, V, rng);
+  options_of(c, V, &u->oh);
+  options_of(c, V, &u->od);
+  options_rows(&u->oh, c, &u->rw, B, 0, NULL);
+  options_rows(&u->od, c, &u->rw, B, 1, u->keep);
+  u->n = u->oh.num_logprobs;
+  outs_alloc(&u->ro, B, u->n, 0);
+  outs_alloc(&u->dvo, B, u->n, 1);
+  cr_assert_eq(fh_decode_workspace_size(gpu, &u->od, B, V, D, dtype, &u->wsb), FH_SUCCESS, "%s", fh_last_error());
+  if (u->wsb) cr_assert_eq(cudaMalloc(&u->ws, u->wsb), cudaSuccess);
+  u->oc = outs_view(&u->ro);
+  u->og = outs_view(&u->dvo);
+}
+
+/* Frees what setup_begin allocated and the fetched outputs u->go. */
+static inline void setup_end(dec_setup_t* u) {
+  for (int i = 0; i < 32; ++i) cudaFree(u->keep[i]);
+  cudaFree(u->ws);
+  outs_free(&u->ro, 0), outs_free(&u->dvo, 1), outs_free(&u->go, 0);
+  rows_free(&u->rw);
+}
+
 static inline void run_case(const cfg_t* c, fh_dtype_t dtype, int64_t B, int64_t V, int allow_near_ties) {
   fh_context_t *gpu = NULL, *cpu = NULL;
   cr_assert_eq(fh_context_create(&gpu, FH_BACKEND_CUDA, 0), FH_SUCCESS, "%s", fh_last_error());
@@ -259,32 +298,15 @@ static inline void run_case(const cfg_t* c, fh_dtype_t dtype, int64_t B, int64_t
     for (int64_t j = 0; j < stride; ++j) fh_store(h, dtype, r * stride + j, j < V ? logit_value(&rng, r, j, V) : NAN);
   void* d = to_device(h, bytes);
   const fh_tensor_t th = {h, dtype, B, V, stride}, td = {d, dtype, B, V, stride};
-  rows_t rw;
-  rows_make(&rw, B, V, &rng);
-  fh_decode_options_t oh, od;
-  options_of(c, V, &oh);
-  options_of(c, V, &od);
-  void* keep[32] = {0};
-  options_rows(&oh, c, &rw, B, 0, NULL);
-  options_rows(&od, c, &rw, B, 1, keep);
-  const int64_t n = oh.num_logprobs;
-  outs_t ro, dvo, go;
-  outs_alloc(&ro, B, n, 0);
-  outs_alloc(&dvo, B, n, 1);
-  size_t wsb = 0;
-  cr_assert_eq(fh_decode_workspace_size(gpu, &od, B, V, 0, dtype, &wsb), FH_SUCCESS, "%s", fh_last_error());
-  void* ws = NULL;
-  if (wsb) cr_assert_eq(cudaMalloc(&ws, wsb), cudaSuccess);
-  const fh_decode_outputs_t oc = outs_view(&ro), og = outs_view(&dvo);
-  cr_assert_eq(fh_decode_from_logits(cpu, &oh, &th, &oc, NULL, 0), FH_SUCCESS, "%s", fh_last_error());
-  cr_assert_eq(fh_decode_from_logits(gpu, &od, &td, &og, ws, wsb), FH_SUCCESS, "%s", fh_last_error());
+  dec_setup_t u;
+  setup_begin(&u, gpu, c, B, V, 0, dtype, &rng);
+  cr_assert_eq(fh_decode_from_logits(cpu, &u.oh, &th, &u.oc, NULL, 0), FH_SUCCESS, "%s", fh_last_error());
+  cr_assert_eq(fh_decode_from_logits(gpu, &u.od, &td, &u.og, u.ws, u.wsb), FH_SUCCESS, "%s", fh_last_error());
   cr_assert_eq(fh_context_check(gpu), FH_SUCCESS, "%s", fh_last_error());
-  outs_fetch(&go, &dvo, B, n);
-  compare_outs(c, &go, &ro, B, V, n, dtype, allow_near_ties ? &th : NULL, &oh, 0u);
-  for (int i = 0; i < 32; ++i) cudaFree(keep[i]);
-  cudaFree(ws), cudaFree(d), free(h);
-  outs_free(&ro, 0), outs_free(&dvo, 1), outs_free(&go, 0);
-  rows_free(&rw);
+  outs_fetch(&u.go, &u.dvo, B, u.n);
+  compare_outs(c, &u.go, &u.ro, B, V, u.n, dtype, allow_near_ties ? &th : NULL, &u.oh, 0u);
+  setup_end(&u);
+  cudaFree(d), free(h);
   fh_context_destroy(gpu), fh_context_destroy(cpu);
 }
 
@@ -340,36 +362,21 @@ static inline int64_t run_fused(const cfg_t* c, fh_dtype_t dtype, int64_t B, int
   const fh_tensor_t tH = {hh, dtype, B, D, D}, tC = {hc, dtype, V, D, D}, tb = {hb, dtype, 1, V, V};
   const fh_tensor_t dH = {dh, dtype, B, D, D}, dC = {dc, dtype, V, D, D}, dbt = {db, dtype, 1, V, V};
   const fh_tensor_t tz = {hz, FH_DTYPE_F32, B, V, V};
-  rows_t rw;
-  rows_make(&rw, B, V, &rng);
-  fh_decode_options_t oh, od;
-  options_of(c, V, &oh);
-  options_of(c, V, &od);
-  void* keep[32] = {0};
-  options_rows(&oh, c, &rw, B, 0, NULL);
-  options_rows(&od, c, &rw, B, 1, keep);
-  const int64_t n = oh.num_logprobs;
-  outs_t ro, dvo, go;
-  outs_alloc(&ro, B, n, 0);
-  outs_alloc(&dvo, B, n, 1);
-  size_t wsb = 0;
-  cr_assert_eq(fh_decode_workspace_size(gpu, &od, B, V, D, dtype, &wsb), FH_SUCCESS, "%s", fh_last_error());
-  void* ws = NULL;
-  if (wsb) cr_assert_eq(cudaMalloc(&ws, wsb), cudaSuccess);
-  const fh_decode_outputs_t oc = outs_view(&ro), og = outs_view(&dvo);
-  cr_assert_eq(fh_decode_fused(cpu, &oh, &tH, &tC, with_bias ? &tb : NULL, &oc, NULL, 0), FH_SUCCESS, "%s",
+  dec_setup_t u;
+  setup_begin(&u, gpu, c, B, V, D, dtype, &rng);
+  cr_assert_eq(fh_decode_fused(cpu, &u.oh, &tH, &tC, with_bias ? &tb : NULL, &u.oc, NULL, 0), FH_SUCCESS, "%s",
                fh_last_error());
   if (probe) probe->watch(dc, (uint64_t)(V * D) * es);
-  cr_assert_eq(fh_decode_fused(gpu, &od, &dH, &dC, with_bias ? &dbt : NULL, &og, ws, wsb), FH_SUCCESS, "%s",
+  cr_assert_eq(fh_decode_fused(gpu, &u.od, &dH, &dC, with_bias ? &dbt : NULL, &u.og, u.ws, u.wsb), FH_SUCCESS, "%s",
                fh_last_error());
   const uint64_t c_read = probe ? probe->read() : 0;
   cr_assert_eq(fh_context_check(gpu), FH_SUCCESS, "%s", fh_last_error());
-  outs_fetch(&go, &dvo, B, n);
+  outs_fetch(&u.go, &u.dvo, B, u.n);
   if (probe) {
     int64_t passes = 0;
     for (int64_t r0 = 0; r0 < B; r0 += 128) {
       int again = 0;
-      for (int64_t b = r0; b < B && b < r0 + 128; ++b) again |= (go.flags[b] & FH_DECODE_FLAG_SECOND_PASS) != 0;
+      for (int64_t b = r0; b < B && b < r0 + 128; ++b) again |= (u.go.flags[b] & FH_DECODE_FLAG_SECOND_PASS) != 0;
       passes += 1 + again;
     }
     cr_assert_eq(c_read, (uint64_t)passes * (uint64_t)(V * D) * es,
@@ -377,12 +384,10 @@ static inline int64_t run_fused(const cfg_t* c, fh_dtype_t dtype, int64_t B, int
                  (int)dtype, (long long)B, (long long)V, (unsigned long long)c_read, (long long)passes,
                  (long long)(V * D) * (long long)es);
   }
-  const int64_t second =
-      compare_outs(c, &go, &ro, B, V, n, dtype, allow_near_ties ? &tz : NULL, &oh, FH_DECODE_FLAG_SECOND_PASS);
-  for (int i = 0; i < 32; ++i) cudaFree(keep[i]);
-  cudaFree(ws), cudaFree(dh), cudaFree(dc), cudaFree(db), free(hh), free(hc), free(hb), free(hz);
-  outs_free(&ro, 0), outs_free(&dvo, 1), outs_free(&go, 0);
-  rows_free(&rw);
+  const int64_t second = compare_outs(c, &u.go, &u.ro, B, V, u.n, dtype, allow_near_ties ? &tz : NULL, &u.oh,
+                                      FH_DECODE_FLAG_SECOND_PASS);
+  setup_end(&u);
+  cudaFree(dh), cudaFree(dc), cudaFree(db), free(hh), free(hc), free(hb), free(hz);
   fh_context_destroy(gpu), fh_context_destroy(cpu);
   return second;
 }
