@@ -238,7 +238,6 @@ void sm90_mbar_init(void* bar, uint32_t count) {
 uint64_t sm90_mbar_arrive(void* bar, uint32_t expect_tx) {
   PtxState& s = ptx::state();
   const int t = running_thread().linear;
-  maybe_land(s, 0.25);
   Mbar& m = get_bar(s, bar, expect_tx ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive", t);
   const uint64_t token = m.phase;
   m.tx += expect_tx;
@@ -255,8 +254,12 @@ uint64_t sm90_mbar_arrive(void* bar, uint32_t expect_tx) {
 bool sm90_mbar_try_wait(void* bar, uint32_t parity) {
   PtxState& s = ptx::state();
   const int t = running_thread().linear;
-  maybe_land(s, 0.25);
   Mbar* m = &get_bar(s, bar, "mbarrier.try_wait.parity", t);
+  if ((m->phase & 1) != (parity & 1)) return true;
+  /* Copies land at random points while someone waits (and, at the latest, when every thread
+   * sleeps: emu_core.cpp). Never earlier: a consumer that does not wait, or waits on the wrong
+   * parity, always meets the poison and the in-flight report. */
+  maybe_land(s, 0.5);
   if ((m->phase & 1) != (parity & 1)) return true;
   WgThread& me = st().threads[(size_t)t];
   if (me.false_bar != bar || me.false_phase != m->phase) {

@@ -99,7 +99,6 @@ void sm90_tma_load_2d(void* dst, const void* tmap, int32_t c0, int32_t c1, void*
                       bool multicast) {
   PtxState& s = ptx::state();
   const int t = running_thread().linear;
-  maybe_land(s, 0.25);
   const char* op = "cp.async.bulk.tensor.2d";
   if ((uintptr_t)tmap % 64)
     ptx::fail("invalid tensor map operand", t, "%s: the tensor map at %p is not 64-byte aligned", op, tmap);

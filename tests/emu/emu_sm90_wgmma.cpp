@@ -146,11 +146,10 @@ void sm90_wgmma_commit() {
 }
 
 void sm90_wgmma_wait(int n) {
-  PtxState& s = ptx::state();
+  ptx::state();
   const int t = warpgroup_thread("wgmma.wait_group");
   if (n < 0 || n > 7) ptx::fail("invalid wgmma.wait_group operand", t, "N = %d is outside [0, 7]", n);
   sync_warp("wgmma.wait_group", (uint64_t)n, nullptr, 0, 0);
-  maybe_land(s, 0.25);
   WgThread& me = st().threads[(size_t)t];
   const int retire_below = me.committed - n;
   std::vector<WgOp> kept;
@@ -190,7 +189,6 @@ void sm90_wgmma(float* d, int n, uint64_t desc_a, uint64_t desc_b, int scale_d, 
   if (n % 8 || n < 8 || n > 256) ptx::fail("invalid wgmma shape", t, "m64n%dk16: N must be a multiple of 8 in [8, 256]", n);
   sync_warp("wgmma.mma_async", desc_a ^ (desc_b * 0x9e3779b97f4a7c15ull), (const void*)(uintptr_t)desc_b, n,
             scale_d != 0);
-  maybe_land(s, 0.25);
   Sm90State& S = st();
   WgThread& me = S.threads[(size_t)t];
   const int nr = n / 2;
