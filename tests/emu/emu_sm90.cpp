@@ -132,7 +132,7 @@ void check_bulk(PtxState& s, int thread, const unsigned char* p, int bytes, bool
                                            : "read of shared bytes a bulk tensor copy (TMA) has not landed yet");
       std::fprintf(stderr, "=========   %s %s %s (%s)\n", ptx::thread_name(thread).c_str(), write ? "writes" : "reads",
                    ptx::describe(s, p, bytes).c_str(), op);
-      std::fprintf(stderr, "=========   %s issued cp.async.bulk.tensor to %s, box {%d, %d}, completing on the mbarrier "
+      std::fprintf(stderr, "=========   %s issued cp.async.bulk.tensor to %s (the box at {%d, %d}), completing on the mbarrier "
                            "at %s in its phase %u\n",
                    ptx::thread_name(b.thread).c_str(), ptx::describe(s, b.dst, (int)b.bytes).c_str(), b.c0, b.c1,
                    bar_name(s, b.bar).c_str(), b.phase);

@@ -145,15 +145,15 @@ int run_tile() {
   float* out = dev_alloc<float>((size_t)64 * c.n);
   const size_t smem = tile_smem(c);
   if (c.n == 64) {
-    auto k = tile_kernel<64>;
-    FH_LAUNCH(k, 1, 128, smem, nullptr, ta, tb, c, out);
+    auto tile64 = tile_kernel<64>;
+    FH_LAUNCH(tile64, 1, 128, smem, nullptr, ta, tb, c, out);
   } else if (c.n == 128) {
-    auto k = tile_kernel<128>;
-    FH_LAUNCH(k, 1, 128, smem, nullptr, ta, tb, c, out);
+    auto tile128 = tile_kernel<128>;
+    FH_LAUNCH(tile128, 1, 128, smem, nullptr, ta, tb, c, out);
   } else {
-    auto k = tile_kernel<256>;
-    cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    FH_LAUNCH(k, 1, 128, smem, nullptr, ta, tb, c, out);
+    auto tile256 = tile_kernel<256>;
+    cudaFuncSetAttribute(tile256, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    FH_LAUNCH(tile256, 1, 128, smem, nullptr, ta, tb, c, out);
   }
   EMU_CHECK_LAUNCH();
   const std::vector<float> h = dev_download(out, (size_t)64 * c.n);
@@ -233,7 +233,7 @@ Test(emu_sm90, report_try_wait_without_retry_loop) {
 static void run_expect_too_much() { g_cfg = Cfg{}; g_cfg.extra_tx = 256; run_tile_void(); }
 Test(emu_sm90, report_expect_tx_more_than_delivered) {
   expect_report(run_expect_too_much, {"fh_emu synccheck: mbarrier wait can never complete (deadlock)",
-                                      "256 transaction bytes", "expect_tx mismatch", "tile_kernel"});
+                                      "256 transaction bytes", "expect_tx mismatch", "kernel tile64,"});
 }
 static void run_expect_too_little() { g_cfg = Cfg{}; g_cfg.extra_tx = -1024; run_tile_void(); }
 Test(emu_sm90, report_expect_tx_less_than_delivered) {
