@@ -239,6 +239,12 @@ uint64_t sm90_mbar_arrive(void* bar, uint32_t expect_tx) {
   PtxState& s = ptx::state();
   const int t = running_thread().linear;
   Mbar& m = get_bar(s, bar, expect_tx ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive", t);
+  if (m.pending == 0)
+    fail("mbarrier", "arrival beyond the expected count", t,
+         "%s on the mbarrier at %s: all %u arrivals of its current phase (%u) are in and it waits only for %" PRId64
+         " transaction bytes; another arrival (a producer that did not wait for the stage to be released?) would "
+         "underflow the count", expect_tx ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive", bar_name(s, bar).c_str(),
+         m.count, m.phase, m.tx);
   const uint64_t token = m.phase;
   m.tx += expect_tx;
   check_tx_range(s, m, bar, t);
