@@ -25,6 +25,7 @@ struct Cfg {
   int wait = 1;        /* wgmma.wait_group 0 at the end */
   int loop = 1;        /* mbar_wait (a loop) rather than a single try_wait */
   int multicast = 0;   /* 0: plain copy; else the multicast copy with this ctaMask */
+  int f16 = 0;         /* fp16 inputs instead of bf16 */
 };
 
 uint32_t span_mode(int span) {
@@ -79,7 +80,8 @@ __global__ void tile_kernel(const __grid_constant__ CUtensorMap ta, const __grid
       da = fh_ptx::make_smem_desc(sA + 2 * ks * 64 * 16, 64 * 16, 128, mode);
       db = fh_ptx::make_smem_desc(sB + 2 * ks * N * 16, N * 16, 128, mode);
     }
-    fh_ptx::wgmma<N, true>(d, da, db, ks > 0);
+    if (c.f16) fh_ptx::wgmma<N, false>(d, da, db, ks > 0);
+    else fh_ptx::wgmma<N, true>(d, da, db, ks > 0);
   }
   fh_ptx::wgmma_commit();
   if (c.early_read) {
@@ -111,13 +113,13 @@ std::vector<float> random_matrix(int rows, int cols, unsigned seed) {
   return v;
 }
 
-uint16_t* upload_bf16(const std::vector<float>& v) {
+uint16_t* upload_bf16(const std::vector<float>& v, bool f16 = false) {
   std::vector<uint16_t> h(v.size());
-  for (size_t i = 0; i < v.size(); ++i) h[i] = to_bf16(v[i]);
+  for (size_t i = 0; i < v.size(); ++i) h[i] = f16 ? __half_as_ushort(__float2half(v[i])) : to_bf16(v[i]);
   return dev_upload(h);
 }
 
-CUtensorMap make_map(uint16_t* g, int rows_global, int k, int box_rows, int span) {
+CUtensorMap make_map(uint16_t* g, int rows_global, int k, int box_rows, int span, bool f16 = false) {
   alignas(64) CUtensorMap m;
   const cuuint64_t dim[2] = {(cuuint64_t)k, (cuuint64_t)rows_global};
   const cuuint64_t stride[1] = {(cuuint64_t)k * 2};
@@ -125,7 +127,8 @@ CUtensorMap make_map(uint16_t* g, int rows_global, int k, int box_rows, int span
   const cuuint32_t es[2] = {1, 1};
   const CUtensorMapSwizzle sw = span == 0 ? CU_TENSOR_MAP_SWIZZLE_NONE : span == 32 ? CU_TENSOR_MAP_SWIZZLE_32B
                                 : span == 64 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_128B;
-  cr_assert_eq(cuTensorMapEncodeTiled(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, g, dim, stride, box, es,
+  cr_assert_eq(cuTensorMapEncodeTiled(&m, f16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, g,
+                                      dim, stride, box, es,
                                       CU_TENSOR_MAP_INTERLEAVE_NONE, sw, CU_TENSOR_MAP_L2_PROMOTION_NONE,
                                       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
                CUDA_SUCCESS);
@@ -139,9 +142,10 @@ int g_a_rows = 64; /* rows of A in global memory (< 64: the box reads past the e
 int run_tile() {
   const Cfg c = g_cfg;
   const std::vector<float> A = random_matrix(g_a_rows, c.k, 1), B = random_matrix(c.n, c.k, 2);
-  uint16_t* dA = upload_bf16(A);
-  uint16_t* dB = upload_bf16(B);
-  const CUtensorMap ta = make_map(dA, g_a_rows, c.k, 64, c.span), tb = make_map(dB, c.n, c.k, c.n, c.span);
+  uint16_t* dA = upload_bf16(A, c.f16);
+  uint16_t* dB = upload_bf16(B, c.f16);
+  const CUtensorMap ta = make_map(dA, g_a_rows, c.k, 64, c.span, c.f16),
+                    tb = make_map(dB, c.n, c.k, c.n, c.span, c.f16);
   float* out = dev_alloc<float>((size_t)64 * c.n);
   const size_t smem = tile_smem(c);
   if (c.n == 64) {
@@ -185,6 +189,54 @@ Test(emu_sm90, wgmma_tma_swizzle32_n128) { check_exact(128, 16, 32); }
 Test(emu_sm90, wgmma_tma_swizzle64_n128) { check_exact(128, 64, 64); }
 Test(emu_sm90, wgmma_tma_swizzle128_n256) { check_exact(256, 64, 128); }
 Test(emu_sm90, wgmma_tma_swizzle128_n64_k128) { check_exact(64, 128, 128); }
+Test(emu_sm90, wgmma_f16_swizzle128_n128) {
+  g_cfg = Cfg{};
+  g_cfg.n = 128;
+  g_cfg.f16 = 1;
+  cr_assert_eq(run_tile(), 0);
+}
+
+/* wait_group N retires all but the newest N groups: with two groups in flight, wait_group 1
+ * hands back the first group's accumulators and leaves the second's poisoned. Operands of ones
+ * written by ordinary stores (then fence.proxy.async and a barrier), so D = 16 everywhere. */
+__global__ void two_groups_kernel(uint32_t* out) {
+  FH_DYNAMIC_SMEM(uint16_t, sm);
+  for (int i = threadIdx.x; i < 2 * 64 * 16; i += blockDim.x) sm[i] = 0x3f80; /* bf16 1.0 */
+  fh_ptx::fence_proxy_async();
+  __syncthreads();
+  const uint64_t da = fh_ptx::make_smem_desc(sm, 1024, 128, fh_ptx::SWIZZLE_NONE);
+  const uint64_t db = fh_ptx::make_smem_desc(sm + 64 * 16, 1024, 128, fh_ptx::SWIZZLE_NONE);
+  float d0[32], d1[32];
+  fh_ptx::wgmma_fence();
+  fh_ptx::wgmma<64, true>(d0, da, db, 0);
+  fh_ptx::wgmma_commit();
+  fh_ptx::wgmma<64, true>(d1, da, db, 0);
+  fh_ptx::wgmma_commit();
+  fh_ptx::wgmma_wait<1>();
+  uint32_t b0, b1;
+  std::memcpy(&b0, &d0[5], 4);
+  std::memcpy(&b1, &d1[5], 4);
+  fh_ptx::wgmma_wait<0>();
+  uint32_t b2;
+  std::memcpy(&b2, &d1[5], 4);
+  if (threadIdx.x == 0) {
+    out[0] = b0;
+    out[1] = b1;
+    out[2] = b2;
+  }
+}
+Test(emu_sm90, wait_group_retires_all_but_newest_n) {
+  uint32_t* out = dev_alloc<uint32_t>(3);
+  FH_LAUNCH(two_groups_kernel, 1, 128, 2 * 64 * 16 * 2, nullptr, out);
+  EMU_CHECK_LAUNCH();
+  const std::vector<uint32_t> h = dev_download(out, 3);
+  const float sixteen = 16.0f;
+  uint32_t b16;
+  std::memcpy(&b16, &sixteen, 4);
+  cr_assert_eq(h[0], b16, "first group retired by wait_group 1");
+  cr_assert_eq(h[1], fh_emu::kAccPoison, "second group still in flight after wait_group 1");
+  cr_assert_eq(h[2], b16, "second group retired by wait_group 0");
+}
 /* Several seeds: the copies land at other points, the results must not change. */
 Test(emu_sm90, results_do_not_depend_on_landing_order) {
   for (uint64_t seed = 1; seed <= 4; ++seed) {
