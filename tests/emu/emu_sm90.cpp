@@ -262,11 +262,6 @@ bool sm90_mbar_try_wait(void* bar, uint32_t parity) {
   const int t = running_thread().linear;
   Mbar* m = &get_bar(s, bar, "mbarrier.try_wait.parity", t);
   if ((m->phase & 1) != (parity & 1)) return true;
-  /* Copies land at random points while someone waits (and, at the latest, when every thread
-   * sleeps: emu_core.cpp). Never earlier: a consumer that does not wait, or waits on the wrong
-   * parity, always meets the poison and the in-flight report. */
-  maybe_land(s, 0.5);
-  if ((m->phase & 1) != (parity & 1)) return true;
   WgThread& me = st().threads[(size_t)t];
   if (me.false_bar != bar || me.false_phase != m->phase) {
     /* The hardware may give up after a time limit: the caller must loop. Once per wait. */
@@ -275,6 +270,10 @@ bool sm90_mbar_try_wait(void* bar, uint32_t parity) {
     fiber_yield();
     return false;
   }
+  /* Copies land at random points while someone really waits (the retry of a try_wait), and at
+   * the latest when every thread sleeps (emu_core.cpp). Never earlier: a consumer that does not
+   * wait, waits on the wrong parity, or does not retry, always meets the in-flight report. */
+  maybe_land(s, 0.5);
   while ((m->phase & 1) == (parity & 1)) {
     async_sleep(bar);
     m = find_bar(bar);
