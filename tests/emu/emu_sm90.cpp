@@ -68,12 +68,16 @@ void check_tx_range(PtxState& s, const Mbar& m, const void* bar, int t) {
          " bytes, outside [-(2^20 - 1), 2^20 - 1] (PTX ISA)", bar_name(s, bar).c_str(), m.tx);
 }
 
+/* bytes > 0: a copy's complete_tx; 0: the last arrival found more bytes landed than announced. */
 [[noreturn]] void report_excess(PtxState& s, const Mbar& m, const void* bar, int t, uint32_t bytes) {
+  char how[96];
+  if (bytes) std::snprintf(how, sizeof how, "received complete_tx of %u bytes", bytes);
+  else std::snprintf(how, sizeof how, "got its last arrival after the copies had landed");
   fail("mbarrier", "expect_tx mismatch: more bytes completed than the phase expected", t,
-       "the mbarrier at %s (phase %u, all %u arrivals done) received complete_tx of %u bytes, %" PRId64
+       "the mbarrier at %s (phase %u, all %u arrivals done) %s, %" PRId64
        " bytes more than its expect_tx announced; the phase would complete early and the rest count into the next "
        "one. Make arrive.expect_tx announce exactly the bytes of the copies that complete on this phase.",
-       bar_name(s, bar).c_str(), m.phase, m.count, bytes, -m.tx);
+       bar_name(s, bar).c_str(), m.phase, m.count, how, -m.tx);
 }
 
 } // namespace
