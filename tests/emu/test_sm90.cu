@@ -404,6 +404,27 @@ Test(emu_sm90, report_producer_refills_stage_without_waiting) {
                                       "mbarrier.arrive.expect_tx on the mbarrier at bytes 0-7"});
 }
 
+/* st.shared into a stage whose copy has not landed: the async proxy may write it at any time. */
+__global__ void store_in_flight_kernel(const __grid_constant__ CUtensorMap ta) {
+  FH_DYNAMIC_SMEM(unsigned char, smem);
+  uint64_t* bar = reinterpret_cast<uint64_t*>(smem);
+  if (threadIdx.x == 0) {
+    fh_ptx::mbar_init(bar, 1);
+    fh_ptx::mbar_arrive_expect_tx(bar, 64 * 128);
+    fh_ptx::tma_load_2d(smem + 1024, &ta, 0, 0, bar);
+    fh_ptx::sts_u32(smem + 1024 + 4 * 40, 0u);
+    fh_ptx::mbar_wait(bar, 0);
+  }
+}
+static void run_store_in_flight() {
+  const CUtensorMap ta = make_map(upload_bf16(random_matrix(64, 64, 5)), 64, 64, 64, 128);
+  FH_LAUNCH(store_in_flight_kernel, 1, 32, 1024 + 8192, nullptr, ta);
+}
+Test(emu_sm90, report_store_into_stage_in_flight) {
+  expect_report(run_store_in_flight, {"write of shared bytes a bulk tensor copy (TMA) has not landed yet",
+                                      "bytes 1184-1187 of dynamic shared memory (st.shared)"});
+}
+
 /* ---- mbarrier alone: phases, parity, arrival counts ---- */
 __global__ void phases_kernel(int arrivals_per_phase, int phases, int* out) {
   FH_DYNAMIC_SMEM(unsigned char, smem);
