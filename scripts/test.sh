@@ -92,6 +92,15 @@ if command -v nvcc >/dev/null && [ -f build-test/libfusedhead.so ]; then
   elif [ $rc -ne 0 ]; then failed=1; fi
 fi
 
+# Hopper wrappers (docs/hopper.md): tests/sm90/probe_sm90.cu for sm_90a, SASS must show HGMMA,
+# UTMALDG and SYNCS (about 10 s; exit 3, no nvcc or cuobjdump, is a skip outside CI).
+if command -v nvcc >/dev/null; then
+  step "SASS evidence: Hopper wrappers (scripts/sm90_sass_check.sh)"
+  bash scripts/sm90_sass_check.sh; rc=$?
+  if [ $rc -eq 3 ] && [ "${CI:-}" != true ]; then echo "sm90 sass: skipped (no cuobjdump)";
+  elif [ $rc -ne 0 ]; then failed=1; fi
+fi
+
 # One closing line over every Criterion run: "N passed, N failed".
 pass=0; fail=0
 for log in "${summary[@]}"; do

@@ -60,13 +60,14 @@ inline void asan_finish(void* fake_save, const void** bottom_old, size_t* size_o
 #endif
 }
 
-enum class State { Runnable, AtBarrier, InCollective, Exited };
+enum class State { Runnable, AtBarrier, InCollective, Asleep, Exited };
 
 struct Thread {
   ThreadCoords coords;
   FiberContext ctx;
   State state;
   int linear, lane, warp;
+  const void* sleep_obj; /* Asleep: the mbarrier waited on (async_sleep) */
   LaneSlot slot;
   void* fake_stack;
   char* stack;
@@ -219,13 +220,25 @@ void print_block_header(const char* what) { print_header("synccheck", what); }
 /* Nothing can run: describe every waiting thread and abort. */
 [[noreturn]] void report_stuck_block() {
   Worker& w = worker();
-  std::vector<int> barrier, exited;
+  std::vector<int> barrier, exited, asleep;
   for (int i = 0; i < w.nthreads; ++i) {
     if (w.threads[i].state == State::AtBarrier) barrier.push_back(i);
     if (w.threads[i].state == State::Exited) exited.push_back(i);
+    if (w.threads[i].state == State::Asleep) asleep.push_back(i);
   }
-  print_block_header(barrier.empty() ? "warp collective can never complete (deadlock)"
-                                     : "__syncthreads not reached by every live thread of the block");
+  print_block_header(!asleep.empty()    ? "mbarrier wait can never complete (deadlock)"
+                     : barrier.empty() ? "warp collective can never complete (deadlock)"
+                                       : "__syncthreads not reached by every live thread of the block");
+  /* Sleepers grouped by the object they wait on, one line each (emu_sm90.cpp words it). */
+  std::vector<const void*> objs;
+  for (int i : asleep)
+    if (std::find(objs.begin(), objs.end(), w.threads[i].sleep_obj) == objs.end()) objs.push_back(w.threads[i].sleep_obj);
+  for (const void* o : objs) {
+    std::vector<int> ids;
+    for (int i : asleep)
+      if (w.threads[i].sleep_obj == o) ids.push_back(i);
+    if (w.ptx_active) ptx_describe_sleepers(*w.ptx, o, ranges(ids).c_str());
+  }
   std::fprintf(stderr, "=========   waiting at __syncthreads: threads %s\n", ranges(barrier).c_str());
   std::fprintf(stderr, "=========   exited: threads %s\n", ranges(exited).c_str());
   for (size_t wi = 0; wi < w.warps.size(); ++wi)
@@ -318,6 +331,7 @@ void run_block(Worker& w, const LaunchState& L, uint64_t linear_block) {
     t.lane = i % 32;
     t.warp = i / 32;
     t.fake_stack = nullptr;
+    t.sleep_obj = nullptr;
     t.stack = w.arena + (size_t)i * w.stack_bytes;
     fiber_prepare(t.ctx, t.stack, w.stack_bytes);
   }
@@ -328,7 +342,8 @@ void run_block(Worker& w, const LaunchState& L, uint64_t linear_block) {
         switch_to(w, w.threads[i]);
         ran = true;
       }
-    if (!ran && w.live > 0) report_stuck_block();
+    /* Nothing runnable: an async copy in flight may still land and wake a sleeper. */
+    if (!ran && w.live > 0 && !(w.ptx_active && ptx_async_progress(*w.ptx))) report_stuck_block();
   }
   if (w.ptx_active) ptx_on_block_end(*w.ptx); /* copies never waited for are reported here */
   w.counters.blocks += 1;
@@ -347,7 +362,9 @@ void worker_loop(int wid, const LaunchState& L, const std::vector<uint64_t>& ord
   /* posix_memalign keeps the exact size, so ASan flags an access one byte past the launch's
    * dynamic shared memory. */
   w.dyn_smem = nullptr;
-  if (posix_memalign(&w.dyn_smem, 128, L.cfg.smem ? L.cfg.smem : 1) != 0)
+  /* 1024-byte aligned: the repeat of the 128-byte swizzle pattern, which Hopper kernels align
+   * their TMA / wgmma stages to (docs/hopper.md). */
+  if (posix_memalign(&w.dyn_smem, 1024, L.cfg.smem ? L.cfg.smem : 1) != 0)
     report_and_abort("internal", "cannot allocate %zu bytes of dynamic shared memory", L.cfg.smem);
   for (size_t i; (i = next.fetch_add(1)) < order.size();) run_block(w, L, order[i]);
   std::free(w.dyn_smem);
@@ -415,6 +432,21 @@ void maybe_yield() {
   if ((double)(splitmix64(w.yield_rng) >> 11) * 0x1.0p-53 >= p) return;
   yield_thread();
 }
+void async_sleep(const void* obj) {
+  Thread& t = current();
+  t.state = State::Asleep;
+  t.sleep_obj = obj;
+  yield_thread();
+}
+void async_wake(const void* obj) {
+  Worker& w = worker();
+  for (int i = 0; i < w.nthreads; ++i)
+    if (w.threads[i].state == State::Asleep && w.threads[i].sleep_obj == obj) {
+      w.threads[i].state = State::Runnable;
+      w.threads[i].sleep_obj = nullptr;
+    }
+}
+void fiber_yield() { yield_thread(); }
 void note_atomic() { ++worker().counters.atomics; }
 void note_mma(uint64_t flops) {
   ++worker().counters.mma_ops;

@@ -34,6 +34,7 @@
 
 #include "emu_api.h"
 #include "emu_ptx.h" /* twins of kernels/engine/ptx.cuh */
+#include "emu_sm90.h" /* twins of kernels/engine/ptx_sm90.cuh */
 
 #ifndef FH_EMULATOR
 #define FH_EMULATOR 1

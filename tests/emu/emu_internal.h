@@ -45,6 +45,16 @@ fh_emu_counters_t& worker_counters();
 extern std::atomic<uintptr_t> g_watch_lo, g_watch_hi;
 /* Maybe hand the fiber back to the scheduler (FH_EMU_YIELD probability, seeded per block). */
 void maybe_yield();
+/* ---- between the scheduler and the Hopper twins (emu_sm90*.cpp) ----
+ * A thread waiting on an mbarrier phase sleeps (neither runnable nor at a barrier) until the
+ * phase completes; when every live thread sleeps or waits, the scheduler first lets an async
+ * copy in flight land (it would, eventually, on the hardware) and only then reports a deadlock. */
+void async_sleep(const void* obj);  /* the running thread sleeps until async_wake(obj) */
+void async_wake(const void* obj);   /* every thread sleeping on obj becomes runnable */
+void fiber_yield();                 /* back to the scheduler, still runnable */
+bool ptx_async_progress(PtxState& s); /* lands one async copy; false when none is in flight */
+/* One line of the deadlock report for the threads (a list, "0-127") sleeping on obj. */
+void ptx_describe_sleepers(PtxState& s, const void* obj, const char* threads);
 /* A report: "========= fh_emu <tool>: <what>", kernel, launch, block; report_die ends it. */
 void report_header(const char* tool, const char* what);
 [[noreturn]] void report_die();

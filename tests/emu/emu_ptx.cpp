@@ -19,6 +19,7 @@
 
 #include "emu_ptx.h"
 #include "emu_ptx_state.h"
+#include "emu_sm90_state.h"
 
 namespace fh_emu {
 namespace ptx {
@@ -97,6 +98,9 @@ void activate(PtxState& s) {
   s.copies.clear();
   s.free_copies.clear();
   s.outside_pending = 0;
+  s.bulk_inflight = 0;
+  s.wgmma_used = false;
+  sm90_on_activate(s); /* the Hopper twins' per-block state (emu_sm90.cpp) */
 }
 
 /* Access `prev` (by thread prev_thread at its own clock prev_clock) happened before the
@@ -249,6 +253,7 @@ Place locate(PtxState& s, const void* p, int bytes, const char* op, int thread) 
 }
 
 void shadow_read(PtxState& s, int thread, const unsigned char* p, int bytes, Kind kind) {
+  if (s.bulk_inflight) sm90_check_bulk_access(s, thread, p, bytes, false, kind);
   if (!(s.smem_bytes && p >= s.smem && p < s.smem + s.smem_bytes)) {
     check_outside_inflight(s, thread, p, bytes, kind, false);
     return; /* static __shared__: no shadow */
@@ -273,6 +278,7 @@ void shadow_read(PtxState& s, int thread, const unsigned char* p, int bytes, Kin
 }
 
 void shadow_write(PtxState& s, int thread, const unsigned char* p, int bytes, Kind kind, int claim) {
+  if (s.bulk_inflight) sm90_check_bulk_access(s, thread, p, bytes, true, kind);
   if (!(s.smem_bytes && p >= s.smem && p < s.smem + s.smem_bytes)) {
     check_outside_inflight(s, thread, p, bytes, kind, true);
     return;
@@ -339,6 +345,7 @@ void ptx_on_warp_sync(PtxState& s, int warp, unsigned mask) {
 }
 
 void ptx_on_block_end(PtxState& s) {
+  sm90_on_block_end(s); /* bulk copies and wgmma groups never waited for */
   ptx::flush_instructions(s);
   int first = -1, nthreads = 0;
   for (int t = 0; t < s.nthreads; ++t)
@@ -436,6 +443,7 @@ void ptx_st_shared(void* p, const void* src, int bytes) {
     ptx::fail("invalid st.shared width", t, "st.shared of %d bytes (4, 8 or 16)", bytes);
   ptx::check_aligned(p, bytes, "st.shared", "address", t);
   ptx::locate(s, p, bytes, "st.shared", t);
+  if (s.wgmma_used) sm90_check_taint(src, bytes, "st.shared"); /* an in-flight accumulator stored */
   ptx::shadow_write(s, t, static_cast<unsigned char*>(p), bytes, ptx::K_ST_SHARED);
   std::memcpy(p, src, (size_t)bytes);
   ptx::group_access(s, ptx::S_ST, p, bytes, nullptr, 0);

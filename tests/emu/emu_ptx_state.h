@@ -91,6 +91,10 @@ struct PtxState {
   std::vector<ptx::Copy> copies; /* in flight; slots reused through free_copies */
   std::vector<int> free_copies;
   int outside_pending = 0; /* copies in flight to static __shared__ variables */
+  /* Hopper twins (emu_sm90*.cpp): bulk tensor copies in flight, and whether any wgmma ran in
+   * this block (only then are st.shared values checked for accumulator poison) */
+  int bulk_inflight = 0;
+  bool wgmma_used = false;
 };
 
 namespace ptx {
