@@ -133,14 +133,16 @@ FUSED_TEST(chain_joint, CFG("chain_joint", FH_DECODE_STANDARD), .min_p = 0.02f, 
 FUSED_TEST(per_row_joint, CFG("per_row_joint", FH_DECODE_STANDARD), .per_row = 1, .lists = 1, .nlp = 4,
            .order = FH_DECODE_TOP_K_TOP_P_JOINT)
 
-/* p-less decided in the fused pass: peaked rows (every 5th row of H scaled by 4) keep a few
- * tokens, far inside the candidates, so the certificate holds for them; at V = 4099 the flat
- * rows keep hundreds of ids and go to the fallback, exactly. */
+/* p-less decided in the fused pass: at T = 0.5 the rows keep few tokens (peaked rows, every 5th
+ * row of H scaled by 4, a handful), inside the candidates, so the streamed Σ p² decides them.
+ * Row 5 is degenerate (NaN in H), so a p-less that always fell back would flag 9 of 10 rows;
+ * at least two must be decided in the fused pass (the comparison with the CPU is exact either
+ * way). */
 Test(kernel_decode_fused, p_less_certificate) {
   const cfg_t c = {CFG("p_less_cert", FH_DECODE_P_LESS), .T = 0.5f};
   const int64_t B = 10, second = run_fused(&c, FH_DTYPE_F32, B, 4099, 40, 1);
   cr_log_info("p_less_cert: %lld of %lld rows by the exact fallback", (long long)second, (long long)B);
-  cr_assert(second < B, "some p-less rows must be decided without the fallback (%lld of %lld were not)",
+  cr_assert(second <= B - 3, "p-less rows must be decided without the fallback (%lld of %lld were not)",
             (long long)second, (long long)B);
 }
 
