@@ -14,7 +14,8 @@
  *      block of H): small batches still give every CTA a full 128-row operand to stream. The
  *      epilogue parks the fp32 tile in shared memory transposed (a batch row's 128 ids
  *      contiguous), then one warp per row, in fp64: z, the edits, s = z / T; the online
- *      (m, Z, F, Z2) of the finite s (Z2 = Σ (e^(s−m))², p-less's Σ p²); (count, mean, M2, max) of the finite z for top-nσ rows; the
+ *      (m, Z, F, Z2) of the finite s (Z2 = Σ (e^(s−m))², p-less's Σ p² = Z2 / Z²);
+ *      (count, mean, M2, max) of the finite z for top-nσ rows; the
  *      keyed Gumbel-max of s + g over every finite id for rows whose rule keeps every id; and
  *      the split's NC best (s descending, id ascending) candidates with their z, kept sorted
  *      one per lane. Written per (row, split) at the split's end.

@@ -31,11 +31,12 @@ fh_status_t fallback_run(const char* fn, struct CUstream_st* stream, const fh_de
                          int* err);
 
 /* The row's statistics over every id (the view may hold fewer). m: max s; Z = Σ e^(s−m),
- * F = Σ e^(s−m)(s−m) over the n_fin ids with s > −inf; (zcnt, zmean, zm2, zmax) of the finite
- * z for top-nσ; Z2 = Σ (e^(s−m))² (p-less); (gid, gs): the keyed Gumbel-max winner over every finite id and its s (fused
- * rows whose rule keeps every finite id; gid −1 when not computed). */
+ * F = Σ e^(s−m)(s−m) and Z2 = Σ (e^(s−m))² (p-less) over the n_fin ids with s > −inf;
+ * (zcnt, zmean, zm2, zmax) of the finite z for top-nσ; (gid, gs): the keyed Gumbel-max winner
+ * over every finite id and its s (fused rows whose rule keeps every finite id; gid −1 when not
+ * computed). */
 struct dec_totals {
-  double m, Z, F, Z2; /* Z2 = Σ (e^(s−m))², for p-less */
+  double m, Z, F, Z2;
   int64_t n_fin;
   double zcnt, zmean, zm2, zmax;
   int64_t gid;

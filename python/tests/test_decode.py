@@ -140,7 +140,8 @@ class Sample(unittest.TestCase):
                     self.check_mask(dtype, peaked, **kw)
 
     def test_joint_order_masks(self):
-        cases = [dict(top_k=3, top_p=0.5), dict(min_p=0.05, top_k=5, top_p=0.7), dict(top_k=4, top_p=0.6, temperature=2.0)]
+        cases = [dict(top_k=3, top_p=0.5), dict(min_p=0.05, top_k=5, top_p=0.7),
+                 dict(top_k=4, top_p=0.6, temperature=2.0)]
         for peaked in (False, True):
             for kw in cases:
                 if peaked:  # joint top-p sees the un-truncated peak: flatten it so more than the argmax is in play

@@ -1,8 +1,8 @@
 /* Suite kernel_decode: kernels/decode.cu end to end through fh_decode_from_logits with an
  * FH_BACKEND_CUDA context on the SIMT emulator, against the FH_BACKEND_CPU reference on the same
  * stored logits: every sampler (greedy, temperature, min-p, top-k, top-p and their chain in
- * both top-k/top-p orders, top-nσ, ε, η, top-H, Bregman with α = 1 and α != 1, p-less), per-row parameter arrays (device
- * memory), sparse bias and bans, fp32/fp16/bf16 logits with a padded row stride (NaN padding),
+ * both top-k/top-p orders, top-nσ, ε, η, top-H, Bregman with α = 1 and α != 1, p-less),
+ * per-row parameter arrays (device memory), sparse bias and bans, fp32/fp16/bf16 logits with a padded row stride (NaN padding),
  * B in {1, 5, 37}, V in {1, 101, 4099} (one case at V = 20011), and guard words after every
  * output.
  *
