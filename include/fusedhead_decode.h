@@ -32,7 +32,9 @@
  *
  * Truncation rules (exact, in fp64 on the CPU reference; "≥" keeps equality; "tie-inclusive"
  * means tokens with equal s are all in or all out):
- *   FH_DECODE_STANDARD (default): min-p → top-k → top-p, vLLM's order, each off by default.
+ *   FH_DECODE_STANDARD (default): min-p → top-k → top-p, vLLM's order, each off by default;
+ *   opts.top_k_top_p_order picks how top-p sees top-k (FH_DECODE_TOP_K_FIRST, the default, is
+ *   the sequential rule below; FH_DECODE_TOP_K_TOP_P_JOINT the joint rule after it).
  *     min-p (arXiv 2407.01082, vLLM): keep s_v ≥ m + ln(min_p), i.e. p_v ≥ min_p·p_max. min_p in
  *       [0, 1]; 0 is off; 1 keeps the maximal tie class.
  *     top-k: keep v with #{j in the min-p survivors : s_j > s_v} < k (tie-inclusive: FlashInfer
@@ -43,6 +45,13 @@
  *       only the first token): r_v = p_v / Σ_{survivors} p, keep v with
  *       Σ_{survivors j : s_j > s_v} r_j < top_p (tie-inclusive; the mass strictly above is summed
  *       in descending order, ties by id, in fp64). top_p in (0, 1]; 1 is off.
+ *     Joint (opts.top_k_top_p_order = FH_DECODE_TOP_K_TOP_P_JOINT; FlashInfer's
+ *       top_k_top_p_sampling_from_logits, SGLang): a min-p survivor v is kept iff it passes both
+ *       tests on the same distribution, the min-p survivors renormalised:
+ *       #{survivors j : s_j > s_v} < k and Σ_{survivors j : s_j > s_v} r_j < top_p with
+ *       r_v = p_v / Σ_{survivors} p (the top-p mass is not renormalised over the top-k set).
+ *       Both tests keep a tie-inclusive prefix, so A is the shorter one. The example above
+ *       keeps the first two tokens (.30 < .35, then .55).
  *   FH_DECODE_TOP_N_SIGMA (arXiv 2411.07641): keep z_v ≥ max z − n·σ, σ the population standard
  *     deviation (divide by the count, llama.cpp) of the finite z of the row. Evaluated on z
  *     before temperature, so A is exactly temperature-invariant (in exact arithmetic s-space
@@ -67,6 +76,17 @@
  *       Σ_A q = 1 (α < 1 up-weights large p more than proportionally). Evaluated as
  *       q_v = p_(1)·exp(log1p(expm1((α−1) ln(p_v/p_(1))) + c′)/(α−1)), accurate for α near 1.
  *       The token is the Gumbel-max of log q, which is not proportional to p here.
+ *   FH_DECODE_P_LESS ("p-less sampling", arXiv 2509.23234; no parameter): keep p_v ≥ Σ_u p_u²,
+ *     p the tempered distribution over the finite ids (after bias and bans), i.e. the tokens at
+ *     least as likely as the probability that two draws agree. Computed in fp64 as a logit
+ *     threshold from the row's max m and the two sums Z = Σ e^(s−m) and Z₂ = Σ (e^(s−m))²
+ *     (each square is the fp64 product of the term with itself): keep s_v ≥ m + (ln Z₂ − ln Z),
+ *     the log form of p_v ≥ Z₂/Z² = exp(lse(2s) − 2·lse(s)). Tie-inclusive ("≥"); a uniform row
+ *     keeps every finite id (equality). Never empty in exact arithmetic (max p ≥ Σ p²), and
+ *     Z₂ ≤ Z term by term in fp64, so the threshold never exceeds m and the argmax is always
+ *     kept (no ARGMAX_FALLBACK). Backends sum Z and Z₂ in different orders, so the threshold
+ *     agrees to a few units of 2^−53 and the sets agree except for a token that close to it
+ *     (docs/decoding.md, "Exactness").
  *
  * Randomness: Philox4x32-10, key = (seed lo32, seed hi32), counter = (v lo32, v hi32, offset
  * lo32, offset hi32); u_v = ((((x0 << 32) | x1) >> 12) + 0.5)·2^−52 from the output words, never
@@ -93,8 +113,16 @@ typedef enum fh_decode_sampler {
   FH_DECODE_ETA = 3,         /* epsilon (η derived from it) */
   FH_DECODE_TOP_H = 4,       /* top_h_alpha, top_h_candidates */
   FH_DECODE_BREGMAN = 5,     /* bregman_lambda, bregman_alpha */
+  FH_DECODE_P_LESS = 6,      /* no parameter: keep p_v >= Σ p² */
   FH_DECODE_SAMPLER_COUNT
 } fh_decode_sampler_t;
+
+/* How FH_DECODE_STANDARD combines top-k and top-p (opts.top_k_top_p_order). */
+typedef enum fh_decode_top_k_top_p_order {
+  FH_DECODE_TOP_K_FIRST = 0,       /* sequential: top-p on the top-k survivors renormalised (vLLM) */
+  FH_DECODE_TOP_K_TOP_P_JOINT = 1, /* joint: both tests on the min-p survivors (FlashInfer, SGLang) */
+  FH_DECODE_TOP_K_TOP_P_ORDER_COUNT
+} fh_decode_top_k_top_p_order_t;
 
 /* Row flags (bit mask, uint32). */
 #define FH_DECODE_FLAG_DEGENERATE 1u      /* NaN or +inf in z, or every z is −inf */
@@ -142,6 +170,9 @@ typedef struct fh_decode_options {
   int64_t banned_width;
   const int64_t* banned_ids;
   const int64_t* banned_count;
+  /* Fields appended after the first release: a caller whose struct_size ends before a field
+   * gets its default. */
+  fh_decode_top_k_top_p_order_t top_k_top_p_order; /* default FH_DECODE_TOP_K_FIRST (scalar only) */
 } fh_decode_options_t;
 
 /* Fill `opts` with the defaults above. */

@@ -1,6 +1,7 @@
 /* decode.cu: fh_decode_from_logits on the CUDA backend: every sampler of the reference
- * (greedy, temperature, min-p → top-k → top-p, top-nσ, ε, η, top-H, Bregman), exactly, with no
- * host synchronization (fusedhead.h, "Decoding"; design in docs/decoding.md, "CUDA backend").
+ * (greedy, temperature, min-p → top-k → top-p sequential or joint, top-nσ, ε, η, top-H, Bregman,
+ * p-less), exactly, with no host synchronization (fusedhead.h, "Decoding"; design in
+ * docs/decoding.md, "CUDA backend").
  *
  * Formula: per row b, z = logits (+ sparse bias, bans at −inf), s = z / T (T = 1 for greedy),
  * the allowed set A by the row's rule over the order (s descending, id ascending), the token
@@ -18,8 +19,8 @@
  *   2. fh_segmented_sort_u64_i32 (cub::DeviceSegmentedRadixSort, stable): per row the ids in
  *      (s descending, id ascending) order, the keys giving s back exactly.
  *   3. decode_row_kernel, grid B x 256 threads: one CTA per row over the sorted row
- *      (kernels/decode_row.cuh): m, lse, entropy, the rule's kept set, the keyed Gumbel-max over
- *      it, rank, log-probabilities and top-n, all in fp64 with the formulas of
+ *      (kernels/decode_row.cuh): m, lse, entropy (and Σ (e^(s−m))² for p-less), the rule's
+ *      kept set, the keyed Gumbel-max over it, rank, log-probabilities and top-n, all in fp64 with the formulas of
  *      src/decode_math.h that the CPU reference uses; outputs rounded once to fp32.
  *
  * Workspace: 32·B·V bytes (z, keys and ids twice) + 4·(2B + 1) + CUB's temp storage, each piece
@@ -112,14 +113,16 @@ __global__ void __launch_bounds__(DEC_THREADS) decode_row_kernel(dec_params p) {
   dec_totals tot;
   tot.m = s(0); /* position 0: the argmax, lowest id among ties */
   tot.n_fin = dec_partition_point(0, V, [&](int64_t i) { return s(i) > -INFINITY; });
-  double zp = 0.0, fp = 0.0;
+  double zp = 0.0, fp = 0.0, z2p = 0.0;
   for (int64_t i = t; i < tot.n_fin; i += DEC_THREADS) {
     const double d = s(i) - tot.m, e = exp(d);
     zp += e;
     fp += e * d;
+    z2p += e * e;
   }
   tot.Z = dec_block_sum(zp, sm);
   tot.F = dec_block_sum(fp, sm);
+  tot.Z2 = dec_block_sum(z2p, sm);
   tot.gid = -1;
   tot.gs = 0.0;
   tot.zcnt = tot.zmean = tot.zm2 = tot.zmax = 0.0;

@@ -14,7 +14,8 @@
  *      block of H): small batches still give every CTA a full 128-row operand to stream. The
  *      epilogue parks the fp32 tile in shared memory transposed (a batch row's 128 ids
  *      contiguous), then one warp per row, in fp64: z, the edits, s = z / T; the online
- *      (m, Z, F) of the finite s; (count, mean, M2, max) of the finite z for top-nσ rows; the
+ *      (m, Z, F, Z2) of the finite s (Z2 = Σ (e^(s−m))², p-less's Σ p² = Z2 / Z²);
+ *      (count, mean, M2, max) of the finite z for top-nσ rows; the
  *      keyed Gumbel-max of s + g over every finite id for rows whose rule keeps every id; and
  *      the split's NC best (s descending, id ascending) candidates with their z, kept sorted
  *      one per lane. Written per (row, split) at the split's end.
@@ -51,6 +52,7 @@ static_assert(F_BM == 4 * 32, "a lane takes ids lane + 32 q, q < 4, of a tile");
 
 struct split_stat { /* per (row, split), and per row after the merge */
   double m, Z, F;   /* max s, Σ e^(s−m), Σ e^(s−m)(s−m) over s > −inf */
+  double Z2;        /* Σ (e^(s−m))² over s > −inf (p-less's Σ p² = Z2 / Z²) */
   double zcnt, zmean, zm2, zmax; /* finite z, top-nσ rows only */
   double gkey, gs;  /* keyed Gumbel-max over every finite id (rows keeping all ids) and its s */
   int64_t nfin;     /* ids with s > −inf */
@@ -58,7 +60,7 @@ struct split_stat { /* per (row, split), and per row after the merge */
   int32_t gid, eid; /* −1: none */
   uint32_t info;    /* INFO_* bits */
 };
-static_assert(sizeof(split_stat) == 104, "scripts/decode_table.py's cost model counts 104 bytes per (row, split)");
+static_assert(sizeof(split_stat) == 112, "scripts/decode_table.py's cost model counts 112 bytes per (row, split)");
 
 struct fparams {
   fh_decode_options_t o;
@@ -87,19 +89,21 @@ __device__ __forceinline__ bool before(uint64_t k1, int i1, uint64_t k2, int i2)
   return k1 < k2 || (k1 == k2 && (unsigned)i1 < (unsigned)i2);
 }
 
-/* (m, Z, F) ← the union with (m2, Z2, F2): the part with the smaller max is rescaled,
- * F by e^d (F2 + d·Z2), d = m2 − m <= 0. */
-__device__ __forceinline__ void lse_merge(double& m, double& Z, double& F, double m2, double Z2, double F2) {
-  if (m2 == -INFINITY) return;
-  if (m2 > m) {
-    const double tm = m, tZ = Z, tF = F;
-    m = m2, Z = Z2, F = F2;
-    m2 = tm, Z2 = tZ, F2 = tF;
-    if (m2 == -INFINITY) return;
+/* (m, Z, F, Q) ← the union with (mb, Zb, Fb, Qb), Q = Σ (e^(s−m))²: the part with the smaller
+ * max is rescaled, Z by e^d, F by e^d (Fb + d·Zb), Q by (e^d)², d = mb − m <= 0. */
+__device__ __forceinline__ void lse_merge(double& m, double& Z, double& F, double& Q, double mb, double Zb, double Fb,
+                                          double Qb) {
+  if (mb == -INFINITY) return;
+  if (mb > m) {
+    const double tm = m, tZ = Z, tF = F, tQ = Q;
+    m = mb, Z = Zb, F = Fb, Q = Qb;
+    mb = tm, Zb = tZ, Fb = tF, Qb = tQ;
+    if (mb == -INFINITY) return;
   }
-  const double d = m2 - m, e = exp(d);
-  Z = Z + Z2 * e;
-  F = F + e * (F2 + d * Z2);
+  const double d = mb - m, e = exp(d);
+  Z = Z + Zb * e;
+  F = F + e * (Fb + d * Zb);
+  Q = Q + Qb * (e * e);
 }
 
 /* Chan et al.'s pairwise update of (count, mean, M2, max). */
@@ -182,7 +186,7 @@ __device__ void row_update(const fparams& p, int c, int64_t b, int v0, int nv, c
     return;
   }
   split_stat& r = rs[c];
-  /* Info bits and the online (m, Z, F) of the finite s. */
+  /* Info bits and the online (m, Z, F, Z2) of the finite s. */
   uint32_t info = 0;
   double sq[4], mt = -INFINITY;
   bool el[4];
@@ -200,17 +204,18 @@ __device__ void row_update(const fparams& p, int c, int64_t b, int v0, int nv, c
   int nel = 0;
   FH_UNROLL
   for (int q = 0; q < 4; ++q) nel += __popc(__ballot_sync(0xffffffffu, el[q]));
-  double m = r.m, Z = r.Z, F = r.F;
+  double m = r.m, Z = r.Z, F = r.F, Z2 = r.Z2;
   if (mt > -INFINITY) {
-    double zs = 0.0, fs = 0.0;
+    double zs = 0.0, fs = 0.0, qs = 0.0;
     FH_UNROLL
     for (int q = 0; q < 4; ++q)
       if (el[q]) {
         const double d = sq[q] - mt, e = exp(d);
         zs += e;
         fs += e * d;
+        qs += e * e;
       }
-    lse_merge(m, Z, F, mt, warp_sum(zs), warp_sum(fs));
+    lse_merge(m, Z, F, Z2, mt, warp_sum(zs), warp_sum(fs), warp_sum(qs));
   }
   /* Moments of the finite z (top-nσ rows). */
   double zc = r.zcnt, zmean = r.zmean, zm2 = r.zm2, zmax = r.zmax;
@@ -286,7 +291,7 @@ __device__ void row_update(const fparams& p, int c, int64_t b, int v0, int nv, c
   li[c * NC + lane] = mi;
   __syncwarp(); /* every lane has read r before lane 0 rewrites it */
   if (lane == 0) {
-    r.m = m, r.Z = Z, r.F = F;
+    r.m = m, r.Z = Z, r.F = F, r.Z2 = Z2;
     r.zcnt = zc, r.zmean = zmean, r.zm2 = zm2, r.zmax = zmax;
     r.gkey = gkey, r.gs = gs, r.gid = gid;
     r.nfin += nel;
@@ -316,7 +321,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) decode_fused_tile_kernel(f
   } else {
     for (int r = threadIdx.x; r < nr; r += THREADS) {
       split_stat& s = rs[r];
-      s.m = -INFINITY, s.Z = 0.0, s.F = 0.0;
+      s.m = -INFINITY, s.Z = 0.0, s.F = 0.0, s.Z2 = 0.0;
       s.zcnt = 0.0, s.zmean = 0.0, s.zm2 = 0.0, s.zmax = -INFINITY;
       s.gkey = -INFINITY, s.gs = 0.0, s.gid = -1;
       s.nfin = 0, s.ekey = -1, s.eid = -1, s.info = 0u;
@@ -368,7 +373,7 @@ __global__ void decode_fused_merge_kernel(fparams p) {
   for (int s = 0; s < p.splits; ++s) {
     const split_stat& u = p.st[b * p.splits + s];
     if (s > 0) {
-      lse_merge(t.m, t.Z, t.F, u.m, u.Z, u.F);
+      lse_merge(t.m, t.Z, t.F, t.Z2, u.m, u.Z, u.F, u.Z2);
       moments_merge(t.zcnt, t.zmean, t.zm2, t.zmax, u.zcnt, u.zmean, u.zm2, u.zmax);
       if (u.gid >= 0 && (t.gid < 0 || u.gkey > t.gkey)) t.gkey = u.gkey, t.gs = u.gs, t.gid = u.gid;
       t.nfin += u.nfin;
@@ -411,7 +416,7 @@ __global__ void __launch_bounds__(DEC_THREADS) decode_fused_row_kernel(fparams p
     return !before((uint64_t)t.ekey, t.eid, keys[i], (int)id(i));
   });
   dec_totals tot;
-  tot.m = t.m, tot.Z = t.Z, tot.F = t.F, tot.n_fin = t.nfin;
+  tot.m = t.m, tot.Z = t.Z, tot.F = t.F, tot.Z2 = t.Z2, tot.n_fin = t.nfin;
   tot.zcnt = t.zcnt, tot.zmean = t.zmean, tot.zm2 = t.zm2, tot.zmax = t.zmax;
   tot.gid = t.gid, tot.gs = t.gs;
   const bool done = decode_row_body(p.o, p.out, b, p.V, s, id, z, P, false, tot, 0u, sm);

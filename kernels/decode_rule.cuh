@@ -31,11 +31,12 @@ fh_status_t fallback_run(const char* fn, struct CUstream_st* stream, const fh_de
                          int* err);
 
 /* The row's statistics over every id (the view may hold fewer). m: max s; Z = Σ e^(s−m),
- * F = Σ e^(s−m)(s−m) over the n_fin ids with s > −inf; (zcnt, zmean, zm2, zmax) of the finite
- * z for top-nσ; (gid, gs): the keyed Gumbel-max winner over every finite id and its s (fused
- * rows whose rule keeps every finite id; gid −1 when not computed). */
+ * F = Σ e^(s−m)(s−m) and Z2 = Σ (e^(s−m))² (p-less) over the n_fin ids with s > −inf;
+ * (zcnt, zmean, zm2, zmax) of the finite z for top-nσ; (gid, gs): the keyed Gumbel-max winner
+ * over every finite id and its s (fused rows whose rule keeps every finite id; gid −1 when not
+ * computed). */
 struct dec_totals {
-  double m, Z, F;
+  double m, Z, F, Z2;
   int64_t n_fin;
   double zcnt, zmean, zm2, zmax;
   int64_t gid;
@@ -54,7 +55,8 @@ __device__ __forceinline__ bool dec_keeps_all(const fh_decode_row_params_t& prm,
 
 /* FH_DECODE_STANDARD: min-p, top-k (tie-inclusive) and top-p each keep a prefix
  * (src/ref/decode_row.c, fh_ref_decode_rule_standard). Positions >= P are unknown unless
- * `full`; *ok becomes false when the cut is not decided inside the view. */
+ * `full`; *ok becomes false when the cut is not decided inside the view. Top-p's mass is over
+ * the top-k survivors (sequential) or the min-p survivors (joint). */
 template <class S>
 __device__ int64_t rule_standard(const fh_decode_row_params_t& prm, const S& s, int64_t n_fin, int64_t V, double m,
                                  double Z, int64_t P, bool full, bool* ok, dec_smem& sm) {
@@ -65,18 +67,25 @@ __device__ int64_t rule_standard(const fh_decode_row_params_t& prm, const S& s, 
     if (!full && P < n && s(P - 1) >= thr) return *ok = false, 0;
     n = dec_partition_point(0, n < lim ? n : lim, [&](int64_t i) { return s(i) >= thr; });
   }
+  const auto term = [&](int64_t j) { return exp(s(j) - m); };
+  /* The survivors' mass: summed over the view when they all lie in it (the reference's order
+   * of summation, nearly), else the streaming pass's total (then no cut happened: n = n_fin). */
+  const auto mass = [&](int64_t nn) {
+    double Zs = Z;
+    if (nn <= lim) dec_scan_first(nn, term, [](int64_t, double, double) { return false; }, &Zs, sm);
+    return Zs;
+  };
+  const bool top_p_on = prm.top_p < 1.0;
+  const double Zjoint = prm.joint && top_p_on ? mass(n) : 0.0; /* block-uniform */
   if (prm.top_k > 0 && prm.top_k < V && prm.top_k < n) { /* the tie group of the k-th stays whole */
     if (!full && prm.top_k > P) return *ok = false, 0;
     const double sk = s(prm.top_k - 1);
     if (!full && P < n && s(P - 1) >= sk) return *ok = false, 0;
     n = dec_partition_point(0, n < lim ? n : lim, [&](int64_t i) { return s(i) >= sk; });
   }
-  if (prm.top_p < 1.0) {
-    const auto term = [&](int64_t j) { return exp(s(j) - m); };
-    double Zs = Z, unused = 0.0;
-    /* The survivors' mass: summed over the view when they all lie in it (the reference's order
-     * of summation, nearly), else the streaming pass's total (then no cut happened: n = n_fin). */
-    if (n <= lim) dec_scan_first(n, term, [](int64_t, double, double) { return false; }, &Zs, sm);
+  if (top_p_on) {
+    const double Zs = prm.joint ? Zjoint : mass(n);
+    double unused = 0.0;
     const int64_t nv = n < lim ? n : lim;
     /* the first tie group (after the first) whose mass strictly above is not < top_p */
     const int64_t f = dec_scan_first(
@@ -141,6 +150,9 @@ __device__ bool decode_row_body(const fh_decode_options_t& o, const fh_decode_ou
   } else if (all) {
     prefix = n_fin;
   } else {
+    /* Every sampler needs its own case here: a new one that falls to `default` would decode
+     * as A = {argmax} instead of its rule. */
+    static_assert(FH_DECODE_SAMPLER_COUNT == 7, "add the new sampler's case to decode_row_body");
     switch (prm.sampler) {
       case FH_DECODE_STANDARD: prefix = rule_standard(prm, s, n_fin, V, m, Z, P, full, &ok, sm); break;
       case FH_DECODE_TOP_N_SIGMA:
@@ -165,8 +177,18 @@ __device__ bool decode_row_body(const fh_decode_options_t& o, const fh_decode_ou
         prefix = k > 1 ? k : 1;
         break;
       }
-      case FH_DECODE_BREGMAN:
-      default: {
+      case FH_DECODE_P_LESS: {
+        /* A threshold on s: decided in the view unless its last position still passes. */
+        const double thr_pl = fh_dm_p_less_threshold(m, Z, tot.Z2);
+        if (!full && P < n_fin && s(P - 1) >= thr_pl) return false;
+        const int64_t lim = full || n_fin < P ? n_fin : P;
+        prefix = dec_partition_point(0, lim, [&](int64_t i) { return s(i) >= thr_pl; });
+        break;
+      }
+      default: /* unreachable: the sampler is validated against FH_DECODE_SAMPLER_COUNT */
+        prefix = 1;
+        break;
+      case FH_DECODE_BREGMAN: {
         double unused = 0.0;
         const int64_t n = full || n_fin < P ? n_fin : P;
         /* The stop test at i needs p at i + 1: past the view it is unknown, and the scan stops

@@ -15,7 +15,7 @@ once more for each row block holding a flagged row, see the suite's counts):
     read from the sources); CTAs = splits x row blocks, one per SM (the tile kernel's shared
     memory); waves on the GPU's SMs, and the last wave's idle SMs as a bandwidth loss;
   - HBM: C once per row block (V·D·2 bytes, bf16), counted by the emulator in kernel_decode_fused;
-    the per-(row, split) state written and read back (104 + NC·24 bytes), and CUB's segmented
+    the per-(row, split) state written and read back (112 + NC·24 bytes), and CUB's segmented
     radix sort of the B·splits·NC candidates modelled as 11 passes (64-bit keys, 6-bit digits)
     reading and writing 12 bytes per item;
   - L2 -> SM: every 128-id tile also loads its row block of H (rows·D·2 bytes);
@@ -37,7 +37,7 @@ BEGIN, END = "<!-- decode-table:begin (scripts/decode_table.py) -->", "<!-- deco
 GPUS = (("H100-SXM", 132, 3.35e12, 989e12 * 0.60, 7.5e12), ("H200", 132, 4.8e12, 989e12 * 0.60, 7.5e12))
 SHAPES = [(128256, 4096, b) for b in (1, 16, 64, 256)] + [(256000, 2304, b) for b in (1, 16, 64, 256)] + \
          [(128256, 8192, 16)]
-STAT_BYTES, SORT_PASSES, BF16 = 104, 11, 2
+STAT_BYTES, SORT_PASSES, BF16 = 112, 11, 2
 
 
 def constants():

@@ -36,6 +36,7 @@ void fh_decode_options_init(fh_decode_options_t* o) {
   o->offset = 0;
   o->num_logprobs = 0;
   o->degenerate_token = -1;
+  o->top_k_top_p_order = FH_DECODE_TOP_K_FIRST;
 }
 
 /* A CUDA context in a build without the CUDA backend (every CUDA path returns before this). */
@@ -72,6 +73,11 @@ static fh_status_t check_options(const char* fn, const fh_decode_options_t* user
   memcpy(o, user, user->struct_size < sizeof *o ? user->struct_size : sizeof *o);
   o->struct_size = sizeof *o;
   FH_TRY(fh_check_enum(fn, "opts->sampler", (int)o->sampler, FH_DECODE_SAMPLER_COUNT));
+  if ((int)o->top_k_top_p_order < 0 || (int)o->top_k_top_p_order >= (int)FH_DECODE_TOP_K_TOP_P_ORDER_COUNT)
+    return fh_set_error(FH_ERR_INVALID_ARGUMENT, fn,
+                        "opts->top_k_top_p_order is %d (must be FH_DECODE_TOP_K_FIRST = 0 or "
+                        "FH_DECODE_TOP_K_TOP_P_JOINT = 1)",
+                        (int)o->top_k_top_p_order);
   FH_TRY(check_temperature(fn, "opts->temperature", o->temperature));
   FH_TRY(fh_decode_check_top_p(fn, "opts->top_p", o->top_p));
   FH_TRY(fh_check_float_range(fn, "opts->min_p", o->min_p, 0.0, 1.0));

@@ -45,6 +45,10 @@ FH_DM double fh_dm_min_p_threshold(double m, double min_p) { return m + log(min_
 /* top-p: a tie group with `above` of the survivors' mass Zs strictly above it is kept. */
 FH_DM int fh_dm_top_p_keeps(double above, double Zs, double top_p) { return above / Zs < top_p; }
 
+/* p-less: keep s ≥ m + ln Z₂ − ln Z (p_v ≥ Σ p²), Z = Σ e^(s−m), Z₂ = Σ (e^(s−m))². Z₂ ≤ Z, so
+ * the threshold is at most m (docs/decoding.md, "Truncation rules"). */
+FH_DM double fh_dm_p_less_threshold(double m, double Z, double Z2) { return m + (log(Z2) - log(Z)); }
+
 /* top-nσ: keep z ≥ zmax − n·σ, σ = √(M2 / count) (population standard deviation). */
 FH_DM double fh_dm_n_sigma_threshold(double zmax, double n, double m2, double count) {
   return zmax - n * sqrt(m2 / count);

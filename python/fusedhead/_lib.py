@@ -165,7 +165,8 @@ class DecodeOptions(ctypes.Structure):
                 ("top_h_alpha_per_row", _vp), ("bregman_lambda_per_row", _vp),
                 ("seed_per_row", _vp), ("offset_per_row", _vp),
                 ("bias_width", _i64), ("bias_ids", _vp), ("bias_values", _vp), ("bias_count", _vp),
-                ("banned_width", _i64), ("banned_ids", _vp), ("banned_count", _vp)]
+                ("banned_width", _i64), ("banned_ids", _vp), ("banned_count", _vp),
+                ("top_k_top_p_order", _i)]
 
 
 class DecodeOutputs(ctypes.Structure):

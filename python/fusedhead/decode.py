@@ -6,7 +6,9 @@ import torch
 
 from . import _lib as L
 
-SAMPLERS = {"standard": 0, "top_n_sigma": 1, "epsilon": 2, "eta": 3, "top_h": 4, "bregman": 5}
+SAMPLERS = {"standard": 0, "top_n_sigma": 1, "epsilon": 2, "eta": 3, "top_h": 4, "bregman": 5, "p_less": 6}
+# How sampler 'standard' combines top_k and top_p (fh_decode_top_k_top_p_order_t).
+TOP_K_TOP_P_ORDERS = {"top_k_first": 0, "joint": 1}
 FLAG_DEGENERATE, FLAG_GREEDY, FLAG_ARGMAX_FALLBACK = 1, 2, 4
 
 SampleOutput = collections.namedtuple(
@@ -25,6 +27,9 @@ _PER_ROW = {"temperature": ("temperature_per_row", torch.float32), "top_k": ("to
             "bregman_lambda": ("bregman_lambda_per_row", torch.float32),
             "seed": ("seed_per_row", torch.int64), "offset": ("offset_per_row", torch.int64)}
 
+# Options without a per-row array.
+_SCALAR_ONLY = ("top_h_candidates", "bregman_alpha", "top_k_top_p_order")
+
 
 def _options(fn, B, dev, keep, sampler, params, num_logprobs, degenerate_token, logit_bias, banned):
     o = L.new_options(L.DecodeOptions, "fh_decode_options_init")
@@ -33,6 +38,12 @@ def _options(fn, B, dev, keep, sampler, params, num_logprobs, degenerate_token, 
     o.sampler = SAMPLERS[sampler]
     for name, value in params.items():
         if value is None:
+            continue
+        if name == "top_k_top_p_order":
+            if value not in TOP_K_TOP_P_ORDERS:
+                L.fail(fn, "top_k_top_p_order is %r (must be one of %s)"
+                       % (value, ", ".join(repr(k) for k in TOP_K_TOP_P_ORDERS)))
+            o.top_k_top_p_order = TOP_K_TOP_P_ORDERS[value]
             continue
         if isinstance(value, torch.Tensor):
             # A per-row tensor [B] replaces the scalar; seeds/offsets are uint64 bit patterns in int64.
@@ -120,12 +131,15 @@ def _head(fn, hidden, c, bias):
 def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, sampler="standard", top_n_sigma=None,
            epsilon=None, top_h_alpha=None, top_h_candidates=None, bregman_lambda=None, bregman_alpha=None,
            seed=0, offset=0, num_logprobs=0, degenerate_token=-1, logit_bias=None, banned=None, process_group=None,
-           candidates=None):
+           candidates=None, top_k_top_p_order="top_k_first"):
     """Draw the next token of each row of logits [B, V] (float32/16/bf16/64).
 
     temperature 0 is greedy. sampler 'standard' applies min_p -> top_k -> top_p (vLLM's order,
-    tie-inclusive); 'top_n_sigma', 'epsilon', 'eta', 'top_h', 'bregman' use their own options
-    (None keeps the library default). Any of temperature, top_k, top_p, min_p, top_n_sigma,
+    tie-inclusive); top_k_top_p_order 'top_k_first' (default) renormalises over the top_k
+    survivors before top_p, 'joint' (FlashInfer's top_k_top_p_sampling_from_logits) keeps a
+    token iff it passes both tests on the min_p survivors. 'top_n_sigma', 'epsilon', 'eta',
+    'top_h', 'bregman' use their own options (None keeps the library default); 'p_less' has
+    none (keeps p >= sum p^2). Any of temperature, top_k, top_p, min_p, top_n_sigma,
     epsilon, top_h_alpha, bregman_lambda, seed, offset may be a tensor [B] (per-row values).
     The noise of token v depends only on (seed, offset, v): same seed and offset, same token.
     logit_bias = (ids [B, W], values [B, W], count [B]); banned = (ids [B, W], count [B]).
@@ -138,7 +152,8 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, sampler="s
     B, V = logits.shape
     params = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, top_n_sigma=top_n_sigma,
                   epsilon=epsilon, top_h_alpha=top_h_alpha, top_h_candidates=top_h_candidates,
-                  bregman_lambda=bregman_lambda, bregman_alpha=bregman_alpha, seed=seed, offset=offset)
+                  bregman_lambda=bregman_lambda, bregman_alpha=bregman_alpha, seed=seed, offset=offset,
+                  top_k_top_p_order=top_k_top_p_order)
     return _sample(fn, B, V, 0, logits.device, T.dtype, (ctypes.byref(T),), False, sampler, num_logprobs,
                    degenerate_token, logit_bias, banned, params, process_group, candidates)
 
@@ -162,10 +177,10 @@ def sample_fused(hidden, c, bias=None, *, process_group=None, candidates=None, *
     p = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, sampler="standard", num_logprobs=0,
              degenerate_token=-1, logit_bias=None, banned=None)
     for k in kwargs:
-        if k not in p and k not in _PER_ROW and k not in ("top_h_candidates", "bregman_alpha"):
+        if k not in p and k not in _PER_ROW and k not in _SCALAR_ONLY:
             raise TypeError("sample_fused() got an unexpected keyword argument %r" % k)
     p.update(kwargs)
-    params = {k: p.get(k) for k in list(_PER_ROW) + ["top_h_candidates", "bregman_alpha"]}
+    params = {k: p.get(k) for k in list(_PER_ROW) + list(_SCALAR_ONLY)}
     if params["seed"] is None:
         params["seed"] = 0
     if params["offset"] is None:

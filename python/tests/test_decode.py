@@ -15,21 +15,25 @@ def logits(seed, dtype, peaked):
     return randn(g, B, V, dtype=dtype, scale=8.0 if peaked else 1.0)
 
 
-def standard_mask(z, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
-    """vLLM order min-p -> top-k -> top-p, tie-inclusive, FlashInfer's sequential top-p, in fp64."""
+def standard_mask(z, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, top_k_top_p_order="top_k_first"):
+    """vLLM order min-p -> top-k -> top-p, tie-inclusive, FlashInfer's sequential top-p (or, with
+    top_k_top_p_order 'joint', top-p on the min-p survivors and intersected with top-k), in fp64."""
     s = z.double() / temperature
     p = torch.softmax(s, -1)
     keep = torch.ones_like(s, dtype=torch.bool)
     if min_p > 0:
         keep &= p >= min_p * p.max(-1, keepdim=True).values
+    base = keep.clone()  # the distribution joint top-p renormalises over
     if 0 < top_k < s.shape[1]:
         above = ((s[:, None, :] > s[:, :, None]) & keep[:, None, :]).sum(-1)
         keep &= above < top_k
     if top_p < 1:
-        r = torch.where(keep, p, torch.zeros_like(p))
+        if top_k_top_p_order != "joint":
+            base = keep
+        r = torch.where(base, p, torch.zeros_like(p))
         r = r / r.sum(-1, keepdim=True)
         # mass strictly above each token, from a descending sort (ties share the mass above them)
-        sv, order = torch.sort(s.masked_fill(~keep, -float("inf")), dim=-1, descending=True, stable=True)
+        sv, order = torch.sort(s.masked_fill(~base, -float("inf")), dim=-1, descending=True, stable=True)
         rs = r.gather(1, order)
         csum = torch.cumsum(rs, -1) - rs
         # tie-inclusive: a token tied with an earlier one gets that one's mass-above
@@ -134,6 +138,36 @@ class Sample(unittest.TestCase):
                     if peaked and "top_k" not in kw and kw.get("top_p", 1) < 0.9:
                         kw = dict(kw, temperature=8.0)  # keep more than the argmax in play
                     self.check_mask(dtype, peaked, **kw)
+
+    def test_joint_order_masks(self):
+        cases = [dict(top_k=3, top_p=0.5), dict(min_p=0.05, top_k=5, top_p=0.7),
+                 dict(top_k=4, top_p=0.6, temperature=2.0)]
+        for peaked in (False, True):
+            for kw in cases:
+                if peaked:  # joint top-p sees the un-truncated peak: flatten it so more than the argmax is in play
+                    kw = dict(kw, temperature=8.0)
+                self.check_mask(torch.float64, peaked, top_k_top_p_order="joint", **kw)
+        # the example of docs/decoding.md: sequential keeps 1 token, joint 2
+        z = torch.tensor([[0.30, 0.25, 0.24, 0.11, 0.10]], dtype=torch.float64).log()
+        self.assertEqual(fh.sample(z, top_k=3, top_p=0.35).allowed_count.item(), 1)
+        self.assertEqual(fh.sample(z, top_k=3, top_p=0.35, top_k_top_p_order="joint").allowed_count.item(), 2)
+        with self.assertRaises(ValueError):
+            fh.sample(z, top_k_top_p_order="both")
+
+    def test_p_less(self):
+        for peaked, t in ((False, 1.0), (False, 3.0), (True, 8.0)):
+            z = logits(12, torch.float64, peaked)
+            p = torch.softmax(z / t, -1)
+            want = p >= (p * p).sum(-1, keepdim=True)
+            for seed in range(20):
+                out = fh.sample(z, sampler="p_less", temperature=t, seed=seed)
+                self.assertTrue(torch.equal(out.allowed_count, want.sum(-1)))
+                self.assertTrue(bool(want[torch.arange(B), out.tokens].all()))
+            g = gen(13)
+            h, c = randn(g, B, D), randn(g, V, D)
+            f = fh.sample_fused(h, c, sampler="p_less", temperature=t, seed=4)
+            ref = fh.sample(torch.nn.functional.linear(h, c), sampler="p_less", temperature=t, seed=4)
+            self.assertTrue(torch.equal(f.tokens, ref.tokens))
 
     def test_same_seed_same_tokens_and_batch_invariance(self):
         z = logits(8, torch.float32, False)

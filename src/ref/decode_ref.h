@@ -23,6 +23,7 @@ typedef struct fh_decode_row_params {
   double top_p, min_p, top_n_sigma, epsilon, top_h_alpha, bregman_lambda, bregman_alpha;
   int64_t top_h_candidates;
   uint64_t seed, offset;
+  int joint; /* top_k_top_p_order == FH_DECODE_TOP_K_TOP_P_JOINT (a scalar option, no per-row array) */
 } fh_decode_row_params_t;
 
 /* Parameters of row b: the per-row array entry where given, else the scalar. Shared with the
@@ -41,6 +42,7 @@ FH_DM void fh_dm_row_params(const fh_decode_options_t* o, int64_t b, fh_decode_r
   prm->top_h_candidates = o->top_h_candidates;
   prm->seed = o->seed_per_row ? o->seed_per_row[b] : o->seed;
   prm->offset = o->offset_per_row ? o->offset_per_row[b] : o->offset;
+  prm->joint = o->top_k_top_p_order == FH_DECODE_TOP_K_TOP_P_JOINT;
 }
 void fh_ref_decode_row_params(const fh_decode_options_t* o, int64_t b, fh_decode_row_params_t* prm);
 

@@ -48,11 +48,22 @@ static int64_t tie_inclusive_prefix(const fh_decode_pair_t* srt, int64_t n, int6
   return i;
 }
 
+/* The survivors' mass Σ e^(s−m) (probs: Σ p) over the first n sorted positions, summed in sorted
+ * order so the result is reproducible. */
+static double prefix_mass(const fh_decode_pair_t* srt, int64_t n, double m, int probs) {
+  double Zs = 0.0;
+  for (int64_t i = 0; i < n; ++i) Zs += probs ? srt[i].s : exp(srt[i].s - m);
+  return Zs;
+}
+
 /* min-p → top-k → top-p on the first n_fin sorted positions. Every stage keeps a prefix of the
- * sorted order (its thresholds are monotone in s), so the result is a prefix length. With
- * probs != 0 the entries hold probabilities p (m = p_max) instead of log-weights s: min-p compares
- * p ≥ min_p·p_max and top-p sums p itself, so p-space rows (fh_decode_from_probs, docs/decoding.md
- * "From probabilities") follow the same order and tie rules without a log/exp round trip. */
+ * sorted order (its thresholds are monotone in s), so the result is a prefix length. Top-p's
+ * mass is renormalised over the top-k survivors (sequential) or over the min-p survivors
+ * (joint: then top-p and top-k test the same distribution and the kept prefix is the shorter
+ * of the two, which the scan over the top-k prefix gives). With probs != 0 the entries hold
+ * probabilities p (m = p_max) instead of log-weights s: min-p compares p ≥ min_p·p_max and
+ * top-p sums p itself, so p-space rows (fh_decode_from_probs, docs/decoding.md "From
+ * probabilities") follow the same order and tie rules without a log/exp round trip. */
 int64_t fh_ref_decode_rule_standard_space(const fh_decode_row_params_t* prm, const fh_decode_pair_t* srt,
                                           int64_t n_fin, int64_t V, double m, int probs) {
   int64_t n = n_fin;
@@ -62,12 +73,11 @@ int64_t fh_ref_decode_rule_standard_space(const fh_decode_row_params_t* prm, con
     while (i < n && srt[i].s >= thr) ++i;
     n = i;
   }
+  const double Zjoint = prm->joint && prm->top_p < 1.0 ? prefix_mass(srt, n, m, probs) : 0.0;
   if (prm->top_k > 0 && prm->top_k < V) n = tie_inclusive_prefix(srt, n, prm->top_k);
   if (prm->top_p < 1.0) {
-    /* Renormalise over the survivors (top_k_first), then keep tie groups whose strictly-larger
-     * mass is < top_p. Sums run in sorted order so the result is reproducible. */
-    double Zs = 0.0;
-    for (int64_t i = 0; i < n; ++i) Zs += probs ? srt[i].s : exp(srt[i].s - m);
+    /* Keep tie groups whose strictly-larger mass is < top_p of the survivors' mass. */
+    const double Zs = prm->joint ? Zjoint : prefix_mass(srt, n, m, probs);
     double above = 0.0, group_mass = 0.0;
     int64_t keep = 0;
     for (int64_t i = 0; i < n; ++i) {
@@ -87,6 +97,14 @@ int64_t fh_ref_decode_rule_standard_space(const fh_decode_row_params_t* prm, con
 int64_t fh_ref_decode_rule_standard(const fh_decode_row_params_t* prm, const fh_decode_pair_t* srt, int64_t n_fin,
                                     int64_t V, double m) {
   return fh_ref_decode_rule_standard_space(prm, srt, n_fin, V, m, 0);
+}
+
+/* p-less: the sorted prefix with s ≥ m + ln Z₂ − ln Z (p_v ≥ Σ p²). */
+static int64_t rule_p_less(const fh_decode_pair_t* srt, int64_t n_fin, double m, double Z, double Z2) {
+  const double thr = fh_dm_p_less_threshold(m, Z, Z2);
+  int64_t i = 0;
+  while (i < n_fin && srt[i].s >= thr) ++i;
+  return i;
 }
 
 /* top-nσ on z (before temperature): z_v ≥ max z − n·σ, σ the population std of finite z. */
@@ -217,12 +235,13 @@ void fh_ref_decode_row(const double* z, int64_t V, const fh_decode_row_params_t*
       amax = v;
     }
   }
-  double Z = 0.0, F = 0.0;
+  double Z = 0.0, F = 0.0, Z2 = 0.0;
   for (int64_t v = 0; v < V; ++v)
     if (s[v] > -INFINITY) {
       const double e = exp(s[v] - m);
       Z += e;
       F += e * (s[v] - m);
+      Z2 += e * e;
     }
   const double lse = m + log(Z), h = log(Z) - F / Z;
   for (int64_t v = 0; v < V; ++v) w->sorted[v] = (fh_decode_pair_t){s[v], v};
@@ -249,8 +268,9 @@ void fh_ref_decode_row(const double* z, int64_t V, const fh_decode_row_params_t*
         rule_eps_eta(prm, logq, V, h, A);
         break;
       case FH_DECODE_TOP_H: prefix = rule_top_h(prm, w->sorted, n_fin, lse); break;
-      case FH_DECODE_BREGMAN:
-      default: prefix = bregman_k(prm->bregman_lambda, w->sorted, n_fin, lse); break;
+      case FH_DECODE_BREGMAN: prefix = bregman_k(prm->bregman_lambda, w->sorted, n_fin, lse); break;
+      case FH_DECODE_P_LESS: prefix = rule_p_less(w->sorted, n_fin, m, Z, Z2); break;
+      default: prefix = 1; break; /* unreachable: the sampler is validated against FH_DECODE_SAMPLER_COUNT */
     }
     if (prefix >= 0)
       for (int64_t i = 0; i < prefix; ++i) A[w->sorted[i].id] = 1;

@@ -169,6 +169,12 @@ static fh_status_t merge_row(const char* fn, const fh_decode_options_t* o, int64
     return fh_set_error(FH_ERR_UNSUPPORTED, fn,
                         "row %lld: %lld candidates per rank cannot prove the allowed set (a rank's K-th candidate "
                         "ties or passes the rule); run again with a larger K", (long long)b, (long long)K);
+  /* Joint top-p sums over every min-p survivor, not only the top-k ones: they must all be listed. */
+  if (prm.joint && prm.top_p < 1.0 && tau > -INFINITY && !(tau < thr))
+    return fh_set_error(FH_ERR_UNSUPPORTED, fn,
+                        "row %lld: joint top-k/top-p needs the mass of every min-p survivor, and %lld candidates "
+                        "per rank do not list them all (set min_p, or run with a larger K)",
+                        (long long)b, (long long)K);
   const int64_t keep = prm.top_p < 1.0 ? fh_ref_decode_rule_standard(&prm, mg->cand, nf, Vg, m) : surv;
   double ZA = 0.0;
   win = -1;

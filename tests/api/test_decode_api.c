@@ -3,6 +3,7 @@
  * without touching outputs; the workspace queries report 0 bytes on the CPU backend. */
 #include <criterion/criterion.h>
 #include <math.h>
+#include <stddef.h>
 #include <string.h>
 
 #include "fusedhead.h"
@@ -243,5 +244,54 @@ Test(api_decode, topk_validation) {
   cr_expect(strstr(fh_last_error(), "fh_topk_fused: H is NULL"), "%s", fh_last_error());
   cr_expect_eq(fh_topk_from_logits(f.ctx, &f.t, NV, val, id, NULL, 0), FH_SUCCESS, "%s", fh_last_error());
   cr_expect(id[0] == 4 && id[4] == 0 && val[0] == 4.0f);
+  fh_context_destroy(f.ctx);
+}
+
+/* The sampler added after the first release is accepted; top_k_top_p_order is range-checked
+ * with a message naming its values, and a caller whose struct ends before it (an older
+ * struct_size) gets the default, FH_DECODE_TOP_K_FIRST, whatever lies past its struct. */
+Test(api_decode, p_less_and_top_k_top_p_order) {
+  fx_t f;
+  fx_init(&f);
+  f.o.sampler = FH_DECODE_P_LESS;
+  cr_expect_eq(fh_decode_from_logits(f.ctx, &f.o, &f.t, &f.out, NULL, 0), FH_SUCCESS, "%s", fh_last_error());
+  fh_decode_options_init(&f.o);
+  cr_expect_eq(f.o.top_k_top_p_order, FH_DECODE_TOP_K_FIRST);
+  f.o.top_k_top_p_order = FH_DECODE_TOP_K_TOP_P_JOINT;
+  f.o.top_k = 2;
+  f.o.top_p = 0.5f;
+  cr_expect_eq(fh_decode_from_logits(f.ctx, &f.o, &f.t, &f.out, NULL, 0), FH_SUCCESS, "%s", fh_last_error());
+  f.o.top_k_top_p_order = FH_DECODE_TOP_K_TOP_P_ORDER_COUNT;
+  expect_err(&f, FH_ERR_INVALID_ARGUMENT, "opts->top_k_top_p_order is 2 (must be FH_DECODE_TOP_K_FIRST");
+  f.o.top_k_top_p_order = (fh_decode_top_k_top_p_order_t)-1;
+  expect_err(&f, FH_ERR_INVALID_ARGUMENT, "opts->top_k_top_p_order is -1");
+  size_t bytes = 0;
+  cr_expect_eq(fh_decode_workspace_size(f.ctx, &f.o, NB, NV, 0, FH_DTYPE_F32, &bytes), FH_ERR_INVALID_ARGUMENT);
+  cr_expect(strstr(fh_last_error(), "opts->top_k_top_p_order") != NULL, "%s", fh_last_error());
+  /* An older caller's struct: the bytes past its struct_size (here an out-of-range order) are
+   * not read. */
+  f.o.struct_size = offsetof(fh_decode_options_t, top_k_top_p_order);
+  cr_expect_eq(fh_decode_from_logits(f.ctx, &f.o, &f.t, &f.out, NULL, 0), FH_SUCCESS, "%s", fh_last_error());
+  fh_context_destroy(f.ctx);
+}
+
+/* The joint order changes the set where the sequential one does not: p ∝ (.30, .25, .24, .11,
+ * .10), k = 3, top_p = .35 keeps 1 token sequentially and 2 jointly (docs/decoding.md). */
+Test(api_decode, top_k_top_p_order_reaches_the_rule) {
+  fx_t f;
+  fx_init(&f);
+  const double pr[NV] = {0.30, 0.25, 0.24, 0.11, 0.10};
+  for (int b = 0; b < NB; ++b)
+    for (int v = 0; v < NV; ++v) f.z[b * NV + v] = (float)log(pr[v]);
+  int64_t cnt[NB];
+  f.out.allowed_count = cnt;
+  f.o.top_k = 3;
+  f.o.top_p = 0.35f;
+  cr_assert_eq(fh_decode_from_logits(f.ctx, &f.o, &f.t, &f.out, NULL, 0), FH_SUCCESS, "%s", fh_last_error());
+  cr_expect_eq(cnt[0], 1);
+  f.o.top_k_top_p_order = FH_DECODE_TOP_K_TOP_P_JOINT;
+  cr_assert_eq(fh_decode_from_logits(f.ctx, &f.o, &f.t, &f.out, NULL, 0), FH_SUCCESS, "%s", fh_last_error());
+  cr_expect_eq(cnt[0], 2);
+  cr_expect_eq(cnt[1], 2);
   fh_context_destroy(f.ctx);
 }

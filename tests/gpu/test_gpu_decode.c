@@ -27,6 +27,9 @@ Test(gpu_decode, samplers_every_dtype, .timeout = 1200) {
       {CFG("top_h", FH_DECODE_TOP_H)},
       {CFG("bregman_alpha_half", FH_DECODE_BREGMAN), .lambda = 0.02f, .b_alpha = 0.5f},
       {CFG("per_row_standard", FH_DECODE_STANDARD), .per_row = 1, .lists = 1, .nlp = 4},
+      {CFG("chain_joint", FH_DECODE_STANDARD), .min_p = 0.02f, .top_k = 40, .top_p = 0.8f, .T = 1.3f,
+       .order = FH_DECODE_TOP_K_TOP_P_JOINT},
+      {CFG("p_less", FH_DECODE_P_LESS), .nlp = 4},
   };
   static const fh_dtype_t dts[] = {FH_DTYPE_F32, FH_DTYPE_F16, FH_DTYPE_BF16};
   for (size_t i = 0; i < sizeof cs / sizeof cs[0]; ++i)

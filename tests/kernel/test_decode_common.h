@@ -26,6 +26,7 @@ typedef struct cfg {
   int64_t top_k, cand; /* top_k -1: V (off by k >= V) */
   int per_row, lists;
   int64_t nlp;
+  fh_decode_top_k_top_p_order_t order; /* 0: FH_DECODE_TOP_K_FIRST */
 } cfg_t;
 
 /* Defaults of fh_decode_options_init, so a cfg names only what it changes (designated
@@ -145,7 +146,7 @@ static inline void options_of(const cfg_t* c, int64_t V, fh_decode_options_t* o)
   fh_decode_options_init(o);
   o->sampler = c->sampler, o->temperature = c->T, o->top_p = c->top_p, o->min_p = c->min_p;
   o->top_n_sigma = c->nsig, o->epsilon = c->eps, o->top_h_alpha = c->h_alpha, o->bregman_lambda = c->lambda;
-  o->bregman_alpha = c->b_alpha, o->top_h_candidates = c->cand;
+  o->bregman_alpha = c->b_alpha, o->top_h_candidates = c->cand, o->top_k_top_p_order = c->order;
   o->top_k = c->top_k < 0 ? V : c->top_k;
   o->seed = 0x9E3779B97F4A7C15ull, o->offset = 42;
   o->num_logprobs = c->nlp < V ? c->nlp : V;

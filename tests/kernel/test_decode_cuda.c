@@ -1,8 +1,8 @@
 /* Suite kernel_decode: kernels/decode.cu end to end through fh_decode_from_logits with an
  * FH_BACKEND_CUDA context on the SIMT emulator, against the FH_BACKEND_CPU reference on the same
- * stored logits: every sampler (greedy, temperature, min-p, top-k, top-p and their chain,
- * top-nσ, ε, η, top-H, Bregman with α = 1 and α != 1), per-row parameter arrays (device
- * memory), sparse bias and bans, fp32/fp16/bf16 logits with a padded row stride (NaN padding),
+ * stored logits: every sampler (greedy, temperature, min-p, top-k, top-p and their chain in
+ * both top-k/top-p orders, top-nσ, ε, η, top-H, Bregman with α = 1 and α != 1, p-less),
+ * per-row parameter arrays (device memory), sparse bias and bans, fp32/fp16/bf16 logits with a padded row stride (NaN padding),
  * B in {1, 5, 37}, V in {1, 101, 4099} (one case at V = 20011), and guard words after every
  * output.
  *
@@ -58,13 +58,24 @@ DECODE_TEST(per_row_sigma, CFG("per_row_sigma", FH_DECODE_TOP_N_SIGMA), .per_row
 DECODE_TEST(per_row_eta, CFG("per_row_eta", FH_DECODE_ETA), .per_row = 1, .lists = 1)
 DECODE_TEST(per_row_top_h, CFG("per_row_top_h", FH_DECODE_TOP_H), .per_row = 1, .lists = 1)
 DECODE_TEST(per_row_bregman, CFG("per_row_bregman", FH_DECODE_BREGMAN), .per_row = 1, .lists = 1, .b_alpha = 0.7f)
+DECODE_TEST(p_less, CFG("p_less", FH_DECODE_P_LESS), .nlp = 4)
+DECODE_TEST(p_less_hot, CFG("p_less_hot", FH_DECODE_P_LESS), .T = 2.5f)
+DECODE_TEST(per_row_p_less, CFG("per_row_p_less", FH_DECODE_P_LESS), .per_row = 1, .lists = 1)
+DECODE_TEST(joint, CFG("joint", FH_DECODE_STANDARD), .top_k = 5, .top_p = 0.6f, .order = FH_DECODE_TOP_K_TOP_P_JOINT)
+DECODE_TEST(chain_joint, CFG("chain_joint", FH_DECODE_STANDARD), .min_p = 0.02f, .top_k = 40, .top_p = 0.8f, .T = 1.3f,
+            .order = FH_DECODE_TOP_K_TOP_P_JOINT)
+DECODE_TEST(per_row_joint, CFG("per_row_joint", FH_DECODE_STANDARD), .per_row = 1, .lists = 1, .nlp = 4,
+            .order = FH_DECODE_TOP_K_TOP_P_JOINT)
 DECODE_TEST(lists_only, CFG("lists_only", FH_DECODE_STANDARD), .lists = 1, .top_k = 3)
 
 /* A vocabulary of several scan tiles and more than 2^14 ids (fp32 only). */
 Test(kernel_decode, large_vocab) {
   const cfg_t cs[] = {{CFG("large_top_p", FH_DECODE_STANDARD), .top_p = 0.95f, .nlp = 8},
-                      {CFG("large_bregman", FH_DECODE_BREGMAN), .lambda = 0.0f}};
-  for (int i = 0; i < 2; ++i) run_case(&cs[i], FH_DTYPE_F32, 3, 20011, 0);
+                      {CFG("large_bregman", FH_DECODE_BREGMAN), .lambda = 0.0f},
+                      {CFG("large_p_less", FH_DECODE_P_LESS), .T = 1.5f},
+                      {CFG("large_joint", FH_DECODE_STANDARD), .top_k = 3000, .top_p = 0.9f,
+                       .order = FH_DECODE_TOP_K_TOP_P_JOINT}};
+  for (int i = 0; i < 4; ++i) run_case(&cs[i], FH_DTYPE_F32, 3, 20011, 0);
 }
 
 /* A per-row value out of range is found on the device: the call succeeds (no host sync), the row

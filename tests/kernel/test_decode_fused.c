@@ -82,6 +82,31 @@ FUSED_TEST(per_row_standard, CFG("per_row_standard", FH_DECODE_STANDARD), .per_r
 FUSED_TEST(per_row_sigma, CFG("per_row_sigma", FH_DECODE_TOP_N_SIGMA), .per_row = 1, .lists = 1)
 FUSED_TEST(per_row_bregman, CFG("per_row_bregman", FH_DECODE_BREGMAN), .per_row = 1, .lists = 1, .b_alpha = 0.7f)
 
+/* The rules added later: p-less (its Σ p² streamed, so rows whose kept set lies inside the
+ * candidates are decided without the fallback) and the joint top-k/top-p order (top-p's mass over
+ * the min-p survivors: the streamed Z when min-p is off). The counts are logged; the peaked rows
+ * must be decided in the fused pass. */
+FUSED_TEST(p_less, CFG("p_less", FH_DECODE_P_LESS), .nlp = 4)
+FUSED_TEST(per_row_p_less, CFG("per_row_p_less", FH_DECODE_P_LESS), .per_row = 1, .lists = 1)
+FUSED_TEST(joint, CFG("joint", FH_DECODE_STANDARD), .top_k = 5, .top_p = 0.6f, .order = FH_DECODE_TOP_K_TOP_P_JOINT)
+FUSED_TEST(chain_joint, CFG("chain_joint", FH_DECODE_STANDARD), .min_p = 0.02f, .top_k = 40, .top_p = 0.8f, .T = 1.3f,
+           .order = FH_DECODE_TOP_K_TOP_P_JOINT)
+FUSED_TEST(per_row_joint, CFG("per_row_joint", FH_DECODE_STANDARD), .per_row = 1, .lists = 1, .nlp = 4,
+           .order = FH_DECODE_TOP_K_TOP_P_JOINT)
+
+/* p-less decided in the fused pass: at T = 0.5 the rows keep few tokens (peaked rows, every 5th
+ * row of H scaled by 4, a handful), inside the candidates, so the streamed Σ p² decides them.
+ * Row 5 is degenerate (NaN in H), so a p-less that always fell back would flag 9 of 10 rows;
+ * at least two must be decided in the fused pass (the comparison with the CPU is exact either
+ * way). */
+Test(kernel_decode_fused, p_less_certificate) {
+  const cfg_t c = {CFG("p_less_cert", FH_DECODE_P_LESS), .T = 0.5f};
+  const int64_t B = 10, second = run_fused(&c, FH_DTYPE_F32, B, 4099, 40, 1);
+  cr_log_info("p_less_cert: %lld of %lld rows by the exact fallback", (long long)second, (long long)B);
+  cr_assert(second <= B - 3, "p-less rows must be decided without the fallback (%lld of %lld were not)",
+            (long long)second, (long long)B);
+}
+
 /* Top-p alone at T = 3 keeps most of a 4099-id vocabulary, far past the candidates: the
  * certificate must fail and the fallback decide, exactly. */
 Test(kernel_decode_fused, fallback_runs_and_is_exact) {

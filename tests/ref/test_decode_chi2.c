@@ -160,3 +160,17 @@ Test(ref_decode_chi2, bregman_alpha, .timeout = 120) {
   o.bregman_alpha = 0.5f;
   check_sampler("bregman_alpha", &o, -1);
 }
+Test(ref_decode_chi2, p_less, .timeout = 120) {
+  fh_decode_options_t o = opts(FH_DECODE_P_LESS);
+  o.temperature = 2.5f; /* flat enough for several tokens to pass p >= sum p^2 */
+  check_sampler("p_less", &o, -1);
+}
+Test(ref_decode_chi2, chain_joint, .timeout = 120) {
+  fh_decode_options_t o = opts(FH_DECODE_STANDARD);
+  o.top_k_top_p_order = FH_DECODE_TOP_K_TOP_P_JOINT;
+  o.temperature = 1.3f;
+  o.min_p = 0.02f;
+  o.top_k = 12;
+  o.top_p = 0.8f;
+  check_sampler("chain_joint", &o, -1);
+}

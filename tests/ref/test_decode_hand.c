@@ -201,6 +201,121 @@ Test(ref_decode_hand, chain_min_p_top_k_top_p) {
   run(z, 5, &p, "11000");
 }
 
+/* ---- joint top-k / top-p ---- */
+
+/* REFERENCE §4.2's example, joint: p = (.30, .25, .24, .11, .10), k = 3, P = .35. Both tests on
+ * the original p: id 1 has 1 token and mass .30 < .35 above it (kept), id 2 has mass .55 (out):
+ * {0, 1}, where the sequential rule keeps {0}. With P = .8 top-k binds (top-p alone keeps 4):
+ * {0, 1, 2}; k = 0 (off) leaves top-p alone, as sequential. */
+Test(ref_decode_hand, top_k_top_p_joint) {
+  const double pr[5] = {0.30, 0.25, 0.24, 0.11, 0.10};
+  double z[5];
+  logs(pr, 5, z);
+  fh_decode_row_params_t p = defaults(FH_DECODE_STANDARD);
+  p.top_k = 3;
+  p.top_p = 0.35;
+  p.joint = 1;
+  run(z, 5, &p, "11000");
+  p.top_p = 0.8;
+  run(z, 5, &p, "11100");
+  p.top_k = 0;
+  p.top_p = 0.35;
+  run(z, 5, &p, "11000");
+  p.top_p = 1.0; /* top-p off: top-k alone */
+  p.top_k = 2;
+  run(z, 5, &p, "11000");
+}
+
+/* Joint after min-p: min_p = .4 drops ids 3, 4; the survivors renormalised are (.3797, .3165,
+ * .3038). k = 2, P = .5: mass above id 1 is .3797 < .5, above id 2 is .6962: top-p keeps
+ * {0, 1}, top-k keeps {0, 1}: {0, 1} (sequential renormalises over {0, 1} to (.545, .455) and
+ * keeps {0}). P = .3 keeps {0} either way; ties stay whole: z = (2, 1, 1, 0), k = 2 and P just
+ * above p_0 keep {0, 1, 2}. */
+Test(ref_decode_hand, top_k_top_p_joint_after_min_p) {
+  const double pr[5] = {0.30, 0.25, 0.24, 0.11, 0.10};
+  double z[5];
+  logs(pr, 5, z);
+  fh_decode_row_params_t p = defaults(FH_DECODE_STANDARD);
+  p.min_p = 0.4;
+  p.top_k = 2;
+  p.top_p = 0.5;
+  p.joint = 0;
+  run(z, 5, &p, "10000");
+  p.joint = 1;
+  run(z, 5, &p, "11000");
+  p.top_p = 0.3;
+  run(z, 5, &p, "10000");
+  const double t[4] = {2, 1, 1, 0};
+  const double p0 = exp(2) / (exp(2) + 2 * exp(1) + 1);
+  fh_decode_row_params_t q = defaults(FH_DECODE_STANDARD);
+  q.joint = 1;
+  q.top_k = 2;
+  q.top_p = p0 * 1.0001;
+  run(t, 4, &q, "1110");
+  q.top_p = p0 * 0.9999;
+  run(t, 4, &q, "1000");
+}
+
+/* ---- p-less ---- */
+
+/* Known answers of keep p_v ≥ Σ p²: p4 = (.5, .3, .15, .05) has Σ p² = .365: {0}.
+ * (.35, .35, .2, .1): Σ p² = .295: the tied pair {0, 1}. T = 2 on p4 gives p ∝ √p4 =
+ * (.3790, .2936, .2076, .1198), Σ p² = .2873: {0, 1}; T = .5 sharpens: {0}. A uniform row keeps
+ * every finite id (p = Σ p², equality kept) and never a −inf one. */
+Test(ref_decode_hand, p_less_known_answers) {
+  double z[4];
+  logs(P4, 4, z);
+  fh_decode_row_params_t p = defaults(FH_DECODE_P_LESS);
+  run(z, 4, &p, "1000");
+  p.temperature = 2.0;
+  fh_decode_row_result_t r = run(z, 4, &p, "1100");
+  cr_expect_eq(r.flags, 0u);
+  p.temperature = 0.5;
+  run(z, 4, &p, "1000");
+  const double pr[4] = {0.35, 0.35, 0.2, 0.1};
+  logs(pr, 4, z);
+  p.temperature = 1.0;
+  run(z, 4, &p, "1100");
+  const double u[5] = {0.5, 0.5, -INFINITY, 0.5, 0.5};
+  r = run(u, 5, &p, "11011");
+  cr_expect_eq(r.flags, 0u);
+}
+
+/* On random rows the set is {v : p_v ≥ Σ p²} with Σ p² summed directly in fp64 (rows where some
+ * p_v lies within 1e-12 relative of the threshold are skipped: the two computations differ by
+ * rounding there), the argmax is always in, and the logprob is log of p renormalised on A. */
+Test(ref_decode_hand, p_less_matches_direct_sum) {
+  enum { NV = 40 };
+  double z[NV], lq[NV];
+  uint64_t x = 12345;
+  int checked = 0;
+  for (int trial = 0; trial < 200; ++trial) {
+    for (int v = 0; v < NV; ++v) {
+      x = x * 6364136223846793005ull + 1442695040888963407ull;
+      z[v] = (double)(x >> 11) * 0x1p-53 * (1.0 + trial % 7) * 2.0;
+    }
+    if (trial % 5 == 0) z[trial % NV] = -INFINITY;
+    double mx = -INFINITY, Z = 0.0, S2 = 0.0;
+    for (int v = 0; v < NV; ++v) mx = fmax(mx, z[v]);
+    for (int v = 0; v < NV; ++v) Z += exp(z[v] - mx);
+    for (int v = 0; v < NV; ++v) S2 += exp(z[v] - mx) / Z * (exp(z[v] - mx) / Z);
+    char want[NV + 1];
+    int near = 0;
+    for (int v = 0; v < NV; ++v) {
+      const double pv = exp(z[v] - mx) / Z;
+      want[v] = pv >= S2 ? '1' : '0';
+      near |= fabs(pv - S2) <= 1e-12 * S2;
+    }
+    want[NV] = '\0';
+    if (near) continue;
+    fh_decode_row_params_t p = defaults(FH_DECODE_P_LESS);
+    p.seed = (uint64_t)trial;
+    run_q(z, NV, &p, want, lq);
+    ++checked;
+  }
+  cr_expect(checked > 190, "only %d rows checked", checked);
+}
+
 /* ---- top-nσ ---- */
 
 /* z = (4, 2, 0, -2, -inf): finite mean 1, population variance (9+1+1+9)/4 = 5, σ = √5 = 2.236.

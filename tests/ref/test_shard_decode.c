@@ -207,6 +207,27 @@ Test(ref_shard_decode, refusals) {
   cr_expect_eq(sharded(&o, &SPL[1], 8, &r), FH_ERR_INVALID_ARGUMENT);
 }
 
+/* Joint top-k/top-p sums top-p's mass over every min-p survivor (docs/decoding.md): exact when
+ * the candidates list them all (K = V, or min-p cutting inside the lists), refused otherwise;
+ * p-less (not FH_DECODE_STANDARD) is refused. */
+Test(ref_shard_decode, joint_top_k_top_p_and_p_less) {
+  init_head(17);
+  fh_decode_options_t o = base();
+  o.top_k_top_p_order = FH_DECODE_TOP_K_TOP_P_JOINT;
+  o.top_k = 8;
+  o.top_p = 0.7f;
+  EACH_OFFSET(o, compare("joint, K = V", &o, V));
+  res_t r;
+  cr_expect_eq(sharded(&o, &SPL[1], 10, &r), FH_ERR_UNSUPPORTED);
+  cr_expect(strstr(fh_last_error(), "joint") != NULL, "%s", fh_last_error());
+  o.min_p = 0.1f;
+  o.temperature = 2.0f;
+  EACH_OFFSET(o, compare("joint after min-p", &o, V));
+  o = base();
+  o.sampler = FH_DECODE_P_LESS;
+  cr_expect_eq(sharded(&o, &SPL[1], V, &r), FH_ERR_UNSUPPORTED);
+}
+
 /* From logits: each rank's slice is a column block of the [B x V] logits (row stride V). */
 Test(ref_shard_decode, from_logits) {
   init_head(15);
