@@ -1,4 +1,4 @@
-/* bench_util.h: what the benchmark programs share (bench/*.c): a monotonic clock in milliseconds
+/* bench_util.h: what the benchmark programs of bench/ share: a monotonic clock in milliseconds,
  * the comparison qsort needs for medians, the commit the output names. */
 #ifndef FH_BENCH_UTIL_H
 #define FH_BENCH_UTIL_H
