@@ -41,43 +41,8 @@ fi
 out="${2:-$(dirname "$lib")/sass_table}"
 
 # ---- cuobjdump (and nvdisasm, which its -sass runs): on PATH, in the CUDA toolkit, or pip ----
-tools="${FH_TOOLS_DIR:-$root/build-tools}/cuda-binutils"
-usable() { # cuobjdump: true when it and an nvdisasm are there and run
-  local c=$1 d
-  [ -x "$c" ] || return 1
-  d="$(dirname "$c")"
-  { [ -x "$d/nvdisasm" ] || command -v nvdisasm >/dev/null; } || return 1
-  "$c" --version >/dev/null 2>&1
-}
-find_in_tools() {
-  cuobjdump="$(find "$tools" -type f -name cuobjdump 2>/dev/null | head -n 1)"
-  nvdisasm="$(find "$tools" -type f -name nvdisasm 2>/dev/null | head -n 1)"
-  [ -n "$cuobjdump" ] && [ -n "$nvdisasm" ] && chmod +x "$cuobjdump" "$nvdisasm" &&
-    PATH="$(dirname "$nvdisasm"):$PATH" usable "$cuobjdump"
-}
-cuobjdump=""
-nvdisasm=""
-for c in "${CUOBJDUMP:-}" "$(command -v cuobjdump || true)" /usr/local/cuda/bin/cuobjdump; do
-  if [ -n "$c" ] && usable "$c"; then cuobjdump="$c"; break; fi
-done
-if [ -z "$cuobjdump" ] && ! find_in_tools; then
-  # pip --target: a private folder, so PEP 668 (Debian's externally managed python) does not apply.
-  echo "sass_table: installing cuobjdump and nvdisasm (pip: nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm) into $tools"
-  ok=0
-  for p in "$py" /usr/bin/python3; do
-    [ -x "$p" ] || continue
-    if PIP_ROOT_USER_ACTION=ignore "$p" -m pip install --quiet --disable-pip-version-check \
-        --upgrade --target "$tools" nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm >&2; then
-      ok=1; break
-    fi
-  done
-  if [ $ok -eq 0 ] || ! find_in_tools; then
-    echo "sass_table: ERROR: cuobjdump/nvdisasm are not installed and 'python3 -m pip install" \
-         "nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm' failed: no SASS evidence (exit 3)" >&2
-    exit 3
-  fi
-fi
-if [ -n "$nvdisasm" ]; then export PATH="$(dirname "$nvdisasm"):$PATH"; fi
+. "$here/find_cuobjdump.sh"
+fh_find_cuobjdump sass_table "$root" "$py" || exit 3
 echo "sass_table: $("$cuobjdump" --version | grep -o 'release [0-9.]*' | head -n 1 | sed 's/^/cuobjdump /'), $lib"
 
 tmp="$(mktemp -d)"

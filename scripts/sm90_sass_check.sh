@@ -20,34 +20,8 @@ nvcc="$(command -v nvcc || true)"
 if [ -z "$nvcc" ]; then echo "sm90_sass_check: no nvcc: skipped (exit 3)" >&2; exit 3; fi
 
 # ---- cuobjdump + nvdisasm, as scripts/sass_table.sh finds them ----
-tools="${FH_TOOLS_DIR:-$root/build-tools}/cuda-binutils"
-usable() {
-  local c=$1 d
-  [ -x "$c" ] || return 1
-  d="$(dirname "$c")"
-  { [ -x "$d/nvdisasm" ] || command -v nvdisasm >/dev/null; } || return 1
-  "$c" --version >/dev/null 2>&1
-}
-find_in_tools() {
-  cuobjdump="$(find "$tools" -type f -name cuobjdump 2>/dev/null | head -n 1)"
-  nvdisasm="$(find "$tools" -type f -name nvdisasm 2>/dev/null | head -n 1)"
-  [ -n "$cuobjdump" ] && [ -n "$nvdisasm" ] && chmod +x "$cuobjdump" "$nvdisasm" &&
-    PATH="$(dirname "$nvdisasm"):$PATH" usable "$cuobjdump"
-}
-cuobjdump=""
-nvdisasm=""
-for c in "${CUOBJDUMP:-}" "$(command -v cuobjdump || true)" /usr/local/cuda/bin/cuobjdump; do
-  if [ -n "$c" ] && usable "$c"; then cuobjdump="$c"; break; fi
-done
-if [ -z "$cuobjdump" ] && ! find_in_tools; then
-  echo "sm90_sass_check: installing cuobjdump and nvdisasm (pip: nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm) into $tools"
-  if ! PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check --upgrade \
-       --target "$tools" nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm >&2 || ! find_in_tools; then
-    echo "sm90_sass_check: no cuobjdump/nvdisasm: skipped (exit 3)" >&2
-    exit 3
-  fi
-fi
-if [ -n "$nvdisasm" ]; then export PATH="$(dirname "$nvdisasm"):$PATH"; fi
+. "$here/find_cuobjdump.sh"
+fh_find_cuobjdump sm90_sass_check "$root" "$(command -v python3 || true)" || exit 3
 
 # ---- compile and disassemble ----
 cubin="$out/probe_sm90.cubin"
