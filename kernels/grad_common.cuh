@@ -105,8 +105,11 @@ struct bwd_smem {
    * fragment pairs' 8-byte stores (two half-warp phases of 4 rows x 4 pairs) hit 32 distinct banks. */
   static constexpr int OLD = cfg::DC + 8;
   static constexpr size_t o_b = sizeof(float) * TBM * OLD;
-  static constexpr size_t bytes = fh_eng::SMEM_BYTES + g_b + o_b + sizeof(float) * NCOEF * TBM +
-                                  2 * sizeof(int) * TBM + sizeof(float) * 2 * TBV;
+  /* ring: the mainloop's bytes (fh_eng::ring<Align>::bytes: the sm_90a ring is larger) */
+  static constexpr size_t bytes_for(size_t ring) {
+    return ring + g_b + o_b + sizeof(float) * NCOEF * TBM + 2 * sizeof(int) * TBM + sizeof(float) * 2 * TBV;
+  }
+  static constexpr size_t bytes = bytes_for(fh_eng::SMEM_BYTES);
   unsigned char* stages;
   unsigned char* g;
   float* o;
@@ -116,9 +119,9 @@ struct bwd_smem {
   float* db; /* [2][TBV] */
   /* gap: bytes a kernel adds after the staging chunk, for its own scratch over g .. o + gap
    * while those are free (the distillation backward parks its tiles there). */
-  __device__ explicit bwd_smem(unsigned char* base, size_t gap = 0) {
+  __device__ explicit bwd_smem(unsigned char* base, size_t gap = 0, size_t ring = fh_eng::SMEM_BYTES) {
     stages = base;
-    g = base + fh_eng::SMEM_BYTES;
+    g = base + ring;
     o = (float*)(g + g_b);
     coef = (float*)((unsigned char*)o + o_b + gap);
     rows = (int*)(coef + NCOEF * TBM);

@@ -55,6 +55,7 @@
 #include <math.h>
 
 #include "engine/epilogue.cuh"
+#include "engine/sm90.cuh"
 #include "engine/stream.cuh"
 #include "grad_common.cuh"
 #include "linear_ce_common.cuh"
@@ -80,6 +81,7 @@ struct bwd_params {
   int r_lo, r_hi; /* cols kernel: only the valid rows with original index in [r_lo, r_hi) */
   float* db32;    /* cols kernel over several row passes: dbias carried in fp32 between them */
   int db_last;    /* ... and rounded into dbias by the last pass */
+  CUtensorMap tmc; /* C for the sm_90a mainloop's TMA (engine/sm90.cuh); unused on sm_80 */
 };
 
 
@@ -103,7 +105,7 @@ __device__ __forceinline__ int g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_e
   using namespace fh_eng;
   const int nv = p.V - v0 < TBV ? p.V - v0 : TBV;
   const nt_operand<T> a{(const T*)p.E, p.lde, sm.rows, 0, nr};
-  const nt_operand<T> b{(const T*)p.C, p.ldc, nullptr, v0, nv};
+  const nt_operand<T> b{(const T*)p.C, p.ldc, nullptr, v0, nv, &p.tmc};
   mainloop<T, Align>::run(acc, a, b, p.D, sm.stages);
   const T* bias = (const T*)p.bias;
   float bj[NJ][2], wj[NJ][2];
@@ -162,9 +164,9 @@ __device__ __forceinline__ void accumulate_dC(const bwd_params& p, bwd_smem<T>& 
 }
 
 template <typename T, typename Align>
-__global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_bwd_rows_kernel(bwd_params p) {
+__global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_bwd_rows_kernel(const __grid_constant__ bwd_params p) {
   FH_DYNAMIC_SMEM(unsigned char, smem);
-  bwd_smem<T> sm(smem);
+  bwd_smem<T> sm(smem, 0, fh_eng::ring<Align>::bytes);
   const int count = p.hdr->count, row0 = blockIdx.x * TBM;
   if (row0 >= count) return;
   const int nr = count - row0 < TBM ? count - row0 : TBM;
@@ -180,9 +182,9 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_bwd_rows_kernel(bwd_pa
 }
 
 template <typename T, typename Align>
-__global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_bwd_cols_kernel(bwd_params p) {
+__global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_bwd_cols_kernel(const __grid_constant__ bwd_params p) {
   FH_DYNAMIC_SMEM(unsigned char, smem);
-  bwd_smem<T> sm(smem);
+  bwd_smem<T> sm(smem, 0, fh_eng::ring<Align>::bytes);
   const int count = p.hdr->count, v0 = blockIdx.x * TBV;
   __shared__ int range[2];
   compacted_range(p.rows, count, p.r_lo, p.r_hi, range);
@@ -313,8 +315,9 @@ bool bwd_vec16_ok(const bwd_params& bp, size_t esize) {
 template <typename T, typename Align, bool ROWS>
 fh_status_t launch_bwd(const char* fn, dim3 grid, cudaStream_t stream, const bwd_params& bp) {
   auto k = ROWS ? lce_bwd_rows_kernel<T, Align> : lce_bwd_cols_kernel<T, Align>;
-  const size_t smem = bwd_smem<T>::bytes;
-  FH_TRY(fh_cuda_status(fh_eng::allow_smem<bwd_smem<T>::bytes>(k), fn, "cudaFuncSetAttribute(lce_bwd kernel)"));
+  constexpr size_t smem = bwd_smem<T>::bytes_for(fh_eng::ring<Align>::bytes);
+  FH_TRY(fh_cuda_status(fh_eng::allow_smem<smem, fh_eng::optin<Align>::max>(k), fn,
+                        "cudaFuncSetAttribute(lce_bwd kernel)"));
   FH_LAUNCH(k, grid, dim3(fh_eng::THREADS), smem, stream, bp);
   LCE_CHECK_LAUNCH(fn, ROWS ? "lce_bwd_rows_kernel" : "lce_bwd_cols_kernel");
   return FH_SUCCESS;
@@ -383,7 +386,10 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CU
 
   LCE_DTYPE_SWITCH(p->dtype, T, {
     const bool vec = bwd_vec16_ok(bp, fh_dtype_size(p->dtype));
+    const bool tma = fh_eng::pick_tma90<T>(vec, &bp.tmc, bp.C, p->V, p->D, bp.ldc);
     auto launch = [&](bool row_owner, dim3 grid, const bwd_params& q) -> fh_status_t {
+      if (tma) return row_owner ? launch_bwd<T, fh_eng::tma90_for<T>, true>(fn, grid, stream, q)
+                                : launch_bwd<T, fh_eng::tma90_for<T>, false>(fn, grid, stream, q);
       if (vec) return row_owner ? launch_bwd<T, fh_eng::vec16, true>(fn, grid, stream, q)
                            : launch_bwd<T, fh_eng::vec16, false>(fn, grid, stream, q);
       return row_owner ? launch_bwd<T, fh_eng::scalar, true>(fn, grid, stream, q)

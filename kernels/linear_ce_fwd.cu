@@ -31,7 +31,7 @@
 #include <math.h>
 
 #include "engine/epilogue.cuh"
-#include "engine/sm80.cuh"
+#include "engine/sm90.cuh"
 #include "linear_ce_common.cuh"
 
 namespace fh_lce {
@@ -120,11 +120,15 @@ struct fwd_params {
   const int* rows;
   const lce_ws_header* hdr;
   float* part;
+  CUtensorMap tmc; /* C for the sm_90a mainloop's TMA (engine/sm90.cuh); unused on sm_80 */
 };
 
 /* Dynamic shared memory of the tile kernel: the engine's stages, then the row block's indices
  * and targets. The cross-warp merge at the end reuses the stage buffers. */
-constexpr size_t FWD_SMEM = fh_eng::SMEM_BYTES + 2 * fh_eng::BM * sizeof(int);
+template <typename Align>
+constexpr size_t fwd_smem() {
+  return fh_eng::ring<Align>::bytes + 2 * fh_eng::BM * sizeof(int);
+}
 static_assert(fh_eng::WARPS_N * fh_eng::BM * NQ_SMOOTH * sizeof(float) <= fh_eng::SMEM_BYTES, "merge scratch");
 
 /* One row block (128 compacted valid rows) x one vocabulary split. Per class tile: the engine's
@@ -137,12 +141,12 @@ static_assert(fh_eng::WARPS_N * fh_eng::BM * NQ_SMOOTH * sizeof(float) <= fh_eng
  * along N in warp order through shared memory: a fixed order that depends on nothing but the
  * class split, so a row's partials are the same whatever rows share its block. */
 template <typename T, typename Align>
-__global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_params p) {
+__global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(const __grid_constant__ fwd_params p) {
   using namespace fh_eng;
   /* Short names for the engine's tile. */
   constexpr int kBM = fh_eng::BM, kBN = fh_eng::BN, kThreads = fh_eng::THREADS;
   FH_DYNAMIC_SMEM(unsigned char, smem);
-  int* s_rows = (int*)(smem + SMEM_BYTES);
+  int* s_rows = (int*)(smem + ring<Align>::bytes);
   int* s_y = s_rows + kBM;
   const int count = p.hdr->count, row0 = blockIdx.x * kBM;
   if (row0 >= count) return; /* block-uniform: rows past the valid count cost nothing */
@@ -170,7 +174,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_pa
   const int t0 = blockIdx.y * p.tps, t1 = t0 + p.tps < p.vt ? t0 + p.tps : p.vt;
   for (int tile = t0; tile < t1; ++tile) {
     const int v0 = tile * kBN, nv = p.V - v0 < kBN ? p.V - v0 : kBN;
-    const nt_operand<T> b{(const T*)p.C, p.ldc, nullptr, v0, nv};
+    const nt_operand<T> b{(const T*)p.C, p.ldc, nullptr, v0, nv, &p.tmc};
     acc_t acc;
     mainloop<T, Align>::run(acc, a, b, p.D, smem);
     float bj[NJ][2], wj[NJ][2];
@@ -271,8 +275,10 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(fwd_pa
 template <typename T, typename Align>
 static fh_status_t launch_fwd_tile(const char* fn, dim3 grid, cudaStream_t stream, const fwd_params& fp) {
   auto k = lce_fwd_tile_kernel<T, Align>;
-  FH_TRY(fh_cuda_status(fh_eng::allow_smem<FWD_SMEM>(k), fn, "cudaFuncSetAttribute(lce_fwd_tile_kernel)"));
-  FH_LAUNCH(k, grid, dim3(fh_eng::THREADS), FWD_SMEM, stream, fp);
+  constexpr size_t smem = fwd_smem<Align>();
+  FH_TRY(fh_cuda_status(fh_eng::allow_smem<smem, fh_eng::optin<Align>::max>(k), fn,
+                        "cudaFuncSetAttribute(lce_fwd_tile_kernel)"));
+  FH_LAUNCH(k, grid, dim3(fh_eng::THREADS), smem, stream, fp);
   LCE_CHECK_LAUNCH(fn, "lce_fwd_tile_kernel");
   return FH_SUCCESS;
 }
@@ -408,7 +414,9 @@ static fh_status_t launch_tiles(const char* fn, cudaStream_t stream, const fh_lc
   const bool vec = fh_eng::vec16_ok(fp.E, fp.lde, fh_dtype_size(p->dtype)) &&
                    fh_eng::vec16_ok(fp.C, fp.ldc, fh_dtype_size(p->dtype));
   LCE_DTYPE_SWITCH(p->dtype, T, {
-    if (vec) FH_TRY((launch_fwd_tile<T, fh_eng::vec16>(fn, grid, stream, fp)));
+    if (fh_eng::pick_tma90<T>(vec, &fp.tmc, fp.C, p->V, p->D, fp.ldc))
+      FH_TRY((launch_fwd_tile<T, fh_eng::tma90_for<T>>(fn, grid, stream, fp)));
+    else if (vec) FH_TRY((launch_fwd_tile<T, fh_eng::vec16>(fn, grid, stream, fp)));
     else FH_TRY((launch_fwd_tile<T, fh_eng::scalar>(fn, grid, stream, fp)));
   });
   return FH_SUCCESS;

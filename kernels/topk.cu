@@ -57,7 +57,7 @@
  * integer work whatever the split boundaries, so a row's results do not depend on the batch.
  * Results are bit-identical to the CPU reference whenever the fp32 logits equal the
  * reference's rounded fp64 logits (exactly representable sums). Row offsets are int64. */
-#include "engine/sm80.cuh"
+#include "engine/sm90.cuh"
 #include "linear_ce_common.cuh" /* LCE_DTYPE_SWITCH, lce_check_shape, lce_blocks */
 
 namespace {
@@ -209,9 +209,16 @@ constexpr int F_BM = fh_eng::BM, F_BN = fh_eng::BN, F_WARPS = fh_eng::THREADS / 
 constexpr int F_MAX_SPLITS = 16;
 constexpr int KP = F_BN + 8;                              /* keys per key-tile row: 1088-byte pitch */
 constexpr size_t KEYS_BYTES = (size_t)F_BM * KP * sizeof(uint64_t); /* 136 KiB, over the stages */
-constexpr size_t KEYS_END = KEYS_BYTES > fh_eng::SMEM_BYTES ? KEYS_BYTES : fh_eng::SMEM_BYTES;
-constexpr size_t FUSED_SMEM = KEYS_END + (size_t)F_WARPS * MAX_K * sizeof(uint32_t); /* + 8 KiB */
-static_assert(FUSED_SMEM <= 160 * 1024, "fused top-k shared memory");
+/* The key tile and the mainloop's ring overlap; the warps' scratch follows the larger. */
+template <typename Align>
+constexpr size_t keys_end() {
+  return KEYS_BYTES > fh_eng::ring<Align>::bytes ? KEYS_BYTES : fh_eng::ring<Align>::bytes;
+}
+template <typename Align>
+constexpr size_t fused_smem() {
+  return keys_end<Align>() + (size_t)F_WARPS * MAX_K * sizeof(uint32_t); /* + 8 KiB */
+}
+static_assert(fused_smem<fh_eng::vec16>() <= 160 * 1024, "fused top-k shared memory");
 static_assert(MAX_K <= 8 * 32, "a lane holds at most 8 list entries");
 static_assert(F_BN == 4 * 32, "a lane reads 4 keys of a tile row; tile columns take 7 bits");
 
@@ -223,6 +230,7 @@ struct fused_params {
   int B, V, D, k;
   int vt, tps, splits; /* class tiles, tiles per split, splits */
   topk_pair* ws;
+  CUtensorMap tmc; /* C for the sm_90a mainloop's TMA (engine/sm90.cuh); unused on sm_80 */
 };
 
 /* The key of logit v in column c of the current class tile: the same upper word as topk_key
@@ -358,12 +366,12 @@ __device__ __forceinline__ bool merge_row(const fused_params& p, unsigned char* 
  * the logits in registers, the epilogue adds the bias and stores the tile keys (tile_key) over
  * the free stage buffers, and each warp merges its rows (r = warp + 8 n) into their lists. */
 template <typename T, typename Align>
-__global__ void __launch_bounds__(fh_eng::THREADS, 1) topk_fused_tile_kernel(fused_params p) {
+__global__ void __launch_bounds__(fh_eng::THREADS, 1) topk_fused_tile_kernel(const __grid_constant__ fused_params p) {
   using namespace fh_eng;
   FH_DYNAMIC_SMEM(unsigned char, smem);
   unsigned char* keys = smem; /* [F_BM][KP] keys */
   const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31, k = p.k;
-  uint32_t* scr = (uint32_t*)(smem + KEYS_END) + warp * MAX_K;
+  uint32_t* scr = (uint32_t*)(smem + keys_end<Align>()) + warp * MAX_K;
   const int row0 = blockIdx.x * F_BM, nr = p.B - row0 < F_BM ? p.B - row0 : F_BM;
   for (int idx = threadIdx.x; idx < nr * k; idx += fh_eng::THREADS) {
     const int r = idx / k, i = idx % k;
@@ -376,7 +384,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) topk_fused_tile_kernel(fus
   const int t0 = blockIdx.y * p.tps, t1 = t0 + p.tps < p.vt ? t0 + p.tps : p.vt;
   for (int tile = t0; tile < t1; ++tile) {
     const int v0 = tile * F_BN, nv = p.V - v0 < F_BN ? p.V - v0 : F_BN;
-    const nt_operand<T> b{static_cast<const T*>(p.C), p.ldc, nullptr, v0, nv};
+    const nt_operand<T> b{static_cast<const T*>(p.C), p.ldc, nullptr, v0, nv, &p.tmc};
     acc_t acc;
     mainloop<T, Align>::run(acc, a, b, p.D, smem); /* ends with a barrier: the stages are free */
     /* -0.0f is the identity of fp32 addition (x + -0 == x for every x, -0 included), so rows
@@ -436,9 +444,10 @@ static fh_status_t launch_rows(const char* fn, cudaStream_t stream, const fh_ten
 template <typename T, typename Align>
 static fh_status_t launch_fused(const char* fn, cudaStream_t stream, const fused_params& fp) {
   auto kern = topk_fused_tile_kernel<T, Align>;
-  FH_TRY(fh_cuda_status(fh_eng::allow_smem<FUSED_SMEM>(kern), fn, "cudaFuncSetAttribute(topk_fused_tile_kernel)"));
-  FH_LAUNCH(kern, dim3(fh_lce::lce_blocks(fp.B, F_BM), (unsigned)fp.splits), dim3(fh_eng::THREADS), FUSED_SMEM, stream,
-            fp);
+  constexpr size_t smem = fused_smem<Align>();
+  FH_TRY(fh_cuda_status(fh_eng::allow_smem<smem, fh_eng::optin<Align>::max>(kern), fn,
+                        "cudaFuncSetAttribute(topk_fused_tile_kernel)"));
+  FH_LAUNCH(kern, dim3(fh_lce::lce_blocks(fp.B, F_BM), (unsigned)fp.splits), dim3(fh_eng::THREADS), smem, stream, fp);
   return fh_cuda_launch_status(fn, "topk_fused_tile_kernel");
 }
 
@@ -483,7 +492,9 @@ extern "C" fh_status_t fh_cuda_topk(fh_cuda_state_t* st, struct CUstream_st* str
   const size_t es = fh_dtype_size(H->dtype);
   const bool vec = fh_eng::vec16_ok(fp.H, fp.ldh, es) && fh_eng::vec16_ok(fp.C, fp.ldc, es);
   LCE_DTYPE_SWITCH(H->dtype, T, {
-    if (vec) FH_TRY((launch_fused<T, fh_eng::vec16>(fn, s, fp)));
+    if (fh_eng::pick_tma90<T>(vec, &fp.tmc, fp.C, V, D, fp.ldc))
+      FH_TRY((launch_fused<T, fh_eng::tma90_for<T>>(fn, s, fp)));
+    else if (vec) FH_TRY((launch_fused<T, fh_eng::vec16>(fn, s, fp)));
     else FH_TRY((launch_fused<T, fh_eng::scalar>(fn, s, fp)));
   });
   FH_LAUNCH(topk_merge_kernel, dim3((unsigned)B), dim3(SEL_THREADS), 0, s, fp.ws, fp.splits, (int)k, values, ids);

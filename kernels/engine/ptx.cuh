@@ -181,6 +181,15 @@ __device__ __forceinline__ void sts_v2(void* p, uint2 v) {
   ::fh_emu::ptx_st_shared(p, &v, 8);
 #endif
 }
+__device__ __forceinline__ uint2 lds_v2(const void* p) {
+#ifdef __CUDACC__
+  return *(const uint2*)p;
+#else
+  uint2 v;
+  ::fh_emu::ptx_ld_shared(p, &v, 8);
+  return v;
+#endif
+}
 __device__ __forceinline__ void sts_v4(void* p, uint4 v) {
 #ifdef __CUDACC__
   *(uint4*)p = v;

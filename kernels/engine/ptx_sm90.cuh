@@ -71,6 +71,18 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
   ::fh_emu::sm90_mbar_init(bar, count);
 #endif
 }
+/* mbarrier.inval.shared::cta.b64: ends the object's life as an mbarrier, so that its bytes (or a
+ * later mbarrier.init) may reuse it; no phase may be in progress. */
+__device__ __forceinline__ void mbar_inval(uint64_t* bar) {
+#if FH_SM90_DEVICE
+  asm volatile("mbarrier.inval.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+#elif FH_SM80_ONLY_DEVICE
+  (void)bar;
+  __trap();
+#elif !defined(__CUDACC__)
+  ::fh_emu::sm90_mbar_inval(bar);
+#endif
+}
 /* fence.mbarrier_init.release.cluster: makes the inits visible to the async proxy (TMA) and to
  * the other CTAs of the cluster; one thread after its inits, before the barrier that publishes
  * them. */

@@ -57,6 +57,7 @@ struct operand;
 template <>
 struct operand<__nv_bfloat16> {
   static constexpr int PER16 = 8;
+  static constexpr bool BF16 = true;
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     fh_ptx::mma_bf16_16816(d, a, b);
   }
@@ -66,6 +67,7 @@ struct operand<__nv_bfloat16> {
 template <>
 struct operand<__half> {
   static constexpr int PER16 = 8;
+  static constexpr bool BF16 = false;
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     fh_ptx::mma_f16_16816(d, a, b);
   }
@@ -75,6 +77,7 @@ struct operand<__half> {
 template <>
 struct operand<float> {
   static constexpr int PER16 = 4;
+  static constexpr bool BF16 = false;
 };
 
 /* A register of a streamed-GEMM operand with its non-finite elements (inf, NaN) replaced by 0
@@ -197,13 +200,17 @@ __device__ __forceinline__ int swz(int r, int c) { return swz_rows<ROWB / 16>(r,
 __device__ __forceinline__ int swz_k4(int r, int c) { return r * 128 + ((c ^ ((r & 3) << 1)) << 4); }
 
 /* One operand of an NT GEMM: `rows` rows of K elements, row r at base + row_index(r) * ld.
- * Rows past `n` are zero. `gather` (shared memory) maps r to a global row, else row0 + r. */
+ * Rows past `n` are zero. `gather` (shared memory) maps r to a global row, else row0 + r.
+ * `tmap`: a CUtensorMap of the same rows (K-major, 64 x 128 boxes, 128-byte swizzle) in param or
+ * global memory, read by the sm_90a mainloop's TMA (engine/sm90.cuh; B only, never gathered);
+ * the sm_80 mainloop ignores it. */
 template <typename T>
 struct nt_operand {
   const T* base;
   int64_t ld;
   const int* gather;
   int row0, n;
+  const void* tmap = nullptr;
 };
 
 /* The per-thread copy plan of one operand: ROWS rows x CPR 16-byte chunks per stage, 256 threads. */
@@ -371,9 +378,9 @@ static inline bool vec16_ok(const void* p, int64_t ld_elems, size_t esize) {
 constexpr size_t SMEM_OPTIN_MAX = 166912;
 
 /* Opt a kernel in to BYTES (> 48 KiB) of dynamic shared memory. */
-template <size_t BYTES, typename K>
+template <size_t BYTES, size_t MAX = SMEM_OPTIN_MAX, typename K>
 static inline cudaError_t allow_smem(K* kernel) {
-  static_assert(BYTES <= SMEM_OPTIN_MAX, "more shared memory than an sm_80 block can have");
+  static_assert(BYTES <= MAX, "more shared memory than a block can have (sm_80: 163 KiB, sm_90: 227 KiB)");
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)BYTES);
 }
 

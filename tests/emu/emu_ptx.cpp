@@ -375,8 +375,8 @@ void ptx_on_block_end(PtxState& s) {
 
 /* ---- the twins ---- */
 
-/* Bytes of [g, g + n) inside the watched range (fh_emu_watch_global). */
-static uint64_t watched_overlap(const unsigned char* g, int n) {
+/* Bytes of [g, g + n) inside the watched range (fh_emu_watch_global); the TMA twin uses it too. */
+uint64_t watched_overlap(const unsigned char* g, int n) {
   const uintptr_t lo = g_watch_lo.load(std::memory_order_relaxed), hi = g_watch_hi.load(std::memory_order_relaxed);
   const uintptr_t a = std::max((uintptr_t)g, lo), b = std::min((uintptr_t)g + (uintptr_t)n, hi);
   return b > a ? (uint64_t)(b - a) : 0u;

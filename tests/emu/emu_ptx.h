@@ -27,6 +27,8 @@ enum MmaKind { MMA_BF16_16816, MMA_F16_16816, MMA_TF32_1688 };
  * engine uses 16), both addresses cp_size-aligned, src_bytes in [0, cp_size]; the bytes past
  * src_bytes are zero-filled. Per thread, deferred until the wait that retires it. */
 void ptx_cp_async(void* smem, const void* gmem, int cp_size, int src_bytes);
+/* Bytes of [g, g + n) inside the range fh_emu_watch_global names (0 without one). */
+uint64_t watched_overlap(const unsigned char* g, int n);
 /* cp.async.commit_group: the thread's uncommitted copies become one group. */
 void ptx_cp_async_commit();
 /* cp.async.wait_group n: lands all of the thread's committed groups but the newest n.

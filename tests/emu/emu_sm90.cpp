@@ -239,6 +239,19 @@ void sm90_mbar_init(void* bar, uint32_t count) {
   std::memset(bar, 0, 8); /* the object's bytes: opaque, but no longer NaN */
 }
 
+/* mbarrier.inval: the object stops being an mbarrier (its bytes may be reused). A phase with
+ * arrivals or transaction bytes outstanding is a report: the hardware would lose them. */
+void sm90_mbar_inval(void* bar) {
+  PtxState& s = ptx::state();
+  const int t = running_thread().linear;
+  Mbar& m = get_bar(s, bar, "mbarrier.inval", t);
+  if (m.pending != m.count || m.tx != 0)
+    fail("mbarrier", "mbarrier.inval with a phase in progress", t,
+         "the mbarrier at %s still misses %u of %u arrivals and %" PRId64 " transaction bytes of phase %u",
+         bar_name(s, bar).c_str(), m.pending, m.count, m.tx, m.phase);
+  st().bars.erase((uintptr_t)bar);
+}
+
 uint64_t sm90_mbar_arrive(void* bar, uint32_t expect_tx) {
   PtxState& s = ptx::state();
   const int t = running_thread().linear;

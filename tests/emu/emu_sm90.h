@@ -18,6 +18,8 @@ uint32_t sm90_smem_offset(const void* p);
 
 /* mbarrier.init: count in [1, 2^20 - 1]; bar 8-byte aligned shared memory. */
 void sm90_mbar_init(void* bar, uint32_t count);
+/* mbarrier.inval: no phase may be in progress; the object is forgotten. */
+void sm90_mbar_inval(void* bar);
 /* mbarrier.arrive[.expect_tx]: adds expect_tx bytes (0 for a plain arrive) to the phase's
  * transaction count, then one arrival. Returns a token naming the phase. */
 uint64_t sm90_mbar_arrive(void* bar, uint32_t expect_tx);

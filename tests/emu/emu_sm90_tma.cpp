@@ -17,10 +17,12 @@
  * issue; the data lands at a random later point (emu_sm90.cpp). */
 #include <cuda.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
+#include "emu_ptx.h"
 #include "emu_sm90_state.h"
 
 namespace fh_emu {
@@ -133,7 +135,18 @@ void sm90_tma_load_2d(void* dst, const void* tmap, int32_t c0, int32_t c1, void*
   std::memset(d, 0xff, bytes); /* poisoned (NaN) until it lands */
   st().bulks.push_back(b);
   ++s.bulk_inflight;
-  worker_counters().bytes_g2s += bytes;
+  /* Global bytes read: the box's elements inside the tensor (the out-of-bound fill reads nothing),
+   * counted as cp.async counts its src-size, and those inside the watched range. */
+  fh_emu_counters_t& c = worker_counters();
+  const unsigned char* g = reinterpret_cast<const unsigned char*>((uintptr_t)m.addr);
+  const int64_t x0 = std::max<int64_t>(c0, 0), x1 = std::min<int64_t>((int64_t)c0 + m.box[0], (int64_t)m.dim[0]);
+  for (uint32_t r = 0; r < rows && x1 > x0; ++r) {
+    const int64_t y = (int64_t)c1 + (int64_t)r * m.estride[1];
+    if (y < 0 || (uint64_t)y >= m.dim[1]) continue;
+    const int n = (int)((x1 - x0) * m.esize);
+    c.bytes_g2s += (uint64_t)n;
+    c.bytes_g2s_watched += watched_overlap(g + (uint64_t)y * m.stride[1] + (uint64_t)x0 * m.esize, n);
+  }
   maybe_yield();
 }
 

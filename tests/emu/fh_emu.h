@@ -26,7 +26,7 @@ typedef struct fh_emu_counters {
   /* The PTX twins (kernels/engine/ptx.cuh, tests/emu/emu_ptx.h): the cost model's inputs. */
   uint64_t ldmatrix_ops;           /* ldmatrix instructions, per warp */
   uint64_t cp_async_ops;           /* cp.async calls, per thread */
-  uint64_t bytes_g2s;              /* bytes cp.async reads from global (src_bytes, summed) */
+  uint64_t bytes_g2s;              /* bytes cp.async (src_bytes) and TMA (in-bound box bytes) read from global */
   uint64_t global_requests;        /* warp-wide cp.async instructions (k-th call of each lane) */
   uint64_t global_sectors;         /* distinct 32-byte global sectors those instructions read */
   uint64_t smem_requests;          /* warp-wide shared instructions: ldmatrix, st/ld.shared, cp.async */
@@ -44,8 +44,9 @@ fh_emu_counters_t fh_emu_total_counters(void);
 void fh_emu_reset_counters(void);
 /* The watched global range [base, base + bytes) (one at a time; bytes 0 clears it): cp.async
  * bytes read from it are counted in bytes_g2s_watched, so a test can check how many times a
- * kernel streams one operand (say the classifier C) apart from the others. Only cp.async reads
- * are seen: kernels on the scalar (non-16-byte) path load with ordinary instructions. */
+ * kernel streams one operand (say the classifier C) apart from the others. Only cp.async and
+ * bulk tensor (TMA) reads are seen: kernels on the scalar (non-16-byte) path load with ordinary
+ * instructions. */
 void fh_emu_watch_global(const void* base, uint64_t bytes);
 
 /* Block order: every launch shuffles its blocks with a seed derived from this base seed and

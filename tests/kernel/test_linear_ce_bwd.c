@@ -455,7 +455,16 @@ Test(kernel_linear_ce_bwd, tensor_core_flops) {
            "(%s x 2*Nv*V*D), counted/analytic %.3f\n",
            MNAME[m], (long long)N, nv, (long long)V, (long long)D, counted, model,
            m == FH_ACCUM_DETERMINISTIC ? "4" : "3", counted / model);
-    cr_expect(counted >= model && counted <= 1.5 * model, "counted FLOPs far from the model");
+    /* The bound is the sm_80 engine's padding; on the sm_90a path the logit recomputes (one per
+     * kernel pass: 1 in fp32 mode, 2 in deterministic mode) follow its own exact tile model, and
+     * are counted here as the sm_80 tiles would be. */
+    const double recomputes = m == FH_ACCUM_DETERMINISTIC ? 2.0 : 1.0;
+    const double swap = lk_engine_sm90(FH_DTYPE_BF16, D)
+                            ? recomputes * ((double)lk_tile_gemm_flops((int64_t)nv, V, D, FH_DTYPE_BF16, 1) -
+                                            (double)lk_tile_gemm_flops((int64_t)nv, V, D, FH_DTYPE_BF16, 0))
+                            : 0.0;
+    const double sm80_equiv = counted - swap;
+    cr_expect(sm80_equiv >= model && sm80_equiv <= 1.5 * model, "counted FLOPs far from the model");
     lk_grads_free(&g);
     lk_bwd_in_free(&in);
     lk_fwd_free(&f);

@@ -486,7 +486,22 @@ int lk_same_bits(const double* a, const double* b, int64_t n) {
   return 1;
 }
 
+int lk_engine_sm90(fh_dtype_t dtype, int64_t D) {
+  const char* e = getenv("FH_ENGINE");
+  return dtype != FH_DTYPE_F32 && (D * 2) % 16 == 0 && !(e && strcmp(e, "sm80") == 0);
+}
+
 uint64_t lk_engine_gemm_flops(int64_t nv, int64_t V, int64_t D, fh_dtype_t dtype) {
+  return lk_tile_gemm_flops(nv, V, D, dtype, lk_engine_sm90(dtype, D));
+}
+
+uint64_t lk_tile_gemm_flops(int64_t nv, int64_t V, int64_t D, fh_dtype_t dtype, int sm90) {
+  if (sm90) {
+    /* the sm_90a mainloop (docs/hopper.md): per 128 x 128 tile, both warpgroups issue m64n128k16
+     * per 16 of K, K in blocks of 64, whatever the valid rows and classes */
+    const int64_t kpad = (D + 63) / 64 * 64;
+    return (uint64_t)(((nv + 127) / 128) * ((V + 127) / 128)) * (uint64_t)(2 * 128 * 128 * kpad);
+  }
   /* 16-bit: two k16 mma per 64-byte stage; fp32: one k16 step per stage of six bf16 mma (the
    * three-piece split, docs/engine.md "fp32 inputs"). */
   const int64_t esize = dtype == FH_DTYPE_F32 ? 4 : 2, kstep = 16;

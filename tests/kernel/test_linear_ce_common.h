@@ -120,6 +120,12 @@ int lk_same_bits(const double* a, const double* b, int64_t n);
 /* Tensor-core FLOPs the engine issues for one logit GEMM of `nv` rows x V classes over D
  * (docs/engine.md "Cost model"): per 128 x 128 CTA tile, each warp (2 x 4 of 64 x 32) issues
  * the m16n8 tiles that hold a live row and class, over ceil(D·size/64) stages of 2 k-steps. */
+/* 1 when the emulated launches of this dtype take the sm_90a mainloop (docs/hopper.md): 16-bit
+ * operands with 16-byte rows (dense, D % 8 == 0) on the emulator's compute capability 9.0,
+ * unless FH_ENGINE=sm80. */
+int lk_engine_sm90(fh_dtype_t dtype, int64_t D);
 uint64_t lk_engine_gemm_flops(int64_t nv, int64_t V, int64_t D, fh_dtype_t dtype);
+/* The same for the mainloop named by sm90 (1: sm_90a, 0: sm_80), whatever the launches take. */
+uint64_t lk_tile_gemm_flops(int64_t nv, int64_t V, int64_t D, fh_dtype_t dtype, int sm90);
 
 #endif

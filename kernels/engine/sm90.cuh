@@ -1,0 +1,246 @@
+/* engine/sm90.cuh: the engine's second mainloop, for Hopper (sm_90a): the same 128 x 128 tile
+ * of A·Bᵀ as fh_eng::mainloop<T, vec16> (engine/sm80.cuh), handed to the same epilogues in the
+ * same registers (acc_t, frag_row / frag_col), computed by warpgroup MMAs (wgmma.mma_async) on
+ * operands that the Tensor Memory Accelerator and cp.async put in shared memory.
+ * docs/hopper.md "The sm_90a mainloop" has the design, its cost and what it leaves for later.
+ *
+ *   - Align tag fh_eng::tma90: 16-bit operands, vec16 alignment, B (the classifier tile: dense
+ *     rows) described by a tensor map (nt_operand::tmap), A (the row block: its rows may be
+ *     gathered, docs/engine.md) by rows, as on sm_80.
+ *   - K in blocks of 64 elements (128 bytes per operand row), STAGES = 4 slots of 32 KiB:
+ *     A [128 rows x 128 B] by 16-byte cp.async (4 per thread), B [128 x 128 B] by one TMA box
+ *     issued by thread 0 on the slot's mbarrier (expect_tx 16 KiB). Both in the 128-byte swizzle
+ *     (16-byte chunk c of row r at chunk c ^ (r & 7), 1024-byte aligned atoms), which is what the
+ *     TMA writes and what the wgmma descriptors (SWIZZLE_128B, SBO 1024) read.
+ *   - Each k-block: wait for this thread's cp.async of the block, fence.proxy.async (the copies
+ *     are generic-proxy writes that wgmma reads through the async proxy), __syncthreads, refill
+ *     the slot of block kb - 2 with block kb + 2, wait for the slot's mbarrier (the TMA bytes),
+ *     then warpgroup w (threads 128w ..) issues 4 wgmma m64n128k16 on rows 64w .. 64w + 63 and
+ *     keeps one group in flight (wait_group 1), so the MMAs of block kb overlap the issue of
+ *     block kb + 1. Refilling block kb - 2's slot is safe: both warpgroups retired its group at
+ *     iteration kb - 1, before this iteration's barrier.
+ *   - No branch around the MMAs and no ordinary access to the accumulators inside the loop (not
+ *     even their zeroing: the first wgmma has scale-d 0): ptxas otherwise serializes the chain
+ *     with a wait after every wgmma (warnings C7514 / C7520), which the SASS check catches. So a
+ *     warpgroup whose rows are all past the valid ones still multiplies (zeros).
+ *   - The accumulators (the wgmma layout: warp w of warpgroup g holds rows 64g + 16w + {lane/4,
+ *     lane/4 + 8}, all 128 columns) go through shared memory once (128 x 136 fp32, conflict-free
+ *     8-byte accesses) into the sm_80 fragment layout, so every epilogue runs unchanged.
+ *   - Summation order: per output, k16 steps in k order, each step's products added onto the
+ *     accumulator, as the sm_80 loop does; the emulator's twins add in the same order, so the
+ *     two paths give bitwise equal tiles there (tested). On the hardware the tensor cores' order
+ *     inside a k16 step is unspecified for both.
+ *
+ * Shared memory: RING_BYTES from the caller's pointer: STAGES mbarriers, then (1024-byte
+ * aligned) the slots; the exchange reuses the slots. On return the ring is free (a barrier has
+ * passed) and the mbarriers are invalidated, so the caller may reuse every byte. */
+#ifndef FH_KERNELS_ENGINE_SM90_CUH
+#define FH_KERNELS_ENGINE_SM90_CUH
+
+#include <stdlib.h>
+#include <string.h>
+
+#include <type_traits>
+
+#include "sm80.cuh"
+#include "ptx_sm90.cuh"
+
+namespace fh_eng {
+
+struct tma90 {
+  static constexpr bool kVec = true; /* the streamed GEMMs of the backward run their vec16 loop */
+};
+
+namespace sm90 {
+constexpr int STAGES = 4, LOOKAHEAD = STAGES - 2;
+constexpr int KB = 64;                          /* elements of K per block (16-bit operands) */
+constexpr int ROWB = KB * 2;                    /* 128 bytes: one swizzle span */
+constexpr size_t TILE_A = (size_t)BM * ROWB, TILE_B = (size_t)BN * ROWB;
+constexpr size_t STAGE_BYTES = TILE_A + TILE_B; /* 32 KiB */
+constexpr size_t HEADER = 1024;                 /* mbarriers, and slack to align the slots */
+constexpr size_t RING_BYTES = HEADER + 1024 + STAGES * STAGE_BYTES;
+constexpr int XP = BN + 8; /* exchange pitch in floats: 8-byte accesses of 8 rows x 4 quads hit 32 banks */
+static_assert((size_t)BM * XP * sizeof(float) <= STAGES * STAGE_BYTES, "the exchange fits in the slots");
+static_assert(BM == 128 && BN == 128 && THREADS == 256, "two warpgroups of m64n128");
+} /* namespace sm90 */
+
+/* Dynamic shared memory the mainloop of alignment tag Align needs. */
+template <typename Align>
+struct ring {
+  static constexpr size_t bytes = SMEM_BYTES;
+};
+template <>
+struct ring<tma90> {
+  static constexpr size_t bytes = sm90::RING_BYTES;
+};
+
+template <typename T>
+struct mainloop<T, tma90> {
+  static_assert(sizeof(T) == 2, "the sm_90a mainloop takes bf16 or fp16 operands");
+  static constexpr bool BF16 = operand<T>::BF16;
+
+  static __device__ __forceinline__ void run(acc_t& acc, const nt_operand<T>& a, const nt_operand<T>& b, int K,
+                                             unsigned char* smem) {
+    const int tid = (int)threadIdx.x, wg = tid >> 7;
+    uint64_t* bar = (uint64_t*)smem;
+    unsigned char* slots = smem + sm90::HEADER + ((1024u - (fh_ptx::smem_u32(smem + sm90::HEADER) & 1023u)) & 1023u);
+    __syncthreads(); /* the caller's last readers of these bytes are done */
+    if (tid == 0) {
+      FH_UNROLL
+      for (int s = 0; s < sm90::STAGES; ++s) fh_ptx::mbar_init(&bar[s], 1);
+      fh_ptx::fence_mbar_init();
+      fh_ptx::fence_proxy_async(); /* generic accesses to the slots before the TMA writes */
+    }
+    __syncthreads();
+    loader<T, vec16, BM, sm90::ROWB / 16> la;
+    la.init(a);
+    const int kbytes = K * (int)sizeof(T);
+    const int kt = (kbytes + sm90::ROWB - 1) / sm90::ROWB;
+    auto issue = [&](int kb) {
+      unsigned char* st = slots + (size_t)(kb % sm90::STAGES) * sm90::STAGE_BYTES;
+      la.issue(st, kb, kbytes);
+      if (tid == 0) {
+        fh_ptx::mbar_arrive_expect_tx(&bar[kb % sm90::STAGES], (uint32_t)sm90::TILE_B);
+        fh_ptx::tma_load_2d(st + sm90::TILE_A, static_cast<const CUtensorMap*>(b.tmap), kb * sm90::KB, b.row0, &bar[kb % sm90::STAGES]);
+      }
+    };
+    FH_UNROLL
+    for (int kb = 0; kb < sm90::LOOKAHEAD; ++kb) {
+      if (kb < kt) issue(kb);
+      fh_ptx::cp_async_commit();
+    }
+    float d[BN / 2]; /* the first wgmma (scale-d 0) writes it: no accumulator read before */
+    FH_NO_UNROLL
+    for (int kb = 0; kb < kt; ++kb) {
+      fh_ptx::cp_async_wait<sm90::LOOKAHEAD - 1>(); /* this thread's A copies of block kb */
+      fh_ptx::fence_proxy_async();
+      __syncthreads(); /* every thread's copies of block kb; every warpgroup retired block kb - 2 */
+      if (kb + sm90::LOOKAHEAD < kt) issue(kb + sm90::LOOKAHEAD);
+      fh_ptx::cp_async_commit();
+      const int s = kb % sm90::STAGES;
+      fh_ptx::mbar_wait(&bar[s], (uint32_t)(kb / sm90::STAGES) & 1u);
+      const unsigned char* st = slots + (size_t)s * sm90::STAGE_BYTES;
+      fh_ptx::wgmma_fence();
+      FH_UNROLL
+      for (int ks = 0; ks < sm90::KB / 16; ++ks) { /* a k16 step moves the start 32 bytes inside the span */
+        const uint64_t da = fh_ptx::make_smem_desc(st + (size_t)wg * 64 * sm90::ROWB + 32 * ks, 16, 8 * sm90::ROWB,
+                                                   fh_ptx::SWIZZLE_128B);
+        const uint64_t db = fh_ptx::make_smem_desc(st + sm90::TILE_A + 32 * ks, 16, 8 * sm90::ROWB, fh_ptx::SWIZZLE_128B);
+        fh_ptx::wgmma<BN, BF16>(d, da, db, kb > 0 || ks > 0);
+      }
+      fh_ptx::wgmma_commit();
+      fh_ptx::wgmma_wait<1>();
+    }
+    fh_ptx::wgmma_wait<0>();
+    fh_ptx::cp_async_wait<0>();
+    __syncthreads(); /* every MMA retired and every thread past its waits: the ring is free */
+    if (tid == 0) {
+      FH_UNROLL
+      for (int s = 0; s < sm90::STAGES; ++s) fh_ptx::mbar_inval(&bar[s]);
+    }
+    exchange(acc, d, (float*)slots);
+  }
+
+  /* d (the wgmma layout) -> acc (the sm_80 fragment layout) through shared memory x. */
+  static __device__ __forceinline__ void exchange(acc_t& acc, const float (&d)[BN / 2], float* x) {
+    using sm90::XP;
+    const int tid = (int)threadIdx.x, lane = tid & 31;
+    const int r0 = 16 * (tid >> 5) + (lane >> 2), c0 = 2 * (lane & 3); /* warp w of the CTA: rows 16w .. */
+    FH_UNROLL
+    for (int j = 0; j < BN / 8; ++j)
+      FH_UNROLL
+      for (int h = 0; h < 2; ++h)
+        fh_ptx::sts_v2(x + (r0 + 8 * h) * XP + 8 * j + c0,
+                       make_uint2(__float_as_uint(d[4 * j + 2 * h]), __float_as_uint(d[4 * j + 2 * h + 1])));
+    __syncthreads();
+    FH_UNROLL
+    for (int i = 0; i < MI; ++i)
+      FH_UNROLL
+      for (int j = 0; j < NJ; ++j)
+        FH_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          const uint2 v = fh_ptx::lds_v2(x + frag_row(i, 2 * h) * XP + frag_col(j, 0));
+          acc.v[i][j][2 * h] = __uint_as_float(v.x);
+          acc.v[i][j][2 * h + 1] = __uint_as_float(v.y);
+        }
+    __syncthreads(); /* the caller may reuse the slots */
+  }
+};
+
+
+/* ---- host side: selection and the tensor map of B ---- */
+
+#ifndef FH_HAVE_SM90A
+#define FH_HAVE_SM90A 0 /* CMake defines it when FH_CUDA_ARCHITECTURES lists 90a */
+#endif
+
+/* The most dynamic shared memory one block may opt in to on sm_90 (227 KiB). */
+constexpr size_t SMEM_OPTIN_MAX_SM90 = 232448;
+template <typename Align>
+struct optin {
+  static constexpr size_t max = SMEM_OPTIN_MAX;
+};
+template <>
+struct optin<tma90> {
+  static constexpr size_t max = SMEM_OPTIN_MAX_SM90;
+};
+
+/* The mainloop tag for 16-bit T on the sm_90a path (fp32 never takes it: its three-piece split
+ * has no wgmma form, docs/hopper.md), so that no fp32 kernel is instantiated for it. */
+template <typename T>
+using tma90_for = typename std::conditional<sizeof(T) == 2, tma90, vec16>::type;
+
+/* Whether this launch takes the sm_90a mainloop: the device is compute capability 9.0, the
+ * library was built with 90a, and the environment variable FH_ENGINE is not "sm80" (which keeps
+ * the sm_80 mainloop on Hopper: comparisons, debugging). */
+static inline bool tma90_enabled() {
+  if (!FH_HAVE_SM90A) return false;
+  const char* e = getenv("FH_ENGINE");
+  if (e && strcmp(e, "sm80") == 0) return false;
+  int dev = 0, ma = 0, mi = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&ma, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&mi, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+    return false;
+  return ma == 9 && mi == 0;
+}
+
+typedef CUresult (*encode_tiled_fn)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                    const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                    CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+/* The tensor map of a K-major B operand for the sm_90a mainloop: `rows` rows of K elements,
+ * `ld` elements apart, boxes of 64 x 128 in the 128-byte swizzle; rows past `rows` and elements
+ * past K read as zero. False when the driver refuses it (the caller keeps the sm_80 loop). */
+static inline bool encode_b_map(CUtensorMap* m, const void* base, bool bf16, int64_t rows, int64_t K, int64_t ld) {
+  encode_tiled_fn fn = nullptr;
+#ifdef __CUDACC__
+  void* p = nullptr;
+  cudaDriverEntryPointQueryResult q;
+  if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+      q != cudaDriverEntryPointSuccess)
+    return false;
+  fn = (encode_tiled_fn)p;
+#else
+  fn = cuTensorMapEncodeTiled; /* the emulator's twin */
+#endif
+  const cuuint64_t dim[2] = {(cuuint64_t)K, (cuuint64_t)rows};
+  const cuuint64_t stride[1] = {(cuuint64_t)ld * 2u};
+  const cuuint32_t box[2] = {(cuuint32_t)sm90::KB, (cuuint32_t)BN};
+  const cuuint32_t es[2] = {1, 1};
+  return fn(m, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<void*>(base),
+            dim, stride, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+/* The host's choice for a launch of 16-bit T whose operands passed vec16_ok: the sm_90a path
+ * when it is enabled and B's tensor map (written to *m) encodes. */
+template <typename T>
+static inline bool pick_tma90(bool vec, CUtensorMap* m, const void* b, int64_t rows, int64_t K, int64_t ld) {
+  if (sizeof(T) != 2 || !vec || rows <= 0 || K <= 0 || !tma90_enabled()) return false;
+  return encode_b_map(m, b, operand<T>::BF16, rows, K, ld);
+}
+
+} /* namespace fh_eng */
+
+#endif
