@@ -6,12 +6,12 @@
 # marked "(library)", but their spills are not ours to fix and do not fail the step.
 #
 # usage: scripts/ptxas_stats.sh [table.md]     (run from anywhere; paths are relative to the repo)
-# env:   NVCC (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc), FH_PTXAS_ARCHS (default "80 90")
+# env:   NVCC (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc), FH_PTXAS_ARCHS (default "80 90a")
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 nvcc="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
-archs="${FH_PTXAS_ARCHS:-80 90}"
+archs="${FH_PTXAS_ARCHS:-80 90a}"
 out="${1:-}"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT

@@ -1,0 +1,183 @@
+/* kernel_sm90: the sm_90a mainloop (kernels/engine/sm90.cuh, docs/hopper.md) against the sm_80
+ * one, on the emulator (compute capability 9.0, FH_HAVE_SM90A: 16-bit operands with 16-byte rows
+ * take the sm_90a path unless FH_ENGINE=sm80).
+ *
+ * - The two mainloops add the same products in the same order (k16 steps in k order, products
+ *   onto the accumulator), so the linear CE forward (lse, entropy, per-row loss, argmax), the
+ *   deterministic backward (dE, dC, dbias) and the fused top-k (values, ids) are bitwise equal
+ *   between them, with gathered rows (ignored targets), a bias, a softcap, partial row blocks,
+ *   partial class tiles and K not a multiple of the 64-element block.
+ * - Which path ran is checked, not assumed: the emulator's tensor-core FLOPs equal each path's
+ *   own tile model (lk_tile_gemm_flops), and they differ between the paths at these shapes.
+ * - The classifier is read exactly once per 128-row block by either path (TMA on sm_90a,
+ *   cp.async on sm_80), counted by the emulator over C's address range. */
+#define _POSIX_C_SOURCE 200809L /* setenv, unsetenv */
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cuda_runtime_api.h>
+
+#include "dtype.h"
+#include "fh_emu.h"
+#include "test_linear_ce_common.h"
+#include "test_util.h"
+
+static const fh_dtype_t DT[2] = {FH_DTYPE_BF16, FH_DTYPE_F16};
+static const char* DN[2] = {"bf16", "f16"};
+
+static void use_engine(int sm90) {
+  if (sm90) unsetenv("FH_ENGINE");
+  else setenv("FH_ENGINE", "sm80", 1);
+}
+
+typedef struct path_out {
+  lk_fwd_t f;
+  lk_grads_t g;
+  int64_t nv;         /* valid rows */
+  uint64_t fwd_flops; /* tensor-core FLOPs of the forward */
+  uint64_t c_bytes;   /* bytes of C read by the forward (cp.async or TMA) */
+} path_out_t;
+
+static void run_path(int64_t N, int64_t V, int64_t D, int dt, float softcap, int sm90, path_out_t* o) {
+  use_engine(sm90);
+  lk_spec_t s = lk_default(N, V, D, DT[dt]);
+  s.bias = 1;
+  lk_problem_t P;
+  lk_init(&P, &s);
+  P.f.opt.accum_mode = FH_ACCUM_DETERMINISTIC;
+  P.f.opt.filter_eps = 0.0f;
+  P.f.opt.softcap = softcap;
+  o->nv = 0;
+  for (int64_t i = 0; i < N; ++i) o->nv += P.f.targets[i] != P.f.opt.ignore_index;
+  fh_context_t* ctx = NULL;
+  cr_assert_eq(fh_context_create(&ctx, FH_BACKEND_CUDA, 0), FH_SUCCESS);
+  float* lse = malloc(sizeof(float) * (size_t)N);
+  float* ent = malloc(sizeof(float) * (size_t)N);
+  lk_fwd_alloc(&o->f, N);
+  lk_grads_alloc(&o->g, &P);
+  fh_emu_watch_global(P.C, (uint64_t)(V * D) * fh_dtype_size(DT[dt]));
+  fh_emu_reset_counters();
+  cr_assert_eq(lk_run_forward(ctx, &P, &o->f, lse, ent), FH_SUCCESS);
+  const fh_emu_counters_t c = fh_emu_total_counters();
+  o->fwd_flops = c.mma_flops, o->c_bytes = c.bytes_g2s_watched;
+  fh_emu_watch_global(NULL, 0);
+  lk_bwd_in_t in;
+  lk_bwd_in_make(&in, &P, 1, 7);
+  cr_assert_eq(lk_run_backward(ctx, &P, &in, lse, ent, 7, NULL, &o->g), FH_SUCCESS);
+  lk_bwd_in_free(&in);
+  free(lse), free(ent);
+  fh_context_destroy(ctx);
+  lk_free(&P);
+  unsetenv("FH_ENGINE");
+}
+
+static void free_path(path_out_t* o) {
+  lk_fwd_free(&o->f);
+  lk_grads_free(&o->g);
+}
+
+static void compare_lce(int64_t N, int64_t V, int64_t D, float softcap) {
+  for (int dt = 0; dt < 2; ++dt) {
+    path_out_t a, b; /* a: sm_90a, b: sm_80 */
+    run_path(N, V, D, dt, softcap, 1, &a);
+    run_path(N, V, D, dt, softcap, 0, &b);
+    const uint64_t m90 = lk_tile_gemm_flops(a.nv, V, D, DT[dt], 1), m80 = lk_tile_gemm_flops(a.nv, V, D, DT[dt], 0);
+    const uint64_t c_model = (uint64_t)((a.nv + 127) / 128) * (uint64_t)(V * D) * fh_dtype_size(DT[dt]);
+    printf("sm90 path %s N=%lld (valid %lld) V=%lld D=%lld softcap %g: forward FLOPs sm_90a %llu (model %llu), sm_80 "
+           "%llu (model %llu); C bytes read sm_90a %llu, sm_80 %llu (model %llu)\n",
+           DN[dt], (long long)N, (long long)a.nv, (long long)V, (long long)D, (double)softcap,
+           (unsigned long long)a.fwd_flops, (unsigned long long)m90, (unsigned long long)b.fwd_flops,
+           (unsigned long long)m80, (unsigned long long)a.c_bytes, (unsigned long long)b.c_bytes,
+           (unsigned long long)c_model);
+    cr_expect_eq(a.fwd_flops, m90, "%s: the default path did not run the sm_90a tiles", DN[dt]);
+    cr_expect_eq(b.fwd_flops, m80, "%s: FH_ENGINE=sm80 did not run the sm_80 tiles", DN[dt]);
+    cr_expect_neq(m90, m80, "%s: the shape does not tell the paths apart", DN[dt]);
+    cr_expect_eq(a.c_bytes, c_model, "%s: sm_90a reads C other than once per row block", DN[dt]);
+    cr_expect_eq(b.c_bytes, c_model, "%s: sm_80 reads C other than once per row block", DN[dt]);
+    cr_expect(lk_same_bits(a.f.lse, b.f.lse, N) && lk_same_bits(a.f.entropy, b.f.entropy, N),
+              "%s: lse / entropy differ between the mainloops", DN[dt]);
+    cr_expect(lk_same_bits(a.f.loss_rows, b.f.loss_rows, N), "%s: per-row loss differs", DN[dt]);
+    cr_expect(memcmp(a.f.argmax, b.f.argmax, sizeof(int64_t) * (size_t)N) == 0, "%s: argmax differs", DN[dt]);
+    cr_expect(lk_same_bits(a.g.dE, b.g.dE, N * D), "%s: dE differs between the mainloops", DN[dt]);
+    cr_expect(lk_same_bits(a.g.dC, b.g.dC, V * D), "%s: dC differs between the mainloops", DN[dt]);
+    cr_expect(lk_same_bits(a.g.db, b.g.db, V), "%s: dbias differs between the mainloops", DN[dt]);
+    free_path(&a), free_path(&b);
+  }
+}
+
+/* Two row blocks (the second partial), gathered rows, 8 class tiles (the last partial), K = 2
+ * blocks of 64 + 8. */
+Test(kernel_sm90, linear_ce_paths_agree_bitwise, .timeout = 900) { compare_lce(130, 1000, 136, 0.0f); }
+/* One row; softcap; K = 64 exactly; V with a 44-class last tile. */
+Test(kernel_sm90, linear_ce_one_row_softcap, .timeout = 900) { compare_lce(1, 300, 64, 30.0f); }
+/* 257 rows of which 220 are valid, compacted into two row blocks (128 + 92); two class tiles
+ * (one class in the second); K = 3 blocks of 64 + 8. */
+Test(kernel_sm90, linear_ce_three_row_blocks, .timeout = 900) { compare_lce(257, 129, 200, 0.0f); }
+
+static void* device_copy(const void* h, size_t bytes) {
+  void* d = NULL;
+  cr_assert_eq(cudaMalloc(&d, bytes), cudaSuccess);
+  cr_assert_eq(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+  return d;
+}
+
+/* Fused top-k: B = 150 (two row blocks), V = 1000, D = 200, k = 50, bias; ties are likely at
+ * bf16 precision, so equal ids test the tie order too. */
+Test(kernel_sm90, topk_paths_agree_bitwise, .timeout = 900) {
+  const int64_t B = 150, V = 1000, D = 200, k = 50;
+  for (int dt = 0; dt < 2; ++dt) {
+    const fh_dtype_t dtype = DT[dt];
+    const size_t es = fh_dtype_size(dtype);
+    tu_rng_t rng = {(uint64_t)(9090 + dt)};
+    void *hH = malloc((size_t)(B * D) * es), *hC = malloc((size_t)(V * D) * es), *hb = malloc((size_t)V * es);
+    for (int64_t i = 0; i < B * D; ++i) fh_store(hH, dtype, i, tu_normal(&rng));
+    for (int64_t i = 0; i < V * D; ++i) fh_store(hC, dtype, i, 0.1 * tu_normal(&rng));
+    for (int64_t v = 0; v < V; ++v) fh_store(hb, dtype, v, 0.01 * tu_normal(&rng));
+    void *dH = device_copy(hH, (size_t)(B * D) * es), *dC = device_copy(hC, (size_t)(V * D) * es),
+         *db = device_copy(hb, (size_t)V * es);
+    const fh_tensor_t H = fh_tensor_2d(dH, dtype, B, D), C = fh_tensor_2d(dC, dtype, V, D),
+                      bias = fh_tensor_2d(db, dtype, 1, V);
+    fh_context_t* gpu = NULL;
+    cr_assert_eq(fh_context_create(&gpu, FH_BACKEND_CUDA, 0), FH_SUCCESS);
+    size_t ws_bytes = 0;
+    cr_assert_eq(fh_topk_workspace_size(gpu, B, V, D, k, dtype, &ws_bytes), FH_SUCCESS);
+    void* ws = NULL;
+    cr_assert_eq(cudaMalloc(&ws, ws_bytes), cudaSuccess);
+    float* val[2];
+    int64_t* ids[2];
+    uint64_t flops[2];
+    for (int sm90 = 0; sm90 < 2; ++sm90) {
+      float* d_v = NULL;
+      int64_t* d_i = NULL;
+      cr_assert_eq(cudaMalloc((void**)&d_v, (size_t)(B * k) * sizeof(float)), cudaSuccess);
+      cr_assert_eq(cudaMalloc((void**)&d_i, (size_t)(B * k) * sizeof(int64_t)), cudaSuccess);
+      use_engine(sm90);
+      fh_emu_reset_counters();
+      cr_assert_eq(fh_topk_fused(gpu, &H, &C, &bias, k, d_v, d_i, ws, ws_bytes), FH_SUCCESS, "%s", fh_last_error());
+      flops[sm90] = fh_emu_total_counters().mma_flops;
+      unsetenv("FH_ENGINE");
+      val[sm90] = malloc((size_t)(B * k) * sizeof(float));
+      ids[sm90] = malloc((size_t)(B * k) * sizeof(int64_t));
+      cr_assert_eq(cudaMemcpy(val[sm90], d_v, (size_t)(B * k) * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+      cr_assert_eq(cudaMemcpy(ids[sm90], d_i, (size_t)(B * k) * sizeof(int64_t), cudaMemcpyDeviceToHost), cudaSuccess);
+      cudaFree(d_v), cudaFree(d_i);
+    }
+    printf("sm90 path top-k %s B=%lld V=%lld D=%lld k=%lld: FLOPs sm_90a %llu (model %llu), sm_80 %llu (model %llu)\n",
+           DN[dt], (long long)B, (long long)V, (long long)D, (long long)k, (unsigned long long)flops[1],
+           (unsigned long long)lk_tile_gemm_flops(B, V, D, dtype, 1), (unsigned long long)flops[0],
+           (unsigned long long)lk_tile_gemm_flops(B, V, D, dtype, 0));
+    cr_expect_eq(flops[1], lk_tile_gemm_flops(B, V, D, dtype, 1), "%s: the default path did not run sm_90a", DN[dt]);
+    cr_expect_eq(flops[0], lk_tile_gemm_flops(B, V, D, dtype, 0), "%s: FH_ENGINE=sm80 did not run sm_80", DN[dt]);
+    for (int64_t i = 0; i < B * k; ++i)
+      cr_assert(ids[0][i] == ids[1][i] && memcmp(&val[0][i], &val[1][i], sizeof(float)) == 0,
+                "%s: row %lld rank %lld: sm_80 (%lld, %a) vs sm_90a (%lld, %a)", DN[dt], (long long)(i / k),
+                (long long)(i % k), (long long)ids[0][i], (double)val[0][i], (long long)ids[1][i], (double)val[1][i]);
+    cr_assert_eq(fh_context_check(gpu), FH_SUCCESS, "%s", fh_last_error());
+    for (int q = 0; q < 2; ++q) free(val[q]), free(ids[q]);
+    cudaFree(ws), cudaFree(dH), cudaFree(dC), cudaFree(db);
+    free(hH), free(hC), free(hb);
+    fh_context_destroy(gpu);
+  }
+}
