@@ -114,7 +114,7 @@ Test(kernel_sm90, linear_ce_paths_agree_bitwise, .timeout = 900) { compare_lce(1
 Test(kernel_sm90, linear_ce_one_row_softcap, .timeout = 900) { compare_lce(1, 300, 64, 30.0f); }
 /* 257 rows of which 220 are valid, compacted into two row blocks (128 + 92); two class tiles
  * (one class in the second); K = 3 blocks of 64 + 8. */
-Test(kernel_sm90, linear_ce_three_row_blocks, .timeout = 900) { compare_lce(257, 129, 200, 0.0f); }
+Test(kernel_sm90, linear_ce_gathered_rows_k200, .timeout = 900) { compare_lce(257, 129, 200, 0.0f); }
 
 static void* device_copy(const void* h, size_t bytes) {
   void* d = NULL;
