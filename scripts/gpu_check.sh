@@ -5,6 +5,8 @@
 #      scripts/fetch_anchors.sh in third_party/anchors/_criterion), the gpu suite test_gpu;
 #   2. runs the gpu suite (ctest -R '^gpu$' -j1) and python/tests (CPU tensors: that suite has no
 #      device selection; CUDA tensors are covered by the parity check of step 3);
+#   2b. on compute capability 9.0: the gpu suite again with FH_ENGINE=sm80, and bench_linear_ce
+#      on both mainloops (build-gpu/gpu_check_engine.csv; docs/hopper.md);
 #   3. bench_decode: fused decoding against cuBLAS logits + fh_decode_from_logits at the LLM
 #      shapes (build-gpu/gpu_check_decode.csv); then bench/bench_anchors.py: a parity check of the Python binding on CUDA tensors, then fusedhead,
 #      the cuBLAS + unfused baseline (bench_linear_ce), eager PyTorch, Liger-Kernel and Cut
@@ -215,6 +217,34 @@ elif [ "$SKIP_TESTS" = 1 ]; then
   SUITE_OK=1
   PYTESTS_OK=1
   step "gpu suite and python/tests: skipped (--skip-tests)"
+fi
+
+# ---- 2b. Hopper: both mainloops of the engine (docs/hopper.md) -----------------------------------
+# On compute capability 9.0 the linear CE and fused top-k take the sm_90a mainloop (TMA + wgmma);
+# FH_ENGINE=sm80 keeps the sm_80 one. The gpu suite above ran the default; here the suite runs
+# again on the sm_80 loop, and bench_linear_ce times both at the Liger shape.
+if [ "$BUILD_OK" = 1 ] && [ "${NUM:-0}" = 90 ]; then
+  ENGINE_CSV=$BUILD/gpu_check_engine.csv
+  : >"$ENGINE_CSV"
+  if [ "$SKIP_TESTS" = 0 ] && [ "$TESTS_BUILT" = 1 ]; then
+    t=$(date +%s)
+    ok=0
+    FH_ENGINE=sm80 run_logged gpu_suite_sm80 "$(cap 150)" ctest --test-dir "$BUILD" -R '^gpu$' -j1 -V && ok=1
+    syn=$(grep -o 'Synthesis: .*' "$LOGS/gpu_suite_sm80.log" | tail -1 | sed 's/ *$//')
+    step "gpu suite with FH_ENGINE=sm80 (the sm_80 mainloop on Hopper): $([ $ok = 1 ] && echo ok || echo FAILED), ${syn:-no synthesis line}, $(($(date +%s) - t)) s"
+  fi
+  for eng in sm90a sm80; do
+    t=$(date +%s)
+    if [ "$eng" = sm80 ]; then envs=(env FH_ENGINE=sm80); else envs=(env -u FH_ENGINE); fi
+    if run_logged "bench_engine_$eng" "$(cap 120)" "${envs[@]}" "$BUILD/bench_linear_ce" --gpu-shape 8192 128256 4096 \
+      --gpu-reps "$REPS" --warmup "$WARMUP" --reps 1 --cpu-shape 8 64 16; then
+      grep -E '^gpu,' "$LOGS/bench_engine_$eng.log" | sed "s/^/$eng,/" >>"$ENGINE_CSV"
+      step "bench_linear_ce on the $eng mainloop: done, $(($(date +%s) - t)) s"
+    else
+      step "bench_linear_ce on the $eng mainloop: FAILED ($LOGS/bench_engine_$eng.log)"
+    fi
+  done
+  [ -s "$ENGINE_CSV" ] && step "engine paths: $(wc -l <"$ENGINE_CSV") rows in $ENGINE_CSV (first column: mainloop)"
 fi
 
 # ---- 3a. fused decoding against cuBLAS logits + fh_decode_from_logits (bench/bench_decode.c) -----
