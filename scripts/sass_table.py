@@ -8,7 +8,9 @@ BAR, ...) over the whole kernel and over its main loop(s), with the resource usa
 ("Evidence"), exiting 1 when one is broken:
   (a) no kernel of ours has local-memory stores or loads (STL/LDL: register spills);
   (b) every GEMM kernel's main loop is fed by 16-byte async copies and ldmatrix into tensor-core
-      instructions, with no narrow global load; every expected GEMM kernel exists.
+      instructions, with no narrow global load; every tma90 (wgmma) kernel's main loop holds
+      HGMMA and TMA/cp.async copies, no narrow global load, and a wgmma chain that is not
+      serialized (gsb0 on every HGMMA); every expected GEMM kernel exists.
 It is called by scripts/sass_table.sh, which finds or installs cuobjdump; `--self-test` checks the
 parser on scripts/testdata/sass_selftest.sass.
 
@@ -47,7 +49,8 @@ class Kernel:
         self.arch = arch
         self.mangled = mangled
         self.name = mangled          # demangled later
-        self.instrs = []             # (address, opcode, operands)
+        self.instrs = []             # (address, opcode, operands): operands as printed, up to ';'
+        self.preds = {}              # address -> guard predicate ("@!P0") of predicated instructions
         self.labels = {}             # label -> address of the next instruction
         self.pending_labels = []
         self.res = {}                # REG, STACK, SHARED, LOCAL from -res-usage
@@ -79,7 +82,11 @@ def parse_sass(text):
         if not m:
             continue
         addr = int(m.group(1), 16)
-        body = PRED_RE.sub("", m.group(2).strip())
+        body = m.group(2).strip()
+        pm = PRED_RE.match(body)
+        if pm:
+            cur.preds[addr] = pm.group(0).strip()
+            body = body[pm.end():]
         parts = body.split(None, 1)
         if not parts:
             continue
@@ -201,11 +208,15 @@ def branch_target(k, opcode, operands):
 
 
 def loops(k):
-    """[(target, last_branch)] of the backward branches, one range per target."""
+    """[(target, last_branch)] of the backward branches, one range per target. A backward branch
+    with an unpredicated EXIT between its target and itself is no loop: it returns from a block
+    that ptxas moved out of line behind the EXIT (the retry of an mbarrier try_wait, BRA back
+    into the K loop) and is entered only by a forward branch."""
+    exits = [a for a, op, _ in k.instrs if base(op) == "EXIT" and a not in k.preds]
     by_target = {}
     for addr, op, operands in k.instrs:
         t = branch_target(k, op, operands)
-        if t is not None and t < addr:
+        if t is not None and t < addr and not any(t <= e < addr for e in exits):
             by_target[t] = max(by_target.get(t, addr), addr)
     return sorted(by_target.items())
 
@@ -247,7 +258,11 @@ def is_library(k):
 
 
 def gemm_class(k, patterns):
-    """vec16 / scalar (engine tags), gemm (matched by a pattern of gemm_kernels.txt, untagged), ''."""
+    """vec16 / tma90 / scalar (engine tags), gemm (matched by a pattern of gemm_kernels.txt,
+    untagged), ''. tma90 (the wgmma mainloop) is a GEMM kernel on sm_90a only: on other
+    architectures its wgmma wrappers are __trap() (no HGMMA), and it is not checked ('')."""
+    if "fh_eng::tma90" in k.name or "6fh_eng5tma90" in k.mangled:
+        return "tma90" if k.arch == "sm_90a" else ""
     if "fh_eng::vec16" in k.name or "6fh_eng5vec16" in k.mangled:
         return "vec16"
     if "fh_eng::scalar" in k.name or "6fh_eng6scalar" in k.mangled:
@@ -296,6 +311,21 @@ def analyze(kernels, res, patterns):
         k.violations = []
 
 
+GSB0_RE = re.compile(r"\bgsb0\b")
+
+
+def wgmma_chain(k, lo, hi):
+    """(HGMMA, HGMMA carrying the gsb0 scoreboard operand) in [lo, hi]. ptxas puts gsb0 on the
+    last HGMMA of a chain; when it serializes the chain (warnings C7514/C7520) every HGMMA has
+    it, each followed by WARPGROUP.DEPBAR.LE gsb0, 0x0."""
+    n = g = 0
+    for addr, op, operands in k.instrs:
+        if lo <= addr <= hi and base(op) == "HGMMA":
+            n += 1
+            g += bool(GSB0_RE.search(operands))
+    return n, g
+
+
 def fmt_narrow(d):
     return ", ".join("%s x%d" % (op, n) for op, n in sorted(d.items()))
 
@@ -305,8 +335,10 @@ def tag(k, what):
         k.violations.append(what)
 
 
-def check(kernels, patterns, pattern_texts, gemm_archs):
-    """Rule violations: list of (rule, message). (a) spills; (b) GEMM main loops; (b') expected."""
+def check(kernels, patterns, pattern_texts, gemm_archs, patterns90=(), pattern90_texts=()):
+    """Rule violations: list of (rule, message). (a) spills; (b) GEMM main loops; (b') expected:
+    patterns (gemm_kernels.txt) match a vec16 kernel on each cubin of gemm_archs, patterns90
+    (gemm_kernels_sm90.txt) a tma90 kernel on the sm_90a cubin (when sm_90a is in gemm_archs)."""
     v = []
     for k in kernels:
         where = "%s %s" % (k.arch, short_name(k.name))
@@ -322,6 +354,9 @@ def check(kernels, patterns, pattern_texts, gemm_archs):
             v.append(("b", "%s: no main loop with tensor-core instructions (HMMA/HGMMA)" % where))
             continue
         if k.cls == "scalar":
+            continue
+        if k.cls == "tma90":
+            check_tma90(k, where, v)
             continue
         for (t, b), (c, nar) in zip(k.loops, k.loop_counts):
             bad = []
@@ -353,7 +388,41 @@ def check(kernels, patterns, pattern_texts, gemm_archs):
             elif not any(k.cls == "vec16" for k in m):
                 v.append(("b", "%s: no kernel matching '%s' is an fh_eng::vec16 instantiation "
                           "(found: %s)" % (arch, text, ", ".join(short_name(k.name) for k in m))))
+    if patterns90 and "sm_90a" in gemm_archs:
+        if "sm_90a" not in present:
+            v.append(("b", "no sm_90a cubin in the library: the tma90 kernels of "
+                      "gemm_kernels_sm90.txt cannot be checked"))
+        for p, text in zip(patterns90, pattern90_texts):
+            if "sm_90a" not in present:
+                break
+            m = [k for k in kernels if k.arch == "sm_90a" and p.search(k.name)]
+            if not any(k.cls == "tma90" for k in m):
+                v.append(("b", "sm_90a: no fh_eng::tma90 kernel matches the expected wgmma GEMM "
+                          "pattern '%s' (gemm_kernels_sm90.txt; found: %s)" % (
+                              text, ", ".join(short_name(k.name) for k in m) or "none")))
     return v
+
+
+def check_tma90(k, where, v):
+    """Rule (b) for a tma90 kernel on sm_90a, per main loop: HGMMA, a global load (UTMALDG or
+    LDGSTS), no narrow global load, and a wgmma chain that is not serialized."""
+    for (t, b), (c, nar) in zip(k.loops, k.loop_counts):
+        bad = []
+        if not c["HGMMA"]:
+            bad.append("no HGMMA (wgmma)")
+            tag(k, "no HGMMA")
+        if not (c["UTMALDG"] or c["LDGSTS"]):
+            bad.append("no UTMALDG (TMA) or LDGSTS (cp.async)")
+            tag(k, "no TMA/LDGSTS")
+        if c["narrow_LDG"] or c["narrow_LD"] or c["narrow_LDGSTS"]:
+            bad.append("narrow global loads (%s)" % fmt_narrow(nar))
+            tag(k, "narrow loads")
+        n, g = wgmma_chain(k, t, b)
+        if n > 1 and g == n:
+            bad.append("wgmma chain serialized (gsb0 on all %d HGMMA: ptxas C7514/C7520)" % n)
+            tag(k, "wgmma serialized")
+        if bad:
+            v.append(("b", "%s: main loop 0x%04x-0x%04x: %s" % (where, t, b, "; ".join(bad))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,10 +499,11 @@ def summary(kernels, violations):
         ks = [k for k in kernels if k.arch == arch]
         g = [k for k in ks if k.cls]
         lines.append(
-            "sass: %s: %d kernels (%d library), %d GEMM (%d vec16, %d scalar, %d untagged by pattern), "
-            "%d with spills, %d GEMM kernels violating rule (b)" % (
+            "sass: %s: %d kernels (%d library), %d GEMM (%d vec16, %d tma90, %d scalar, "
+            "%d untagged by pattern), %d with spills, %d GEMM kernels violating rule (b)" % (
                 arch, len(ks), sum(k.library for k in ks), len(g),
-                sum(k.cls == "vec16" for k in g), sum(k.cls == "scalar" for k in g),
+                sum(k.cls == "vec16" for k in g), sum(k.cls == "tma90" for k in g),
+                sum(k.cls == "scalar" for k in g),
                 sum(k.cls == "gemm" for k in g), sum("spills" in k.violations for k in ks),
                 sum(bool(set(k.violations) - {"spills"}) for k in g)))
     return lines
@@ -450,10 +520,10 @@ def load_patterns(path):
     return [re.compile(t) for t in texts], texts
 
 
-def run(sass_text, res_text, patterns, pattern_texts, gemm_archs):
+def run(sass_text, res_text, patterns, pattern_texts, gemm_archs, patterns90=(), pattern90_texts=()):
     kernels = parse_sass(sass_text)
-    analyze(kernels, parse_res_usage(res_text), patterns)
-    return kernels, check(kernels, patterns, pattern_texts, gemm_archs)
+    analyze(kernels, parse_res_usage(res_text), list(patterns) + list(patterns90))
+    return kernels, check(kernels, patterns, pattern_texts, gemm_archs, patterns90, pattern90_texts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,9 +535,11 @@ def self_test(datadir):
         sass = f.read()
     with open(os.path.join(datadir, "sass_selftest.res")) as f:
         res = f.read()
-    pats, texts = [re.compile(r"lce_fwd_tile_kernel"), re.compile(r"topk_fused_tile_kernel")], \
-        ["lce_fwd_tile_kernel", "topk_fused_tile_kernel"]
-    kernels, viol = run(sass, res, pats, texts, ["sm_80", "sm_90"])
+    texts = ["lce_fwd_tile_kernel", "topk_fused_tile_kernel"]
+    texts90 = ["lce_fwd_tile_kernel", "lce_bwd_rows_kernel", "topk_fused_tile_kernel"]
+    pats, pats90 = [re.compile(t) for t in texts], [re.compile(t) for t in texts90]
+    # the default architectures (sm_80 sm_90a) and sm_90, whose cubin holds no vec16 kernel
+    kernels, viol = run(sass, res, pats, texts, ["sm_80", "sm_90", "sm_90a"], pats90, texts90)
     fails = []
 
     def expect(what, got, want):
@@ -476,9 +548,11 @@ def self_test(datadir):
 
     expect("kernels", [(k.arch, k.mangled[:20]) for k in kernels],
            [("sm_80", "_ZN6fh_lce19lce_fwd_"), ("sm_80", "_ZN6fh_lce19lce_fwd_"),
-            ("sm_80", "_ZN6fh_lce19lce_fwd_"), ("sm_80", "_Z12spill_kernelv"), ("sm_90", "_ZN6fh_lce19lce_fwd_"),
-            ("sm_90", "_ZN3cub11EmptyKernel"), ("sm_90a", "_ZN6fh_lce19lce_bwd_")])
-    good, bad, wmma, spill, lab, lib, wg = kernels
+            ("sm_80", "_ZN6fh_lce19lce_fwd_"), ("sm_80", "_Z12spill_kernelv"),
+            ("sm_80", "_ZN6fh_lce19lce_fwd_"), ("sm_90", "_ZN6fh_lce19lce_fwd_"),
+            ("sm_90", "_ZN3cub11EmptyKernel"), ("sm_90a", "_ZN6fh_lce19lce_bwd_"),
+            ("sm_90a", "_ZN6fh_lce19lce_fwd_"), ("sm_90a", "_ZN6fh_lce19lce_fwd_")])
+    good, bad, wmma, spill, trap80, lab, lib, wg, tma, ser = kernels
     # good: outer tile loop 0x0010-0x0160 holds the inner K loop 0x0040-0x00f0 and an epilogue
     # with a narrow load; the main loop is the inner one.
     expect("good demangled", short_name(good.name),
@@ -522,6 +596,40 @@ def self_test(datadir):
     expect("wgmma main loops", wg.loops, [(0x10, 0x50)])
     expect("wgmma counts", (wg.total["HGMMA"], wg.total["UTMALDG"]), (1, 1))
     expect("wgmma violations", wg.violations, [])
+    expect("wgmma chain (single HGMMA)", wgmma_chain(wg, 0x10, 0x50), (1, 0))
+    # tma90 on sm_80: compiled, but the wgmma wrappers are __trap(): no HGMMA, not a GEMM kernel
+    # there (its loop has a narrow load and no tensor op), no violation.
+    expect("tma90 sm_80 class", (short_name(trap80.name), trap80.cls),
+           ("fh_lce::lce_fwd_tile_kernel<__nv_bfloat16, fh_eng::tma90>", ""))
+    expect("tma90 sm_80 violations", trap80.violations, [])
+    # tma90 on sm_90a, good: LDGSTS + UTMALDG and a chain of 4 HGMMA with gsb0 on the last one in
+    # the K loop 0x40-0x100; the mbarrier retry 0x150-0x160 behind the EXIT branches back into the
+    # loop (BRA 0xa0): no loop. The epilogue's narrow load (0x120) is outside the main loop.
+    expect("tma90 class", (short_name(tma.name), tma.cls),
+           ("fh_lce::lce_fwd_tile_kernel<__nv_bfloat16, fh_eng::tma90>", "tma90"))
+    expect("tma90 loops", loops(tma), [(0x40, 0x100), (0x150, 0x160)])
+    expect("tma90 main loops", tma.loops, [(0x40, 0x100)])
+    expect("tma90 operands", [o for a, op, o in tma.instrs if a in (0xb0, 0xe0)],
+           ["R24, gdesc[UR8], R24, UP0", "R24, gdesc[UR8], R24, gsb0"])
+    expect("tma90 predicates", (tma.preds.get(0x90), tma.preds.get(0x170)), ("@!P0", None))
+    expect("tma90 chain", wgmma_chain(tma, 0x40, 0x100), (4, 1))
+    expect("tma90 loop", [tma.loop_total[c] for c in ("HGMMA", "LDGSTS", "UTMALDG", "narrow_LDG")],
+           [4, 1, 1, 0])
+    expect("tma90 res", (tma.res.get("REG"), tma.res.get("SHARED")), (168, 1024))
+    expect("tma90 violations", tma.violations, [])
+    # tma90 on sm_90a, serialized by ptxas: gsb0 on every HGMMA, WARPGROUP.DEPBAR.LE gsb0, 0x0
+    # between them; a predicated EXIT inside the loop does not break it.
+    expect("serialized class", ser.cls, "tma90")
+    expect("serialized main loops", ser.loops, [(0x20, 0x110)])
+    expect("serialized chain", wgmma_chain(ser, 0x20, 0x110), (4, 4))
+    expect("serialized violations", ser.violations, ["wgmma serialized"])
+    summ = "\n".join(summary(kernels, viol))
+    for want in ("sass: sm_80: 5 kernels (0 library), 3 GEMM (2 vec16, 0 tma90, 0 scalar, "
+                 "1 untagged by pattern), 1 with spills, 2 GEMM kernels violating rule (b)",
+                 "sass: sm_90a: 3 kernels (0 library), 3 GEMM (1 vec16, 2 tma90, 0 scalar, "
+                 "0 untagged by pattern), 0 with spills, 1 GEMM kernels violating rule (b)"):
+        if want not in summ:
+            fails.append("missing summary %r in:\n%s" % (want, summ))
     rules = sorted(set(r for r, _ in viol))
     expect("rules", rules, ["a", "b"])
     msgs = "\n".join(m for _, m in viol)
@@ -531,11 +639,35 @@ def self_test(datadir):
                  "sm_80 fh_lce::lce_fwd_tile_kernel<float>: main loop 0x0010-0x0080: narrow global "
                  "loads (LD.E x1, LDG.E.U16 x1); no LDGSTS (cp.async); no LDSM (ldmatrix)",
                  "sm_80: no kernel matches the expected GEMM pattern 'topk_fused_tile_kernel'",
-                 "sm_90: no kernel matching 'lce_fwd_tile_kernel' is an fh_eng::vec16 instantiation"):
+                 "sm_90: no kernel matching 'lce_fwd_tile_kernel' is an fh_eng::vec16 instantiation",
+                 "sm_90a fh_lce::lce_fwd_tile_kernel<__half, fh_eng::tma90>: main loop 0x0020-0x0110: "
+                 "wgmma chain serialized (gsb0 on all 4 HGMMA: ptxas C7514/C7520)",
+                 "sm_90a: no kernel matching 'lce_fwd_tile_kernel' is an fh_eng::vec16 instantiation "
+                 "(found: fh_lce::lce_fwd_tile_kernel<__nv_bfloat16, fh_eng::tma90>, "
+                 "fh_lce::lce_fwd_tile_kernel<__half, fh_eng::tma90>)",
+                 "sm_90a: no fh_eng::tma90 kernel matches the expected wgmma GEMM pattern "
+                 "'lce_bwd_rows_kernel' (gemm_kernels_sm90.txt; found: "
+                 "fh_lce::lce_bwd_rows_kernel<__nv_bfloat16, fh_eng::vec16>)",
+                 "sm_90a: no fh_eng::tma90 kernel matches the expected wgmma GEMM pattern "
+                 "'topk_fused_tile_kernel' (gemm_kernels_sm90.txt; found: none)"):
         if want not in msgs:
             fails.append("missing message %r in:\n%s" % (want, msgs))
     if any("sm_90: no kernel matches the expected GEMM pattern 'lce_fwd" in m for _, m in viol):
         fails.append("lce_fwd_tile_kernel exists on sm_90")
+    if any("'lce_fwd_tile_kernel' (gemm_kernels_sm90.txt" in m or "sm_80 fh_lce::lce_fwd_tile_kernel"
+           "<__nv_bfloat16, fh_eng::tma90>" in m or "fh_eng::tma90>: main loop 0x0040" in m
+           for _, m in viol):
+        fails.append("a tma90 kernel that passes (sm_90a) or is not checked (sm_80) is reported:\n%s"
+                     % "\n".join(m for _, m in viol))
+    # sm_90a not among the checked architectures: gemm_kernels_sm90.txt is not checked; a library
+    # without an sm_90a cubin when it is: reported.
+    _, v2 = run(sass, res, pats, texts, ["sm_80", "sm_90"], pats90, texts90)
+    expect("sm90 patterns unchecked", [m for _, m in v2 if "gemm_kernels_sm90" in m], [])
+    no90a = sass[:sass.index("arch = sm_90a")]
+    _, v3 = run(no90a, res, pats, texts, ["sm_80", "sm_90a"], pats90, texts90)
+    expect("no sm_90a cubin", [m for _, m in v3 if "sm_90a" in m],
+           ["no sm_90a cubin in the library: the tma90 kernels of gemm_kernels_sm90.txt cannot be "
+            "checked"])
     widths = [load_width(o) for o in ("LDG.E", "LDG.E.U8", "LDG.E.S16", "LDG.E.64",
                                       "LDG.E.128.CONSTANT", "LDG.E.LTC128B", "LD.E.U16")]
     expect("widths", widths, [32, 8, 16, 64, 128, 32, 16])
@@ -546,7 +678,7 @@ def self_test(datadir):
     if fails:
         print("sass_table self-test: FAILED (%d checks failed)" % len(fails))
         return 1
-    print("sass_table self-test: OK (parser, loop detection, counting, rules)")
+    print("sass_table self-test: OK (parser, loop detection, counting, rules, tma90/wgmma)")
     return 0
 
 
@@ -555,11 +687,15 @@ def main():
     ap.add_argument("--self-test", action="store_true")
     ap.add_argument("--sass", help="output of cuobjdump -sass")
     ap.add_argument("--res", help="output of cuobjdump -res-usage")
-    ap.add_argument("--patterns", help="expected GEMM kernels, one regex per line")
+    ap.add_argument("--patterns", help="expected GEMM kernels, one regex per line (gemm_kernels.txt:"
+                    " an fh_eng::vec16 match on each cubin of --gemm-archs)")
+    ap.add_argument("--patterns-sm90", help="expected wgmma GEMM kernels, one regex per line "
+                    "(gemm_kernels_sm90.txt: an fh_eng::tma90 match on the sm_90a cubin)")
     ap.add_argument("--md", help="Markdown table to write")
     ap.add_argument("--csv", help="CSV table to write")
-    ap.add_argument("--gemm-archs", default=os.environ.get("FH_SASS_GEMM_ARCHS", "sm_80 sm_90"),
-                    help="where gemm_kernels.txt must match (empty: not checked)")
+    ap.add_argument("--gemm-archs", default=os.environ.get("FH_SASS_GEMM_ARCHS", "sm_80 sm_90a"),
+                    help="where gemm_kernels.txt must match; gemm_kernels_sm90.txt is checked when "
+                    "sm_90a is listed (empty: neither is checked)")
     ap.add_argument("--enforce", default=os.environ.get("FH_SASS_ENFORCE", "1"))
     a = ap.parse_args()
     if a.self_test:
@@ -571,7 +707,8 @@ def main():
     with open(a.res) as f:
         res = f.read()
     pats, texts = load_patterns(a.patterns)
-    kernels, viol = run(sass, res, pats, texts, a.gemm_archs.split())
+    pats90, texts90 = load_patterns(a.patterns_sm90)
+    kernels, viol = run(sass, res, pats, texts, a.gemm_archs.split(), pats90, texts90)
     if not kernels:
         print("sass_table: no kernels in the disassembly (is the CUDA backend built?)")
         return 2
@@ -583,7 +720,8 @@ def main():
     if a.csv:
         write_csv(kernels, a.csv)
     gemm = [k for k in kernels if k.cls]
-    print("GEMM kernels (class vec16/scalar: engine tags; gemm: matched by scripts/gemm_kernels.txt):")
+    print("GEMM kernels (class vec16/tma90/scalar: engine tags, tma90 on sm_90a only; gemm: matched "
+          "by scripts/gemm_kernels.txt):")
     print(markdown(gemm) if gemm else "(none)\n", end="")
     for line in summary(kernels, viol):
         print(line)

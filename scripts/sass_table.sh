@@ -6,15 +6,19 @@
 # stack, local memory), then checks the rules of docs/engine.md ("Evidence"):
 #   (a) no kernel of ours spills (any STL/LDL);
 #   (b) the main loop of every GEMM kernel (an fh_eng::vec16 instantiation) has LDGSTS, LDSM and
-#       HMMA and no narrow global load; an fh_eng::scalar one has HMMA in a loop; every pattern of
-#       scripts/gemm_kernels.txt matches an fh_eng::vec16 kernel on each sm_80 / sm_90 cubin.
+#       HMMA and no narrow global load; an fh_eng::scalar one has HMMA in a loop; an fh_eng::tma90
+#       one (wgmma, on the sm_90a cubin only) has HGMMA and UTMALDG or LDGSTS, no narrow global
+#       load, and an unserialized wgmma chain (not gsb0 on every HGMMA); every pattern of
+#       scripts/gemm_kernels.txt matches an fh_eng::vec16 kernel on each sm_80 / sm_90a cubin, and
+#       every pattern of scripts/gemm_kernels_sm90.txt an fh_eng::tma90 kernel on the sm_90a one.
 #
 # usage: scripts/sass_table.sh [LIBRARY [OUT_PREFIX]]   default build-test/libfusedhead.so, and
 #                                                       OUT_PREFIX = LIBRARY's folder/sass_table:
 #                                                       writes OUT_PREFIX.md and OUT_PREFIX.csv
 #        scripts/sass_table.sh --self-test              the parser on scripts/testdata (no CUDA)
 # env:   FH_SASS_ENFORCE=0   rule (b) is reported, not enforced (spills always fail)
-#        FH_SASS_GEMM_ARCHS  architectures where gemm_kernels.txt must match (default "sm_80 sm_90")
+#        FH_SASS_GEMM_ARCHS  architectures where gemm_kernels.txt must match (default "sm_80 sm_90a");
+#                            gemm_kernels_sm90.txt is checked when sm_90a is listed; "" checks neither
 #        CUOBJDUMP           a cuobjdump to use (it needs nvdisasm beside it or on PATH)
 #        FH_TOOLS_DIR        where cuobjdump and nvdisasm are pip-installed (default build-tools/)
 # exit:  0 rules hold, 1 a rule is broken, 2 bad input (no library, no cubin, cuobjdump failed),
@@ -58,7 +62,7 @@ if ! grep -q 'Function :' "$tmp/sass"; then
   exit 2
 fi
 "$py" "$here/sass_table.py" --sass "$tmp/sass" --res "$tmp/res" \
-  --patterns "$here/gemm_kernels.txt" --md "$out.md" --csv "$out.csv"
+  --patterns "$here/gemm_kernels.txt" --patterns-sm90 "$here/gemm_kernels_sm90.txt" --md "$out.md" --csv "$out.csv"
 rc=$?
 echo "sass_table: full table in $out.md and $out.csv"
 exit $rc
