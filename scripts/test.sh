@@ -87,7 +87,12 @@ fi
 step "SASS evidence: GEMM main loops and spills (scripts/sass_table.sh)"
 bash scripts/sass_table.sh --self-test || failed=1
 if command -v nvcc >/dev/null && [ -f build-test/libfusedhead.so ]; then
-  FH_SASS_ENFORCE=${FH_SASS_ENFORCE:-1} bash scripts/sass_table.sh build-test/libfusedhead.so; rc=$?
+  # The cubins whose expected GEMM kernels are checked: those build 1 made (80-real -> sm_80,
+  # 90a-real -> sm_90a, ...), unless FH_SASS_GEMM_ARCHS says otherwise.
+  archs=$(sed -n 's/^FH_CUDA_ARCHITECTURES:[A-Z]*=//p' build-test/CMakeCache.txt | tr ';' '\n' |
+    sed -n 's/^\([0-9]*a\{0,1\}\)-real$/sm_\1/p; s/^\([0-9]*a\{0,1\}\)$/sm_\1/p' | tr '\n' ' ')
+  FH_SASS_GEMM_ARCHS=${FH_SASS_GEMM_ARCHS:-$archs} FH_SASS_ENFORCE=${FH_SASS_ENFORCE:-1} \
+    bash scripts/sass_table.sh build-test/libfusedhead.so; rc=$?
   if [ $rc -eq 3 ] && [ "${CI:-}" != true ]; then echo "sass: skipped (no cuobjdump)";
   elif [ $rc -ne 0 ]; then failed=1; fi
 fi
