@@ -43,22 +43,31 @@ namespace fh_dst {
 
 /* Dynamic shared memory: the engine's stages, the row block's indices and targets (pass 1) or
  * its indices (pass 2), then pass 2's parked student tile. */
-constexpr size_t STATS_SMEM = fh_eng::SMEM_BYTES + 2 * fh_eng::BM * sizeof(int);
+template <typename Align>
+constexpr size_t stats_smem() {
+  return fh_eng::ring<Align>::bytes + 2 * fh_eng::BM * sizeof(int);
+}
 /* Pass 2: the student's parked X over the stage buffers (free once its mainloop has returned)
- * extended to 64 KiB, the teacher's parked Y, the per-slot sums, then the row data: 145 KiB,
- * within the 163 KiB a block may have on sm_80. */
+ * extended to 64 KiB, the teacher's parked Y (park_y_off), the per-slot sums, then the row data:
+ * 145 KiB on sm_80 (of the 163 KiB a block may have), 211 KiB with the sm_90a ring (of 227). */
 constexpr size_t DIV_SUMS = sizeof(float) * 2 * SLOTS * fh_eng::THREADS;
-constexpr size_t DIV_ROWS_OFF = 2 * PARK_BYTES + DIV_SUMS;
-constexpr size_t DIV_SMEM = DIV_ROWS_OFF + fh_eng::BM * sizeof(int);
+template <typename Align>
+constexpr size_t div_rows_off() {
+  return park_y_off<Align>() + PARK_BYTES + DIV_SUMS;
+}
+template <typename Align>
+constexpr size_t div_smem() {
+  return div_rows_off<Align>() + fh_eng::BM * sizeof(int);
+}
 static_assert(PARK_BYTES >= fh_eng::SMEM_BYTES, "the student's park covers the stage buffers");
 static_assert(fh_eng::WARPS_N * fh_eng::BM * NQ1 * sizeof(float) <= fh_eng::SMEM_BYTES, "merge scratch");
 
 /* Pass 1: online statistics of both heads' tempered softmaxes and of the untempered student. */
 template <typename T, typename Align>
-__global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_stats_kernel(fwd_params p) {
+__global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_stats_kernel(const __grid_constant__ fwd_params p) {
   using namespace fh_eng;
   FH_DYNAMIC_SMEM(unsigned char, smem);
-  int* s_rows = (int*)(smem + SMEM_BYTES);
+  int* s_rows = (int*)(smem + ring<Align>::bytes);
   int* s_y = s_rows + BM;
   const int count = p.hdr->count, row0 = blockIdx.x * BM;
   if (row0 >= count) return; /* block-uniform */
@@ -159,13 +168,13 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_stats_kernel(fwd_p
  * kernel (not once per accumulator register) and its temporaries stay few; the per-slot running
  * sums live in thread-private shared memory too. */
 template <typename T, typename Align>
-__global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_div_kernel(fwd_params p) {
+__global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_div_kernel(const __grid_constant__ fwd_params p) {
   using namespace fh_eng;
   FH_DYNAMIC_SMEM(unsigned char, smem);
   float* park_x = (float*)smem; /* over the stage buffers: written after the student's mainloop */
-  float* park_y = park_x + PARK * THREADS;
+  float* park_y = (float*)(smem + park_y_off<Align>());
   float* sums = park_y + PARK * THREADS; /* [2 SLOTS][THREADS]: D, then S per slot */
-  int* s_rows = (int*)(smem + DIV_ROWS_OFF);
+  int* s_rows = (int*)(smem + div_rows_off<Align>());
   const int count = p.hdr->count, row0 = blockIdx.x * BM;
   if (row0 >= count) return;
   const int nr = count - row0 < BM ? count - row0 : BM;
@@ -339,8 +348,10 @@ __global__ void __launch_bounds__(256) distill_reduce_kernel(red_params p) {
 template <typename T, typename Align>
 static fh_status_t launch_stats_tiles(const char* fn, dim3 grid, cudaStream_t stream, const fwd_params& fp) {
   auto k1 = distill_stats_kernel<T, Align>;
-  FH_TRY(fh_cuda_status(fh_eng::allow_smem<STATS_SMEM>(k1), fn, "cudaFuncSetAttribute(distill_stats_kernel)"));
-  FH_LAUNCH(k1, grid, dim3(fh_eng::THREADS), STATS_SMEM, stream, fp);
+  constexpr size_t smem = stats_smem<Align>();
+  FH_TRY(fh_cuda_status(fh_eng::allow_smem<smem, fh_eng::optin<Align>::max>(k1), fn,
+                        "cudaFuncSetAttribute(distill_stats_kernel)"));
+  FH_LAUNCH(k1, grid, dim3(fh_eng::THREADS), smem, stream, fp);
   LCE_CHECK_LAUNCH(fn, "distill_stats_kernel");
   return FH_SUCCESS;
 }
@@ -348,8 +359,10 @@ static fh_status_t launch_stats_tiles(const char* fn, dim3 grid, cudaStream_t st
 template <typename T, typename Align>
 static fh_status_t launch_div_tiles(const char* fn, dim3 grid, cudaStream_t stream, const fwd_params& fp) {
   auto k2 = distill_div_kernel<T, Align>;
-  FH_TRY(fh_cuda_status(fh_eng::allow_smem<DIV_SMEM>(k2), fn, "cudaFuncSetAttribute(distill_div_kernel)"));
-  FH_LAUNCH(k2, grid, dim3(fh_eng::THREADS), DIV_SMEM, stream, fp);
+  constexpr size_t smem = div_smem<Align>();
+  FH_TRY(fh_cuda_status(fh_eng::allow_smem<smem, fh_eng::optin<Align>::max>(k2), fn,
+                        "cudaFuncSetAttribute(distill_div_kernel)"));
+  FH_LAUNCH(k2, grid, dim3(fh_eng::THREADS), smem, stream, fp);
   LCE_CHECK_LAUNCH(fn, "distill_div_kernel");
   return FH_SUCCESS;
 }
@@ -380,7 +393,8 @@ fh_status_t fh_dst::launch_row_stats(const char* fn, cudaStream_t stream, const 
   const dim3 grid(lce_blocks(p->N, fh_eng::BM), (unsigned)L.S);
   const bool vec = operands_vec16(p);
   LCE_DTYPE_SWITCH(p->Es->dtype, T, {
-    if (vec) FH_TRY((launch_stats_tiles<T, fh_eng::vec16>(fn, grid, stream, fp)));
+    if (heads_tma90<T>(vec, p, fp.hs, fp.ht)) FH_TRY((launch_stats_tiles<T, fh_eng::tma90_for<T>>(fn, grid, stream, fp)));
+    else if (vec) FH_TRY((launch_stats_tiles<T, fh_eng::vec16>(fn, grid, stream, fp)));
     else FH_TRY((launch_stats_tiles<T, fh_eng::scalar>(fn, grid, stream, fp)));
   });
   const fin_params q = fin_params_of(p, L, part, rs);
@@ -423,7 +437,8 @@ extern "C" fh_status_t fh_cuda_distill_forward(fh_cuda_state_t* st, struct CUstr
       FH_TRY(sparse_forward_rows(fn, fh_cuda_error_flag(st), stream, p, rs, rs + p->N, part, rs + 2 * p->N,
                                  ws + L.total));
     else LCE_DTYPE_SWITCH(p->Es->dtype, T, {
-      if (vec) FH_TRY((launch_div_tiles<T, fh_eng::vec16>(fn, grid, stream, fp)));
+      if (heads_tma90<T>(vec, p, fp.hs, fp.ht)) FH_TRY((launch_div_tiles<T, fh_eng::tma90_for<T>>(fn, grid, stream, fp)));
+      else if (vec) FH_TRY((launch_div_tiles<T, fh_eng::vec16>(fn, grid, stream, fp)));
       else FH_TRY((launch_div_tiles<T, fh_eng::scalar>(fn, grid, stream, fp)));
     });
     fin_params q = fin_params_of(p, L, part, rs);

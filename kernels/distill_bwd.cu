@@ -43,14 +43,17 @@ constexpr int NC = 9;
 static_assert(NC <= fh_lce::NCOEF, "the coefficients fit bwd_smem's rows");
 
 /* The parked tiles (2 x 64 KiB): the student's X from offset 0 (over the stage buffers, free
- * once its mainloop has returned, and the start of the G tile), the teacher's Y after it (over
- * the G tile and staging chunk), extended past the staging chunk by this gap where those are
- * smaller (16-bit types: 12 KiB, 133 KiB in all; fp32: none, bwd_smem's 137 KiB). */
-template <typename T>
+ * once its mainloop has returned, and the start of the G tile), the teacher's Y at park_y_off
+ * (over the G tile and staging chunk), extended past the staging chunk by this gap where those
+ * are smaller (sm_80, 16-bit types: 12 KiB, 133 KiB in all; fp32: none, bwd_smem's 137 KiB;
+ * the sm_90a ring: none, 204 KiB). */
+template <typename T, typename Align>
 struct park_gap {
-  static constexpr size_t before_coef = fh_eng::SMEM_BYTES + bwd_smem<T>::g_b + bwd_smem<T>::o_b;
-  static constexpr size_t value = 2 * PARK_BYTES > before_coef ? 2 * PARK_BYTES - before_coef : 0;
-  static constexpr size_t smem_bytes = bwd_smem<T>::bytes + value;
+  static constexpr size_t ring = fh_eng::ring<Align>::bytes;
+  static constexpr size_t before_coef = ring + bwd_smem<T>::g_b + bwd_smem<T>::o_b;
+  static constexpr size_t need = park_y_off<Align>() + PARK_BYTES;
+  static constexpr size_t value = need > before_coef ? need - before_coef : 0;
+  static constexpr size_t smem_bytes = bwd_smem<T>::bytes_for(ring) + value;
 };
 static_assert(PARK_BYTES >= fh_eng::SMEM_BYTES, "the student's park covers the stage buffers");
 
@@ -90,7 +93,7 @@ __device__ __forceinline__ void g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_
   using namespace fh_eng;
   const int nv = p.V - v0 < TBV ? p.V - v0 : TBV;
   float* park_x = (float*)sm.stages; /* written after the student's mainloop */
-  float* park_y = park_x + PARK * THREADS;
+  float* park_y = (float*)(sm.stages + park_y_off<Align>());
   float m[SLOTS], lnz[SLOTS];
   float bj[NJ][2];
   if (!p.sp.ids) { /* a sparse teacher has no tile (kernels/distill_sparse.cuh) */
@@ -146,9 +149,9 @@ __device__ __forceinline__ void g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_
 }
 
 template <typename T, typename Align>
-__global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_bwd_rows_kernel(bwd_params p) {
+__global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_bwd_rows_kernel(const __grid_constant__ bwd_params p) {
   FH_DYNAMIC_SMEM(unsigned char, smem);
-  bwd_smem<T> sm(smem, park_gap<T>::value);
+  bwd_smem<T> sm(smem, park_gap<T, Align>::value, fh_eng::ring<Align>::bytes);
   const int count = p.hdr->count, row0 = blockIdx.x * TBM;
   if (row0 >= count) return;
   const int nr = count - row0 < TBM ? count - row0 : TBM;
@@ -163,9 +166,9 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_bwd_rows_kernel(bw
 }
 
 template <typename T, typename Align>
-__global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_bwd_cols_kernel(bwd_params p) {
+__global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_bwd_cols_kernel(const __grid_constant__ bwd_params p) {
   FH_DYNAMIC_SMEM(unsigned char, smem);
-  bwd_smem<T> sm(smem, park_gap<T>::value);
+  bwd_smem<T> sm(smem, park_gap<T, Align>::value, fh_eng::ring<Align>::bytes);
   const int count = p.hdr->count, v0 = blockIdx.x * TBV, nv = p.V - v0 < TBV ? p.V - v0 : TBV;
   __shared__ int range[2];
   fh_lce::compacted_range(p.rows, count, p.r_lo, p.r_hi, range);
@@ -254,8 +257,9 @@ static bwd_layout bwd_layout_of(int64_t N, int64_t V, int64_t D, fh_dtype_t dtyp
 template <typename T, typename Align, bool ROWS>
 static fh_status_t launch_bwd(const char* fn, dim3 grid, cudaStream_t stream, const bwd_params& bp) {
   auto k = ROWS ? distill_bwd_rows_kernel<T, Align> : distill_bwd_cols_kernel<T, Align>;
-  const size_t smem = park_gap<T>::smem_bytes;
-  FH_TRY(fh_cuda_status(fh_eng::allow_smem<park_gap<T>::smem_bytes>(k), fn, "cudaFuncSetAttribute(distill_bwd kernel)"));
+  constexpr size_t smem = park_gap<T, Align>::smem_bytes;
+  FH_TRY(fh_cuda_status(fh_eng::allow_smem<smem, fh_eng::optin<Align>::max>(k), fn,
+                        "cudaFuncSetAttribute(distill_bwd kernel)"));
   FH_LAUNCH(k, grid, dim3(fh_eng::THREADS), smem, stream, bp);
   LCE_CHECK_LAUNCH(fn, ROWS ? "distill_bwd_rows_kernel" : "distill_bwd_cols_kernel");
   return FH_SUCCESS;
@@ -318,7 +322,10 @@ extern "C" fh_status_t fh_cuda_distill_backward(fh_cuda_state_t* st, struct CUst
   const bool vec = operands_vec16(p) && p->D_s % 8 == 0 && fh_lce::dst_vec_ok(bp.dE, es) &&
                    fh_lce::dst_vec_ok(bp.dC, es);
   LCE_DTYPE_SWITCH(dtype, T, {
+    const bool tma = heads_tma90<T>(vec, p, bp.hs, bp.ht);
     auto launch = [&](bool row_owner, dim3 grid, const bwd_params& q) -> fh_status_t {
+      if (tma) return row_owner ? launch_bwd<T, fh_eng::tma90_for<T>, true>(fn, grid, stream, q)
+                                : launch_bwd<T, fh_eng::tma90_for<T>, false>(fn, grid, stream, q);
       if (vec) return row_owner ? launch_bwd<T, fh_eng::vec16, true>(fn, grid, stream, q)
                            : launch_bwd<T, fh_eng::vec16, false>(fn, grid, stream, q);
       return row_owner ? launch_bwd<T, fh_eng::scalar, true>(fn, grid, stream, q)

@@ -9,7 +9,7 @@
 #include "distill.h"
 #include "distill_div.cuh"
 #include "engine/epilogue.cuh"
-#include "engine/sm80.cuh"
+#include "engine/sm90.cuh"
 #include "linear_ce_common.cuh"
 #include "ref/distill_ref.h"
 
@@ -39,7 +39,16 @@ struct head {
   const void* bias;
   int64_t lde, ldc;
   int D;
+  CUtensorMap tmc; /* C for the sm_90a mainloop's TMA (engine/sm90.cuh); unused on sm_80 */
 };
+
+/* Where the teacher's parked tile starts: after the student's (which lies over the mainloop's
+ * ring once the student's mainloop has returned) and after the ring itself, which the student's
+ * mainloop uses while the teacher's tile is parked (the sm_90a ring is larger than a park). */
+template <typename Align>
+constexpr size_t park_y_off() {
+  return PARK_BYTES > fh_eng::ring<Align>::bytes ? PARK_BYTES : fh_eng::ring<Align>::bytes;
+}
 
 struct fwd_params {
   head hs, ht;
@@ -68,7 +77,7 @@ __device__ __forceinline__ void head_tile(fh_eng::acc_t& acc, float (&bj)[fh_eng
                                           const int* rows, int nr, int v0, int nv, unsigned char* smem) {
   using namespace fh_eng;
   const nt_operand<T> a{(const T*)h.E, h.lde, rows, 0, nr};
-  const nt_operand<T> b{(const T*)h.C, h.ldc, nullptr, v0, nv};
+  const nt_operand<T> b{(const T*)h.C, h.ldc, nullptr, v0, nv, &h.tmc};
   mainloop<T, Align>::run(acc, a, b, h.D, smem);
   tile_bias<T>(bj, (const T*)h.bias, v0, nv);
 }
@@ -147,6 +156,14 @@ static inline bool operands_vec16(const fh_distill_problem_t* p) {
   return fh_eng::vec16_ok(p->Es->data, p->Es->row_stride, es) && fh_eng::vec16_ok(p->Cs->data, p->Cs->row_stride, es) &&
          (p->sparse ||
           (fh_eng::vec16_ok(p->Et->data, p->Et->row_stride, es) && fh_eng::vec16_ok(p->Ct->data, p->Ct->row_stride, es)));
+}
+
+/* The sm_90a mainloop for the heads (docs/hopper.md): the student's classifier's tensor map, and
+ * the teacher's unless it is sparse (no teacher tile). False keeps the sm_80 loop. */
+template <typename T>
+static inline bool heads_tma90(bool vec, const fh_distill_problem_t* p, head& hs, head& ht) {
+  if (!fh_eng::pick_tma90<T>(vec, &hs.tmc, hs.C, p->V, hs.D, hs.ldc)) return false;
+  return p->sparse || fh_eng::pick_tma90<T>(vec, &ht.tmc, ht.C, p->V, ht.D, ht.ldc);
 }
 
 static_assert((int)DK_ALPHA == (int)FH_DIV_ALPHA && (int)DK_TVD == (int)FH_DIV_TVD && (int)DK_ZERO == (int)FH_DIV_ZERO,

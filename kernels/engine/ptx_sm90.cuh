@@ -18,7 +18,7 @@
 
 #include <stdint.h>
 
-#include "engine/ptx.cuh"
+#include "ptx.cuh"
 
 #include <cuda.h> /* CUtensorMap (the emulator has the toolkit's headers too) */
 
@@ -267,7 +267,7 @@ __device__ __forceinline__ void wgmma_wait() {
 /* wgmma_m64n{64,128,256}k16_{bf16,f16}(d, desc_a, desc_b, scale_d) and wgmma<N, Bf16>(...):
  * generated (scripts/gen_wgmma_asm.py). Accumulator layout of thread t of the warpgroup, warp
  * w = t / 32, g = (t % 32) / 4, q = t % 4: d[4j + r] = D[16w + g + 8(r / 2)][8j + 2q + r % 2]. */
-#include "engine/wgmma_sm90.inc"
+#include "wgmma_sm90.inc"
 
 /* setmaxnreg.{inc,dec}.sync.aligned.u32 N (sm_90a): the warpgroup's per-thread register budget,
  * N in [24, 256] and a multiple of 8; producers shrink, consumers grow. Takes effect only under a

@@ -10,7 +10,8 @@
  * - Which path ran is checked, not assumed: the emulator's tensor-core FLOPs equal each path's
  *   own tile model (lk_tile_gemm_flops), and they differ between the paths at these shapes.
  * - The classifier is read exactly once per 128-row block by either path (TMA on sm_90a,
- *   cp.async on sm_80), counted by the emulator over C's address range. */
+ *   cp.async on sm_80), counted by the emulator over C's address range.
+ * - Distillation: both heads' tiles, forward and deterministic backward, bitwise likewise. */
 #define _POSIX_C_SOURCE 200809L /* setenv, unsetenv */
 #include <criterion/criterion.h>
 #include <stdio.h>
@@ -21,6 +22,7 @@
 
 #include "dtype.h"
 #include "fh_emu.h"
+#include "test_distill_common.h"
 #include "test_linear_ce_common.h"
 #include "test_util.h"
 
@@ -179,5 +181,53 @@ Test(kernel_sm90, topk_paths_agree_bitwise, .timeout = 900) {
     cudaFree(ws), cudaFree(dH), cudaFree(dC), cudaFree(db);
     free(hH), free(hC), free(hb);
     fh_context_destroy(gpu);
+  }
+}
+
+/* Distillation (JSD, hard term, reduction none): the forward's per-row loss, soft and hard terms
+ * and row state, and the deterministic backward's student gradients, bitwise between the
+ * mainloops; both heads' tiles (student D 136, teacher D 72) run on the sm_90a path, checked from
+ * the forward's FLOPs (two passes over both heads). */
+Test(kernel_sm90, distill_paths_agree_bitwise, .timeout = 900) {
+  const int64_t N = 130, V = 300, Ds = 136, Dt = 72;
+  for (int dt = 0; dt < 2; ++dt) {
+    dk_spec_t s = dk_default(N, V, Ds, V, Dt, DT[dt]);
+    dk_problem_t P;
+    dk_init(&P, &s);
+    int64_t nv = 0;
+    for (int64_t i = 0; i < N; ++i) nv += !P.targets || P.targets[i] != -100;
+    fh_distill_options_t o = dk_opts(FH_DISTILL_JSD, 0.5f);
+    o.accum_mode = FH_ACCUM_DETERMINISTIC;
+    dk_out_t out[2];
+    dk_grads_t g[2];
+    uint64_t flops[2];
+    double* gl = dk_make_gl(&P, &o);
+    for (int sm90 = 0; sm90 < 2; ++sm90) {
+      use_engine(sm90);
+      dk_out_alloc(&out[sm90], N);
+      fh_emu_reset_counters();
+      cr_assert_eq(dk_run(&P, &o, &out[sm90]), FH_SUCCESS, "%s", fh_last_error());
+      flops[sm90] = fh_emu_total_counters().mma_flops;
+      dk_grads_alloc(&g[sm90], &P);
+      cr_assert_eq(dk_run_backward(&P, &o, out[sm90].state, gl, NULL, &g[sm90]), FH_SUCCESS, "%s", fh_last_error());
+      unsetenv("FH_ENGINE");
+    }
+    const uint64_t m90 = 2 * (lk_tile_gemm_flops(nv, V, Ds, DT[dt], 1) + lk_tile_gemm_flops(nv, V, Dt, DT[dt], 1));
+    const uint64_t m80 = 2 * (lk_tile_gemm_flops(nv, V, Ds, DT[dt], 0) + lk_tile_gemm_flops(nv, V, Dt, DT[dt], 0));
+    printf("sm90 path distill %s N=%lld (valid %lld) V=%lld Ds=%lld Dt=%lld: forward FLOPs sm_90a %llu (model %llu), "
+           "sm_80 %llu (model %llu)\n", DN[dt], (long long)N, (long long)nv, (long long)V, (long long)Ds, (long long)Dt,
+           (unsigned long long)flops[1], (unsigned long long)m90, (unsigned long long)flops[0],
+           (unsigned long long)m80);
+    cr_expect_eq(flops[1], m90, "%s: the default path did not run the sm_90a tiles", DN[dt]);
+    cr_expect_eq(flops[0], m80, "%s: FH_ENGINE=sm80 did not run the sm_80 tiles", DN[dt]);
+    cr_expect(lk_same_bits(out[0].loss, out[1].loss, N) && lk_same_bits(out[0].soft, out[1].soft, N) &&
+                  lk_same_bits(out[0].hard, out[1].hard, N) && lk_same_bits(out[0].state, out[1].state, N),
+              "%s: the forward differs between the mainloops", DN[dt]);
+    cr_expect(lk_same_bits(g[0].dE, g[1].dE, N * Ds) && lk_same_bits(g[0].dC, g[1].dC, V * Ds) &&
+                  lk_same_bits(g[0].db, g[1].db, V),
+              "%s: the student's gradients differ between the mainloops", DN[dt]);
+    for (int q = 0; q < 2; ++q) dk_out_free(&out[q]), dk_grads_free(&g[q]);
+    free(gl);
+    dk_free(&P);
   }
 }
