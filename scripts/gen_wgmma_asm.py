@@ -17,7 +17,12 @@ NS = (64, 128, 256)
 TYPES = (("bf16", "WGMMA_BF16"), ("f16", "WGMMA_F16"))
 
 
-def one(n, ty, kind):
+def one(n, ty, kind, zero=False):
+    """zero: the variant that starts a chain (scale-d 0): its accumulators are outputs only
+    ("=f"), so the compiler sees them defined by the wgmma and reads nothing into them, which it
+    could otherwise do with an undefined "+f" input (and ptxas then serializes the chain)."""
+    if zero:
+        return one_zero(n, ty, kind)
     r = n // 2
     regs = ",".join("%%%d" % i for i in range(r))
     outs = ", ".join('"+f"(d[%d])' % i for i in range(r))
@@ -47,6 +52,36 @@ def one(n, ty, kind):
     return "\n".join(lines)
 
 
+def one_zero(n, ty, kind):
+    r = n // 2
+    regs = ",".join("%%%d" % i for i in range(r))
+    outs = ", ".join('"=f"(d[%d])' % i for i in range(r))
+    a, b = r, r + 1
+    lines = [
+        "/* The same with scale-d 0 (D = A * B), the first of a chain: d is written, never read. */",
+        "__device__ __forceinline__ void wgmma_m64n%dk16_%s_zero(float (&d)[%d], uint64_t desc_a, uint64_t desc_b) {"
+        % (n, ty, r),
+        "#if FH_SM90A_DEVICE",
+        "  asm volatile(",
+        '      "{\\n.reg .pred p;\\nsetp.ne.b32 p, 0, 0;\\n"',
+        '      "wgmma.mma_async.sync.aligned.m64n%dk16.f32.%s.%s {%s}, %%%d, %%%d, p, 1, 1, 0, 0;\\n}\\n"'
+        % (n, ty, ty, regs, a, b),
+        "      : %s" % outs,
+        '      : "l"(desc_a), "l"(desc_b));',
+        "#elif FH_SM90_OTHER_DEVICE",
+        "  (void)d, (void)desc_a, (void)desc_b;",
+        "  __trap(); /* wgmma exists on sm_90a only */",
+        "#elif !defined(__CUDACC__)",
+        "  ::fh_emu::sm90_wgmma(d, %d, desc_a, desc_b, 0, ::fh_emu::%s);" % (n, kind),
+        "#else",
+        "  (void)d, (void)desc_a, (void)desc_b;",
+        "#endif",
+        "}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(root, "kernels", "engine", "wgmma_sm90.inc")
@@ -55,6 +90,7 @@ def main():
     for ty, kind in TYPES:
         for n in NS:
             parts.append(one(n, ty, kind))
+            parts.append(one(n, ty, kind, zero=True))
     parts.append("/* wgmma<N, Bf16>: the wrapper above for N in {%s} by template argument. */"
                  % ", ".join(str(n) for n in NS))
     parts.append("template <int N, bool Bf16>")
@@ -65,6 +101,20 @@ def main():
         parts.append("  %s (N == %d) {" % (kw, n))
         parts.append("    if constexpr (Bf16) wgmma_m64n%dk16_bf16(d, desc_a, desc_b, scale_d);" % n)
         parts.append("    else wgmma_m64n%dk16_f16(d, desc_a, desc_b, scale_d);" % n)
+        first = False
+    parts.append("  } else {")
+    parts.append('    static_assert(N == %d, "wgmma: N must be one of %s");' % (NS[0], ", ".join(str(n) for n in NS)))
+    parts.append("  }")
+    parts.append("}")
+    parts.append("/* wgmma_zero<N, Bf16>: the scale-d 0 variant by template argument. */")
+    parts.append("template <int N, bool Bf16>")
+    parts.append("__device__ __forceinline__ void wgmma_zero(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b) {")
+    first = True
+    for n in NS:
+        kw = "if constexpr" if first else "} else if constexpr"
+        parts.append("  %s (N == %d) {" % (kw, n))
+        parts.append("    if constexpr (Bf16) wgmma_m64n%dk16_bf16_zero(d, desc_a, desc_b);" % n)
+        parts.append("    else wgmma_m64n%dk16_f16_zero(d, desc_a, desc_b);" % n)
         first = False
     parts.append("  } else {")
     parts.append('    static_assert(N == %d, "wgmma: N must be one of %s");' % (NS[0], ", ".join(str(n) for n in NS)))

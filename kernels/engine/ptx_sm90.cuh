@@ -241,6 +241,19 @@ __device__ __forceinline__ void wgmma_fence() {
   ::fh_emu::sm90_wgmma_fence();
 #endif
 }
+/* No instruction: pins the accumulator registers in place (an empty asm that reads and writes
+ * each), so that the compiler moves no ordinary access to them into the span between an
+ * mma_async and the wait_group that retires it; ptxas would otherwise serialize the chain
+ * (warning C7514). Placed around the MMAs of each k-block. */
+template <int R>
+__device__ __forceinline__ void wgmma_fence_operand(float (&d)[R]) {
+#if FH_SM90A_DEVICE
+  FH_UNROLL
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#else
+  (void)d;
+#endif
+}
 /* wgmma.commit_group.sync.aligned: the mma_asyncs issued since the last commit form a group. */
 __device__ __forceinline__ void wgmma_commit() {
 #if FH_SM90A_DEVICE

@@ -20,9 +20,12 @@
  *     block kb + 1. Refilling block kb - 2's slot is safe: both warpgroups retired its group at
  *     iteration kb - 1, before this iteration's barrier.
  *   - No branch around the MMAs and no ordinary access to the accumulators inside the loop (not
- *     even their zeroing: the first wgmma has scale-d 0): ptxas otherwise serializes the chain
- *     with a wait after every wgmma (warnings C7514 / C7520), which the SASS check catches. So a
- *     warpgroup whose rows are all past the valid ones still multiplies (zeros).
+ *     even their zeroing): ptxas otherwise serializes the chain with a wait after every wgmma
+ *     (warnings C7514 / C7520), which the SASS check catches. Block 0 is peeled: its first
+ *     wgmma has scale-d 0 and write-only accumulator operands (wgmma_zero), so the compiler
+ *     sees them defined there; empty asm statements pin them around each block
+ *     (wgmma_fence_operand). A warpgroup whose rows are all past the valid ones still
+ *     multiplies (zeros).
  *   - The accumulators (the wgmma layout: warp w of warpgroup g holds rows 64g + 16w + {lane/4,
  *     lane/4 + 8}, all 128 columns) go through shared memory once (128 x 136 fp32, conflict-free
  *     8-byte accesses) into the sm_80 fragment layout, so every epilogue runs unchanged.
@@ -109,9 +112,10 @@ struct mainloop<T, tma90> {
       if (kb < kt) issue(kb);
       fh_ptx::cp_async_commit();
     }
-    float d[BN / 2]; /* the first wgmma (scale-d 0) writes it: no accumulator read before */
-    FH_NO_UNROLL
-    for (int kb = 0; kb < kt; ++kb) {
+    float d[BN / 2]; /* written first by the scale-d 0 wgmma of block 0 */
+    /* One k-block (see the file comment); FIRST: block 0, whose first k16 step starts the chain. */
+    auto block = [&](int kb, auto first) {
+      constexpr bool FIRST = decltype(first)::value;
       fh_ptx::cp_async_wait<sm90::LOOKAHEAD - 1>(); /* this thread's A copies of block kb */
       fh_ptx::fence_proxy_async();
       __syncthreads(); /* every thread's copies of block kb; every warpgroup retired block kb - 2 */
@@ -120,18 +124,29 @@ struct mainloop<T, tma90> {
       const int s = kb % sm90::STAGES;
       fh_ptx::mbar_wait(&bar[s], (uint32_t)(kb / sm90::STAGES) & 1u);
       const unsigned char* st = slots + (size_t)s * sm90::STAGE_BYTES;
+      /* a k16 step moves the descriptors' start 32 bytes inside the span */
+      auto desc_a = [&](int ks) {
+        return fh_ptx::make_smem_desc(st + (size_t)wg * 64 * sm90::ROWB + 32 * ks, 16, 8 * sm90::ROWB,
+                                      fh_ptx::SWIZZLE_128B);
+      };
+      auto desc_b = [&](int ks) {
+        return fh_ptx::make_smem_desc(st + sm90::TILE_A + 32 * ks, 16, 8 * sm90::ROWB, fh_ptx::SWIZZLE_128B);
+      };
+      if constexpr (!FIRST) fh_ptx::wgmma_fence_operand(d);
       fh_ptx::wgmma_fence();
+      if constexpr (FIRST) fh_ptx::wgmma_zero<BN, BF16>(d, desc_a(0), desc_b(0));
+      else fh_ptx::wgmma<BN, BF16>(d, desc_a(0), desc_b(0), 1);
       FH_UNROLL
-      for (int ks = 0; ks < sm90::KB / 16; ++ks) { /* a k16 step moves the start 32 bytes inside the span */
-        const uint64_t da = fh_ptx::make_smem_desc(st + (size_t)wg * 64 * sm90::ROWB + 32 * ks, 16, 8 * sm90::ROWB,
-                                                   fh_ptx::SWIZZLE_128B);
-        const uint64_t db = fh_ptx::make_smem_desc(st + sm90::TILE_A + 32 * ks, 16, 8 * sm90::ROWB, fh_ptx::SWIZZLE_128B);
-        fh_ptx::wgmma<BN, BF16>(d, da, db, kb > 0 || ks > 0);
-      }
+      for (int ks = 1; ks < sm90::KB / 16; ++ks) fh_ptx::wgmma<BN, BF16>(d, desc_a(ks), desc_b(ks), 1);
       fh_ptx::wgmma_commit();
-      fh_ptx::wgmma_wait<1>();
-    }
+      fh_ptx::wgmma_wait<1>(); /* block kb's group stays in flight, block kb - 1's is retired */
+      fh_ptx::wgmma_fence_operand(d);
+    };
+    block(0, std::true_type{}); /* kt >= 1: K > 0 (pick_tma90) */
+    FH_NO_UNROLL
+    for (int kb = 1; kb < kt; ++kb) block(kb, std::false_type{});
     fh_ptx::wgmma_wait<0>();
+    fh_ptx::wgmma_fence_operand(d);
     fh_ptx::cp_async_wait<0>();
     __syncthreads(); /* every MMA retired and every thread past its waits: the ring is free */
     if (tid == 0) {
