@@ -405,12 +405,30 @@ def check(kernels, patterns, pattern_texts, gemm_archs, patterns90=(), pattern90
 
 def check_tma90(k, where, v):
     """Rule (b) for a tma90 kernel on sm_90a, per main loop: HGMMA, a global load (UTMALDG or
-    LDGSTS), no narrow global load, and a wgmma chain that is not serialized."""
+    LDGSTS), no narrow global load, and a wgmma chain that is not serialized. The kernel must
+    have at least one HGMMA main loop; its other main loops (the backward's streamed gradient
+    GEMMs, which stay on mma.sync) are held to the vec16 rule: LDGSTS, LDSM and HMMA."""
+    if not any(c["HGMMA"] for c, _ in k.loop_counts):
+        v.append(("b", "%s: no main loop with HGMMA (wgmma)" % where))
+        tag(k, "no HGMMA")
     for (t, b), (c, nar) in zip(k.loops, k.loop_counts):
         bad = []
         if not c["HGMMA"]:
-            bad.append("no HGMMA (wgmma)")
-            tag(k, "no HGMMA")
+            if not c["HMMA"]:
+                bad.append("no HGMMA (wgmma) or HMMA")
+                tag(k, "no HGMMA")
+            if not c["LDGSTS"]:
+                bad.append("no LDGSTS (cp.async)")
+                tag(k, "no LDGSTS")
+            if not c["LDSM"]:
+                bad.append("no LDSM (ldmatrix)")
+                tag(k, "no LDSM")
+            if c["narrow_LDG"] or c["narrow_LD"] or c["narrow_LDGSTS"]:
+                bad.append("narrow global loads (%s)" % fmt_narrow(nar))
+                tag(k, "narrow loads")
+            if bad:
+                v.append(("b", "%s: main loop 0x%04x-0x%04x: %s" % (where, t, b, "; ".join(bad))))
+            continue
         if not (c["UTMALDG"] or c["LDGSTS"]):
             bad.append("no UTMALDG (TMA) or LDGSTS (cp.async)")
             tag(k, "no TMA/LDGSTS")
