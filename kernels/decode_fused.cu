@@ -35,7 +35,7 @@
  * Splits depend on V alone: T = ceil(V / 128) tiles, at most MAX_SPLITS splits of whole tiles,
  * so every result of a row is the same whatever the batch. Row offsets are int64. */
 #include "decode_rule.cuh"
-#include "engine/sm80.cuh"
+#include "engine/sm90.cuh"
 #include "linear_ce_common.cuh" /* LCE_DTYPE_SWITCH, lce_blocks */
 #include "segsort.cuh"
 
@@ -82,6 +82,7 @@ struct fparams {
   double* zb;             /* fallback z rows */
   fh_decode_outputs_t out;
   int* err;
+  CUtensorMap tmh; /* H (the B operand) for the sm_90a mainloop's TMA (engine/sm90.cuh) */
 };
 
 /* (key, id) order: the smaller key (larger s) first, equal keys to the lower id. */
@@ -304,7 +305,7 @@ __device__ void row_update(const fparams& p, int c, int64_t b, int v0, int nv, c
  * the [128 ids x 128 rows] logits, the epilogue parks them transposed over the free stages and
  * each warp updates its rows (c = warp + 8 n). */
 template <typename T, typename Align, bool MAT>
-__global__ void __launch_bounds__(fh_eng::THREADS, 1) decode_fused_tile_kernel(fparams p) {
+__global__ void __launch_bounds__(fh_eng::THREADS, 1) decode_fused_tile_kernel(const __grid_constant__ fparams p) {
   using namespace fh_eng;
   FH_DYNAMIC_SMEM(unsigned char, smem);
   float* zt = reinterpret_cast<float*>(smem);
@@ -329,7 +330,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) decode_fused_tile_kernel(f
     for (int i = threadIdx.x; i < nr * NC; i += THREADS) lk[i] = EMPTY, lz[i] = 0.0, li[i] = -1;
     /* visible to the warps after the mainloop's barriers */
   }
-  const nt_operand<T> hb{static_cast<const T*>(p.H), p.ldh, nullptr, row0, nr};
+  const nt_operand<T> hb{static_cast<const T*>(p.H), p.ldh, nullptr, row0, nr, &p.tmh};
   const int t0 = blockIdx.y * p.tps, t1 = t0 + p.tps < p.vt ? t0 + p.tps : p.vt;
   for (int tile = t0; tile < t1; ++tile) {
     const int v0 = tile * F_BM, nv = p.V - v0 < F_BM ? p.V - v0 : F_BM;
@@ -446,18 +447,20 @@ void fused_split(int64_t V, int* vt, int* tps, int* splits) {
 constexpr size_t AL = 256;
 size_t rnd(size_t x) { return (x + AL - 1) / AL * AL; }
 
-/* Shared memory of the tile kernel for row blocks of nrmax rows: the stages, or the parked
- * tile over them, then the rows' states and lists. */
+/* Shared memory of the tile kernel for row blocks of nrmax rows: the mainloop's ring, or the
+ * parked tile over it, then the rows' states and lists (sm_90a ring, 128 rows: 224 KiB of 227). */
+template <typename Align>
 constexpr size_t zt_bytes_of(int nrmax) {
-  return ((((size_t)nrmax * ZP * sizeof(float) > fh_eng::SMEM_BYTES ? (size_t)nrmax * ZP * sizeof(float)
-                                                                    : fh_eng::SMEM_BYTES)) +
+  return ((((size_t)nrmax * ZP * sizeof(float) > fh_eng::ring<Align>::bytes ? (size_t)nrmax * ZP * sizeof(float)
+                                                                            : fh_eng::ring<Align>::bytes)) +
           127) /
          128 * 128;
 }
+template <typename Align>
 constexpr size_t smem_of(int nrmax) {
-  return zt_bytes_of(nrmax) + (size_t)nrmax * (sizeof(split_stat) + NC * (sizeof(uint64_t) + sizeof(double) + 4));
+  return zt_bytes_of<Align>(nrmax) +
+         (size_t)nrmax * (sizeof(split_stat) + NC * (sizeof(uint64_t) + sizeof(double) + 4));
 }
-constexpr size_t SMEM_MAX_ROWS = smem_of(F_BN);
 
 /* Workspace pieces (byte offsets); the fallback's from-logits workspace comes last. */
 struct flayout {
@@ -511,16 +514,22 @@ fh_status_t fcheck_shape(const char* fn, int64_t B, int64_t V, int64_t D) {
 template <typename T, typename Align, bool MAT>
 fh_status_t launch_tile(const char* fn, cudaStream_t s, const fparams& fp) {
   auto kern = decode_fused_tile_kernel<T, Align, MAT>;
-  FH_TRY(fh_cuda_status(fh_eng::allow_smem<SMEM_MAX_ROWS>(kern), fn, "cudaFuncSetAttribute(decode_fused_tile_kernel)"));
-  FH_LAUNCH(kern, dim3(fh_lce::lce_blocks(fp.B, F_BN), (unsigned)fp.splits), dim3(fh_eng::THREADS), smem_of(fp.nrmax),
-            s, fp);
+  constexpr size_t most = smem_of<Align>(F_BN);
+  FH_TRY(fh_cuda_status(fh_eng::allow_smem<most, fh_eng::optin<Align>::max>(kern), fn,
+                        "cudaFuncSetAttribute(decode_fused_tile_kernel)"));
+  fparams q = fp;
+  q.zt_bytes = zt_bytes_of<Align>(fp.nrmax);
+  FH_LAUNCH(kern, dim3(fh_lce::lce_blocks(fp.B, F_BN), (unsigned)fp.splits), dim3(fh_eng::THREADS),
+            smem_of<Align>(fp.nrmax), s, q);
   return fh_cuda_launch_status(fn, "decode_fused_tile_kernel");
 }
 
+/* tma: the sm_90a mainloop (fp.tmh encoded by the caller; docs/hopper.md). */
 template <bool MAT>
-fh_status_t launch_tiles(const char* fn, cudaStream_t s, fh_dtype_t dtype, bool vec, const fparams& fp) {
+fh_status_t launch_tiles(const char* fn, cudaStream_t s, fh_dtype_t dtype, bool vec, bool tma, const fparams& fp) {
   LCE_DTYPE_SWITCH(dtype, T, {
-    if (vec) FH_TRY((launch_tile<T, fh_eng::vec16, MAT>(fn, s, fp)));
+    if (tma) FH_TRY((launch_tile<T, fh_eng::tma90_for<T>, MAT>(fn, s, fp)));
+    else if (vec) FH_TRY((launch_tile<T, fh_eng::vec16, MAT>(fn, s, fp)));
     else FH_TRY((launch_tile<T, fh_eng::scalar, MAT>(fn, s, fp)));
   });
   return FH_SUCCESS;
@@ -558,7 +567,7 @@ extern "C" fh_status_t fh_cuda_decode_fused(fh_cuda_state_t* st, struct CUstream
   p.B = (int)B, p.V = (int)V, p.D = (int)D;
   fused_split(V, &p.vt, &p.tps, &p.splits);
   p.nrmax = B < F_BN ? (int)B : F_BN;
-  p.zt_bytes = zt_bytes_of(p.nrmax);
+  p.zt_bytes = 0; /* per mainloop: launch_tile */
   p.bitmap = lists ? reinterpret_cast<uint32_t*>(ws + L.bitmap) : NULL;
   p.bad = reinterpret_cast<uint32_t*>(ws + L.bad);
   p.st = reinterpret_cast<split_stat*>(ws + L.st);
@@ -578,9 +587,11 @@ extern "C" fh_status_t fh_cuda_decode_fused(fh_cuda_state_t* st, struct CUstream
   cudaStream_t s = (cudaStream_t)stream;
   const size_t es = fh_dtype_size(H->dtype);
   const bool vec = fh_eng::vec16_ok(p.H, p.ldh, es) && fh_eng::vec16_ok(p.C, p.ldc, es);
+  bool tma = false;
+  LCE_DTYPE_SWITCH(H->dtype, T, { tma = fh_eng::pick_tma90<T>(vec, &p.tmh, p.H, B, D, p.ldh); });
   FH_LAUNCH(decode_fused_prep_kernel, dim3((unsigned)B), dim3(DEC_THREADS), 0, s, p);
   FH_TRY(fh_cuda_launch_status(fn, "decode_fused_prep_kernel"));
-  FH_TRY(launch_tiles<false>(fn, s, H->dtype, vec, p));
+  FH_TRY(launch_tiles<false>(fn, s, H->dtype, vec, tma, p));
   FH_LAUNCH(decode_fused_merge_kernel, dim3((unsigned)B), dim3(32), 0, s, p);
   FH_TRY(fh_cuda_launch_status(fn, "decode_fused_merge_kernel"));
   size_t tb = L.temp_bytes;
@@ -592,6 +603,6 @@ extern "C" fh_status_t fh_cuda_decode_fused(fh_cuda_state_t* st, struct CUstream
   /* The exact fallback over the undecided rows (each kernel exits at once for the others). */
   FH_LAUNCH(decode_fused_pack_kernel, dim3(1), dim3(32), 0, s, p);
   FH_TRY(fh_cuda_launch_status(fn, "decode_fused_pack_kernel"));
-  FH_TRY(launch_tiles<true>(fn, s, H->dtype, vec, p));
+  FH_TRY(launch_tiles<true>(fn, s, H->dtype, vec, tma, p));
   return fallback_run(fn, stream, pr->opt, *out, B, V, ws + L.fb, p.only, st->d_error);
 }

@@ -13,7 +13,10 @@
  * (FH_DECODE_FLAG_SECOND_PASS, masked before the flag comparison) and the cases that must
  * exercise it (top-p alone at high entropy, ties across the whole vocabulary) check that it ran.
  * Every case also counts the bytes of C the kernels read (the emulator's watched range): one
- * pass of V x D per row block, plus one per row block holding a fallback row. */
+ * pass of V x D per row block, plus one per row block holding a fallback row. The emulator is
+ * a compute capability 9.0 device, so 16-bit cases take the sm_90a mainloop unless FH_ENGINE=sm80
+ * (ctests kernel_sm90 and kernel); sm90_and_sm80_mainloops_agree_bitwise compares the two. */
+#define _POSIX_C_SOURCE 200809L /* setenv, unsetenv */
 #include <criterion/criterion.h>
 #include <cuda_runtime_api.h>
 #include <string.h>
@@ -122,4 +125,70 @@ Test(kernel_decode_fused, row_blocks_and_splits) {
   run_fused_emu(&a, FH_DTYPE_F16, 300, 101, 40, 1);
   const cfg_t b = {CFG("vocab50000", FH_DECODE_STANDARD), .min_p = 0.05f, .nlp = 6};
   run_fused_emu(&b, FH_DTYPE_BF16, 3, 50000, 24, 1);
+}
+
+/* The sm_90a mainloop (docs/hopper.md: C by cp.async as the A operand, H by TMA) against the
+ * sm_80 one: every output bitwise equal, the fallback's recompute included (top-p at T = 3 sends
+ * most rows there). Which path ran comes from the tensor-core FLOPs: the sm_90a tiles are whole
+ * 128 x 128 x 64k blocks, one per (row block, class tile) and pass. */
+static void fused_paths(const cfg_t* c, fh_dtype_t dtype, int64_t B, int64_t V, int64_t D) {
+  fh_context_t* gpu = NULL;
+  cr_assert_eq(fh_context_create(&gpu, FH_BACKEND_CUDA, 0), FH_SUCCESS, "%s", fh_last_error());
+  const size_t es = fh_dtype_size(dtype);
+  tu_rng_t rng = {(uint64_t)(B * 131 + V * 17 + dtype)};
+  void *hh = malloc((size_t)(B * D) * es), *hc = malloc((size_t)(V * D) * es), *hb = malloc((size_t)V * es);
+  for (int64_t i = 0; i < B * D; ++i) fh_store(hh, dtype, i, fused_h_value(&rng, i / D, i % D));
+  for (int64_t i = 0; i < V * D; ++i) fh_store(hc, dtype, i, 0.5 * (double)(tu_randint(&rng, 5) - 2));
+  for (int64_t v = 0; v < V; ++v) fh_store(hb, dtype, v, 0.25 * (double)(tu_randint(&rng, 9) - 4));
+  void *dh = to_device(hh, (size_t)(B * D) * es), *dc = to_device(hc, (size_t)(V * D) * es);
+  void* db = to_device(hb, (size_t)V * es);
+  const fh_tensor_t dH = {dh, dtype, B, D, D}, dC = {dc, dtype, V, D, D}, dbt = {db, dtype, 1, V, V};
+  dec_setup_t u;
+  setup_begin(&u, gpu, c, B, V, D, dtype, &rng);
+  outs_t dv2, go2;
+  outs_alloc(&dv2, B, u.n, 1);
+  uint64_t flops[2];
+  for (int sm90 = 0; sm90 < 2; ++sm90) {
+    if (sm90) unsetenv("FH_ENGINE");
+    else setenv("FH_ENGINE", "sm80", 1);
+    fh_emu_reset_counters();
+    const fh_decode_outputs_t og = sm90 ? outs_view(&dv2) : u.og;
+    cr_assert_eq(fh_decode_fused(gpu, &u.od, &dH, &dC, &dbt, &og, u.ws, u.wsb), FH_SUCCESS, "%s", fh_last_error());
+    flops[sm90] = fh_emu_total_counters().mma_flops;
+    unsetenv("FH_ENGINE");
+  }
+  cr_assert_eq(fh_context_check(gpu), FH_SUCCESS, "%s", fh_last_error());
+  outs_fetch(&u.go, &u.dvo, B, u.n);
+  outs_fetch(&go2, &dv2, B, u.n);
+  int64_t passes = 0, second = 0;
+  for (int64_t r0 = 0; r0 < B; r0 += 128) {
+    int again = 0;
+    for (int64_t b = r0; b < B && b < r0 + 128; ++b) again |= (go2.flags[b] & FH_DECODE_FLAG_SECOND_PASS) != 0;
+    passes += 1 + again;
+  }
+  for (int64_t b = 0; b < B; ++b) second += (go2.flags[b] & FH_DECODE_FLAG_SECOND_PASS) != 0;
+  const uint64_t m90 = (uint64_t)passes * (uint64_t)((V + 127) / 128) * 2u * 128u * 128u * (uint64_t)((D + 63) / 64 * 64);
+  cr_log_info("%s dtype=%d B=%lld V=%lld D=%lld: %lld fallback rows; FLOPs sm_90a %llu (model %llu), sm_80 %llu",
+              c->name, (int)dtype, (long long)B, (long long)V, (long long)D, (long long)second,
+              (unsigned long long)flops[1], (unsigned long long)m90, (unsigned long long)flops[0]);
+  cr_expect_eq(flops[1], m90, "%s: the default path did not run the sm_90a tiles", c->name);
+  cr_expect_neq(flops[0], flops[1], "%s: FH_ENGINE=sm80 ran the same tiles", c->name);
+  const size_t b8 = (size_t)B * 8, b4 = (size_t)B * 4, n8 = (size_t)(B * u.n) * 8, n4 = (size_t)(B * u.n) * 4;
+  cr_expect(!memcmp(u.go.tok, go2.tok, b8) && !memcmp(u.go.rank, go2.rank, b8) && !memcmp(u.go.cnt, go2.cnt, b8) &&
+                !memcmp(u.go.tid, go2.tid, n8),
+            "%s: tokens, ranks, counts or top ids differ between the mainloops", c->name);
+  cr_expect(!memcmp(u.go.lp, go2.lp, b4) && !memcmp(u.go.flp, go2.flp, b4) && !memcmp(u.go.lse, go2.lse, b4) &&
+                !memcmp(u.go.ent, go2.ent, b4) && !memcmp(u.go.tlp, go2.tlp, n4) && !memcmp(u.go.flags, go2.flags, b4),
+            "%s: log-probabilities, lse, entropy or flags differ between the mainloops", c->name);
+  outs_free(&dv2, 1), outs_free(&go2, 0);
+  setup_end(&u);
+  cudaFree(dh), cudaFree(dc), cudaFree(db), free(hh), free(hc), free(hb);
+  fh_context_destroy(gpu);
+}
+
+Test(kernel_decode_fused, sm90_and_sm80_mainloops_agree_bitwise) {
+  const cfg_t a = {CFG("paths_temperature", FH_DECODE_STANDARD), .T = 0.7f, .nlp = 5};
+  const cfg_t b = {CFG("paths_fallback", FH_DECODE_STANDARD), .T = 3.0f, .top_p = 0.95f, .nlp = 2};
+  fused_paths(&a, FH_DTYPE_BF16, 130, 1000, 72);
+  fused_paths(&b, FH_DTYPE_F16, 37, 4099, 40);
 }
