@@ -4,9 +4,10 @@
  * operands that the Tensor Memory Accelerator and cp.async put in shared memory.
  * docs/hopper.md "The sm_90a mainloop" has the design, its cost and what it leaves for later.
  *
- *   - Align tag fh_eng::tma90: 16-bit operands, vec16 alignment, B (the classifier tile: dense
- *     rows) described by a tensor map (nt_operand::tmap), A (the row block: its rows may be
- *     gathered, docs/engine.md) by rows, as on sm_80.
+ *   - Align tag fh_eng::tma90: 16-bit operands, vec16 alignment. B (dense rows: the classifier
+ *     tile, or H in the fused decoding) is described by a tensor map (nt_operand::tmap); A (the
+ *     row block, whose rows may be gathered, docs/engine.md; C in the fused decoding) by rows,
+ *     as on sm_80.
  *   - K in blocks of 64 elements (128 bytes per operand row), STAGES = 4 slots of 32 KiB:
  *     A [128 rows x 128 B] by 16-byte cp.async (4 per thread), B [128 x 128 B] by one TMA box
  *     issued by thread 0 on the slot's mbarrier (expect_tx 16 KiB). Both in the 128-byte swizzle
