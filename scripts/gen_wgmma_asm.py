@@ -82,6 +82,23 @@ def one_zero(n, ty, kind):
     return "\n".join(lines)
 
 
+def dispatch(name, what, extra_param, extra_arg, suffix):
+    """The template name<N, Bf16> that picks a wrapper by N and the input type."""
+    out = ["/* %s<N, Bf16>: %s for N in {%s} by template argument. */" % (name, what, ", ".join(str(n) for n in NS)),
+           "template <int N, bool Bf16>",
+           "__device__ __forceinline__ void %s(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b%s) {"
+           % (name, extra_param)]
+    for i, n in enumerate(NS):
+        out.append("  %s (N == %d) {" % ("if constexpr" if i == 0 else "} else if constexpr", n))
+        out.append("    if constexpr (Bf16) wgmma_m64n%dk16_bf16%s(d, desc_a, desc_b%s);" % (n, suffix, extra_arg))
+        out.append("    else wgmma_m64n%dk16_f16%s(d, desc_a, desc_b%s);" % (n, suffix, extra_arg))
+    out += ["  } else {",
+            '    static_assert(N == %d, "wgmma: N must be one of %s");' % (NS[0], ", ".join(str(n) for n in NS)),
+            "  }",
+            "}"]
+    return out
+
+
 def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(root, "kernels", "engine", "wgmma_sm90.inc")
@@ -91,35 +108,8 @@ def main():
         for n in NS:
             parts.append(one(n, ty, kind))
             parts.append(one(n, ty, kind, zero=True))
-    parts.append("/* wgmma<N, Bf16>: the wrapper above for N in {%s} by template argument. */"
-                 % ", ".join(str(n) for n in NS))
-    parts.append("template <int N, bool Bf16>")
-    parts.append("__device__ __forceinline__ void wgmma(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int scale_d) {")
-    first = True
-    for n in NS:
-        kw = "if constexpr" if first else "} else if constexpr"
-        parts.append("  %s (N == %d) {" % (kw, n))
-        parts.append("    if constexpr (Bf16) wgmma_m64n%dk16_bf16(d, desc_a, desc_b, scale_d);" % n)
-        parts.append("    else wgmma_m64n%dk16_f16(d, desc_a, desc_b, scale_d);" % n)
-        first = False
-    parts.append("  } else {")
-    parts.append('    static_assert(N == %d, "wgmma: N must be one of %s");' % (NS[0], ", ".join(str(n) for n in NS)))
-    parts.append("  }")
-    parts.append("}")
-    parts.append("/* wgmma_zero<N, Bf16>: the scale-d 0 variant by template argument. */")
-    parts.append("template <int N, bool Bf16>")
-    parts.append("__device__ __forceinline__ void wgmma_zero(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b) {")
-    first = True
-    for n in NS:
-        kw = "if constexpr" if first else "} else if constexpr"
-        parts.append("  %s (N == %d) {" % (kw, n))
-        parts.append("    if constexpr (Bf16) wgmma_m64n%dk16_bf16_zero(d, desc_a, desc_b);" % n)
-        parts.append("    else wgmma_m64n%dk16_f16_zero(d, desc_a, desc_b);" % n)
-        first = False
-    parts.append("  } else {")
-    parts.append('    static_assert(N == %d, "wgmma: N must be one of %s");' % (NS[0], ", ".join(str(n) for n in NS)))
-    parts.append("  }")
-    parts.append("}")
+    parts += dispatch("wgmma", "the wrapper above", ", int scale_d", ", scale_d", "")
+    parts += dispatch("wgmma_zero", "the scale-d 0 variant", "", "", "_zero")
     text = "\n".join(parts) + "\n"
     with open(out, "w") as f:
         f.write(text)
