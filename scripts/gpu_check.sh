@@ -220,7 +220,7 @@ elif [ "$SKIP_TESTS" = 1 ]; then
 fi
 
 # ---- 2b. Hopper: both mainloops of the engine (docs/hopper.md) -----------------------------------
-# On compute capability 9.0 the linear CE and fused top-k take the sm_90a mainloop (TMA + wgmma);
+# On compute capability 9.0 the 16-bit GEMM kernels take the sm_90a mainloop (TMA + wgmma);
 # FH_ENGINE=sm80 keeps the sm_80 one. The gpu suite above ran the default; here the suite runs
 # again on the sm_80 loop, and bench_linear_ce times both at the Liger shape.
 if [ "$BUILD_OK" = 1 ] && [ "${NUM:-0}" = 90 ]; then
