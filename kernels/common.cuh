@@ -42,6 +42,34 @@
   ::fh_emu::launch_kernel(#kernel, kernel, (grid), (block), (smem), (stream), ##__VA_ARGS__)
 #endif
 
+/* FH_LAUNCH_CLUSTER(kernel, grid, block, cluster, smem, stream, args...): a launch in clusters of
+ * cluster.x * cluster.y * cluster.z CTAs (compute capability 9.0; at most 8, dividing the grid),
+ * whose CTAs run together and reach each other's shared memory (docs/hopper.md). */
+#ifdef __CUDACC__
+template <class... P, class... A>
+static inline void fh_launch_cluster(void (*kernel)(P...), dim3 grid, dim3 block, dim3 cluster, size_t smem,
+                                     cudaStream_t stream, A&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeClusterDimension;
+  at[0].val.clusterDim.x = cluster.x;
+  at[0].val.clusterDim.y = cluster.y;
+  at[0].val.clusterDim.z = cluster.z;
+  cfg.attrs = at;
+  cfg.numAttrs = 1;
+  (void)cudaLaunchKernelEx(&cfg, kernel, static_cast<A&&>(args)...); /* fh_cuda_launch_status reads the error */
+}
+#define FH_LAUNCH_CLUSTER(kernel, grid, block, cluster, smem, stream, ...) \
+  fh_launch_cluster(kernel, (grid), (block), (cluster), (smem), (stream), ##__VA_ARGS__)
+#else
+#define FH_LAUNCH_CLUSTER(kernel, grid, block, cluster, smem, stream, ...) \
+  ::fh_emu::launch_kernel_cluster(#kernel, kernel, (grid), (block), (cluster), (smem), (stream), ##__VA_ARGS__)
+#endif
+
 /* Dynamic shared memory as `T* name`, 128-byte aligned (WMMA needs 256-bit alignment). A macro
  * because the emulator cannot give `extern __shared__ T name[]` a per-block size. */
 #ifdef __CUDACC__

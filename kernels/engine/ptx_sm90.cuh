@@ -356,6 +356,55 @@ __device__ __forceinline__ void* mapa(void* p, uint32_t rank) {
 #endif
 }
 
+/* mbarrier.arrive.release.cluster.shared::cluster.b64 on the mbarrier at the same offset as `bar`
+ * in the CTA of cluster rank `rank` (mapa.shared::cluster first): one arrival there, e.g. a
+ * consumer releasing a slot that the CTA of that rank fills for the whole cluster. */
+__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
+#if FH_SM90_DEVICE
+  asm volatile(
+      "{\n"
+      ".reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n"
+      "}\n" ::"r"(smem_u32(bar)),
+      "r"(rank)
+      : "memory");
+#elif FH_SM80_ONLY_DEVICE
+  (void)bar, (void)rank;
+  __trap();
+#elif !defined(__CUDACC__)
+  ::fh_emu::sm90_mbar_arrive_cluster(bar, rank);
+#endif
+}
+
+/* barrier.cluster.arrive.release / barrier.cluster.wait.acquire (PTX ISA, "barrier.cluster"):
+ * the phase completes when every non-exited thread of the cluster arrived; a wait returns once
+ * the phase of the thread's arrival completed. Writes before the arrive (shared memory of any
+ * CTA of the cluster, mbarrier inits after fence_mbar_init) are visible after the wait. Every
+ * thread of a warp calls them together (.aligned). */
+__device__ __forceinline__ void cluster_arrive() {
+#if FH_SM90_DEVICE
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#elif FH_SM80_ONLY_DEVICE
+  __trap();
+#elif !defined(__CUDACC__)
+  ::fh_emu::cluster_barrier_arrive();
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if FH_SM90_DEVICE
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#elif FH_SM80_ONLY_DEVICE
+  __trap();
+#elif !defined(__CUDACC__)
+  ::fh_emu::cluster_barrier_wait();
+#endif
+}
+__device__ __forceinline__ void cluster_sync() {
+  cluster_arrive();
+  cluster_wait();
+}
+
 } /* namespace fh_ptx */
 
 #endif

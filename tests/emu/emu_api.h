@@ -56,6 +56,7 @@ struct LaunchConfig {
   dim3 grid, block;
   size_t smem;
   cudaStream_t stream;
+  dim3 cluster = dim3(1, 1, 1); /* CTAs per cluster (cudaLaunchAttributeClusterDimension) */
 };
 void launch(const LaunchConfig& cfg, std::function<void()> body);
 
@@ -64,6 +65,14 @@ inline void launch_kernel(const char* name, void (*kernel)(P...), dim3 grid, dim
                           cudaStream_t stream, A&&... args) {
   /* Arguments are captured by value, as the real launch copies them into the parameter space. */
   launch(LaunchConfig{name, reinterpret_cast<const void*>(kernel), grid, block, smem, stream},
+         [kernel, args...]() { kernel(args...); });
+}
+
+/* A launch with clusters of cluster.x * cluster.y * cluster.z CTAs (FH_LAUNCH_CLUSTER). */
+template <class... P, class... A>
+inline void launch_kernel_cluster(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, dim3 cluster,
+                                  size_t smem, cudaStream_t stream, A&&... args) {
+  launch(LaunchConfig{name, reinterpret_cast<const void*>(kernel), grid, block, smem, stream, cluster},
          [kernel, args...]() { kernel(args...); });
 }
 

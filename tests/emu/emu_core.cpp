@@ -12,14 +12,14 @@
  * AddressSanitizer must be told about every stack switch, or it reports false stack errors.
  * The annotation protocol is: start_switch_fiber before the switch (with the target stack),
  * finish_switch_fiber right after control comes back. */
-#include "emu_fiber.h"
-#include "emu_internal.h"
+#include "emu_sched.h"
 
 #include <sys/mman.h>
 
 #include <algorithm>
 #include <chrono>
 #include <atomic>
+#include <condition_variable>
 #include <cstdarg>
 #include <cstdlib>
 #include <memory>
@@ -36,6 +36,7 @@
 #endif
 #endif
 #ifdef FH_EMU_ASAN
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -43,7 +44,7 @@ namespace fh_emu {
 
 thread_local const ThreadCoords* tls_coords = nullptr;
 
-namespace {
+namespace sched {
 
 inline void asan_start(void** fake_save, const void* bottom, size_t size) {
 #ifdef FH_EMU_ASAN
@@ -59,74 +60,6 @@ inline void asan_finish(void* fake_save, const void** bottom_old, size_t* size_o
   (void)fake_save, (void)bottom_old, (void)size_old;
 #endif
 }
-
-enum class State { Runnable, AtBarrier, InCollective, Asleep, Exited };
-
-struct Thread {
-  ThreadCoords coords;
-  FiberContext ctx;
-  State state;
-  int linear, lane, warp;
-  const void* sleep_obj; /* Asleep: the mbarrier waited on (async_sleep) */
-  LaneSlot slot;
-  void* fake_stack;
-  char* stack;
-};
-
-/* A warp collective in progress: the lanes of `mask` that arrived so far. */
-struct Episode {
-  const char* name;
-  CompleteFn fn;
-  unsigned mask;
-  unsigned arrived;
-};
-
-struct Warp {
-  unsigned exists;  /* lanes that exist (a partial last warp has fewer) */
-  unsigned exited;
-  std::vector<Episode> pending;
-};
-
-struct Worker {
-  size_t stack_bytes = 0;
-  char* arena = nullptr;
-  size_t arena_threads = 0;
-  std::vector<Thread> threads;
-  std::vector<Warp> warps;
-  FiberContext sched_ctx;
-  void* sched_fake = nullptr;
-  const void* sched_bottom = nullptr;
-  size_t sched_size = 0;
-  Thread* current = nullptr;
-  fh_emu_counters_t counters;
-  /* the block in flight */
-  const LaunchState* launch = nullptr;
-  uint3 block;
-  int nthreads = 0, live = 0, at_barrier = 0, barrier_pred = 0, barrier_result = 0;
-  void* dyn_smem = nullptr;
-  /* the PTX twins' per-block state (emu_ptx.cpp), active once a twin ran in the current block */
-  PtxState* ptx = nullptr;
-  bool ptx_active = false;
-  uint64_t launch_seed = 0;
-  uint64_t yield_rng = 0; /* seeded per block from the launch seed: schedules are reproducible */
-
-  ~Worker() {
-    if (arena) munmap(arena, arena_threads * stack_bytes);
-    ptx_state_free(ptx);
-  }
-  /* Stacks for n threads, reused by every later block; one guard page under each stack turns
-   * an overflow into a SIGSEGV instead of silent corruption of the neighbour. */
-  void ensure_stacks(size_t n, size_t bytes) {
-    if (arena && n <= arena_threads && bytes == stack_bytes) return;
-    if (arena) munmap(arena, arena_threads * stack_bytes);
-    void* p = mmap(nullptr, n * bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) report_and_abort("internal", "cannot map %zu fiber stacks of %zu bytes", n, bytes);
-    arena = static_cast<char*>(p);
-    arena_threads = n;
-    stack_bytes = bytes;
-    for (size_t i = 0; i < n; ++i) mprotect(arena + i * bytes, 4096, PROT_NONE);
-  }
-};
 
 thread_local Worker* tls_worker = nullptr;
 
@@ -217,18 +150,14 @@ void print_block_header(const char* what) { print_header("synccheck", what); }
   std::abort();
 }
 
-/* Nothing can run: describe every waiting thread and abort. */
-[[noreturn]] void report_stuck_block() {
-  Worker& w = worker();
+/* The waits of w's threads, for a deadlock report. */
+void describe_waits(Worker& w) {
   std::vector<int> barrier, exited, asleep;
   for (int i = 0; i < w.nthreads; ++i) {
     if (w.threads[i].state == State::AtBarrier) barrier.push_back(i);
     if (w.threads[i].state == State::Exited) exited.push_back(i);
     if (w.threads[i].state == State::Asleep) asleep.push_back(i);
   }
-  print_block_header(!asleep.empty()    ? "mbarrier wait can never complete (deadlock)"
-                     : barrier.empty() ? "warp collective can never complete (deadlock)"
-                                       : "__syncthreads not reached by every live thread of the block");
   /* Sleepers grouped by the object they wait on, one line each (emu_sm90.cpp words it). */
   std::vector<const void*> objs;
   for (int i : asleep)
@@ -237,7 +166,12 @@ void print_block_header(const char* what) { print_header("synccheck", what); }
     std::vector<int> ids;
     for (int i : asleep)
       if (w.threads[i].sleep_obj == o) ids.push_back(i);
-    if (w.ptx_active) ptx_describe_sleepers(*w.ptx, o, ranges(ids).c_str());
+    const ClusterBar& cb = cluster_bar(w);
+    if (o == &cb)
+      std::fprintf(stderr, "=========   threads %s wait in barrier.cluster.wait (phase %u): %u arrivals so far; every "
+                           "thread of every CTA of the cluster that has not exited must arrive\n",
+                   ranges(ids).c_str(), cb.phase, cb.arrived);
+    else if (w.ptx_active) ptx_describe_sleepers(*w.ptx, o, ranges(ids).c_str());
   }
   std::fprintf(stderr, "=========   waiting at __syncthreads: threads %s\n", ranges(barrier).c_str());
   std::fprintf(stderr, "=========   exited: threads %s\n", ranges(exited).c_str());
@@ -245,6 +179,26 @@ void print_block_header(const char* what) { print_header("synccheck", what); }
     for (const Episode& e : w.warps[wi].pending)
       std::fprintf(stderr, "=========   warp %zu: lanes %s wait in %s(mask 0x%08x); lanes %s of the mask never arrive\n",
                    wi, lanes_of(e.arrived).c_str(), e.name, e.mask, lanes_of(e.mask & ~e.arrived).c_str());
+}
+
+const char* stuck_what(Worker& w) {
+  bool barrier = false, asleep = false, cluster = false;
+  for (int i = 0; i < w.nthreads; ++i) {
+    barrier |= w.threads[i].state == State::AtBarrier;
+    asleep |= w.threads[i].state == State::Asleep;
+    cluster |= w.threads[i].state == State::Asleep && w.threads[i].sleep_obj == &cluster_bar(w);
+  }
+  return cluster    ? "barrier.cluster wait can never complete (deadlock)"
+         : asleep   ? "mbarrier wait can never complete (deadlock)"
+         : !barrier ? "warp collective can never complete (deadlock)"
+                    : "__syncthreads not reached by every live thread of the block";
+}
+
+/* Nothing can run: describe every waiting thread and abort. */
+[[noreturn]] void report_stuck_block() {
+  Worker& w = worker();
+  print_block_header(stuck_what(w));
+  describe_waits(w);
   die();
 }
 
@@ -283,14 +237,19 @@ void thread_exit() {
   t.state = State::Exited;
   wp.exited |= 1u << t.lane;
   --w.live;
+  /* An exited thread no longer takes part in barrier.cluster (arrived or not). */
+  ClusterBar& cb = cluster_bar(w);
+  if (t.cbar_pending) --cb.arrived, t.cbar_pending = false;
+  if (cb.arrived) cluster_bar_check(w);
 }
 
-} // namespace
+} // namespace sched
 } // namespace fh_emu
 
 /* Where every fiber starts (called from fh_emu_fiber_start or makecontext); never returns. */
 extern "C" __attribute__((visibility("hidden"))) void fh_emu_fiber_entry() {
   using namespace fh_emu;
+  using namespace fh_emu::sched;
   Worker& w = worker();
   asan_finish(nullptr, &w.sched_bottom, &w.sched_size);
   w.launch->body();
@@ -303,17 +262,19 @@ extern "C" __attribute__((visibility("hidden"))) void fh_emu_fiber_entry() {
 }
 
 namespace fh_emu {
-namespace {
+namespace sched {
 
-void run_block(Worker& w, const LaunchState& L, uint64_t linear_block) {
+/* Prepares block `bi` (its linear index `linear_block`) on w: threads, warps, fresh shared memory. */
+void setup_block(Worker& w, const LaunchState& L, uint3 bi, uint64_t linear_block) {
   const dim3 g = L.cfg.grid, b = L.cfg.block;
   w.launch = &L;
-  w.block = make_uint3((unsigned)(linear_block % g.x), (unsigned)(linear_block / g.x % g.y),
-                       (unsigned)(linear_block / ((uint64_t)g.x * g.y)));
+  w.block = bi;
   const int n = (int)(b.x * b.y * b.z);
   w.nthreads = w.live = n;
   w.at_barrier = w.barrier_pred = 0;
   w.ptx_active = false;
+  w.block_done = false;
+  w.solo_bar = ClusterBar{};
   /* Per block, not per worker: which worker runs a block must not change its schedule. */
   w.yield_rng = w.launch_seed ^ (linear_block * 0xbf58476d1ce4e5b9ull);
   w.warps.assign((size_t)(n + 31) / 32, Warp{0, 0, {}});
@@ -332,27 +293,53 @@ void run_block(Worker& w, const LaunchState& L, uint64_t linear_block) {
     t.warp = i / 32;
     t.fake_stack = nullptr;
     t.sleep_obj = nullptr;
+    t.cbar_pending = false;
+    t.cbar_phase = 0;
     t.stack = w.arena + (size_t)i * w.stack_bytes;
+#ifdef FH_EMU_ASAN
+    /* The frame a fiber dies in (fh_emu_fiber_entry, never returned from) leaves its redzones
+     * near the top of the stack; the next fiber's first frame goes there. */
+    __asan_unpoison_memory_region(t.stack + w.stack_bytes - 16384, 16384);
+#endif
     fiber_prepare(t.ctx, t.stack, w.stack_bytes);
   }
+}
+
+/* One scheduling pass: every runnable fiber runs until it blocks. False when none was runnable. */
+bool run_pass(Worker& w) {
+  bool ran = false;
+  for (int i = 0; i < w.nthreads; ++i)
+    if (w.threads[i].state == State::Runnable) {
+      switch_to(w, w.threads[i]);
+      ran = true;
+    }
+  return ran;
+}
+
+void finish_block(Worker& w) {
+  if (w.ptx_active) ptx_on_block_end(*w.ptx); /* copies never waited for are reported here */
+  w.block_done = true;
+  w.counters.blocks += 1;
+  w.counters.threads += (uint64_t)w.nthreads;
+}
+
+uint3 block_of(const dim3& g, uint64_t linear_block) {
+  return make_uint3((unsigned)(linear_block % g.x), (unsigned)(linear_block / g.x % g.y),
+                    (unsigned)(linear_block / ((uint64_t)g.x * g.y)));
+}
+
+void run_block(Worker& w, const LaunchState& L, uint64_t linear_block) {
+  setup_block(w, L, block_of(L.cfg.grid, linear_block), linear_block);
   while (w.live > 0) {
-    bool ran = false;
-    for (int i = 0; i < n; ++i)
-      if (w.threads[i].state == State::Runnable) {
-        switch_to(w, w.threads[i]);
-        ran = true;
-      }
+    const bool ran = run_pass(w);
     /* Nothing runnable: an async copy in flight may still land and wake a sleeper. */
     if (!ran && w.live > 0 && !(w.ptx_active && ptx_async_progress(*w.ptx))) report_stuck_block();
   }
-  if (w.ptx_active) ptx_on_block_end(*w.ptx); /* copies never waited for are reported here */
-  w.counters.blocks += 1;
-  w.counters.threads += (uint64_t)n;
+  finish_block(w);
 }
 
-void worker_loop(int wid, const LaunchState& L, const std::vector<uint64_t>& order, std::atomic<size_t>& next,
-                 uint64_t launch_seed) {
-  Worker& w = *g_workers[wid];
+/* Per launch, before the first block: stacks, counters, the dynamic shared memory. */
+void worker_begin(Worker& w, const LaunchState& L, uint64_t launch_seed) {
   tls_worker = &w;
   w.launch_seed = launch_seed;
   const size_t n = (size_t)L.cfg.block.x * L.cfg.block.y * L.cfg.block.z;
@@ -366,11 +353,23 @@ void worker_loop(int wid, const LaunchState& L, const std::vector<uint64_t>& ord
    * their TMA / wgmma stages to (docs/hopper.md). */
   if (posix_memalign(&w.dyn_smem, 1024, L.cfg.smem ? L.cfg.smem : 1) != 0)
     report_and_abort("internal", "cannot allocate %zu bytes of dynamic shared memory", L.cfg.smem);
-  for (size_t i; (i = next.fetch_add(1)) < order.size();) run_block(w, L, order[i]);
+}
+
+void worker_end(Worker& w) {
   std::free(w.dyn_smem);
   w.dyn_smem = nullptr;
   w.launch = nullptr;
+  w.group = nullptr;
+  w.crank = 0;
   tls_worker = nullptr;
+}
+
+void worker_loop(int wid, const LaunchState& L, const std::vector<uint64_t>& order, std::atomic<size_t>& next,
+                 uint64_t launch_seed) {
+  Worker& w = *g_workers[wid];
+  worker_begin(w, L, launch_seed);
+  for (size_t i; (i = next.fetch_add(1)) < order.size();) run_block(w, L, order[i]);
+  worker_end(w);
 }
 
 void add_counters(fh_emu_counters_t& to, const fh_emu_counters_t& c) {
@@ -396,7 +395,9 @@ void add_counters(fh_emu_counters_t& to, const fh_emu_counters_t& c) {
   to.bytes_g2s_watched += c.bytes_g2s_watched;
 }
 
-} // namespace
+} // namespace sched
+
+using namespace sched;
 
 /* ---- called from device code ---- */
 
@@ -447,6 +448,7 @@ void async_wake(const void* obj) {
     }
 }
 void fiber_yield() { yield_thread(); }
+
 void note_atomic() { ++worker().counters.atomics; }
 void note_mma(uint64_t flops) {
   ++worker().counters.mma_ops;
@@ -565,20 +567,39 @@ void run_launch(const LaunchState& L) {
   std::call_once(death_once, [] { __sanitizer_set_death_callback(on_sanitizer_death); });
 #endif
   std::lock_guard<std::mutex> lock(g_launch_mutex);
-  const uint64_t nblocks = (uint64_t)L.cfg.grid.x * L.cfg.grid.y * L.cfg.grid.z;
+  const dim3 cd = L.cfg.cluster;
+  const int csize = (int)(cd.x * cd.y * cd.z);
+  /* Without clusters the unit of scheduling is a block, with them a cluster. */
+  const uint64_t nunits = (uint64_t)L.cfg.grid.x * L.cfg.grid.y * L.cfg.grid.z / (uint64_t)csize;
   uint64_t s = g_seed.load() ^ (g_launch_index.fetch_add(1) * 0xd1b54a32d192ed03ull);
   const uint64_t launch_seed = s;
-  std::vector<uint64_t> order(nblocks);
-  for (uint64_t i = 0; i < nblocks; ++i) order[i] = i;
-  for (uint64_t i = nblocks; i > 1; --i) std::swap(order[i - 1], order[splitmix64(s) % i]);
-  const int nw = (int)std::min<uint64_t>((uint64_t)g_nworkers.load(), nblocks);
+  std::vector<uint64_t> order(nunits);
+  for (uint64_t i = 0; i < nunits; ++i) order[i] = i;
+  for (uint64_t i = nunits; i > 1; --i) std::swap(order[i - 1], order[splitmix64(s) % i]);
+  /* Clusters: groups of csize OS threads, as many groups as the workers allow (at least one). */
+  const int ngroups = (int)std::min<uint64_t>((uint64_t)std::max(1, g_nworkers.load() / csize), nunits);
+  const int nw = csize > 1 ? ngroups * csize : (int)std::min<uint64_t>((uint64_t)g_nworkers.load(), nunits);
   while ((int)g_workers.size() < nw) g_workers.emplace_back(new Worker());
   std::atomic<size_t> next{0};
   std::vector<std::thread> pool;
-  for (int i = 1; i < nw; ++i)
-    pool.emplace_back(worker_loop, i, std::cref(L), std::cref(order), std::ref(next), launch_seed);
-  worker_loop(0, L, order, next, launch_seed); /* the launching thread is worker 0 */
-  for (std::thread& th : pool) th.join();
+  if (csize > 1) {
+    std::vector<std::unique_ptr<ClusterGroup>> groups;
+    for (int gi = 0; gi < ngroups; ++gi) {
+      groups.emplace_back(new ClusterGroup());
+      groups.back()->size = csize;
+      for (int r = 0; r < csize; ++r) groups.back()->members.push_back(g_workers[(size_t)(gi * csize + r)].get());
+    }
+    for (int i = 1; i < nw; ++i)
+      pool.emplace_back(cluster_worker_loop, i, i % csize, std::ref(*groups[(size_t)(i / csize)]), std::cref(L),
+                        std::cref(order), std::ref(next), launch_seed);
+    cluster_worker_loop(0, 0, *groups[0], L, order, next, launch_seed);
+    for (std::thread& th : pool) th.join();
+  } else {
+    for (int i = 1; i < nw; ++i)
+      pool.emplace_back(worker_loop, i, std::cref(L), std::cref(order), std::ref(next), launch_seed);
+    worker_loop(0, L, order, next, launch_seed); /* the launching thread is worker 0 */
+    for (std::thread& th : pool) th.join();
+  }
 
   fh_emu_counters_t c;
   std::memset(&c, 0, sizeof c);

@@ -53,6 +53,17 @@ void async_sleep(const void* obj);  /* the running thread sleeps until async_wak
 void async_wake(const void* obj);   /* every thread sleeping on obj becomes runnable */
 void fiber_yield();                 /* back to the scheduler, still runnable */
 bool ptx_async_progress(PtxState& s); /* lands one async copy; false when none is in flight */
+/* ---- clusters (emu_core.cpp). A launch without the cluster attribute is a cluster of one CTA:
+ * rank 0, size 1, member 0 is the running CTA. */
+int cluster_rank();
+int cluster_size();
+PtxState* member_ptx(int r);     /* rank r's twin state; nullptr if it has none yet or finished */
+unsigned char* member_smem(int r); /* rank r's dynamic shared memory (same size as ours) */
+bool member_exited(int r);       /* every thread of rank r exited */
+uint3 member_block(int r);
+void member_wake(int r, const void* obj); /* async_wake in rank r */
+void cluster_barrier_arrive();   /* barrier.cluster.arrive */
+void cluster_barrier_wait();     /* barrier.cluster.wait */
 /* One line of the deadlock report for the threads (a list, "0-127") sleeping on obj. */
 void ptx_describe_sleepers(PtxState& s, const void* obj, const char* threads);
 /* A report: "========= fh_emu <tool>: <what>", kernel, launch, block; report_die ends it. */

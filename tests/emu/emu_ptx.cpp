@@ -319,7 +319,10 @@ void shadow_write(PtxState& s, int thread, const unsigned char* p, int bytes, Ki
 
 /* ---- hooks called by the scheduler (emu_core.cpp) ---- */
 
-void ptx_state_free(PtxState* s) { delete s; }
+void ptx_state_free(PtxState* s) {
+  if (s) delete s->sm90;
+  delete s;
+}
 
 void ptx_on_barrier(PtxState& s) {
   ++s.epoch;

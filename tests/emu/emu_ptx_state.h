@@ -24,6 +24,9 @@
 #include "emu_internal.h"
 
 namespace fh_emu {
+namespace sm90 {
+struct Sm90State; /* the Hopper twins' per-block state (emu_sm90_state.h) */
+}
 namespace ptx {
 
 /* How a word was accessed, for reports. */
@@ -95,6 +98,7 @@ struct PtxState {
    * this block (only then are st.shared values checked for accumulator poison) */
   int bulk_inflight = 0;
   bool wgmma_used = false;
+  sm90::Sm90State* sm90 = nullptr; /* owned; created by the first Hopper twin (emu_sm90.cpp) */
 };
 
 namespace ptx {

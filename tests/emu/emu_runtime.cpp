@@ -64,6 +64,12 @@ void launch(const LaunchConfig& cfg, std::function<void()> body) {
     fail(cudaErrorInvalidValue);
     return;
   }
+  /* Clusters: at most 8 CTAs (the portable size), dividing the grid in every dimension. */
+  const dim3 c = cfg.cluster;
+  if (c.x == 0 || c.y == 0 || c.z == 0 || (uint64_t)c.x * c.y * c.z > 8 || g.x % c.x || g.y % c.y || g.z % c.z) {
+    fail(cudaErrorInvalidClusterSize);
+    return;
+  }
   LaunchState L{cfg, std::move(body)};
   run_launch(L);
 }
@@ -89,6 +95,7 @@ const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorInvalidMemcpyDirection: return "cudaErrorInvalidMemcpyDirection";
     case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
     case cudaErrorNotReady: return "cudaErrorNotReady";
+    case cudaErrorInvalidClusterSize: return "cudaErrorInvalidClusterSize";
     default: return "cudaErrorUnknown";
   }
 }
@@ -102,6 +109,7 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidMemcpyDirection: return "invalid copy direction for memcpy";
     case cudaErrorInvalidResourceHandle: return "invalid resource handle";
     case cudaErrorNotReady: return "device not ready";
+    case cudaErrorInvalidClusterSize: return "invalid cluster size";
     default: return "unknown error";
   }
 }

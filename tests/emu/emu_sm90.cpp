@@ -22,8 +22,6 @@ namespace sm90 {
 
 namespace {
 
-thread_local std::unique_ptr<Sm90State> tls_state;
-
 uint64_t mix(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
@@ -47,19 +45,20 @@ void fail(const char* tool, const char* what, int thread, const char* fmt, ...) 
 Mbar& get_bar(PtxState& s, void* bar, const char* op, int t) {
   ptx::check_aligned(bar, 8, op, "mbarrier", t);
   ptx::locate(s, bar, 8, op, t);
-  Mbar* m = find_bar(bar);
+  Mbar* m = find_bar_in(st_of(s), bar);
   if (!m)
     fail("mbarrier", "mbarrier used before mbarrier.init", t, "%s on the mbarrier at %s, which no mbarrier.init "
          "initialized in this block", op, bar_name(s, bar).c_str());
   return *m;
 }
 
-/* The phase completes: next phase, arrivals reloaded, sleepers woken. */
-void complete_phase(Mbar& m, const void* bar) {
+/* The phase completes: next phase, arrivals reloaded, sleepers woken (in the CTA of cluster
+ * rank `owner`, which holds the barrier). */
+void complete_phase(Mbar& m, const void* bar, int owner) {
   ++m.phase;
   m.pending = m.count;
   m.tx = 0;
-  async_wake(bar);
+  member_wake(owner, bar);
 }
 
 void check_tx_range(PtxState& s, const Mbar& m, const void* bar, int t) {
@@ -82,10 +81,11 @@ void check_tx_range(PtxState& s, const Mbar& m, const void* bar, int t) {
 
 } // namespace
 
-Sm90State& st() {
-  if (!tls_state) tls_state.reset(new Sm90State());
-  return *tls_state;
+Sm90State& st_of(PtxState& s) {
+  if (!s.sm90) s.sm90 = new Sm90State();
+  return *s.sm90;
 }
+Sm90State& st() { return st_of(ptx::state()); }
 
 uint64_t next_rand() {
   Sm90State& S = st();
@@ -93,11 +93,11 @@ uint64_t next_rand() {
   return mix(S.rng);
 }
 
-Mbar* find_bar(const void* bar) {
-  Sm90State& S = st();
+Mbar* find_bar_in(Sm90State& S, const void* bar) {
   auto it = S.bars.find((uintptr_t)bar);
   return it == S.bars.end() ? nullptr : &it->second;
 }
+Mbar* find_bar(const void* bar) { return find_bar_in(st(), bar); }
 
 std::string bar_name(PtxState& s, const void* bar) { return ptx::describe(s, bar, 8); }
 
@@ -109,7 +109,7 @@ void complete_tx(PtxState& s, void* bar, uint32_t bytes, int thread) {
   check_tx_range(s, *m, bar, thread);
   if (m->pending == 0) {
     if (m->tx < 0) report_excess(s, *m, bar, thread, bytes);
-    if (m->tx == 0) complete_phase(*m, bar);
+    if (m->tx == 0) complete_phase(*m, bar, cluster_rank());
   }
 }
 
@@ -130,7 +130,7 @@ void maybe_land(PtxState& s, double p) {
 }
 
 void check_bulk(PtxState& s, int thread, const unsigned char* p, int bytes, bool write, const char* op) {
-  for (const Bulk& b : st().bulks)
+  for (const Bulk& b : st_of(s).bulks)
     if (p < b.dst + b.bytes && b.dst < p + bytes) {
       report_header("cp.async.bulk", write ? "write of shared bytes a bulk tensor copy (TMA) has not landed yet"
                                            : "read of shared bytes a bulk tensor copy (TMA) has not landed yet");
@@ -153,8 +153,7 @@ using namespace sm90;
 /* ---- hooks ---- */
 
 void sm90_on_activate(PtxState& s) {
-  (void)s;
-  Sm90State& S = st();
+  Sm90State& S = st_of(s);
   S.bars.clear();
   S.bulks.clear();
   S.any_wgmma = false;
@@ -170,14 +169,14 @@ void sm90_check_bulk_access(PtxState& s, int thread, const unsigned char* p, int
 }
 
 bool ptx_async_progress(PtxState& s) {
-  Sm90State& S = st();
+  Sm90State& S = st_of(s);
   if (S.bulks.empty()) return false;
   land_bulk(s, (size_t)(next_rand() % S.bulks.size()));
   return true;
 }
 
 void ptx_describe_sleepers(PtxState& s, const void* obj, const char* threads) {
-  Mbar* m = find_bar(obj);
+  Mbar* m = find_bar_in(st_of(s), obj);
   if (!m) return;
   std::fprintf(stderr, "=========   threads %s wait in mbarrier.try_wait.parity %u on the mbarrier at %s\n", threads,
                (m->phase & 1), bar_name(s, obj).c_str());
@@ -193,7 +192,7 @@ void ptx_describe_sleepers(PtxState& s, const void* obj, const char* threads) {
 }
 
 void sm90_on_block_end(PtxState& s) {
-  Sm90State& S = st();
+  Sm90State& S = st_of(s);
   if (!S.bulks.empty()) {
     const Bulk& b = S.bulks.front();
     fail("cp.async.bulk", "bulk tensor copies still in flight when the block finished", -1,
@@ -252,24 +251,33 @@ void sm90_mbar_inval(void* bar) {
   st().bars.erase((uintptr_t)bar);
 }
 
-uint64_t sm90_mbar_arrive(void* bar, uint32_t expect_tx) {
-  PtxState& s = ptx::state();
-  const int t = running_thread().linear;
-  Mbar& m = get_bar(s, bar, expect_tx ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive", t);
+namespace {
+/* One arrival (after adding expect_tx bytes) by thread t on the mbarrier at bar, which belongs to
+ * the CTA of cluster rank `owner`, whose twin state is s. */
+uint64_t arrive_on(PtxState& s, void* bar, uint32_t expect_tx, int t, int owner, const char* op) {
+  Mbar& m = get_bar(s, bar, op, t);
   if (m.pending == 0)
     fail("mbarrier", "arrival beyond the expected count", t,
          "%s on the mbarrier at %s: all %u arrivals of its current phase (%u) are in and it waits only for %" PRId64
          " transaction bytes; another arrival (a producer that did not wait for the stage to be released?) would "
-         "underflow the count", expect_tx ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive", bar_name(s, bar).c_str(),
-         m.count, m.phase, m.tx);
+         "underflow the count", op, bar_name(s, bar).c_str(), m.count, m.phase, m.tx);
   const uint64_t token = m.phase;
   m.tx += expect_tx;
   check_tx_range(s, m, bar, t);
   --m.pending;
   if (m.pending == 0) {
     if (m.tx < 0) report_excess(s, m, bar, t, 0);
-    if (m.tx == 0) complete_phase(m, bar);
+    if (m.tx == 0) complete_phase(m, bar, owner);
   }
+  return token;
+}
+} // namespace
+
+uint64_t sm90_mbar_arrive(void* bar, uint32_t expect_tx) {
+  PtxState& s = ptx::state();
+  const int t = running_thread().linear;
+  const uint64_t token = arrive_on(s, bar, expect_tx, t, cluster_rank(),
+                                   expect_tx ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive");
   maybe_yield();
   return token;
 }
@@ -315,17 +323,58 @@ void sm90_setmaxnreg(int n, bool inc) {
          block_threads());
 }
 
-/* Clusters: the emulator launches clusters of one CTA (no cluster launch attribute is modelled),
- * so the rank is 0, the cluster has 1 CTA and mapa maps to this CTA's own shared memory. */
-uint32_t sm90_cluster_ctarank() { return 0; }
-uint32_t sm90_cluster_nctarank() { return 1; }
-void* sm90_mapa(void* p, uint32_t rank) {
+/* Clusters (emu_cluster.cpp runs a cluster's CTAs together). A launch without the cluster
+ * attribute is a cluster of one CTA. mapa maps addresses in the dynamic shared memory only: a
+ * __shared__ variable is thread_local in the emulator, so another CTA's copy has no address here. */
+uint32_t sm90_cluster_ctarank() { return (uint32_t)cluster_rank(); }
+uint32_t sm90_cluster_nctarank() { return (uint32_t)cluster_size(); }
+
+namespace sm90 {
+/* Checks that `rank` names a CTA of the cluster; returns p's offset in the dynamic shared memory. */
+uint32_t remote_offset(const void* p, uint32_t rank, const char* op, int t) {
   PtxState& s = ptx::state();
+  const ptx::Place pl = ptx::locate(s, p, 1, op, t);
+  if ((int)rank >= cluster_size())
+    fail("ptx", "mapa to a CTA outside the cluster", t, "%s: rank %u, but the cluster has %d CTA%s (ranks 0-%d)", op, rank,
+         cluster_size(), cluster_size() > 1 ? "s" : "", cluster_size() - 1);
+  if (!pl.dyn)
+    fail("ptx", "mapa of a __shared__ variable", t, "%s of %p: the emulator maps the dynamic shared memory only "
+         "(docs/hopper.md \"Clusters in the emulator\")", op, p);
+  return (uint32_t)pl.offset;
+}
+
+/* The twin state of the CTA of `rank`, which a remote operation reaches: it must still run and
+ * have used a twin (initialized an mbarrier, for instance). */
+PtxState& remote_state(uint32_t rank, const char* op, int t) {
+  PtxState* r = member_ptx((int)rank);
+  if (!r) {
+    const uint3 b = member_block((int)rank);
+    if (member_exited((int)rank))
+      fail("ptx", "remote access to a CTA that has exited", t, "%s reaches cluster rank %u (block (%u,%u,%u)), whose "
+           "threads have all exited: its shared memory is gone. Keep every CTA of the cluster alive (barrier.cluster) "
+           "until the others are done with it", op, rank, b.x, b.y, b.z);
+    fail("mbarrier", "mbarrier used before mbarrier.init", t, "%s reaches cluster rank %u (block (%u,%u,%u)), which "
+         "has not initialized any mbarrier yet: initialize, fence.mbarrier_init, and barrier.cluster before another "
+         "CTA uses them", op, rank, b.x, b.y, b.z);
+  }
+  return *r;
+}
+} // namespace sm90
+
+void* sm90_mapa(void* p, uint32_t rank) {
   const int t = running_thread().linear;
-  ptx::locate(s, p, 1, "mapa", t);
-  if (rank >= 1)
-    fail("ptx", "mapa to a CTA outside the cluster", t, "rank %u, but the cluster has 1 CTA (rank 0)", rank);
-  return p;
+  const uint32_t off = remote_offset(p, rank, "mapa", t);
+  return member_smem((int)rank) + off;
+}
+
+void sm90_mbar_arrive_cluster(void* bar, uint32_t rank) {
+  const int t = running_thread().linear;
+  const char* op = "mbarrier.arrive.release.cluster.shared::cluster";
+  ptx::check_aligned(bar, 8, op, "mbarrier", t);
+  const uint32_t off = remote_offset(bar, rank, op, t);
+  PtxState& r = remote_state(rank, op, t);
+  arrive_on(r, member_smem((int)rank) + off, 0, t, (int)rank, op);
+  maybe_yield();
 }
 
 } // namespace fh_emu

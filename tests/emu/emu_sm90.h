@@ -44,6 +44,11 @@ void sm90_setmaxnreg(int n, bool inc);
 uint32_t sm90_cluster_ctarank();
 uint32_t sm90_cluster_nctarank();
 void* sm90_mapa(void* p, uint32_t rank);
+/* mbarrier.arrive.release.cluster.shared::cluster on the mbarrier at bar's offset in rank's CTA. */
+void sm90_mbar_arrive_cluster(void* bar, uint32_t rank);
+/* barrier.cluster.arrive / wait (emu_cluster.cpp). */
+void cluster_barrier_arrive();
+void cluster_barrier_wait();
 
 /* The accumulator poison: an in-flight wgmma's accumulator registers hold this signalling-NaN
  * pattern (quieted by arithmetic to bit 22 set; sm90_is_poison accepts both). */

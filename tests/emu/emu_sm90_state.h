@@ -1,6 +1,7 @@
 /* emu_sm90_state.h: what the Hopper twins (emu_sm90*.cpp) keep per worker and block; not seen by
- * kernels. One Sm90State per worker thread, reset whenever the PTX state is activated for a new
- * block (emu_ptx.cpp, activate), so nothing leaks from one block into the next.
+ * kernels. One Sm90State per PtxState (so per worker, and per CTA of a cluster: another CTA's is
+ * reached through its PtxState), reset whenever the PTX state is activated for a new block
+ * (emu_ptx.cpp, activate), so nothing leaks from one block into the next.
  *
  * mbarriers live in a map keyed by address, because the hardware's 64-bit encoding is opaque:
  * the twin keeps the documented state (PTX ISA, "mbarrier": expected arrival count, pending
@@ -80,17 +81,19 @@ struct Sm90State {
 };
 
 Sm90State& st();        /* the running block's state (PtxState activated first) */
+Sm90State& st_of(PtxState& s); /* the state that belongs to the PtxState s (another CTA's, too) */
 uint64_t next_rand();   /* per block, seeded from the launch seed and the block index */
 /* emu_sm90.cpp: called by the copy when it lands */
 void complete_tx(PtxState& s, void* bar, uint32_t bytes, int thread);
 Mbar* find_bar(const void* bar);
+Mbar* find_bar_in(Sm90State& S, const void* bar);
 /* emu_sm90_tma.cpp: the data movement of one box (OOB fill, swizzle) */
 void tma_fill(const Bulk& b);
 /* Lands copy i of st().bulks (data, then complete_tx). */
 void land_bulk(PtxState& s, size_t i);
 /* Lands one copy chosen at random with probability p (the "random point" of landing). */
 void maybe_land(PtxState& s, double p);
-/* Reports a twin access to bytes of a bulk copy in flight. */
+/* Reports a twin access to bytes of a bulk copy in flight (to the CTA whose twin state is s). */
 void check_bulk(PtxState& s, int thread, const unsigned char* p, int bytes, bool write, const char* op);
 /* The swizzle of the shared address `a` for a pattern of `span` bytes (32, 64, 128): the 16-byte
  * chunk index (bits 4..) XOR the row within the 8-row repeat (bits 7..). */
@@ -100,6 +103,11 @@ inline uint32_t swizzle(uint32_t a, uint32_t span) {
   return a ^ (((a >> 7) & mask) << 4);
 }
 std::string bar_name(PtxState& s, const void* bar);
+/* Clusters (emu_sm90.cpp): the offset of p in the dynamic shared memory, after checking that
+ * rank is in the cluster (mapa's rules); the twin state of the CTA of rank, which must still run
+ * and have used a twin. */
+uint32_t remote_offset(const void* p, uint32_t rank, const char* op, int t);
+PtxState& remote_state(uint32_t rank, const char* op, int t);
 
 } // namespace sm90
 

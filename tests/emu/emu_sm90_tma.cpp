@@ -21,6 +21,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "emu_ptx.h"
 #include "emu_sm90_state.h"
@@ -111,9 +112,10 @@ void sm90_tma_load_2d(void* dst, const void* tmap, int32_t c0, int32_t c1, void*
               "CUtensorMap itself, a __grid_constant__ kernel parameter)", op, tmap);
   if (m.rank != 2)
     ptx::fail("invalid tensor map operand", t, "%s: the tensor map has rank %d; the .2d copy needs rank 2", op, m.rank);
-  if (multicast && (cta_mask == 0 || (cta_mask & ~1u)))
+  const uint32_t all = (1u << cluster_size()) - 1u;
+  if (multicast && (cta_mask == 0 || (cta_mask & ~all)))
     ptx::fail("invalid multicast mask", t, "%s.multicast::cluster: ctaMask 0x%04x must name CTAs of the cluster, which "
-              "has 1 CTA (mask 0x0001)", op, cta_mask);
+              "has %d CTA%s (mask 0x%04x)", op, cta_mask, cluster_size(), cluster_size() > 1 ? "s" : "", all);
   const uint32_t off = sm90_smem_offset(dst);
   /* The swizzle is a function of the shared address; the twin asks for stages aligned to the
    * pattern's repeat (8 rows of the span), as kernels do, and 128 bytes without a swizzle. */
@@ -124,19 +126,29 @@ void sm90_tma_load_2d(void* dst, const void* tmap, int32_t c0, int32_t c1, void*
   const uint32_t rows = (m.box[1] + m.estride[1] - 1) / m.estride[1];
   const uint32_t bytes = (uint32_t)m.box[0] * m.esize * rows;
   ptx::locate(s, dst, (int)bytes, op, t);
-  Mbar* mb = find_bar(bar);
   ptx::check_aligned(bar, 8, op, "mbarrier", t);
-  if (!mb)
-    ptx::fail("copy completes on an uninitialized mbarrier", t, "%s: no mbarrier.init for %s", op,
-              bar_name(s, bar).c_str());
-  unsigned char* d = static_cast<unsigned char*>(dst);
-  check_bulk(s, t, d, (int)bytes, true, "cp.async.bulk.tensor destination");
-  Bulk b{d, off, bytes, bar, m, c0, c1, t, mb->phase};
-  std::memset(d, 0xff, bytes); /* poisoned (NaN) until it lands */
-  st().bulks.push_back(b);
-  ++s.bulk_inflight;
-  /* Global bytes read: the box's elements inside the tensor (the out-of-bound fill reads nothing),
-   * counted as cp.async counts its src-size, and those inside the watched range. */
+  /* Each destination CTA (this one alone without multicast) gets its own copy in flight, in its
+   * own twin state: it lands there, at the same offsets, and completes on that CTA's mbarrier. */
+  const uint32_t targets = multicast ? (uint32_t)cta_mask : 1u << cluster_rank();
+  for (int r = 0; r < cluster_size(); ++r) {
+    if (!(targets >> r & 1u)) continue;
+    const bool me = r == cluster_rank();
+    PtxState& rs = me ? s : remote_state((uint32_t)r, op, t);
+    unsigned char* d = me ? static_cast<unsigned char*>(dst) : member_smem(r) + off;
+    void* rbar = me ? bar : member_smem(r) + remote_offset(bar, (uint32_t)r, op, t);
+    Mbar* mb = find_bar_in(st_of(rs), rbar);
+    if (!mb)
+      ptx::fail("copy completes on an uninitialized mbarrier", t, "%s: no mbarrier.init for %s%s", op,
+                bar_name(rs, rbar).c_str(), r == cluster_rank() ? "" : (" in the CTA of cluster rank " + std::to_string(r)).c_str());
+    check_bulk(rs, t, d, (int)bytes, true, "cp.async.bulk.tensor destination");
+    Bulk b{d, off, bytes, rbar, m, c0, c1, t, mb->phase};
+    std::memset(d, 0xff, bytes); /* poisoned (NaN) until it lands */
+    st_of(rs).bulks.push_back(b);
+    ++rs.bulk_inflight;
+  }
+  /* Global bytes read, once however many CTAs receive the box: the box's elements inside the
+   * tensor (the out-of-bound fill reads nothing), counted as cp.async counts its src-size, and
+   * those inside the watched range. */
   fh_emu_counters_t& c = worker_counters();
   const unsigned char* g = reinterpret_cast<const unsigned char*>((uintptr_t)m.addr);
   const int64_t x0 = std::max<int64_t>(c0, 0), x1 = std::min<int64_t>((int64_t)c0 + m.box[0], (int64_t)m.dim[0]);
