@@ -149,8 +149,9 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(const 
   int* s_rows = (int*)(smem + ring<Align>::bytes);
   int* s_y = s_rows + kBM;
   const int count = p.hdr->count, row0 = blockIdx.x * kBM;
-  if (row0 >= count) return; /* block-uniform: rows past the valid count cost nothing */
-  const int nr = count - row0 < kBM ? count - row0 : kBM;
+  /* cluster-uniform: rows past the valid count cost nothing (engine/sm90.cuh, cluster_ctas) */
+  if ((int)(blockIdx.x - blockIdx.x % cluster_ctas<Align>()) * kBM >= count) return;
+  const int nr = count - row0 < 0 ? 0 : (count - row0 < kBM ? count - row0 : kBM);
   for (int r = threadIdx.x; r < kBM; r += kThreads) {
     const int i = r < nr ? p.rows[row0 + r] : 0;
     s_rows[r] = i;
@@ -273,12 +274,13 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(const 
 }
 
 template <typename T, typename Align>
-static fh_status_t launch_fwd_tile(const char* fn, dim3 grid, cudaStream_t stream, const fwd_params& fp) {
+static fh_status_t launch_fwd_tile(const char* fn, dim3 grid, cudaStream_t stream, const fwd_params& fp,
+                                   bool mc = false) {
   auto k = lce_fwd_tile_kernel<T, Align>;
   constexpr size_t smem = fwd_smem<Align>();
   FH_TRY(fh_cuda_status(fh_eng::allow_smem<smem, fh_eng::optin<Align>::max>(k), fn,
                         "cudaFuncSetAttribute(lce_fwd_tile_kernel)"));
-  FH_LAUNCH(k, grid, dim3(fh_eng::THREADS), smem, stream, fp);
+  fh_eng::launch_tiles_mc(mc, k, grid, smem, stream, fp);
   LCE_CHECK_LAUNCH(fn, "lce_fwd_tile_kernel");
   return FH_SUCCESS;
 }
@@ -413,9 +415,10 @@ static fh_status_t launch_tiles(const char* fn, cudaStream_t stream, const fh_lc
   const dim3 grid(lce_blocks(p->N, fh_eng::BM), (unsigned)L.S);
   const bool vec = fh_eng::vec16_ok(fp.E, fp.lde, fh_dtype_size(p->dtype)) &&
                    fh_eng::vec16_ok(fp.C, fp.ldc, fh_dtype_size(p->dtype));
+  const bool mc = fh_eng::multicast_enabled(grid.x);
   LCE_DTYPE_SWITCH(p->dtype, T, {
-    if (fh_eng::pick_tma90<T>(vec, &fp.tmc, fp.C, p->V, p->D, fp.ldc))
-      FH_TRY((launch_fwd_tile<T, fh_eng::tma90_for<T>>(fn, grid, stream, fp)));
+    if (fh_eng::pick_tma90<T>(vec, &fp.tmc, fp.C, p->V, p->D, fp.ldc, mc))
+      FH_TRY((launch_fwd_tile<T, fh_eng::tma90_for<T>>(fn, grid, stream, fp, mc)));
     else if (vec) FH_TRY((launch_fwd_tile<T, fh_eng::vec16>(fn, grid, stream, fp)));
     else FH_TRY((launch_fwd_tile<T, fh_eng::scalar>(fn, grid, stream, fp)));
   });

@@ -86,26 +86,47 @@ struct mainloop<T, tma90> {
   static __device__ __forceinline__ void run(acc_t& acc, const nt_operand<T>& a, const nt_operand<T>& b, int K,
                                              unsigned char* smem) {
     const int tid = (int)threadIdx.x, wg = tid >> 7;
-    uint64_t* bar = (uint64_t*)smem;
+    /* A cluster of 2 CTAs (the launch's choice, uniform): each loads half of B's rows and
+     * multicasts it to both (docs/hopper.md "Multicast of the classifier tile"). */
+    const bool mc = fh_ptx::cluster_nctarank() == 2;
+    const uint32_t crank = mc ? fh_ptx::cluster_ctarank() : 0u;
+    uint64_t* bar = (uint64_t*)smem;            /* full[s]: the slot's bytes landed */
+    uint64_t* empty = bar + sm90::STAGES;       /* empty[s]: both CTAs retired the slot (clusters) */
     unsigned char* slots = smem + sm90::HEADER + ((1024u - (fh_ptx::smem_u32(smem + sm90::HEADER) & 1023u)) & 1023u);
     __syncthreads(); /* the caller's last readers of these bytes are done */
     if (tid == 0) {
       FH_UNROLL
-      for (int s = 0; s < sm90::STAGES; ++s) fh_ptx::mbar_init(&bar[s], 1);
+      for (int s = 0; s < sm90::STAGES; ++s) {
+        fh_ptx::mbar_init(&bar[s], 1);
+        if (mc) fh_ptx::mbar_init(&empty[s], 2);
+      }
       fh_ptx::fence_mbar_init();
       fh_ptx::fence_proxy_async(); /* generic accesses to the slots before the TMA writes */
     }
-    __syncthreads();
+    /* With a cluster: the peer's mbarriers exist, and it is done with its previous tile (its
+     * exchange reused the slots this CTA is about to fill), before any copy reaches it. */
+    if (mc) fh_ptx::cluster_sync();
+    else __syncthreads();
     loader<T, vec16, BM, sm90::ROWB / 16> la;
     la.init(a);
     const int kbytes = K * (int)sizeof(T);
     const int kt = (kbytes + sm90::ROWB - 1) / sm90::ROWB;
     auto issue = [&](int kb) {
-      unsigned char* st = slots + (size_t)(kb % sm90::STAGES) * sm90::STAGE_BYTES;
+      const int s = kb % sm90::STAGES;
+      unsigned char* st = slots + (size_t)s * sm90::STAGE_BYTES;
       la.issue(st, kb, kbytes);
       if (tid == 0) {
-        fh_ptx::mbar_arrive_expect_tx(&bar[kb % sm90::STAGES], (uint32_t)sm90::TILE_B);
-        fh_ptx::tma_load_2d(st + sm90::TILE_A, static_cast<const CUtensorMap*>(b.tmap), kb * sm90::KB, b.row0, &bar[kb % sm90::STAGES]);
+        const CUtensorMap* map = static_cast<const CUtensorMap*>(b.tmap);
+        fh_ptx::mbar_arrive_expect_tx(&bar[s], (uint32_t)sm90::TILE_B); /* both halves, with a cluster */
+        if (mc) {
+          /* the slot's previous block (kb - STAGES) is retired in both CTAs */
+          if (kb >= sm90::STAGES) fh_ptx::mbar_wait(&empty[s], (uint32_t)(kb / sm90::STAGES - 1) & 1u);
+          constexpr int HALF = BN / 2;
+          fh_ptx::tma_load_2d_multicast(st + sm90::TILE_A + (size_t)crank * HALF * sm90::ROWB, map, kb * sm90::KB,
+                                        b.row0 + (int)crank * HALF, &bar[s], (uint16_t)0x3);
+        } else {
+          fh_ptx::tma_load_2d(st + sm90::TILE_A, map, kb * sm90::KB, b.row0, &bar[s]);
+        }
       }
     };
     FH_UNROLL
@@ -120,7 +141,15 @@ struct mainloop<T, tma90> {
       fh_ptx::cp_async_wait<sm90::LOOKAHEAD - 1>(); /* this thread's A copies of block kb */
       fh_ptx::fence_proxy_async();
       __syncthreads(); /* every thread's copies of block kb; every warpgroup retired block kb - 2 */
-      if (kb + sm90::LOOKAHEAD < kt) issue(kb + sm90::LOOKAHEAD);
+      if (kb + sm90::LOOKAHEAD < kt) {
+        if (mc && tid == 0 && kb + sm90::LOOKAHEAD >= sm90::STAGES) {
+          /* block kb - 2's slot is free here: tell both CTAs, which fill it with halves of B */
+          const int s2 = (kb + sm90::LOOKAHEAD) % sm90::STAGES;
+          fh_ptx::mbar_arrive(&empty[s2]);
+          fh_ptx::mbar_arrive_cluster(&empty[s2], crank ^ 1u);
+        }
+        issue(kb + sm90::LOOKAHEAD);
+      }
       fh_ptx::cp_async_commit();
       const int s = kb % sm90::STAGES;
       fh_ptx::mbar_wait(&bar[s], (uint32_t)(kb / sm90::STAGES) & 1u);
@@ -152,7 +181,10 @@ struct mainloop<T, tma90> {
     __syncthreads(); /* every MMA retired and every thread past its waits: the ring is free */
     if (tid == 0) {
       FH_UNROLL
-      for (int s = 0; s < sm90::STAGES; ++s) fh_ptx::mbar_inval(&bar[s]);
+      for (int s = 0; s < sm90::STAGES; ++s) {
+        fh_ptx::mbar_inval(&bar[s]);
+        if (mc) fh_ptx::mbar_inval(&empty[s]);
+      }
     }
     exchange(acc, d, (float*)slots);
   }
@@ -183,6 +215,15 @@ struct mainloop<T, tma90> {
   }
 };
 
+
+/* CTAs per cluster of a launch of mainloop tag Align: 2 when the sm_90a loop multicasts the
+ * classifier tile (FH_LAUNCH_CLUSTER), else 1. A kernel whose CTAs may have no rows returns
+ * early only when its whole cluster has none: the peer still needs its half of every tile. */
+template <typename Align>
+__device__ __forceinline__ int cluster_ctas() {
+  if constexpr (std::is_same<Align, tma90>::value) return (int)fh_ptx::cluster_nctarank();
+  else return 1;
+}
 
 /* ---- host side: selection and the tensor map of B ---- */
 
@@ -226,9 +267,11 @@ typedef CUresult (*encode_tiled_fn)(CUtensorMap*, CUtensorMapDataType, cuuint32_
                                     CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 
 /* The tensor map of a K-major B operand for the sm_90a mainloop: `rows` rows of K elements,
- * `ld` elements apart, boxes of 64 x 128 in the 128-byte swizzle; rows past `rows` and elements
- * past K read as zero. False when the driver refuses it (the caller keeps the sm_80 loop). */
-static inline bool encode_b_map(CUtensorMap* m, const void* base, bool bf16, int64_t rows, int64_t K, int64_t ld) {
+ * `ld` elements apart, boxes of 64 x box_rows (128, or 64 for the halves a cluster multicasts) in
+ * the 128-byte swizzle; rows past `rows` and elements past K read as zero. False when the driver
+ * refuses it (the caller keeps the sm_80 loop). */
+static inline bool encode_b_map(CUtensorMap* m, const void* base, bool bf16, int64_t rows, int64_t K, int64_t ld,
+                                int box_rows = BN) {
   encode_tiled_fn fn = nullptr;
 #ifdef __CUDACC__
   void* p = nullptr;
@@ -242,7 +285,7 @@ static inline bool encode_b_map(CUtensorMap* m, const void* base, bool bf16, int
 #endif
   const cuuint64_t dim[2] = {(cuuint64_t)K, (cuuint64_t)rows};
   const cuuint64_t stride[1] = {(cuuint64_t)ld * 2u};
-  const cuuint32_t box[2] = {(cuuint32_t)sm90::KB, (cuuint32_t)BN};
+  const cuuint32_t box[2] = {(cuuint32_t)sm90::KB, (cuuint32_t)box_rows};
   const cuuint32_t es[2] = {1, 1};
   return fn(m, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<void*>(base),
             dim, stride, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
@@ -250,11 +293,35 @@ static inline bool encode_b_map(CUtensorMap* m, const void* base, bool bf16, int
 }
 
 /* The host's choice for a launch of 16-bit T whose operands passed vec16_ok: the sm_90a path
- * when it is enabled and B's tensor map (written to *m) encodes. */
+ * when it is enabled and B's tensor map (written to *m) encodes. mc: the launch goes in clusters
+ * of 2 CTAs that multicast halves of each B tile (the map's box is then half a tile). */
 template <typename T>
-static inline bool pick_tma90(bool vec, CUtensorMap* m, const void* b, int64_t rows, int64_t K, int64_t ld) {
+static inline bool pick_tma90(bool vec, CUtensorMap* m, const void* b, int64_t rows, int64_t K, int64_t ld,
+                              bool mc = false) {
   if (sizeof(T) != 2 || !vec || rows <= 0 || K <= 0 || !tma90_enabled()) return false;
-  return encode_b_map(m, b, operand<T>::BF16, rows, K, ld);
+  return encode_b_map(m, b, operand<T>::BF16, rows, K, ld, mc ? BN / 2 : BN);
+}
+
+/* Whether a sm_90a launch of `row_blocks` row blocks (grid x) that share every B tile goes in
+ * clusters of 2 with B multicast (docs/hopper.md): at least 2 row blocks, and the environment
+ * variable FH_MULTICAST is not "0" (the single-CTA loop on Hopper: comparisons, debugging). The
+ * launch then rounds grid x up to even; the extra CTA has no rows but loads its half of B. */
+static inline bool multicast_enabled(unsigned row_blocks) {
+  if (row_blocks < 2) return false;
+  const char* e = getenv("FH_MULTICAST");
+  return !(e && strcmp(e, "0") == 0);
+}
+
+/* Launches kernel k of mainloop tag Align with `grid`, in clusters of 2 along x (grid x rounded
+ * up to even) when mc, as one CTA per cluster otherwise. */
+template <typename K, typename... A>
+static inline void launch_tiles_mc(bool mc, K* k, dim3 grid, size_t smem, cudaStream_t stream, A&&... args) {
+  if (mc) {
+    grid.x += grid.x & 1u;
+    FH_LAUNCH_CLUSTER(k, grid, dim3(THREADS), dim3(2, 1, 1), smem, stream, static_cast<A&&>(args)...);
+  } else {
+    FH_LAUNCH(k, grid, dim3(THREADS), smem, stream, static_cast<A&&>(args)...);
+  }
 }
 
 } /* namespace fh_eng */

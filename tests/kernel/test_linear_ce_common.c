@@ -491,16 +491,35 @@ int lk_engine_sm90(fh_dtype_t dtype, int64_t D) {
   return dtype != FH_DTYPE_F32 && (D * 2) % 16 == 0 && !(e && strcmp(e, "sm80") == 0);
 }
 
-uint64_t lk_engine_gemm_flops(int64_t nv, int64_t V, int64_t D, fh_dtype_t dtype) {
-  return lk_tile_gemm_flops(nv, V, D, dtype, lk_engine_sm90(dtype, D));
+int lk_multicast_on(void) {
+  const char* e = getenv("FH_MULTICAST");
+  return !(e && strcmp(e, "0") == 0);
+}
+
+int lk_fwd_engine(int64_t N, fh_dtype_t dtype, int64_t D) {
+  /* clusters when the launch has two row blocks or more: its grid covers N rows, not the valid ones */
+  return lk_engine_sm90(dtype, D) ? (lk_multicast_on() && N > 128 ? 2 : 1) : 0;
+}
+
+int64_t lk_fwd_c_reads(int64_t N, int64_t nv, fh_dtype_t dtype, int64_t D) {
+  const int64_t rb = (nv + 127) / 128;
+  return lk_fwd_engine(N, dtype, D) == 2 ? (rb + 1) / 2 : rb;
+}
+
+uint64_t lk_engine_gemm_flops(int64_t N, int64_t nv, int64_t V, int64_t D, fh_dtype_t dtype) {
+  return lk_tile_gemm_flops(nv, V, D, dtype, lk_fwd_engine(N, dtype, D));
 }
 
 uint64_t lk_tile_gemm_flops(int64_t nv, int64_t V, int64_t D, fh_dtype_t dtype, int sm90) {
   if (sm90) {
     /* the sm_90a mainloop (docs/hopper.md): per 128 x 128 tile, both warpgroups issue m64n128k16
-     * per 16 of K, K in blocks of 64, whatever the valid rows and classes */
+     * per 16 of K, K in blocks of 64, whatever the valid rows and classes; in clusters of 2
+     * (sm90 == 2) an odd count of valid row blocks leaves a CTA without rows beside the last,
+     * which multiplies zeros */
     const int64_t kpad = (D + 63) / 64 * 64;
-    return (uint64_t)(((nv + 127) / 128) * ((V + 127) / 128)) * (uint64_t)(2 * 128 * 128 * kpad);
+    int64_t rb = (nv + 127) / 128;
+    if (sm90 == 2) rb += rb & 1;
+    return (uint64_t)(rb * ((V + 127) / 128)) * (uint64_t)(2 * 128 * 128 * kpad);
   }
   /* 16-bit: two k16 mma per 64-byte stage; fp32: one k16 step per stage of six bf16 mma (the
    * three-piece split, docs/engine.md "fp32 inputs"). */

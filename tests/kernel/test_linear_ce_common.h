@@ -124,8 +124,19 @@ int lk_same_bits(const double* a, const double* b, int64_t n);
  * operands with 16-byte rows (dense, D % 8 == 0) on the emulator's compute capability 9.0,
  * unless FH_ENGINE=sm80. */
 int lk_engine_sm90(fh_dtype_t dtype, int64_t D);
-uint64_t lk_engine_gemm_flops(int64_t nv, int64_t V, int64_t D, fh_dtype_t dtype);
-/* The same for the mainloop named by sm90 (1: sm_90a, 0: sm_80), whatever the launches take. */
+/* 1 unless FH_MULTICAST=0: sm_90a launches of two row blocks or more go in clusters of 2 CTAs
+ * that multicast the classifier tile (docs/hopper.md "Multicast of the classifier tile"). */
+int lk_multicast_on(void);
+/* The mainloop of the linear CE forward of N rows: 0 sm_80, 1 sm_90a, 2 sm_90a in clusters of 2
+ * (its grid has two row blocks or more). */
+int lk_fwd_engine(int64_t N, fh_dtype_t dtype, int64_t D);
+/* How many times that forward reads the classifier for nv valid rows: once per row block, or
+ * once per cluster of two row blocks with multicast. */
+int64_t lk_fwd_c_reads(int64_t N, int64_t nv, fh_dtype_t dtype, int64_t D);
+/* The forward's tile FLOPs (lk_tile_gemm_flops with lk_fwd_engine). */
+uint64_t lk_engine_gemm_flops(int64_t N, int64_t nv, int64_t V, int64_t D, fh_dtype_t dtype);
+/* The same for the mainloop named by sm90 (0: sm_80, 1: sm_90a, 2: sm_90a in clusters of 2),
+ * whatever the launches take. */
 uint64_t lk_tile_gemm_flops(int64_t nv, int64_t V, int64_t D, fh_dtype_t dtype, int sm90);
 
 #endif

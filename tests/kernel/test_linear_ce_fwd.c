@@ -297,7 +297,7 @@ Test(kernel_linear_ce_fwd, tensor_core_flops) {
       const fh_emu_counters_t c = fh_emu_total_counters();
       int64_t nv = 0;
       for (int64_t i = 0; i < N; ++i) nv += P.f.targets[i] != -100;
-      const uint64_t model = lk_engine_gemm_flops(nv, V, D, DTYPES[dt]);
+      const uint64_t model = lk_engine_gemm_flops(N, nv, V, D, DTYPES[dt]);
       const double analytic = 2.0 * (double)nv * (double)V * (double)D;
       printf("forward tensor-core FLOPs %s N=%lld (valid %lld) V=%lld D=%lld: counted %llu, tile model %llu, "
              "analytic 2*Nv*V*D %.0f, counted/analytic %.3f\n",

@@ -10,7 +10,10 @@
  * - Which path ran is checked, not assumed: the emulator's tensor-core FLOPs equal each path's
  *   own tile model (lk_tile_gemm_flops), and they differ between the paths at these shapes.
  * - The classifier is read exactly once per 128-row block by either path (TMA on sm_90a,
- *   cp.async on sm_80), counted by the emulator over C's address range.
+ *   cp.async on sm_80), counted by the emulator over C's address range; by default the sm_90a
+ *   linear CE forward runs in clusters of 2 CTAs that multicast halves of each classifier tile,
+ *   and reads it once per cluster (FH_MULTICAST=0 runs one CTA per row block), with results
+ *   bitwise equal to both others.
  * - Distillation: both heads' tiles, forward and deterministic backward, bitwise likewise. */
 #define _POSIX_C_SOURCE 200809L /* setenv, unsetenv */
 #include <criterion/criterion.h>
@@ -29,9 +32,13 @@
 static const fh_dtype_t DT[2] = {FH_DTYPE_BF16, FH_DTYPE_F16};
 static const char* DN[2] = {"bf16", "f16"};
 
+/* sm90: 0 the sm_80 loop (FH_ENGINE=sm80), 1 the sm_90a loop one CTA per row block
+ * (FH_MULTICAST=0), 2 the default: sm_90a, the linear CE forward in clusters of 2. */
 static void use_engine(int sm90) {
   if (sm90) unsetenv("FH_ENGINE");
   else setenv("FH_ENGINE", "sm80", 1);
+  if (sm90 == 1) setenv("FH_MULTICAST", "0", 1);
+  else unsetenv("FH_MULTICAST");
 }
 
 typedef struct path_out {
@@ -73,6 +80,7 @@ static void run_path(int64_t N, int64_t V, int64_t D, int dt, float softcap, int
   fh_context_destroy(ctx);
   lk_free(&P);
   unsetenv("FH_ENGINE");
+  unsetenv("FH_MULTICAST");
 }
 
 static void free_path(path_out_t* o) {
@@ -81,31 +89,37 @@ static void free_path(path_out_t* o) {
 }
 
 static void compare_lce(int64_t N, int64_t V, int64_t D, float softcap) {
+  static const char* PN[3] = {"sm_80", "sm_90a", "sm_90a in clusters of 2"};
   for (int dt = 0; dt < 2; ++dt) {
-    path_out_t a, b; /* a: sm_90a, b: sm_80 */
-    run_path(N, V, D, dt, softcap, 1, &a);
-    run_path(N, V, D, dt, softcap, 0, &b);
-    const uint64_t m90 = lk_tile_gemm_flops(a.nv, V, D, DT[dt], 1), m80 = lk_tile_gemm_flops(a.nv, V, D, DT[dt], 0);
-    const uint64_t c_model = (uint64_t)((a.nv + 127) / 128) * (uint64_t)(V * D) * fh_dtype_size(DT[dt]);
-    printf("sm90 path %s N=%lld (valid %lld) V=%lld D=%lld softcap %g: forward FLOPs sm_90a %llu (model %llu), sm_80 "
-           "%llu (model %llu); C bytes read sm_90a %llu, sm_80 %llu (model %llu)\n",
-           DN[dt], (long long)N, (long long)a.nv, (long long)V, (long long)D, (double)softcap,
-           (unsigned long long)a.fwd_flops, (unsigned long long)m90, (unsigned long long)b.fwd_flops,
-           (unsigned long long)m80, (unsigned long long)a.c_bytes, (unsigned long long)b.c_bytes,
-           (unsigned long long)c_model);
-    cr_expect_eq(a.fwd_flops, m90, "%s: the default path did not run the sm_90a tiles", DN[dt]);
-    cr_expect_eq(b.fwd_flops, m80, "%s: FH_ENGINE=sm80 did not run the sm_80 tiles", DN[dt]);
-    cr_expect_neq(m90, m80, "%s: the shape does not tell the paths apart", DN[dt]);
-    cr_expect_eq(a.c_bytes, c_model, "%s: sm_90a reads C other than once per row block", DN[dt]);
-    cr_expect_eq(b.c_bytes, c_model, "%s: sm_80 reads C other than once per row block", DN[dt]);
-    cr_expect(lk_same_bits(a.f.lse, b.f.lse, N) && lk_same_bits(a.f.entropy, b.f.entropy, N),
-              "%s: lse / entropy differ between the mainloops", DN[dt]);
-    cr_expect(lk_same_bits(a.f.loss_rows, b.f.loss_rows, N), "%s: per-row loss differs", DN[dt]);
-    cr_expect(memcmp(a.f.argmax, b.f.argmax, sizeof(int64_t) * (size_t)N) == 0, "%s: argmax differs", DN[dt]);
-    cr_expect(lk_same_bits(a.g.dE, b.g.dE, N * D), "%s: dE differs between the mainloops", DN[dt]);
-    cr_expect(lk_same_bits(a.g.dC, b.g.dC, V * D), "%s: dC differs between the mainloops", DN[dt]);
-    cr_expect(lk_same_bits(a.g.db, b.g.db, V), "%s: dbias differs between the mainloops", DN[dt]);
-    free_path(&a), free_path(&b);
+    path_out_t o[3]; /* by use_engine's mode; o[0] (sm_80) is the reference */
+    for (int m = 0; m < 3; ++m) run_path(N, V, D, dt, softcap, m, &o[m]);
+    const int64_t nv = o[0].nv, rb = (nv + 127) / 128;
+    const uint64_t c_tile = (uint64_t)(V * D) * fh_dtype_size(DT[dt]);
+    for (int m = 0; m < 3; ++m) {
+      const int mc = m == 2 && N > 128; /* clusters when the grid has two row blocks or more */
+      const uint64_t flops = lk_tile_gemm_flops(nv, V, D, DT[dt], mc ? 2 : (m ? 1 : 0));
+      /* C once per row block, or once per cluster of two (multicast) */
+      const uint64_t c_model = (uint64_t)(mc ? (rb + 1) / 2 : rb) * c_tile;
+      printf("sm90 path %s N=%lld (valid %lld) V=%lld D=%lld softcap %g, %s: forward FLOPs %llu (model %llu), C bytes "
+             "read %llu (model %llu)\n",
+             DN[dt], (long long)N, (long long)nv, (long long)V, (long long)D, (double)softcap, PN[m],
+             (unsigned long long)o[m].fwd_flops, (unsigned long long)flops, (unsigned long long)o[m].c_bytes,
+             (unsigned long long)c_model);
+      cr_expect_eq(o[m].fwd_flops, flops, "%s: %s did not run its tiles", DN[dt], PN[m]);
+      cr_expect_eq(o[m].c_bytes, c_model, "%s: %s reads C other than its model", DN[dt], PN[m]);
+      if (m == 0) continue;
+      cr_expect(lk_same_bits(o[m].f.lse, o[0].f.lse, N) && lk_same_bits(o[m].f.entropy, o[0].f.entropy, N),
+                "%s: lse / entropy differ between %s and sm_80", DN[dt], PN[m]);
+      cr_expect(lk_same_bits(o[m].f.loss_rows, o[0].f.loss_rows, N), "%s: per-row loss differs (%s)", DN[dt], PN[m]);
+      cr_expect(memcmp(o[m].f.argmax, o[0].f.argmax, sizeof(int64_t) * (size_t)N) == 0, "%s: argmax differs (%s)",
+                DN[dt], PN[m]);
+      cr_expect(lk_same_bits(o[m].g.dE, o[0].g.dE, N * D), "%s: dE differs between %s and sm_80", DN[dt], PN[m]);
+      cr_expect(lk_same_bits(o[m].g.dC, o[0].g.dC, V * D), "%s: dC differs between %s and sm_80", DN[dt], PN[m]);
+      cr_expect(lk_same_bits(o[m].g.db, o[0].g.db, V), "%s: dbias differs between %s and sm_80", DN[dt], PN[m]);
+    }
+    cr_expect_neq(lk_tile_gemm_flops(nv, V, D, DT[dt], 1), lk_tile_gemm_flops(nv, V, D, DT[dt], 0),
+                  "%s: the shape does not tell the loops apart", DN[dt]);
+    for (int m = 0; m < 3; ++m) free_path(&o[m]);
   }
 }
 
@@ -117,6 +131,9 @@ Test(kernel_sm90, linear_ce_one_row_softcap, .timeout = 900) { compare_lce(1, 30
 /* 257 rows of which 220 are valid, compacted into two row blocks (128 + 92); two class tiles
  * (one class in the second); K = 3 blocks of 64 + 8. */
 Test(kernel_sm90, linear_ce_gathered_rows_k200, .timeout = 900) { compare_lce(257, 129, 200, 0.0f); }
+/* Three row blocks (valid rows of 300): in clusters of 2 the fourth CTA has no rows and still
+ * loads its half of every classifier tile for its peer; K = one block of 64 + 8. */
+Test(kernel_sm90, linear_ce_odd_row_blocks_multicast, .timeout = 900) { compare_lce(300, 300, 72, 0.0f); }
 
 static void* device_copy(const void* h, size_t bytes) {
   void* d = NULL;
