@@ -109,8 +109,10 @@ static void projection(void) {
  * 80% of the dense peak on an A100 and 60% on an H100; L2 delivering 5.5 and 7.5 TB/s): a GPU
  * check replaces them with measurements. */
 static void engine_model(void) {
-  /* mb: multicast of the classifier tile across a 2-CTA cluster (two row blocks share one C
-   * tile, so each CTA reads half of it from L2): not built, the saving it would bring. */
+  /* mc: multicast of the classifier tile across a 2-CTA cluster (two row blocks share one C
+   * tile, so each CTA reads half of it from L2; docs/hopper.md "Multicast of the classifier
+   * tile"): built for the forward's tiles, not for the backward's, whose row is the saving it
+   * would bring. */
   static const struct {
     const char* name;
     double tflops, mma_frac, l2_tbs;
@@ -118,7 +120,7 @@ static void engine_model(void) {
   } G[4] = {{"A100-SXM4-80GB sm_80 (mma.sync 80%)", 312.0, 0.80, 5.5, 0},
             {"H100-SXM sm_80 loop (mma.sync 60%)", 989.0, 0.60, 7.5, 0},
             {"H100-SXM sm_90a loop (wgmma 75%)", 989.0, 0.75, 7.5, 0},
-            {"H100-SXM sm_90a + 2-CTA multicast of C (not built)", 989.0, 0.75, 7.5, 1}};
+            {"H100-SXM sm_90a + 2-CTA multicast of C (forward built; backward not)", 989.0, 0.75, 7.5, 1}};
   for (int s = 0; s < 5; ++s) {
     const shape_t* sh = &SHAPES[s];
     const double N = (double)sh->N, V = (double)sh->V, D = (double)sh->D;

@@ -372,7 +372,9 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) topk_fused_tile_kernel(con
   unsigned char* keys = smem; /* [F_BM][KP] keys */
   const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31, k = p.k;
   uint32_t* scr = (uint32_t*)(smem + keys_end<Align>()) + warp * MAX_K;
-  const int row0 = blockIdx.x * F_BM, nr = p.B - row0 < F_BM ? p.B - row0 : F_BM;
+  /* In a 2-CTA cluster (engine/sm90.cuh) the last CTA may lie past B: no rows, it only loads
+   * its half of every classifier tile for its peer. */
+  const int row0 = blockIdx.x * F_BM, nr = p.B - row0 < 0 ? 0 : (p.B - row0 < F_BM ? p.B - row0 : F_BM);
   for (int idx = threadIdx.x; idx < nr * k; idx += fh_eng::THREADS) {
     const int r = idx / k, i = idx % k;
     p.ws[((int64_t)(row0 + r) * p.splits + blockIdx.y) * 2 * k + i] = topk_pair{-INFINITY, -1};
@@ -442,12 +444,12 @@ static fh_status_t launch_rows(const char* fn, cudaStream_t stream, const fh_ten
 }
 
 template <typename T, typename Align>
-static fh_status_t launch_fused(const char* fn, cudaStream_t stream, const fused_params& fp) {
+static fh_status_t launch_fused(const char* fn, cudaStream_t stream, const fused_params& fp, bool mc = false) {
   auto kern = topk_fused_tile_kernel<T, Align>;
   constexpr size_t smem = fused_smem<Align>();
   FH_TRY(fh_cuda_status(fh_eng::allow_smem<smem, fh_eng::optin<Align>::max>(kern), fn,
                         "cudaFuncSetAttribute(topk_fused_tile_kernel)"));
-  FH_LAUNCH(kern, dim3(fh_lce::lce_blocks(fp.B, F_BM), (unsigned)fp.splits), dim3(fh_eng::THREADS), smem, stream, fp);
+  fh_eng::launch_tiles_mc(mc, kern, dim3(fh_lce::lce_blocks(fp.B, F_BM), (unsigned)fp.splits), smem, stream, fp);
   return fh_cuda_launch_status(fn, "topk_fused_tile_kernel");
 }
 
@@ -491,9 +493,10 @@ extern "C" fh_status_t fh_cuda_topk(fh_cuda_state_t* st, struct CUstream_st* str
   fp.ws = static_cast<topk_pair*>(workspace);
   const size_t es = fh_dtype_size(H->dtype);
   const bool vec = fh_eng::vec16_ok(fp.H, fp.ldh, es) && fh_eng::vec16_ok(fp.C, fp.ldc, es);
+  const bool mc = fh_eng::multicast_enabled(fh_lce::lce_blocks(fp.B, F_BM));
   LCE_DTYPE_SWITCH(H->dtype, T, {
-    if (fh_eng::pick_tma90<T>(vec, &fp.tmc, fp.C, V, D, fp.ldc))
-      FH_TRY((launch_fused<T, fh_eng::tma90_for<T>>(fn, s, fp)));
+    if (fh_eng::pick_tma90<T>(vec, &fp.tmc, fp.C, V, D, fp.ldc, mc))
+      FH_TRY((launch_fused<T, fh_eng::tma90_for<T>>(fn, s, fp, mc)));
     else if (vec) FH_TRY((launch_fused<T, fh_eng::vec16>(fn, s, fp)));
     else FH_TRY((launch_fused<T, fh_eng::scalar>(fn, s, fp)));
   });

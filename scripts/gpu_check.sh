@@ -6,7 +6,8 @@
 #   2. runs the gpu suite (ctest -R '^gpu$' -j1) and python/tests (CPU tensors: that suite has no
 #      device selection; CUDA tensors are covered by the parity check of step 3);
 #   2b. on compute capability 9.0: the gpu suite again with FH_ENGINE=sm80, and bench_linear_ce
-#      on both mainloops (build-gpu/gpu_check_engine.csv; docs/hopper.md);
+#      on both mainloops, the sm_90a one with and without the 2-CTA multicast
+#      (build-gpu/gpu_check_engine.csv; docs/hopper.md);
 #   3. bench_decode: fused decoding against cuBLAS logits + fh_decode_from_logits at the LLM
 #      shapes (build-gpu/gpu_check_decode.csv); then bench/bench_anchors.py: a parity check of the Python binding on CUDA tensors, then fusedhead,
 #      the cuBLAS + unfused baseline (bench_linear_ce), eager PyTorch, Liger-Kernel and Cut
@@ -233,9 +234,15 @@ if [ "$BUILD_OK" = 1 ] && [ "${NUM:-0}" = 90 ]; then
     syn=$(grep -o 'Synthesis: .*' "$LOGS/gpu_suite_sm80.log" | tail -1 | sed 's/ *$//')
     step "gpu suite with FH_ENGINE=sm80 (the sm_80 mainloop on Hopper): $([ $ok = 1 ] && echo ok || echo FAILED), ${syn:-no synthesis line}, $(($(date +%s) - t)) s"
   fi
-  for eng in sm90a sm80; do
+  # sm90a: the default (the forward in 2-CTA clusters with the classifier tile multicast);
+  # sm90a_1cta: FH_MULTICAST=0 (one CTA per row block); sm80: the sm_80 loop.
+  for eng in sm90a sm90a_1cta sm80; do
     t=$(date +%s)
-    if [ "$eng" = sm80 ]; then envs=(env FH_ENGINE=sm80); else envs=(env -u FH_ENGINE); fi
+    case "$eng" in
+      sm80) envs=(env FH_ENGINE=sm80) ;;
+      sm90a_1cta) envs=(env -u FH_ENGINE FH_MULTICAST=0) ;;
+      *) envs=(env -u FH_ENGINE -u FH_MULTICAST) ;;
+    esac
     if run_logged "bench_engine_$eng" "$(cap 120)" "${envs[@]}" "$BUILD/bench_linear_ce" --gpu-shape 8192 128256 4096 \
       --gpu-reps "$REPS" --warmup "$WARMUP" --reps 1 --cpu-shape 8 64 16; then
       grep -E '^gpu,' "$LOGS/bench_engine_$eng.log" | sed "s/^/$eng,/" >>"$ENGINE_CSV"

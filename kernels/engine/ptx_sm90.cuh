@@ -190,16 +190,18 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* tmap, 
 #endif
 }
 /* The .multicast::cluster variant: the same box lands at the same offset in the shared memory
- * of every CTA named in cta_mask (bit i: cluster rank i), each completing on its own `bar`. */
+ * of every CTA named in cta_mask (bit i: cluster rank i), each completing on its own `bar`.
+ * Built for sm_90a only (ptxas advises against it on the portable sm_90 target); it traps on
+ * the others, as wgmma does. */
 __device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* tmap, int32_t c0, int32_t c1,
                                                       uint64_t* bar, uint16_t cta_mask) {
-#if FH_SM90_DEVICE
+#if FH_SM90A_DEVICE
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, "
       "%3}], [%4], %5;\n" ::"r"(smem_u32(dst)),
       "l"(tmap), "r"(c0), "r"(c1), "r"(smem_u32(bar)), "h"(cta_mask)
       : "memory");
-#elif FH_SM80_ONLY_DEVICE
+#elif FH_SM90_OTHER_DEVICE
   (void)dst, (void)tmap, (void)c0, (void)c1, (void)bar, (void)cta_mask;
   __trap();
 #elif !defined(__CUDACC__)
@@ -356,16 +358,18 @@ __device__ __forceinline__ void* mapa(void* p, uint32_t rank) {
 #endif
 }
 
-/* mbarrier.arrive.release.cluster.shared::cluster.b64 on the mbarrier at the same offset as `bar`
- * in the CTA of cluster rank `rank` (mapa.shared::cluster first): one arrival there, e.g. a
- * consumer releasing a slot that the CTA of that rank fills for the whole cluster. */
+/* mbarrier.arrive.shared::cluster.b64 on the mbarrier at the same offset as `bar` in the CTA of
+ * cluster rank `rank` (mapa.shared::cluster first): one arrival there, e.g. a consumer releasing
+ * a slot that the CTA of that rank fills. The default semantics (release at CTA scope) is
+ * enough for that: the slot's readers (wgmma) have retired, nothing is published; the
+ * .release.cluster form would cost a MEMBAR.ALL.GPU per arrival (seen in the SASS). */
 __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
 #if FH_SM90_DEVICE
   asm volatile(
       "{\n"
       ".reg .b32 remote;\n"
       "mapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n"
       "}\n" ::"r"(smem_u32(bar)),
       "r"(rank)
       : "memory");

@@ -79,6 +79,13 @@ void run_cluster_member(Worker& w, const LaunchState& L, ClusterGroup& g) {
     }
     /* A whole round without progress: every live member waits for something nobody provides. */
     if (g.idle >= g.size) report_stuck_cluster(g);
+    /* A member that progressed keeps the turn for another pass with probability 7/8, so a CTA
+     * runs ahead of its peers by many passes at times (as far as its waits let it): a missing
+     * wait for a peer's release then lets it overwrite what the peer still reads. */
+    g.rng += 0x9e3779b97f4a7c15ull;
+    uint64_t z = (g.rng ^ (g.rng >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    if (progress && ((z ^ (z >> 31)) & 7u) != 0) continue;
     g.turn = (w.crank + 1) % g.size;
     g.cv.notify_all();
   }
@@ -97,6 +104,7 @@ void cluster_worker_loop(int wid, int rank, ClusterGroup& g, const LaunchState& 
       if (!g.end) g.cluster = order[i];
       g.turn = 0;
       g.idle = 0;
+      g.rng = launch_seed ^ (g.cluster * 0xd1b54a32d192ed03ull);
       g.all_done = false;
       g.bar = ClusterBar{};
     }

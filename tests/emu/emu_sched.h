@@ -72,6 +72,7 @@ struct ClusterGroup {
   uint64_t cluster = 0; /* linear index of the cluster in flight */
   int turn = 0;
   int idle = 0;         /* consecutive turns in which no member made progress */
+  uint64_t rng = 0;     /* per cluster, from the launch seed: how long each turn lasts */
   bool all_done = false;
   ClusterBar bar;
 };

@@ -136,10 +136,11 @@ void check_bulk(PtxState& s, int thread, const unsigned char* p, int bytes, bool
                                            : "read of shared bytes a bulk tensor copy (TMA) has not landed yet");
       std::fprintf(stderr, "=========   %s %s %s (%s)\n", ptx::thread_name(thread).c_str(), write ? "writes" : "reads",
                    ptx::describe(s, p, bytes).c_str(), op);
-      std::fprintf(stderr, "=========   %s issued cp.async.bulk.tensor to %s (the box at {%d, %d}), completing on the mbarrier "
-                           "at %s in its phase %u\n",
-                   ptx::thread_name(b.thread).c_str(), ptx::describe(s, b.dst, (int)b.bytes).c_str(), b.c0, b.c1,
-                   bar_name(s, b.bar).c_str(), b.phase);
+      const std::string who = b.rank == cluster_rank() ? std::string() : " of cluster rank " + std::to_string(b.rank);
+      std::fprintf(stderr, "=========   %s%s issued cp.async.bulk.tensor to %s (the box at {%d, %d}), completing on the "
+                           "mbarrier at %s in its phase %u\n",
+                   ptx::thread_name(b.thread).c_str(), who.c_str(), ptx::describe(s, b.dst, (int)b.bytes).c_str(), b.c0,
+                   b.c1, bar_name(s, b.bar).c_str(), b.phase);
       std::fprintf(stderr, "=========   the bytes are only there once that phase completed: wait on it with "
                            "mbarrier.try_wait.parity %u first (a wrong parity returns at once)\n", b.phase & 1);
       report_die();
@@ -369,7 +370,7 @@ void* sm90_mapa(void* p, uint32_t rank) {
 
 void sm90_mbar_arrive_cluster(void* bar, uint32_t rank) {
   const int t = running_thread().linear;
-  const char* op = "mbarrier.arrive.release.cluster.shared::cluster";
+  const char* op = "mbarrier.arrive.shared::cluster";
   ptx::check_aligned(bar, 8, op, "mbarrier", t);
   const uint32_t off = remote_offset(bar, rank, op, t);
   PtxState& r = remote_state(rank, op, t);

@@ -44,7 +44,7 @@ void sm90_setmaxnreg(int n, bool inc);
 uint32_t sm90_cluster_ctarank();
 uint32_t sm90_cluster_nctarank();
 void* sm90_mapa(void* p, uint32_t rank);
-/* mbarrier.arrive.release.cluster.shared::cluster on the mbarrier at bar's offset in rank's CTA. */
+/* mbarrier.arrive.shared::cluster on the mbarrier at bar's offset in rank's CTA. */
 void sm90_mbar_arrive_cluster(void* bar, uint32_t rank);
 /* barrier.cluster.arrive / wait (emu_cluster.cpp). */
 void cluster_barrier_arrive();

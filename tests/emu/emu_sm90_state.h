@@ -53,6 +53,7 @@ struct Bulk {
   int32_t c0, c1;
   int thread;
   uint32_t phase; /* the barrier's phase at issue (for reports) */
+  int rank;       /* cluster rank of the issuing CTA (a multicast lands in its peers too) */
 };
 
 struct WgOp {

@@ -141,7 +141,7 @@ void sm90_tma_load_2d(void* dst, const void* tmap, int32_t c0, int32_t c1, void*
       ptx::fail("copy completes on an uninitialized mbarrier", t, "%s: no mbarrier.init for %s%s", op,
                 bar_name(rs, rbar).c_str(), r == cluster_rank() ? "" : (" in the CTA of cluster rank " + std::to_string(r)).c_str());
     check_bulk(rs, t, d, (int)bytes, true, "cp.async.bulk.tensor destination");
-    Bulk b{d, off, bytes, rbar, m, c0, c1, t, mb->phase};
+    Bulk b{d, off, bytes, rbar, m, c0, c1, t, mb->phase, cluster_rank()};
     std::memset(d, 0xff, bytes); /* poisoned (NaN) until it lands */
     st_of(rs).bulks.push_back(b);
     ++rs.bulk_inflight;

@@ -134,6 +134,9 @@ Test(kernel_sm90, linear_ce_gathered_rows_k200, .timeout = 900) { compare_lce(25
 /* Three row blocks (valid rows of 300): in clusters of 2 the fourth CTA has no rows and still
  * loads its half of every classifier tile for its peer; K = one block of 64 + 8. */
 Test(kernel_sm90, linear_ce_odd_row_blocks_multicast, .timeout = 900) { compare_lce(300, 300, 72, 0.0f); }
+/* K = 8 blocks of 64 + 8: every slot of the 4-slot ring is refilled twice, so in clusters each
+ * refill waits for both CTAs to release the slot (the empty mbarriers' two phases). */
+Test(kernel_sm90, linear_ce_ring_wraps_multicast, .timeout = 900) { compare_lce(200, 260, 520, 0.0f); }
 
 static void* device_copy(const void* h, size_t bytes) {
   void* d = NULL;
@@ -142,10 +145,12 @@ static void* device_copy(const void* h, size_t bytes) {
   return d;
 }
 
-/* Fused top-k: B = 150 (two row blocks), V = 1000, D = 200, k = 50, bias; ties are likely at
- * bf16 precision, so equal ids test the tie order too. */
-Test(kernel_sm90, topk_paths_agree_bitwise, .timeout = 900) {
-  const int64_t B = 150, V = 1000, D = 200, k = 50;
+/* Fused top-k: B rows, V = 1000, D = 200, k = 50, bias; ties are likely at bf16 precision, so
+ * equal ids test the tie order too. */
+static void topk_compare(int64_t B) {
+  const int64_t V = 1000, D = 200, k = 50;
+  /* the default sm_90a launch goes in 2-CTA clusters with two row blocks or more */
+  const int m90 = B > 128 && lk_multicast_on() ? 2 : 1;
   for (int dt = 0; dt < 2; ++dt) {
     const fh_dtype_t dtype = DT[dt];
     const size_t es = fh_dtype_size(dtype);
@@ -172,7 +177,7 @@ Test(kernel_sm90, topk_paths_agree_bitwise, .timeout = 900) {
       int64_t* d_i = NULL;
       cr_assert_eq(cudaMalloc((void**)&d_v, (size_t)(B * k) * sizeof(float)), cudaSuccess);
       cr_assert_eq(cudaMalloc((void**)&d_i, (size_t)(B * k) * sizeof(int64_t)), cudaSuccess);
-      use_engine(sm90);
+      use_engine(sm90 ? 2 : 0); /* the default launch on sm_90a */
       fh_emu_reset_counters();
       cr_assert_eq(fh_topk_fused(gpu, &H, &C, &bias, k, d_v, d_i, ws, ws_bytes), FH_SUCCESS, "%s", fh_last_error());
       flops[sm90] = fh_emu_total_counters().mma_flops;
@@ -185,9 +190,9 @@ Test(kernel_sm90, topk_paths_agree_bitwise, .timeout = 900) {
     }
     printf("sm90 path top-k %s B=%lld V=%lld D=%lld k=%lld: FLOPs sm_90a %llu (model %llu), sm_80 %llu (model %llu)\n",
            DN[dt], (long long)B, (long long)V, (long long)D, (long long)k, (unsigned long long)flops[1],
-           (unsigned long long)lk_tile_gemm_flops(B, V, D, dtype, 1), (unsigned long long)flops[0],
+           (unsigned long long)lk_tile_gemm_flops(B, V, D, dtype, m90), (unsigned long long)flops[0],
            (unsigned long long)lk_tile_gemm_flops(B, V, D, dtype, 0));
-    cr_expect_eq(flops[1], lk_tile_gemm_flops(B, V, D, dtype, 1), "%s: the default path did not run sm_90a", DN[dt]);
+    cr_expect_eq(flops[1], lk_tile_gemm_flops(B, V, D, dtype, m90), "%s: the default path did not run sm_90a", DN[dt]);
     cr_expect_eq(flops[0], lk_tile_gemm_flops(B, V, D, dtype, 0), "%s: FH_ENGINE=sm80 did not run sm_80", DN[dt]);
     for (int64_t i = 0; i < B * k; ++i)
       cr_assert(ids[0][i] == ids[1][i] && memcmp(&val[0][i], &val[1][i], sizeof(float)) == 0,
@@ -200,6 +205,11 @@ Test(kernel_sm90, topk_paths_agree_bitwise, .timeout = 900) {
     fh_context_destroy(gpu);
   }
 }
+
+/* Two row blocks: one 2-CTA cluster on the sm_90a path. */
+Test(kernel_sm90, topk_paths_agree_bitwise, .timeout = 900) { topk_compare(150); }
+/* Three row blocks (the third of 4 rows): two clusters, the last CTA without rows. */
+Test(kernel_sm90, topk_odd_row_blocks_multicast, .timeout = 900) { topk_compare(260); }
 
 /* Distillation (JSD, hard term, reduction none): the forward's per-row loss, soft and hard terms
  * and row state, and the deterministic backward's student gradients, bitwise between the
@@ -220,7 +230,7 @@ Test(kernel_sm90, distill_paths_agree_bitwise, .timeout = 900) {
     uint64_t flops[2];
     double* gl = dk_make_gl(&P, &o);
     for (int sm90 = 0; sm90 < 2; ++sm90) {
-      use_engine(sm90);
+      use_engine(sm90 ? 2 : 0); /* the default launch on sm_90a */
       dk_out_alloc(&out[sm90], N);
       fh_emu_reset_counters();
       cr_assert_eq(dk_run(&P, &o, &out[sm90]), FH_SUCCESS, "%s", fh_last_error());
