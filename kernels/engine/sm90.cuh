@@ -27,6 +27,12 @@
  *     sees them defined there; empty asm statements pin them around each block
  *     (wgmma_fence_operand). A warpgroup whose rows are all past the valid ones still
  *     multiplies (zeros).
+ *   - In a cluster of 2 CTAs (FH_LAUNCH_CLUSTER; two row blocks over the same class tiles) each
+ *     CTA loads half of every B box (64 rows, the map's box) and multicasts it to both, so L2
+ *     serves each B tile once per pair. A slot is refilled only once both CTAs released it
+ *     (empty[s]: one local and one remote arrival after the barrier that retires its block),
+ *     and each tile starts with a barrier.cluster (the peer's mbarriers exist, its previous
+ *     exchange is done). docs/hopper.md "Multicast of the classifier tile".
  *   - The accumulators (the wgmma layout: warp w of warpgroup g holds rows 64g + 16w + {lane/4,
  *     lane/4 + 8}, all 128 columns) go through shared memory once (128 x 136 fp32, conflict-free
  *     8-byte accesses) into the sm_80 fragment layout, so every epilogue runs unchanged.
@@ -35,7 +41,7 @@
  *     two paths give bitwise equal tiles there (tested). On the hardware the tensor cores' order
  *     inside a k16 step is unspecified for both.
  *
- * Shared memory: RING_BYTES from the caller's pointer: STAGES mbarriers, then (1024-byte
+ * Shared memory: RING_BYTES from the caller's pointer: 2 x STAGES mbarriers, then (1024-byte
  * aligned) the slots; the exchange reuses the slots. On return the ring is free (a barrier has
  * passed) and the mbarriers are invalidated, so the caller may reuse every byte. */
 #ifndef FH_KERNELS_ENGINE_SM90_CUH
