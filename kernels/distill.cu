@@ -70,8 +70,9 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_stats_kernel(const
   int* s_rows = (int*)(smem + ring<Align>::bytes);
   int* s_y = s_rows + BM;
   const int count = p.hdr->count, row0 = blockIdx.x * BM;
-  if (row0 >= count) return; /* block-uniform */
-  const int nr = count - row0 < BM ? count - row0 : BM;
+  /* cluster-uniform: a CTA without rows beside one with rows loads its half of the tiles */
+  if ((int)(blockIdx.x - blockIdx.x % cluster_ctas<Align>()) * BM >= count) return;
+  const int nr = count - row0 < 0 ? 0 : (count - row0 < BM ? count - row0 : BM);
   load_rows(s_rows, p.rows, row0, nr);
   for (int r = threadIdx.x; r < BM; r += THREADS) s_y[r] = r < nr && p.targets ? (int)p.targets[s_rows[r]] : -1;
   __syncthreads();
@@ -176,8 +177,8 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_div_kernel(const _
   float* sums = park_y + PARK * THREADS; /* [2 SLOTS][THREADS]: D, then S per slot */
   int* s_rows = (int*)(smem + div_rows_off<Align>());
   const int count = p.hdr->count, row0 = blockIdx.x * BM;
-  if (row0 >= count) return;
-  const int nr = count - row0 < BM ? count - row0 : BM;
+  if ((int)(blockIdx.x - blockIdx.x % cluster_ctas<Align>()) * BM >= count) return; /* as in pass 1 */
+  const int nr = count - row0 < 0 ? 0 : (count - row0 < BM ? count - row0 : BM);
   load_rows(s_rows, p.rows, row0, nr);
   __syncthreads();
   float mu[SLOTS], lu[SLOTS], mv[SLOTS], lv[SLOTS];
@@ -346,23 +347,25 @@ __global__ void __launch_bounds__(256) distill_reduce_kernel(red_params p) {
 }
 
 template <typename T, typename Align>
-static fh_status_t launch_stats_tiles(const char* fn, dim3 grid, cudaStream_t stream, const fwd_params& fp) {
+static fh_status_t launch_stats_tiles(const char* fn, dim3 grid, cudaStream_t stream, const fwd_params& fp,
+                                   bool mc = false) {
   auto k1 = distill_stats_kernel<T, Align>;
   constexpr size_t smem = stats_smem<Align>();
   FH_TRY(fh_cuda_status(fh_eng::allow_smem<smem, fh_eng::optin<Align>::max>(k1), fn,
                         "cudaFuncSetAttribute(distill_stats_kernel)"));
-  FH_LAUNCH(k1, grid, dim3(fh_eng::THREADS), smem, stream, fp);
+  fh_eng::launch_tiles_mc(mc, k1, grid, smem, stream, fp);
   LCE_CHECK_LAUNCH(fn, "distill_stats_kernel");
   return FH_SUCCESS;
 }
 
 template <typename T, typename Align>
-static fh_status_t launch_div_tiles(const char* fn, dim3 grid, cudaStream_t stream, const fwd_params& fp) {
+static fh_status_t launch_div_tiles(const char* fn, dim3 grid, cudaStream_t stream, const fwd_params& fp,
+                                   bool mc = false) {
   auto k2 = distill_div_kernel<T, Align>;
   constexpr size_t smem = div_smem<Align>();
   FH_TRY(fh_cuda_status(fh_eng::allow_smem<smem, fh_eng::optin<Align>::max>(k2), fn,
                         "cudaFuncSetAttribute(distill_div_kernel)"));
-  FH_LAUNCH(k2, grid, dim3(fh_eng::THREADS), smem, stream, fp);
+  fh_eng::launch_tiles_mc(mc, k2, grid, smem, stream, fp);
   LCE_CHECK_LAUNCH(fn, "distill_div_kernel");
   return FH_SUCCESS;
 }
@@ -393,7 +396,9 @@ fh_status_t fh_dst::launch_row_stats(const char* fn, cudaStream_t stream, const 
   const dim3 grid(lce_blocks(p->N, fh_eng::BM), (unsigned)L.S);
   const bool vec = operands_vec16(p);
   LCE_DTYPE_SWITCH(p->Es->dtype, T, {
-    if (heads_tma90<T>(vec, p, fp.hs, fp.ht)) FH_TRY((launch_stats_tiles<T, fh_eng::tma90_for<T>>(fn, grid, stream, fp)));
+    const bool mc = fh_eng::multicast_enabled(grid.x);
+    if (heads_tma90<T>(vec, p, fp.hs, fp.ht, mc))
+      FH_TRY((launch_stats_tiles<T, fh_eng::tma90_for<T>>(fn, grid, stream, fp, mc)));
     else if (vec) FH_TRY((launch_stats_tiles<T, fh_eng::vec16>(fn, grid, stream, fp)));
     else FH_TRY((launch_stats_tiles<T, fh_eng::scalar>(fn, grid, stream, fp)));
   });
@@ -437,7 +442,9 @@ extern "C" fh_status_t fh_cuda_distill_forward(fh_cuda_state_t* st, struct CUstr
       FH_TRY(sparse_forward_rows(fn, fh_cuda_error_flag(st), stream, p, rs, rs + p->N, part, rs + 2 * p->N,
                                  ws + L.total));
     else LCE_DTYPE_SWITCH(p->Es->dtype, T, {
-      if (heads_tma90<T>(vec, p, fp.hs, fp.ht)) FH_TRY((launch_div_tiles<T, fh_eng::tma90_for<T>>(fn, grid, stream, fp)));
+      const bool mc = fh_eng::multicast_enabled(grid.x);
+      if (heads_tma90<T>(vec, p, fp.hs, fp.ht, mc))
+        FH_TRY((launch_div_tiles<T, fh_eng::tma90_for<T>>(fn, grid, stream, fp, mc)));
       else if (vec) FH_TRY((launch_div_tiles<T, fh_eng::vec16>(fn, grid, stream, fp)));
       else FH_TRY((launch_div_tiles<T, fh_eng::scalar>(fn, grid, stream, fp)));
     });

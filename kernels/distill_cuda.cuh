@@ -159,11 +159,12 @@ static inline bool operands_vec16(const fh_distill_problem_t* p) {
 }
 
 /* The sm_90a mainloop for the heads (docs/hopper.md): the student's classifier's tensor map, and
- * the teacher's unless it is sparse (no teacher tile). False keeps the sm_80 loop. */
+ * the teacher's unless it is sparse (no teacher tile). False keeps the sm_80 loop. mc: the
+ * launch goes in 2-CTA clusters that multicast half boxes (the forward's row-block passes). */
 template <typename T>
-static inline bool heads_tma90(bool vec, const fh_distill_problem_t* p, head& hs, head& ht) {
-  if (!fh_eng::pick_tma90<T>(vec, &hs.tmc, hs.C, p->V, hs.D, hs.ldc)) return false;
-  return p->sparse || fh_eng::pick_tma90<T>(vec, &ht.tmc, ht.C, p->V, ht.D, ht.ldc);
+static inline bool heads_tma90(bool vec, const fh_distill_problem_t* p, head& hs, head& ht, bool mc = false) {
+  if (!fh_eng::pick_tma90<T>(vec, &hs.tmc, hs.C, p->V, hs.D, hs.ldc, mc)) return false;
+  return p->sparse || fh_eng::pick_tma90<T>(vec, &ht.tmc, ht.C, p->V, ht.D, ht.ldc, mc);
 }
 
 static_assert((int)DK_ALPHA == (int)FH_DIV_ALPHA && (int)DK_TVD == (int)FH_DIV_TVD && (int)DK_ZERO == (int)FH_DIV_ZERO,

@@ -239,7 +239,9 @@ Test(kernel_sm90, distill_paths_agree_bitwise, .timeout = 900) {
       cr_assert_eq(dk_run_backward(&P, &o, out[sm90].state, gl, NULL, &g[sm90]), FH_SUCCESS, "%s", fh_last_error());
       unsetenv("FH_ENGINE");
     }
-    const uint64_t m90 = 2 * (lk_tile_gemm_flops(nv, V, Ds, DT[dt], 1) + lk_tile_gemm_flops(nv, V, Dt, DT[dt], 1));
+    /* both forward passes in 2-CTA clusters by default (N > 128: two row blocks in the grid) */
+    const int m = N > 128 && lk_multicast_on() ? 2 : 1;
+    const uint64_t m90 = 2 * (lk_tile_gemm_flops(nv, V, Ds, DT[dt], m) + lk_tile_gemm_flops(nv, V, Dt, DT[dt], m));
     const uint64_t m80 = 2 * (lk_tile_gemm_flops(nv, V, Ds, DT[dt], 0) + lk_tile_gemm_flops(nv, V, Dt, DT[dt], 0));
     printf("sm90 path distill %s N=%lld (valid %lld) V=%lld Ds=%lld Dt=%lld: forward FLOPs sm_90a %llu (model %llu), "
            "sm_80 %llu (model %llu)\n", DN[dt], (long long)N, (long long)nv, (long long)V, (long long)Ds, (long long)Dt,
