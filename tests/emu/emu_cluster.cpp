@@ -5,10 +5,11 @@
  *
  * Each CTA of a cluster runs on its own OS thread of a group (its static __shared__ variables
  * are thread_local, its dynamic shared memory and twin state are its worker's), and only one
- * member runs at a time: after each scheduling pass the turn goes to the next rank. So a remote
- * operation touches a member that is not running, needs no lock, and the launch's seed
- * reproduces the interleaving. A whole round of turns in which no member ran a thread or landed
- * a copy is a deadlock. */
+ * member runs at a time: after a scheduling pass the turn goes to the next rank, or stays (with
+ * probability 7/8 when the pass made progress, so that a CTA sometimes runs far ahead of its
+ * peers). So a remote operation touches a member that is not running, needs no lock, and the
+ * launch's seed reproduces the interleaving. A whole round of turns in which no member ran a
+ * thread or landed a copy is a deadlock. */
 #include "emu_sched.h"
 
 #include <cstdio>
