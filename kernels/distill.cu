@@ -396,7 +396,8 @@ fh_status_t fh_dst::launch_row_stats(const char* fn, cudaStream_t stream, const 
   const dim3 grid(lce_blocks(p->N, fh_eng::BM), (unsigned)L.S);
   const bool vec = operands_vec16(p);
   LCE_DTYPE_SWITCH(p->Es->dtype, T, {
-    const bool mc = fh_eng::multicast_enabled(grid.x);
+    using A90 = fh_eng::tma90_for<T>;
+    const bool mc = fh_eng::multicast_enabled<T>(grid.x, distill_stats_kernel<T, A90>, stats_smem<A90>());
     if (heads_tma90<T>(vec, p, fp.hs, fp.ht, mc))
       FH_TRY((launch_stats_tiles<T, fh_eng::tma90_for<T>>(fn, grid, stream, fp, mc)));
     else if (vec) FH_TRY((launch_stats_tiles<T, fh_eng::vec16>(fn, grid, stream, fp)));
@@ -442,7 +443,8 @@ extern "C" fh_status_t fh_cuda_distill_forward(fh_cuda_state_t* st, struct CUstr
       FH_TRY(sparse_forward_rows(fn, fh_cuda_error_flag(st), stream, p, rs, rs + p->N, part, rs + 2 * p->N,
                                  ws + L.total));
     else LCE_DTYPE_SWITCH(p->Es->dtype, T, {
-      const bool mc = fh_eng::multicast_enabled(grid.x);
+      using A90 = fh_eng::tma90_for<T>;
+      const bool mc = fh_eng::multicast_enabled<T>(grid.x, distill_div_kernel<T, A90>, div_smem<A90>());
       if (heads_tma90<T>(vec, p, fp.hs, fp.ht, mc))
         FH_TRY((launch_div_tiles<T, fh_eng::tma90_for<T>>(fn, grid, stream, fp, mc)));
       else if (vec) FH_TRY((launch_div_tiles<T, fh_eng::vec16>(fn, grid, stream, fp)));

@@ -415,8 +415,9 @@ static fh_status_t launch_tiles(const char* fn, cudaStream_t stream, const fh_lc
   const dim3 grid(lce_blocks(p->N, fh_eng::BM), (unsigned)L.S);
   const bool vec = fh_eng::vec16_ok(fp.E, fp.lde, fh_dtype_size(p->dtype)) &&
                    fh_eng::vec16_ok(fp.C, fp.ldc, fh_dtype_size(p->dtype));
-  const bool mc = fh_eng::multicast_enabled(grid.x);
   LCE_DTYPE_SWITCH(p->dtype, T, {
+    using A90 = fh_eng::tma90_for<T>;
+    const bool mc = fh_eng::multicast_enabled<T>(grid.x, lce_fwd_tile_kernel<T, A90>, fwd_smem<A90>());
     if (fh_eng::pick_tma90<T>(vec, &fp.tmc, fp.C, p->V, p->D, fp.ldc, mc))
       FH_TRY((launch_fwd_tile<T, fh_eng::tma90_for<T>>(fn, grid, stream, fp, mc)));
     else if (vec) FH_TRY((launch_fwd_tile<T, fh_eng::vec16>(fn, grid, stream, fp)));

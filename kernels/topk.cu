@@ -493,8 +493,10 @@ extern "C" fh_status_t fh_cuda_topk(fh_cuda_state_t* st, struct CUstream_st* str
   fp.ws = static_cast<topk_pair*>(workspace);
   const size_t es = fh_dtype_size(H->dtype);
   const bool vec = fh_eng::vec16_ok(fp.H, fp.ldh, es) && fh_eng::vec16_ok(fp.C, fp.ldc, es);
-  const bool mc = fh_eng::multicast_enabled(fh_lce::lce_blocks(fp.B, F_BM));
   LCE_DTYPE_SWITCH(H->dtype, T, {
+    using A90 = fh_eng::tma90_for<T>;
+    const bool mc = fh_eng::multicast_enabled<T>(fh_lce::lce_blocks(fp.B, F_BM), topk_fused_tile_kernel<T, A90>,
+                                                 fused_smem<A90>());
     if (fh_eng::pick_tma90<T>(vec, &fp.tmc, fp.C, V, D, fp.ldc, mc))
       FH_TRY((launch_fused<T, fh_eng::tma90_for<T>>(fn, s, fp, mc)));
     else if (vec) FH_TRY((launch_fused<T, fh_eng::vec16>(fn, s, fp)));

@@ -308,14 +308,44 @@ static inline bool pick_tma90(bool vec, CUtensorMap* m, const void* b, int64_t r
   return encode_b_map(m, b, operand<T>::BF16, rows, K, ld, mc ? BN / 2 : BN);
 }
 
-/* Whether a sm_90a launch of `row_blocks` row blocks (grid x) that share every B tile goes in
- * clusters of 2 with B multicast (docs/hopper.md): at least 2 row blocks, and the environment
- * variable FH_MULTICAST is not "0" (the single-CTA loop on Hopper: comparisons, debugging). The
- * launch then rounds grid x up to even; the extra CTA has no rows but loads its half of B. */
-static inline bool multicast_enabled(unsigned row_blocks) {
-  if (row_blocks < 2) return false;
+/* Whether the device keeps 2-CTA clusters of kernel k (THREADS threads and `smem` bytes of
+ * dynamic shared memory per CTA) resident: cudaOccupancyMaxActiveClusters answers at least one.
+ * A device or partition that cannot (an MPS or MIG share, a part without clusters) then takes the
+ * single-CTA loop instead of a launch that would fail. */
+template <typename Kern>
+static inline bool cluster_fits(Kern* k, size_t smem) {
+  if (cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeClusterDimension;
+  at[0].val.clusterDim.x = 2;
+  at[0].val.clusterDim.y = 1;
+  at[0].val.clusterDim.z = 1;
+  /* by position: the emulator defines gridDim and blockDim as macros */
+  const cudaLaunchConfig_t cfg = {dim3(2), dim3(THREADS), smem, nullptr, at, 1};
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, k, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return n > 0;
+}
+
+/* Whether a sm_90a launch of kernel k (operands of T; `smem` bytes of dynamic shared memory) over
+ * `row_blocks` row blocks (grid x) that share every B tile goes in clusters of 2 with B multicast
+ * (docs/hopper.md): 16-bit T on the sm_90a path, at least 2 row blocks, the environment variable
+ * FH_MULTICAST is not "0" (the single-CTA loop on Hopper: comparisons, debugging), and the device
+ * can hold such clusters (cluster_fits). The launch then rounds grid x up to even; the extra CTA
+ * has no rows but loads its half of B. Decided before the tensor map is encoded: a cluster's map
+ * has half boxes. */
+template <typename T, typename Kern>
+static inline bool multicast_enabled(unsigned row_blocks, Kern* k, size_t smem) {
+  if (sizeof(T) != 2 || row_blocks < 2 || !tma90_enabled()) return false;
   const char* e = getenv("FH_MULTICAST");
-  return !(e && strcmp(e, "0") == 0);
+  if (e && strcmp(e, "0") == 0) return false;
+  return cluster_fits(k, smem);
 }
 
 /* Launches kernel k of mainloop tag Align with `grid`, in clusters of 2 along x (grid x rounded

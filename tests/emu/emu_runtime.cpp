@@ -7,6 +7,7 @@
  * their bookkeeping (event times are host wall-clock times, not GPU times). */
 #include "emu_internal.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <mutex>
@@ -32,6 +33,17 @@ struct EmuEvent {
 };
 
 cudaError_t fail(cudaError_t e) { return fh_emu::set_last_error(e); }
+
+/* FH_EMU_MAX_CLUSTERS=n: at most n clusters (of more than one CTA) resident at once, so a test
+ * can stand for a device or partition that schedules fewer, or none (0): the occupancy query
+ * answers n at most, and with 0 a cluster launch fails. -1 when unset (no cap). */
+long max_clusters_cap() {
+  const char* e = std::getenv("FH_EMU_MAX_CLUSTERS");
+  if (!e || !*e) return -1;
+  char* end = nullptr;
+  const long n = std::strtol(e, &end, 10);
+  return *end == '\0' && n >= 0 ? n : -1;
+}
 
 } // namespace
 
@@ -64,9 +76,12 @@ void launch(const LaunchConfig& cfg, std::function<void()> body) {
     fail(cudaErrorInvalidValue);
     return;
   }
-  /* Clusters: at most 8 CTAs (the portable size), dividing the grid in every dimension. */
+  /* Clusters: at most 8 CTAs (the portable size), dividing the grid in every dimension; none of
+   * more than one CTA when FH_EMU_MAX_CLUSTERS is 0 (a device that schedules no cluster). */
   const dim3 c = cfg.cluster;
-  if (c.x == 0 || c.y == 0 || c.z == 0 || (uint64_t)c.x * c.y * c.z > 8 || g.x % c.x || g.y % c.y || g.z % c.z) {
+  const uint64_t csize = (uint64_t)c.x * c.y * c.z;
+  if (c.x == 0 || c.y == 0 || c.z == 0 || csize > 8 || g.x % c.x || g.y % c.y || g.z % c.z ||
+      (csize > 1 && max_clusters_cap() == 0)) {
     fail(cudaErrorInvalidClusterSize);
     return;
   }
@@ -208,6 +223,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int dev
     case cudaDevAttrMaxGridDimX: *value = p.maxGridSize[0]; break;
     case cudaDevAttrMaxGridDimY: *value = p.maxGridSize[1]; break;
     case cudaDevAttrMaxGridDimZ: *value = p.maxGridSize[2]; break;
+    case cudaDevAttrClusterLaunch: *value = p.clusterLaunch; break;
     default: return fail(cudaErrorInvalidValue); /* not modelled: fail loudly rather than guess */
   }
   return cudaSuccess;
@@ -223,6 +239,38 @@ cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, 
   }
   if (attr == cudaFuncAttributePreferredSharedMemoryCarveout) return cudaSuccess; /* a hint */
   return fail(cudaErrorInvalidValue);
+}
+
+/* Clusters of the launch configuration's size that the device keeps resident at once: its SMs'
+ * CTAs (by threads, dynamic shared memory with the 1 KiB each block reserves, and the 32 blocks
+ * an SM holds) grouped by the cluster size, capped by FH_EMU_MAX_CLUSTERS. The emulator has no
+ * GPCs, so a real H100 may answer less. The cluster size must be in the configuration (the
+ * kernels here set no required size). */
+cudaError_t cudaOccupancyMaxActiveClusters(int* num, const void* func, const cudaLaunchConfig_t* cfg) {
+  if (!num || !cfg) return fail(cudaErrorInvalidValue);
+  if (!func) return fail(cudaErrorInvalidDeviceFunction);
+  const cudaLaunchAttribute* cl = nullptr;
+  for (unsigned i = 0; i < cfg->numAttrs; ++i)
+    if (cfg->attrs && cfg->attrs[i].id == cudaLaunchAttributeClusterDimension) cl = &cfg->attrs[i];
+  if (!cl) return fail(cudaErrorInvalidClusterSize);
+  const uint64_t csize = (uint64_t)cl->val.clusterDim.x * cl->val.clusterDim.y * cl->val.clusterDim.z;
+  if (csize == 0 || csize > 8) return fail(cudaErrorInvalidClusterSize);
+  const dim3 b = cfg->blockDim;
+  const uint64_t threads = (uint64_t)b.x * b.y * b.z;
+  if (threads == 0 || threads > 1024) return fail(cudaErrorInvalidValue);
+  size_t limit = kSmemDefault;
+  {
+    std::lock_guard<std::mutex> lock(g_attr_mutex);
+    auto it = g_max_dyn_smem.find(func);
+    if (it != g_max_dyn_smem.end()) limit = (size_t)it->second;
+  }
+  if (cfg->dynamicSmemBytes > limit) return fail(cudaErrorInvalidValue);
+  const uint64_t per_sm = std::min<uint64_t>(std::min<uint64_t>(kSmemPerSm / (cfg->dynamicSmemBytes + 1024), 2048 / threads), 32);
+  long n = (long)((uint64_t)kSmCount * per_sm / csize);
+  const long cap = max_clusters_cap();
+  if (cap >= 0 && csize > 1) n = std::min(n, cap);
+  *num = (int)n;
+  return cudaSuccess;
 }
 
 /* ---- memory ---- */

@@ -57,6 +57,58 @@ Test(emu_cluster, launch_rejects_invalid_clusters) {
   EMU_CHECK_LAUNCH();
 }
 
+/* cudaOccupancyMaxActiveClusters: the SMs' CTAs grouped by the cluster size (132 SMs, one CTA of
+ * 140 KiB each: 66 pairs), its argument checks, and FH_EMU_MAX_CLUSTERS, which caps the answer and
+ * at 0 refuses cluster launches (the library's fallback is tested in kernel_sm90). */
+static int active_clusters(dim3 cluster, size_t smem, unsigned threads, cudaError_t* err) {
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeClusterDimension;
+  at[0].val.clusterDim.x = cluster.x, at[0].val.clusterDim.y = cluster.y, at[0].val.clusterDim.z = cluster.z;
+  /* by position: the emulator defines gridDim and blockDim as macros */
+  const cudaLaunchConfig_t cfg = {dim3(2), dim3(threads), smem, nullptr, at, 1};
+  int n = -1;
+  *err = cudaOccupancyMaxActiveClusters(&n, rank_kernel, &cfg);
+  (void)cudaGetLastError();
+  return n;
+}
+
+Test(emu_cluster, occupancy_query_and_refused_clusters) {
+  unsetenv("FH_EMU_MAX_CLUSTERS");
+  cudaError_t e;
+  cr_assert_eq(cudaFuncSetAttribute(rank_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 140 * 1024), cudaSuccess);
+  cr_assert_eq(active_clusters(dim3(2, 1, 1), 140 * 1024, 256, &e), 66);
+  cr_assert_eq(e, cudaSuccess);
+  cr_assert_eq(active_clusters(dim3(4, 1, 1), 1024, 256, &e), 132 * 8 / 4, "8 CTAs of 256 threads per SM");
+  active_clusters(dim3(2, 1, 1), 141 * 1024, 256, &e);
+  cr_assert_eq(e, cudaErrorInvalidValue, "more shared memory than the kernel's attribute allows");
+  active_clusters(dim3(16, 1, 1), 1024, 256, &e);
+  cr_assert_eq(e, cudaErrorInvalidClusterSize, "16 CTAs: above the portable 8");
+  {
+    const cudaLaunchConfig_t cfg = {dim3(2), dim3(256), 0, nullptr, nullptr, 0};
+    int n = -1;
+    cr_assert_eq(cudaOccupancyMaxActiveClusters(&n, rank_kernel, &cfg), cudaErrorInvalidClusterSize,
+                 "no cluster size in the configuration");
+    cr_assert_eq(cudaGetLastError(), cudaErrorInvalidClusterSize);
+  }
+  int attr = 0;
+  cr_assert_eq(cudaDeviceGetAttribute(&attr, cudaDevAttrClusterLaunch, 0), cudaSuccess);
+  cr_assert_eq(attr, 1);
+  uint32_t* out = dev_alloc<uint32_t>(8 * 32);
+  setenv("FH_EMU_MAX_CLUSTERS", "3", 1);
+  cr_assert_eq(active_clusters(dim3(2, 1, 1), 1024, 256, &e), 3);
+  FH_LAUNCH_CLUSTER(rank_kernel, 8, 32, dim3(2, 1, 1), 0, nullptr, out);
+  EMU_CHECK_LAUNCH(); /* a cap above 0 limits residency only: the launch runs */
+  setenv("FH_EMU_MAX_CLUSTERS", "0", 1);
+  cr_assert_eq(active_clusters(dim3(2, 1, 1), 1024, 256, &e), 0);
+  cr_assert_eq(e, cudaSuccess);
+  cr_assert_eq(active_clusters(dim3(1, 1, 1), 1024, 256, &e), 132 * 8, "a cluster of one CTA is a plain block");
+  FH_LAUNCH_CLUSTER(rank_kernel, 8, 32, dim3(2, 1, 1), 0, nullptr, out);
+  cr_assert_eq(cudaGetLastError(), cudaErrorInvalidClusterSize, "no cluster of 2 fits: the launch fails");
+  FH_LAUNCH(rank_kernel, 8, 32, 0, nullptr, out);
+  EMU_CHECK_LAUNCH();
+  unsetenv("FH_EMU_MAX_CLUSTERS");
+}
+
 /* ---- distributed shared memory and barrier.cluster ----
  * Every CTA writes its shared words, the cluster synchronizes, every thread reads the word of the
  * next rank through mapa, and the cluster synchronizes again before any CTA exits. */

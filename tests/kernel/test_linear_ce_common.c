@@ -493,7 +493,8 @@ int lk_engine_sm90(fh_dtype_t dtype, int64_t D) {
 
 int lk_multicast_on(void) {
   const char* e = getenv("FH_MULTICAST");
-  return !(e && strcmp(e, "0") == 0);
+  const char* c = getenv("FH_EMU_MAX_CLUSTERS");
+  return !(e && strcmp(e, "0") == 0) && !(c && strcmp(c, "0") == 0);
 }
 
 int lk_fwd_engine(int64_t N, fh_dtype_t dtype, int64_t D) {

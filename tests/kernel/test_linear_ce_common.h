@@ -124,8 +124,9 @@ int lk_same_bits(const double* a, const double* b, int64_t n);
  * operands with 16-byte rows (dense, D % 8 == 0) on the emulator's compute capability 9.0,
  * unless FH_ENGINE=sm80. */
 int lk_engine_sm90(fh_dtype_t dtype, int64_t D);
-/* 1 unless FH_MULTICAST=0: sm_90a launches of two row blocks or more go in clusters of 2 CTAs
- * that multicast the classifier tile (docs/hopper.md "Multicast of the classifier tile"). */
+/* 1 unless FH_MULTICAST=0 or FH_EMU_MAX_CLUSTERS=0 (the emulated device schedules no cluster):
+ * sm_90a launches of two row blocks or more go in clusters of 2 CTAs that multicast the
+ * classifier tile (docs/hopper.md "Multicast of the classifier tile"). */
 int lk_multicast_on(void);
 /* The mainloop of the linear CE forward of N rows: 0 sm_80, 1 sm_90a, 2 sm_90a in clusters of 2
  * (its grid has two row blocks or more). */

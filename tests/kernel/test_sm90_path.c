@@ -96,7 +96,8 @@ static void compare_lce(int64_t N, int64_t V, int64_t D, float softcap) {
     const int64_t nv = o[0].nv, rb = (nv + 127) / 128;
     const uint64_t c_tile = (uint64_t)(V * D) * fh_dtype_size(DT[dt]);
     for (int m = 0; m < 3; ++m) {
-      const int mc = m == 2 && N > 128; /* clusters when the grid has two row blocks or more */
+      /* clusters when the grid has two row blocks or more and the device schedules clusters */
+      const int mc = m == 2 && N > 128 && lk_multicast_on();
       const uint64_t flops = lk_tile_gemm_flops(nv, V, D, DT[dt], mc ? 2 : (m ? 1 : 0));
       /* C once per row block, or once per cluster of two (multicast) */
       const uint64_t c_model = (uint64_t)(mc ? (rb + 1) / 2 : rb) * c_tile;
@@ -215,7 +216,7 @@ Test(kernel_sm90, topk_odd_row_blocks_multicast, .timeout = 900) { topk_compare(
  * and row state, and the deterministic backward's student gradients, bitwise between the
  * mainloops; both heads' tiles (student D 136, teacher D 72) run on the sm_90a path, checked from
  * the forward's FLOPs (two passes over both heads). */
-Test(kernel_sm90, distill_paths_agree_bitwise, .timeout = 900) {
+static void distill_compare(void) {
   const int64_t N = 130, V = 300, Ds = 136, Dt = 72;
   for (int dt = 0; dt < 2; ++dt) {
     dk_spec_t s = dk_default(N, V, Ds, V, Dt, DT[dt]);
@@ -259,4 +260,17 @@ Test(kernel_sm90, distill_paths_agree_bitwise, .timeout = 900) {
     free(gl);
     dk_free(&P);
   }
+}
+Test(kernel_sm90, distill_paths_agree_bitwise, .timeout = 900) { distill_compare(); }
+
+/* A device that schedules no 2-CTA cluster (FH_EMU_MAX_CLUSTERS=0: the occupancy query answers 0
+ * and a cluster launch fails): each launch that would multicast (the linear CE forward, the fused
+ * top-k, both distillation passes) takes the single-CTA sm_90a loop instead, with the same bits,
+ * C read once per row block and the single-CTA FLOPs (the models follow lk_multicast_on). */
+Test(kernel_sm90, clusters_refused_fall_back_to_one_cta, .timeout = 900) {
+  setenv("FH_EMU_MAX_CLUSTERS", "0", 1);
+  compare_lce(300, 300, 72, 0.0f);
+  topk_compare(150);
+  distill_compare();
+  unsetenv("FH_EMU_MAX_CLUSTERS");
 }
