@@ -70,6 +70,26 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+/* Named barriers (bar.sync / bar.arrive with a thread count): barrier id 1-15 (0 is the one of
+ * __syncthreads) for `count` threads, a multiple of 32, arriving as whole warps. bar_sync waits
+ * for the phase to complete; bar_arrive counts the caller's warp and goes on (a producer's
+ * signal to consumers that bar_sync). Ordering as __syncthreads among the participants.
+ * docs/hopper.md "Named barriers". */
+__device__ __forceinline__ void bar_sync(int id, int count) {
+#ifdef __CUDACC__
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+#else
+  ::fh_emu::named_barrier(id, count, true);
+#endif
+}
+__device__ __forceinline__ void bar_arrive(int id, int count) {
+#ifdef __CUDACC__
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+#else
+  ::fh_emu::named_barrier(id, count, false);
+#endif
+}
+
 /* ldmatrix.sync.aligned.m8n8.{x1,x2,x4}[.trans].shared.b16 (warp collective, all 32 lanes). */
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
 #ifdef __CUDACC__

@@ -20,6 +20,7 @@ struct ThreadCoords {
   dim3 gridDim;
 };
 extern thread_local const ThreadCoords* tls_coords;
+const ThreadCoords& coords(); /* *tls_coords, for threadIdx and friends (emu_device.h says why) */
 
 /* One lane's mailbox for a warp collective: inputs before arrival, result after release. */
 struct LaneSlot {

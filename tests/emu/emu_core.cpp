@@ -43,6 +43,7 @@
 namespace fh_emu {
 
 thread_local const ThreadCoords* tls_coords = nullptr;
+const ThreadCoords& coords() { return *tls_coords; }
 
 namespace sched {
 
@@ -171,6 +172,8 @@ void describe_waits(Worker& w) {
       std::fprintf(stderr, "=========   threads %s wait in barrier.cluster.wait (phase %u): %u arrivals so far; every "
                            "thread of every CTA of the cluster that has not exited must arrive\n",
                    ranges(ids).c_str(), cb.phase, cb.arrived);
+    else if (const NamedBar* nb = named_bar_of(w, o))
+      describe_named_bar(w, *nb, ranges(ids).c_str());
     else if (w.ptx_active) ptx_describe_sleepers(*w.ptx, o, ranges(ids).c_str());
   }
   std::fprintf(stderr, "=========   waiting at __syncthreads: threads %s\n", ranges(barrier).c_str());
@@ -182,13 +185,15 @@ void describe_waits(Worker& w) {
 }
 
 const char* stuck_what(Worker& w) {
-  bool barrier = false, asleep = false, cluster = false;
+  bool barrier = false, asleep = false, cluster = false, named = false;
   for (int i = 0; i < w.nthreads; ++i) {
     barrier |= w.threads[i].state == State::AtBarrier;
     asleep |= w.threads[i].state == State::Asleep;
     cluster |= w.threads[i].state == State::Asleep && w.threads[i].sleep_obj == &cluster_bar(w);
+    named |= w.threads[i].state == State::Asleep && named_bar_of(w, w.threads[i].sleep_obj);
   }
   return cluster    ? "barrier.cluster wait can never complete (deadlock)"
+         : named    ? "named barrier (bar.sync with a thread count) can never complete (deadlock)"
          : asleep   ? "mbarrier wait can never complete (deadlock)"
          : !barrier ? "warp collective can never complete (deadlock)"
                     : "__syncthreads not reached by every live thread of the block";
@@ -275,6 +280,7 @@ void setup_block(Worker& w, const LaunchState& L, uint3 bi, uint64_t linear_bloc
   w.ptx_active = false;
   w.block_done = false;
   w.solo_bar = ClusterBar{};
+  for (NamedBar& nb : w.nbar) nb = NamedBar{};
   /* Per block, not per worker: which worker runs a block must not change its schedule. */
   w.yield_rng = w.launch_seed ^ (linear_block * 0xbf58476d1ce4e5b9ull);
   w.warps.assign((size_t)(n + 31) / 32, Warp{0, 0, {}});
@@ -295,6 +301,7 @@ void setup_block(Worker& w, const LaunchState& L, uint3 bi, uint64_t linear_bloc
     t.sleep_obj = nullptr;
     t.cbar_pending = false;
     t.cbar_phase = 0;
+    t.nbar_in = 0;
     t.stack = w.arena + (size_t)i * w.stack_bytes;
 #ifdef FH_EMU_ASAN
     /* The frame a fiber dies in (fh_emu_fiber_entry, never returned from) leaves its redzones

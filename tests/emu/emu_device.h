@@ -64,10 +64,15 @@
 #define __shared__ thread_local
 
 
-#define threadIdx (::fh_emu::tls_coords->threadIdx)
-#define blockIdx (::fh_emu::tls_coords->blockIdx)
-#define blockDim (::fh_emu::tls_coords->blockDim)
-#define gridDim (::fh_emu::tls_coords->gridDim)
+/* The running thread's coordinates come from a call into the runtime (emu_core.cpp), not from
+ * the thread_local read inline: GCC's UBSan checks the address it computes for an extern
+ * thread_local with a jump on the flags of an `add` that the linker relaxes to a `lea`
+ * (initial-exec to local-exec), which sets none, so the check can fire on stale flags and report
+ * a load of a null pointer that is not there (seen in tests/emu/test_named_bar.cu). */
+#define threadIdx (::fh_emu::coords().threadIdx)
+#define blockIdx (::fh_emu::coords().blockIdx)
+#define blockDim (::fh_emu::coords().blockDim)
+#define gridDim (::fh_emu::coords().gridDim)
 #ifdef warpSize
 #undef warpSize
 #endif

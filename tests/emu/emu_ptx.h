@@ -45,6 +45,9 @@ void ptx_mma(float* d, const uint32_t* a, const uint32_t* b, MmaKind kind);
 /* st.shared / ld.shared of 4 or 16 bytes, naturally aligned, through the checks. */
 void ptx_st_shared(void* p, const void* src, int bytes);
 void ptx_ld_shared(const void* p, void* dst, int bytes);
+/* bar.sync id, count (wait) and bar.arrive id, count (no wait) on named barrier id 1-15
+ * (emu_named_bar.cpp). */
+void named_barrier(int id, int count, bool wait);
 
 /* ex2/rcp/lg2.approx.ftz.f32. */
 float ptx_ex2_approx(float x);

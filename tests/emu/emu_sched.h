@@ -30,6 +30,7 @@ struct Thread {
   const void* sleep_obj; /* Asleep: the mbarrier waited on (async_sleep) */
   bool cbar_pending;     /* arrived at barrier.cluster, not yet past its wait */
   uint32_t cbar_phase;   /* the cluster barrier's phase at that arrival */
+  uint16_t nbar_in;      /* named barriers (bit id) this thread arrived at in their phase in flight */
   LaneSlot slot;
   void* fake_stack;
   char* stack;
@@ -48,6 +49,14 @@ struct Warp {
   unsigned exited;
   std::vector<Episode> pending;
 };
+
+/* A named barrier (bar.sync / bar.arrive with a thread count, ids 1-15; emu_named_bar.cpp): the
+ * phase in flight expects `count` arrivals (0: none yet), the first arrival set the count. */
+struct NamedBar {
+  int count = 0, arrived = 0, first = -1;
+  uint32_t phase = 0;
+};
+constexpr int kNamedBars = 16;
 
 /* barrier.cluster: arrivals of the current phase (every non-exited thread of the cluster). */
 struct ClusterBar {
@@ -103,6 +112,7 @@ struct Worker {
   int crank = 0;
   ClusterGroup* group = nullptr;
   ClusterBar solo_bar; /* barrier.cluster of a cluster of one CTA */
+  NamedBar nbar[kNamedBars];
   bool block_done = false;
 
   ~Worker() {
@@ -141,6 +151,10 @@ void finish_block(Worker& w);
 uint3 block_of(const dim3& g, uint64_t linear_block);
 void worker_begin(Worker& w, const LaunchState& L, uint64_t launch_seed);
 void worker_end(Worker& w);
+
+/* named barriers (emu_named_bar.cpp) */
+const NamedBar* named_bar_of(const Worker& w, const void* obj); /* obj is w's barrier: which, else null */
+void describe_named_bar(const Worker& w, const NamedBar& b, const char* ids);
 
 /* clusters (emu_cluster.cpp) */
 inline ClusterBar& cluster_bar(Worker& w) { return w.group ? w.group->bar : w.solo_bar; }
