@@ -399,7 +399,7 @@ fh_status_t fh_dst::launch_row_stats(const char* fn, cudaStream_t stream, const 
     using A90 = fh_eng::tma90_for<T>;
     const bool mc = fh_eng::multicast_enabled<T>(grid.x, distill_stats_kernel<T, A90>, stats_smem<A90>());
     if (heads_tma90<T>(vec, p, fp.hs, fp.ht, mc))
-      FH_TRY((launch_stats_tiles<T, fh_eng::tma90_for<T>>(fn, grid, stream, fp, mc)));
+      FH_TRY((launch_stats_tiles<T, A90>(fn, grid, stream, fp, mc)));
     else if (vec) FH_TRY((launch_stats_tiles<T, fh_eng::vec16>(fn, grid, stream, fp)));
     else FH_TRY((launch_stats_tiles<T, fh_eng::scalar>(fn, grid, stream, fp)));
   });
@@ -446,7 +446,7 @@ extern "C" fh_status_t fh_cuda_distill_forward(fh_cuda_state_t* st, struct CUstr
       using A90 = fh_eng::tma90_for<T>;
       const bool mc = fh_eng::multicast_enabled<T>(grid.x, distill_div_kernel<T, A90>, div_smem<A90>());
       if (heads_tma90<T>(vec, p, fp.hs, fp.ht, mc))
-        FH_TRY((launch_div_tiles<T, fh_eng::tma90_for<T>>(fn, grid, stream, fp, mc)));
+        FH_TRY((launch_div_tiles<T, A90>(fn, grid, stream, fp, mc)));
       else if (vec) FH_TRY((launch_div_tiles<T, fh_eng::vec16>(fn, grid, stream, fp)));
       else FH_TRY((launch_div_tiles<T, fh_eng::scalar>(fn, grid, stream, fp)));
     });

@@ -419,7 +419,7 @@ static fh_status_t launch_tiles(const char* fn, cudaStream_t stream, const fh_lc
     using A90 = fh_eng::tma90_for<T>;
     const bool mc = fh_eng::multicast_enabled<T>(grid.x, lce_fwd_tile_kernel<T, A90>, fwd_smem<A90>());
     if (fh_eng::pick_tma90<T>(vec, &fp.tmc, fp.C, p->V, p->D, fp.ldc, mc))
-      FH_TRY((launch_fwd_tile<T, fh_eng::tma90_for<T>>(fn, grid, stream, fp, mc)));
+      FH_TRY((launch_fwd_tile<T, A90>(fn, grid, stream, fp, mc)));
     else if (vec) FH_TRY((launch_fwd_tile<T, fh_eng::vec16>(fn, grid, stream, fp)));
     else FH_TRY((launch_fwd_tile<T, fh_eng::scalar>(fn, grid, stream, fp)));
   });

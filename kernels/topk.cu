@@ -498,7 +498,7 @@ extern "C" fh_status_t fh_cuda_topk(fh_cuda_state_t* st, struct CUstream_st* str
     const bool mc = fh_eng::multicast_enabled<T>(fh_lce::lce_blocks(fp.B, F_BM), topk_fused_tile_kernel<T, A90>,
                                                  fused_smem<A90>());
     if (fh_eng::pick_tma90<T>(vec, &fp.tmc, fp.C, V, D, fp.ldc, mc))
-      FH_TRY((launch_fused<T, fh_eng::tma90_for<T>>(fn, s, fp, mc)));
+      FH_TRY((launch_fused<T, A90>(fn, s, fp, mc)));
     else if (vec) FH_TRY((launch_fused<T, fh_eng::vec16>(fn, s, fp)));
     else FH_TRY((launch_fused<T, fh_eng::scalar>(fn, s, fp)));
   });

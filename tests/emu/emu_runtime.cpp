@@ -265,7 +265,8 @@ cudaError_t cudaOccupancyMaxActiveClusters(int* num, const void* func, const cud
     if (it != g_max_dyn_smem.end()) limit = (size_t)it->second;
   }
   if (cfg->dynamicSmemBytes > limit) return fail(cudaErrorInvalidValue);
-  const uint64_t per_sm = std::min<uint64_t>(std::min<uint64_t>(kSmemPerSm / (cfg->dynamicSmemBytes + 1024), 2048 / threads), 32);
+  const uint64_t by_smem = kSmemPerSm / (cfg->dynamicSmemBytes + 1024), by_threads = 2048 / threads;
+  const uint64_t per_sm = std::min<uint64_t>(std::min(by_smem, by_threads), 32);
   long n = (long)((uint64_t)kSmCount * per_sm / csize);
   const long cap = max_clusters_cap();
   if (cap >= 0 && csize > 1) n = std::min(n, cap);
