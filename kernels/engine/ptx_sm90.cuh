@@ -109,6 +109,21 @@ __device__ __forceinline__ uint64_t mbar_arrive(uint64_t* bar) {
   return 0;
 #endif
 }
+/* cp.async.mbarrier.arrive.noinc.shared::cta.b64: one arrival on the mbarrier once every
+ * cp.async this thread issued before has completed (its writes are then visible to a thread that
+ * waited on the phase). .noinc: the arrival is part of the count given to mbar_init. */
+__device__ __forceinline__ void cp_async_mbar_arrive_noinc(uint64_t* bar) {
+#if FH_SM90_DEVICE
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+#elif FH_SM80_ONLY_DEVICE
+  (void)bar;
+  __trap();
+#elif !defined(__CUDACC__)
+  ::fh_emu::sm90_cp_async_mbar_arrive(bar);
+#else
+  (void)bar;
+#endif
+}
 /* mbarrier.arrive.expect_tx.shared::cta.b64: expect `bytes` more transaction bytes in the
  * current phase (the copies' complete_tx count them down), then one arrival. */
 __device__ __forceinline__ uint64_t mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {

@@ -30,6 +30,7 @@ const char* kind_name(uint8_t k) {
     case K_LD_SHARED: return "ld.shared";
     case K_ST_SHARED: return "st.shared";
     case K_CP_ASYNC: return "cp.async";
+    case K_WGMMA: return "wgmma operand";
     default: return "?";
   }
 }
@@ -129,7 +130,8 @@ inline bool ordered(const PtxState& s, int prev_thread, uint32_t prev_clock, int
                  "cp.async.wait_group retired it\n",
                  thread_name(c.thread).c_str(), describe(s, c.dst, c.size).c_str());
   std::fprintf(stderr, "=========   the bytes land only at that thread's cp.async.wait_group; other threads see them "
-                       "after a __syncthreads that follows the wait\n");
+                       "after a __syncthreads that follows the wait (or, after a cp.async.mbarrier.arrive, once they "
+                       "waited for the mbarrier phase it completes)\n");
   report_die();
 }
 
@@ -250,6 +252,15 @@ Place locate(PtxState& s, const void* p, int bytes, const char* op, int thread) 
          "%s: %p is neither in the block's dynamic shared memory (%zu bytes at %p) nor a __shared__ variable", op,
          p, s.smem_bytes, (const void*)s.smem);
   return Place{false, 0};
+}
+
+void land_copy(PtxState& s, int id) { land(s, id); }
+
+void check_cp_landed(PtxState& s, int thread, const unsigned char* p, int bytes, Kind kind) {
+  if (!(s.smem_bytes && p >= s.smem && p < s.smem + s.smem_bytes)) return;
+  const size_t w0 = (size_t)(p - s.smem) / 4, w1 = ((size_t)(p - s.smem) + (size_t)bytes + 3) / 4;
+  for (size_t w = w0; w < w1; ++w)
+    if (s.shadow[w].inflight) report_inflight(s, thread, false, kind, p, bytes, s.copies[(size_t)s.shadow[w].inflight - 1]);
 }
 
 void shadow_read(PtxState& s, int thread, const unsigned char* p, int bytes, Kind kind) {

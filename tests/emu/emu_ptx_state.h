@@ -30,7 +30,7 @@ struct Sm90State; /* the Hopper twins' per-block state (emu_sm90_state.h) */
 namespace ptx {
 
 /* How a word was accessed, for reports. */
-enum Kind : uint8_t { K_NONE, K_LDMATRIX, K_LD_SHARED, K_ST_SHARED, K_CP_ASYNC };
+enum Kind : uint8_t { K_NONE, K_LDMATRIX, K_LD_SHARED, K_ST_SHARED, K_CP_ASYNC, K_WGMMA };
 const char* kind_name(uint8_t k);
 
 struct WordShadow {
@@ -112,6 +112,12 @@ void check_aligned(const void* p, int align, const char* op, const char* which, 
  * claim >= 0 the write is a cp.async issue: checked as a write, the words are marked in flight
  * for copy `claim`, and the write itself is recorded when the copy lands. */
 void shadow_read(PtxState& s, int thread, const unsigned char* p, int bytes, Kind kind);
+/* Reports a read of dynamic shared bytes whose cp.async has not landed (a reader outside the
+ * racecheck's shadow: the wgmma operands). */
+void check_cp_landed(PtxState& s, int thread, const unsigned char* p, int bytes, Kind kind);
+/* Lands cp.async copy `id` now (its data, the shadow); the caller drops it from the issuing
+ * thread's pending list. */
+void land_copy(PtxState& s, int id);
 void shadow_write(PtxState& s, int thread, const unsigned char* p, int bytes, Kind kind, int claim = -1);
 /* "bytes 16-31 of dynamic shared memory" / "16 bytes at 0x... (a __shared__ variable)" */
 std::string describe(PtxState& s, const void* p, int bytes);

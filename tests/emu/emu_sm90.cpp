@@ -122,11 +122,22 @@ void land_bulk(PtxState& s, size_t i) {
   complete_tx(s, b.bar, b.bytes, b.thread);
 }
 
+/* One of the bulk copies and cp.async arrivals in flight, at random; false when none is. */
+static bool land_one(PtxState& s) {
+  Sm90State& S = st_of(s);
+  const size_t n = S.bulks.size() + S.cparrives.size();
+  if (!n) return false;
+  const size_t i = (size_t)(next_rand() % n);
+  if (i < S.bulks.size()) land_bulk(s, i);
+  else land_cparrive(s, i - S.bulks.size());
+  return true;
+}
+
 void maybe_land(PtxState& s, double p) {
   Sm90State& S = st();
-  if (S.bulks.empty()) return;
+  if (S.bulks.empty() && S.cparrives.empty()) return;
   if ((double)(next_rand() >> 11) * 0x1.0p-53 >= p) return;
-  land_bulk(s, (size_t)(next_rand() % S.bulks.size()));
+  land_one(s);
 }
 
 void check_bulk(PtxState& s, int thread, const unsigned char* p, int bytes, bool write, const char* op) {
@@ -157,6 +168,7 @@ void sm90_on_activate(PtxState& s) {
   Sm90State& S = st_of(s);
   S.bars.clear();
   S.bulks.clear();
+  S.cparrives.clear();
   S.any_wgmma = false;
   const int n = block_threads();
   S.threads.assign((size_t)n, WgThread{});
@@ -169,12 +181,7 @@ void sm90_check_bulk_access(PtxState& s, int thread, const unsigned char* p, int
   check_bulk(s, thread, p, bytes, write, ptx::kind_name(kind));
 }
 
-bool ptx_async_progress(PtxState& s) {
-  Sm90State& S = st_of(s);
-  if (S.bulks.empty()) return false;
-  land_bulk(s, (size_t)(next_rand() % S.bulks.size()));
-  return true;
-}
+bool ptx_async_progress(PtxState& s) { return land_one(s); }
 
 void ptx_describe_sleepers(PtxState& s, const void* obj, const char* threads) {
   Mbar* m = find_bar_in(st_of(s), obj);
@@ -200,6 +207,12 @@ void sm90_on_block_end(PtxState& s) {
          "%zu copies, the first issued by %s to %s; every copy must complete on its mbarrier, and someone must wait "
          "for that phase, before the block ends", S.bulks.size(), ptx::thread_name(b.thread).c_str(),
          ptx::describe(s, b.dst, (int)b.bytes).c_str());
+  }
+  if (!S.cparrives.empty()) {
+    const CpArrive& c = S.cparrives.front();
+    fail("mbarrier", "cp.async.mbarrier.arrive still pending when the block finished", c.thread,
+         "its arrival on the mbarrier at %s (phase %u) waits for %zu cp.async copies; someone must wait for that "
+         "phase before the block ends", bar_name(s, c.bar).c_str(), c.phase, c.copies.size());
   }
   for (size_t t = 0; t < S.threads.size(); ++t)
     if (!S.threads[t].ops.empty()) {
@@ -281,6 +294,37 @@ uint64_t sm90_mbar_arrive(void* bar, uint32_t expect_tx) {
                                    expect_tx ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive");
   maybe_yield();
   return token;
+}
+
+namespace sm90 {
+void land_cparrive(PtxState& s, size_t i) {
+  Sm90State& S = st_of(s);
+  const CpArrive c = S.cparrives[i];
+  S.cparrives.erase(S.cparrives.begin() + (long)i);
+  std::vector<int>& pend = s.threads[(size_t)c.thread].pending;
+  for (const auto& cp : c.copies)
+    for (size_t k = 0; k < pend.size(); ++k)
+      if (pend[k] == cp.first && s.copies[(size_t)cp.first].dst == cp.second) {
+        ptx::land_copy(s, cp.first);
+        pend.erase(pend.begin() + (long)k);
+        break;
+      }
+  arrive_on(s, c.bar, 0, c.thread, cluster_rank(), "cp.async.mbarrier.arrive.noinc (when its copies landed)");
+}
+} // namespace sm90
+
+/* cp.async.mbarrier.arrive.noinc.shared::cta.b64 (PTX ISA, "cp.async.mbarrier.arrive"): an
+ * arrival on the mbarrier once every cp.async this thread issued before it has completed; .noinc:
+ * the barrier's init count must include it. The copies land, and the arrival happens, at a random
+ * later point while someone waits (or when every thread sleeps), as the bulk copies do. */
+void sm90_cp_async_mbar_arrive(void* bar) {
+  PtxState& s = ptx::state();
+  const int t = running_thread().linear;
+  const Mbar& m = get_bar(s, bar, "cp.async.mbarrier.arrive.noinc", t);
+  CpArrive c{bar, t, m.phase, {}};
+  for (int id : s.threads[(size_t)t].pending) c.copies.emplace_back(id, s.copies[(size_t)id].dst);
+  st().cparrives.push_back(std::move(c));
+  maybe_yield();
 }
 
 bool sm90_mbar_try_wait(void* bar, uint32_t parity) {

@@ -28,6 +28,7 @@ uint64_t sm90_mbar_arrive(void* bar, uint32_t expect_tx);
  * sleeps until the phase completes; a wait no thread or copy can complete is a deadlock report. */
 bool sm90_mbar_try_wait(void* bar, uint32_t parity);
 void sm90_fence_proxy_async();
+void sm90_cp_async_mbar_arrive(void* bar); /* cp.async.mbarrier.arrive.noinc */
 
 /* cp.async.bulk.tensor.2d ... mbarrier::complete_tx::bytes [.multicast::cluster cta_mask]. */
 void sm90_tma_load_2d(void* dst, const void* tmap, int32_t c0, int32_t c1, void* bar, uint16_t cta_mask,

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "emu_ptx_state.h"
@@ -56,6 +57,16 @@ struct Bulk {
   int rank;       /* cluster rank of the issuing CTA (a multicast lands in its peers too) */
 };
 
+/* cp.async.mbarrier.arrive.noinc: an arrival that fires once the issuing thread's cp.async copies
+ * in flight at the call have landed. Each copy is named by its id and its destination (an id is
+ * reused after its copy lands, and a later copy under the same id is not this one). */
+struct CpArrive {
+  void* bar;
+  int thread;
+  uint32_t phase; /* the barrier's phase at the call (for reports) */
+  std::vector<std::pair<int, unsigned char*>> copies;
+};
+
 struct WgOp {
   float* d;
   int n;                      /* N of m64nNk16: d has n / 2 registers */
@@ -76,6 +87,7 @@ struct WgThread {
 struct Sm90State {
   std::unordered_map<uintptr_t, Mbar> bars;
   std::vector<Bulk> bulks;
+  std::vector<CpArrive> cparrives;
   std::vector<WgThread> threads;
   uint64_t rng = 0;
   bool any_wgmma = false;
@@ -92,7 +104,10 @@ Mbar* find_bar_in(Sm90State& S, const void* bar);
 void tma_fill(const Bulk& b);
 /* Lands copy i of st().bulks (data, then complete_tx). */
 void land_bulk(PtxState& s, size_t i);
-/* Lands one copy chosen at random with probability p (the "random point" of landing). */
+/* Lands the copies of st().cparrives[i], then performs its arrival. */
+void land_cparrive(PtxState& s, size_t i);
+/* Lands one copy (a bulk copy, or the copies behind a cp.async arrival) chosen at random with
+ * probability p (the "random point" of landing). */
 void maybe_land(PtxState& s, double p);
 /* Reports a twin access to bytes of a bulk copy in flight (to the CTA whose twin state is s). */
 void check_bulk(PtxState& s, int thread, const unsigned char* p, int bytes, bool write, const char* op);

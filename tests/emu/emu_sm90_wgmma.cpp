@@ -88,6 +88,7 @@ float load_elem(PtxState& s, const Desc& d, uint32_t r, uint32_t k, WgmmaKind ki
               "bytes of dynamic shared memory (start %u, LBO %u, SBO %u, swizzle %u B)", which, r, k, off,
               s.smem_bytes, d.start, d.lbo, d.sbo, d.span);
   if (s.bulk_inflight) check_bulk(s, t, s.smem + off, 2, false, which[0] == 'A' ? "wgmma operand A" : "wgmma operand B");
+  ptx::check_cp_landed(s, t, s.smem + off, 2, ptx::K_WGMMA);
   uint16_t h;
   std::memcpy(&h, s.smem + off, 2);
   return to_float(h, kind);
