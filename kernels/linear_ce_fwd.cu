@@ -12,7 +12,7 @@
  *   1. lce_prep_kernel (1 block x 256): compacts the valid rows in row order (block prefix sum,
  *      deterministic), flags targets outside [0, V) on the device (those rows count as ignored).
  *   2. lce_fwd_tile_kernel<T, Align>, grid (ceil(N/128) row blocks) x (S vocabulary splits),
- *      256 threads: each block loops over its split's 128-class tiles; per tile the engine's
+ *      256 threads (288 on sm_90a: a producer warp, engine/sm90_ws.cuh): each block loops over its split's 128-class tiles; per tile the engine's
  *      mainloop (kernels/engine/sm80.cuh, docs/engine.md) leaves the raw logits in registers and
  *      the register epilogue updates, per row, the online stats m, Z = Σ e^{z−m},
  *      F = Σ e^{z−m}(z−m), Σ w_j z_j (label smoothing only), z_y and the argmax of r, merged
@@ -31,7 +31,7 @@
 #include <math.h>
 
 #include "engine/epilogue.cuh"
-#include "engine/sm90.cuh"
+#include "engine/sm90_ws.cuh"
 #include "linear_ce_common.cuh"
 
 namespace fh_lce {
@@ -141,7 +141,8 @@ static_assert(fh_eng::WARPS_N * fh_eng::BM * NQ_SMOOTH * sizeof(float) <= fh_eng
  * along N in warp order through shared memory: a fixed order that depends on nothing but the
  * class split, so a row's partials are the same whatever rows share its block. */
 template <typename T, typename Align>
-__global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(const __grid_constant__ fwd_params p) {
+__global__ void __launch_bounds__(fh_eng::block_threads<Align>::value, 1)
+    lce_fwd_tile_kernel(const __grid_constant__ fwd_params p) {
   using namespace fh_eng;
   /* Short names for the engine's tile. */
   constexpr int kBM = fh_eng::BM, kBN = fh_eng::BN, kThreads = fh_eng::THREADS;
@@ -165,11 +166,12 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(const 
   row_stats st[SLOTS];
   float swz[SLOTS], zy[SLOTS], av[SLOTS], nun[SLOTS], wun[SLOTS];
   int ai[SLOTS], ys[SLOTS];
+  typename pipe_of<Align>::type pp; /* the producer warp (sm90_ws.cuh) holds no rows */
   FH_UNROLL
   for (int s = 0; s < SLOTS; ++s) {
     st[s].init();
     swz[s] = 0.0f, zy[s] = 0.0f, av[s] = -INFINITY, ai[s] = INT32_MAX, nun[s] = 0.0f, wun[s] = 0.0f;
-    ys[s] = s_y[frag_row(s >> 1, 2 * (s & 1))];
+    ys[s] = pp.producer ? -1 : s_y[frag_row(s >> 1, 2 * (s & 1))];
   }
   const nt_operand<T> a{(const T*)p.E, p.lde, s_rows, 0, nr};
   const int t0 = blockIdx.y * p.tps, t1 = t0 + p.tps < p.vt ? t0 + p.tps : p.vt;
@@ -177,7 +179,8 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(const 
     const int v0 = tile * kBN, nv = p.V - v0 < kBN ? p.V - v0 : kBN;
     const nt_operand<T> b{(const T*)p.C, p.ldc, nullptr, v0, nv, &p.tmc};
     acc_t acc;
-    mainloop<T, Align>::run(acc, a, b, p.D, smem);
+    run_tile<T, Align>(acc, a, b, p.D, smem, pp);
+    if (pp.producer) continue; /* on to the next tile's loads */
     float bj[NJ][2], wj[NJ][2];
     tile_bias<T>(bj, bias, v0, nv);
     tile_weights(wj, p.cw, v0, nv); /* Σ w z, W_i: read only with label smoothing */
@@ -209,6 +212,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(const 
       st[s].add(z, tmax);
     }
   }
+  finish_tiles<T, Align>(smem, pp); /* the ring is idle: its bytes are free */
   /* Merge the quad's four column sets (lanes xor 1, then xor 2): every lane takes part. */
   FH_UNROLL
   for (int s = 0; s < SLOTS; ++s)
@@ -236,7 +240,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_fwd_tile_kernel(const 
   /* Then the four warps along N, in warp order, through the free stage buffers. */
   float* scr = (float*)smem; /* [WARPS_N][nq][kBM] */
   const int nq = p.nq;
-  if ((threadIdx.x & 3) == 0) {
+  if (!pp.producer && (threadIdx.x & 3) == 0) {
     FH_UNROLL
     for (int s = 0; s < SLOTS; ++s) {
       float* q = scr + (size_t)warp_n() * nq * kBM + frag_row(s >> 1, 2 * (s & 1));
@@ -280,7 +284,7 @@ static fh_status_t launch_fwd_tile(const char* fn, dim3 grid, cudaStream_t strea
   constexpr size_t smem = fwd_smem<Align>();
   FH_TRY(fh_cuda_status(fh_eng::allow_smem<smem, fh_eng::optin<Align>::max>(k), fn,
                         "cudaFuncSetAttribute(lce_fwd_tile_kernel)"));
-  fh_eng::launch_tiles_mc(mc, k, grid, smem, stream, fp);
+  fh_eng::launch_tiles_n(fh_eng::block_threads<Align>::value, mc, k, grid, smem, stream, fp);
   LCE_CHECK_LAUNCH(fn, "lce_fwd_tile_kernel");
   return FH_SUCCESS;
 }
@@ -416,8 +420,9 @@ static fh_status_t launch_tiles(const char* fn, cudaStream_t stream, const fh_lc
   const bool vec = fh_eng::vec16_ok(fp.E, fp.lde, fh_dtype_size(p->dtype)) &&
                    fh_eng::vec16_ok(fp.C, fp.ldc, fh_dtype_size(p->dtype));
   LCE_DTYPE_SWITCH(p->dtype, T, {
-    using A90 = fh_eng::tma90_for<T>;
-    const bool mc = fh_eng::multicast_enabled<T>(grid.x, lce_fwd_tile_kernel<T, A90>, fwd_smem<A90>());
+    using A90 = fh_eng::tma90ws_for<T>;
+    const bool mc = fh_eng::multicast_enabled<T>(grid.x, lce_fwd_tile_kernel<T, A90>, fwd_smem<A90>(),
+                                                 fh_eng::block_threads<A90>::value);
     if (fh_eng::pick_tma90<T>(vec, &fp.tmc, fp.C, p->V, p->D, fp.ldc, mc))
       FH_TRY((launch_fwd_tile<T, A90>(fn, grid, stream, fp, mc)));
     else if (vec) FH_TRY((launch_fwd_tile<T, fh_eng::vec16>(fn, grid, stream, fp)));

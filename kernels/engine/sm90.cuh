@@ -60,6 +60,11 @@ namespace fh_eng {
 struct tma90 {
   static constexpr bool kVec = true; /* the streamed GEMMs of the backward run their vec16 loop */
 };
+/* The warp-specialized sm_90a mainloop (engine/sm90_ws.cuh): a producer warp beside the 256
+ * threads that hold the tile. */
+struct tma90ws {
+  static constexpr bool kVec = true;
+};
 
 namespace sm90 {
 constexpr int STAGES = 4, LOOKAHEAD = STAGES - 2;
@@ -83,6 +88,78 @@ template <>
 struct ring<tma90> {
   static constexpr size_t bytes = sm90::RING_BYTES;
 };
+
+/* Threads per CTA of a kernel on the mainloop of tag Align (the tile's 256, plus a producer warp
+ * in engine/sm90_ws.cuh). */
+template <typename Align>
+struct block_threads {
+  static constexpr int value = THREADS;
+};
+
+/* What a kernel keeps across its tiles for the mainloop of tag Align: nothing, but for the
+ * warp-specialized loop's ring (engine/sm90_ws.cuh, ws_pipe). */
+struct no_pipe {
+  static constexpr bool producer = false; /* every thread holds the tile */
+};
+template <typename Align>
+struct pipe_of {
+  using type = no_pipe;
+};
+
+/* The wgmma of one k-block in slot st (A [128 x 128 B] then B [128 x 128 B], 128-byte swizzle):
+ * warpgroup wg multiplies its 64 rows of A by all of B in 4 k16 steps, as one commit group, then
+ * waits until only this group is in flight (the previous k-block's is retired). FIRST: block 0,
+ * whose first step has scale-d 0 (the compiler sees d written there). The descriptors' start
+ * moves 32 bytes per k16 step inside the span. No branch, no ordinary access to d: the chain must
+ * not serialize (engine/sm90.cuh, file comment). */
+template <bool BF16, bool FIRST>
+__device__ __forceinline__ void wgmma_kblock(float (&d)[BN / 2], const unsigned char* st, int wg) {
+  auto desc_a = [&](int ks) {
+    return fh_ptx::make_smem_desc(st + (size_t)wg * 64 * sm90::ROWB + 32 * ks, 16, 8 * sm90::ROWB,
+                                  fh_ptx::SWIZZLE_128B);
+  };
+  auto desc_b = [&](int ks) {
+    return fh_ptx::make_smem_desc(st + sm90::TILE_A + 32 * ks, 16, 8 * sm90::ROWB, fh_ptx::SWIZZLE_128B);
+  };
+  if constexpr (!FIRST) fh_ptx::wgmma_fence_operand(d);
+  fh_ptx::wgmma_fence();
+  if constexpr (FIRST) fh_ptx::wgmma_zero<BN, BF16>(d, desc_a(0), desc_b(0));
+  else fh_ptx::wgmma<BN, BF16>(d, desc_a(0), desc_b(0), 1);
+  FH_UNROLL
+  for (int ks = 1; ks < sm90::KB / 16; ++ks) fh_ptx::wgmma<BN, BF16>(d, desc_a(ks), desc_b(ks), 1);
+  fh_ptx::wgmma_commit();
+  fh_ptx::wgmma_wait<1>(); /* this block's group stays in flight, the previous one is retired */
+  fh_ptx::wgmma_fence_operand(d);
+}
+
+/* d (the wgmma layout of the two warpgroups) -> acc (the sm_80 fragment layout) through shared
+ * memory x (BM x XP floats), so every epilogue runs unchanged. sync() is the barrier of the 256
+ * threads that hold the tile (__syncthreads, or a named barrier when a producer warp is beside
+ * them); it runs twice: the stores before the loads, the loads before the caller reuses x. */
+template <typename Sync>
+__device__ __forceinline__ void exchange(acc_t& acc, const float (&d)[BN / 2], float* x, Sync sync) {
+  using sm90::XP;
+  const int tid = (int)threadIdx.x, lane = tid & 31;
+  const int r0 = 16 * (tid >> 5) + (lane >> 2), c0 = 2 * (lane & 3); /* warp w of the CTA: rows 16w .. */
+  FH_UNROLL
+  for (int j = 0; j < BN / 8; ++j)
+    FH_UNROLL
+    for (int h = 0; h < 2; ++h)
+      fh_ptx::sts_v2(x + (r0 + 8 * h) * XP + 8 * j + c0,
+                     make_uint2(__float_as_uint(d[4 * j + 2 * h]), __float_as_uint(d[4 * j + 2 * h + 1])));
+  sync();
+  FH_UNROLL
+  for (int i = 0; i < MI; ++i)
+    FH_UNROLL
+    for (int j = 0; j < NJ; ++j)
+      FH_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const uint2 v = fh_ptx::lds_v2(x + frag_row(i, 2 * h) * XP + frag_col(j, 0));
+        acc.v[i][j][2 * h] = __uint_as_float(v.x);
+        acc.v[i][j][2 * h + 1] = __uint_as_float(v.y);
+      }
+  sync();
+}
 
 template <typename T>
 struct mainloop<T, tma90> {
@@ -159,24 +236,7 @@ struct mainloop<T, tma90> {
       fh_ptx::cp_async_commit();
       const int s = kb % sm90::STAGES;
       fh_ptx::mbar_wait(&bar[s], (uint32_t)(kb / sm90::STAGES) & 1u);
-      const unsigned char* st = slots + (size_t)s * sm90::STAGE_BYTES;
-      /* a k16 step moves the descriptors' start 32 bytes inside the span */
-      auto desc_a = [&](int ks) {
-        return fh_ptx::make_smem_desc(st + (size_t)wg * 64 * sm90::ROWB + 32 * ks, 16, 8 * sm90::ROWB,
-                                      fh_ptx::SWIZZLE_128B);
-      };
-      auto desc_b = [&](int ks) {
-        return fh_ptx::make_smem_desc(st + sm90::TILE_A + 32 * ks, 16, 8 * sm90::ROWB, fh_ptx::SWIZZLE_128B);
-      };
-      if constexpr (!FIRST) fh_ptx::wgmma_fence_operand(d);
-      fh_ptx::wgmma_fence();
-      if constexpr (FIRST) fh_ptx::wgmma_zero<BN, BF16>(d, desc_a(0), desc_b(0));
-      else fh_ptx::wgmma<BN, BF16>(d, desc_a(0), desc_b(0), 1);
-      FH_UNROLL
-      for (int ks = 1; ks < sm90::KB / 16; ++ks) fh_ptx::wgmma<BN, BF16>(d, desc_a(ks), desc_b(ks), 1);
-      fh_ptx::wgmma_commit();
-      fh_ptx::wgmma_wait<1>(); /* block kb's group stays in flight, block kb - 1's is retired */
-      fh_ptx::wgmma_fence_operand(d);
+      wgmma_kblock<BF16, FIRST>(d, slots + (size_t)s * sm90::STAGE_BYTES, wg);
     };
     block(0, std::true_type{}); /* kt >= 1: K > 0 (pick_tma90) */
     FH_NO_UNROLL
@@ -192,32 +252,7 @@ struct mainloop<T, tma90> {
         if (mc) fh_ptx::mbar_inval(&empty[s]);
       }
     }
-    exchange(acc, d, (float*)slots);
-  }
-
-  /* d (the wgmma layout) -> acc (the sm_80 fragment layout) through shared memory x. */
-  static __device__ __forceinline__ void exchange(acc_t& acc, const float (&d)[BN / 2], float* x) {
-    using sm90::XP;
-    const int tid = (int)threadIdx.x, lane = tid & 31;
-    const int r0 = 16 * (tid >> 5) + (lane >> 2), c0 = 2 * (lane & 3); /* warp w of the CTA: rows 16w .. */
-    FH_UNROLL
-    for (int j = 0; j < BN / 8; ++j)
-      FH_UNROLL
-      for (int h = 0; h < 2; ++h)
-        fh_ptx::sts_v2(x + (r0 + 8 * h) * XP + 8 * j + c0,
-                       make_uint2(__float_as_uint(d[4 * j + 2 * h]), __float_as_uint(d[4 * j + 2 * h + 1])));
-    __syncthreads();
-    FH_UNROLL
-    for (int i = 0; i < MI; ++i)
-      FH_UNROLL
-      for (int j = 0; j < NJ; ++j)
-        FH_UNROLL
-        for (int h = 0; h < 2; ++h) {
-          const uint2 v = fh_ptx::lds_v2(x + frag_row(i, 2 * h) * XP + frag_col(j, 0));
-          acc.v[i][j][2 * h] = __uint_as_float(v.x);
-          acc.v[i][j][2 * h + 1] = __uint_as_float(v.y);
-        }
-    __syncthreads(); /* the caller may reuse the slots */
+    exchange(acc, d, (float*)slots, [] { __syncthreads(); });
   }
 };
 
@@ -227,7 +262,8 @@ struct mainloop<T, tma90> {
  * early only when its whole cluster has none: the peer still needs its half of every tile. */
 template <typename Align>
 __device__ __forceinline__ int cluster_ctas() {
-  if constexpr (std::is_same<Align, tma90>::value) return (int)fh_ptx::cluster_nctarank();
+  if constexpr (std::is_same<Align, tma90>::value || std::is_same<Align, tma90ws>::value)
+    return (int)fh_ptx::cluster_nctarank();
   else return 1;
 }
 
@@ -308,12 +344,12 @@ static inline bool pick_tma90(bool vec, CUtensorMap* m, const void* b, int64_t r
   return encode_b_map(m, b, operand<T>::BF16, rows, K, ld, mc ? BN / 2 : BN);
 }
 
-/* Whether the device keeps 2-CTA clusters of kernel k (THREADS threads and `smem` bytes of
+/* Whether the device keeps 2-CTA clusters of kernel k (`threads` threads and `smem` bytes of
  * dynamic shared memory per CTA) resident: cudaOccupancyMaxActiveClusters answers at least one.
  * A device or partition that cannot (an MPS or MIG share, a part without clusters) then takes the
  * single-CTA loop instead of a launch that would fail. */
 template <typename Kern>
-static inline bool cluster_fits(Kern* k, size_t smem) {
+static inline bool cluster_fits(Kern* k, size_t smem, int threads) {
   if (cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
@@ -324,7 +360,7 @@ static inline bool cluster_fits(Kern* k, size_t smem) {
   at[0].val.clusterDim.y = 1;
   at[0].val.clusterDim.z = 1;
   /* by position: the emulator defines gridDim and blockDim as macros */
-  const cudaLaunchConfig_t cfg = {dim3(2), dim3(THREADS), smem, nullptr, at, 1};
+  const cudaLaunchConfig_t cfg = {dim3(2), dim3((unsigned)threads), smem, nullptr, at, 1};
   int n = 0;
   if (cudaOccupancyMaxActiveClusters(&n, k, &cfg) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -341,23 +377,29 @@ static inline bool cluster_fits(Kern* k, size_t smem) {
  * has no rows but loads its half of B. Decided before the tensor map is encoded: a cluster's map
  * has half boxes. */
 template <typename T, typename Kern>
-static inline bool multicast_enabled(unsigned row_blocks, Kern* k, size_t smem) {
+static inline bool multicast_enabled(unsigned row_blocks, Kern* k, size_t smem, int threads = THREADS) {
   if (sizeof(T) != 2 || row_blocks < 2 || !tma90_enabled()) return false;
   const char* e = getenv("FH_MULTICAST");
   if (e && strcmp(e, "0") == 0) return false;
-  return cluster_fits(k, smem);
+  return cluster_fits(k, smem, threads);
 }
 
-/* Launches kernel k of mainloop tag Align with `grid`, in clusters of 2 along x (grid x rounded
- * up to even) when mc, as one CTA per cluster otherwise. */
+/* Launches kernel k (`threads` per CTA) with `grid`, in clusters of 2 along x (grid x rounded up
+ * to even) when mc, as one CTA per cluster otherwise. */
 template <typename K, typename... A>
-static inline void launch_tiles_mc(bool mc, K* k, dim3 grid, size_t smem, cudaStream_t stream, A&&... args) {
+static inline void launch_tiles_n(int threads, bool mc, K* k, dim3 grid, size_t smem, cudaStream_t stream,
+                                  A&&... args) {
   if (mc) {
     grid.x += grid.x & 1u;
-    FH_LAUNCH_CLUSTER(k, grid, dim3(THREADS), dim3(2, 1, 1), smem, stream, static_cast<A&&>(args)...);
+    FH_LAUNCH_CLUSTER(k, grid, dim3((unsigned)threads), dim3(2, 1, 1), smem, stream, static_cast<A&&>(args)...);
   } else {
-    FH_LAUNCH(k, grid, dim3(THREADS), smem, stream, static_cast<A&&>(args)...);
+    FH_LAUNCH(k, grid, dim3((unsigned)threads), smem, stream, static_cast<A&&>(args)...);
   }
+}
+/* The same for the kernels of THREADS threads (the sm_80 and tma90 mainloops). */
+template <typename K, typename... A>
+static inline void launch_tiles_mc(bool mc, K* k, dim3 grid, size_t smem, cudaStream_t stream, A&&... args) {
+  launch_tiles_n(THREADS, mc, k, grid, smem, stream, static_cast<A&&>(args)...);
 }
 
 } /* namespace fh_eng */

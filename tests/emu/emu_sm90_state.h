@@ -72,6 +72,9 @@ struct WgOp {
   int n;                      /* N of m64nNk16: d has n / 2 registers */
   int group;                  /* the thread's commit group, -1 until committed */
   std::vector<float> result;  /* what the registers hold once the group retires */
+  uint64_t desc_a, desc_b;    /* the operands, read again when the group retires ... */
+  int kind;
+  uint64_t operand_hash;      /* ... and compared with what the mma_async read */
 };
 
 struct WgThread {

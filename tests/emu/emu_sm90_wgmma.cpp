@@ -112,10 +112,36 @@ void complete_uniform(LaneSlot* const* lanes, unsigned mask) {
 
 int warpgroup_thread(const char* op) {
   const int t = running_thread().linear;
-  if (block_threads() % 128)
-    ptx::fail("wgmma outside a full warpgroup", t, "%s: the block has %d threads; a warpgroup is 4 whole warps "
-              "(128 threads, starting at a warp index divisible by 4)", op, block_threads());
+  /* The calling thread's warpgroup must be whole; the block may have more warps (a producer warp). */
+  if ((t / 128 + 1) * 128 > block_threads())
+    ptx::fail("wgmma outside a full warpgroup", t, "%s: the block has %d threads, so warpgroup %d (threads %d-%d) is "
+              "not whole; a warpgroup is 4 whole warps (128 threads, starting at a warp index divisible by 4)", op,
+              block_threads(), t / 128, t / 128 * 128, t / 128 * 128 + 127);
   return t;
+}
+
+/* This thread's operand elements of an m64nNk16: A at rows 16w + g (+8), B at columns 8j + 2q
+ * (+1), 16 k each (b: column by column). Returns a hash of their bits. The hardware reads them at
+ * some point between mma_async and the wait_group that retires it, so the twin reads them at both
+ * ends and reports a difference. */
+uint64_t read_operands(PtxState& s, uint64_t desc_a, uint64_t desc_b, int n, WgmmaKind kind, int t, float (&a)[2][16],
+                       std::vector<float>& b) {
+  const Desc da = decode(desc_a, t, "A"), db = decode(desc_b, t, "B");
+  const int lt = t % 128, w = lt / 32, g = (lt % 32) / 4, q = lt % 4;
+  uint64_t hsh = 0xcbf29ce484222325ull;
+  auto mix = [&](float v) {
+    uint32_t x;
+    std::memcpy(&x, &v, 4);
+    hsh = (hsh ^ x) * 0x100000001b3ull;
+  };
+  for (int h = 0; h < 2; ++h)
+    for (int k = 0; k < 16; ++k) mix(a[h][k] = load_elem(s, da, (uint32_t)(16 * w + g + 8 * h), (uint32_t)k, kind, t, "A"));
+  b.resize((size_t)n / 8 * 2 * 16);
+  for (int j = 0; j < n / 8; ++j)
+    for (int c = 0; c < 2; ++c)
+      for (int k = 0; k < 16; ++k)
+        mix(b[(size_t)(2 * j + c) * 16 + k] = load_elem(s, db, (uint32_t)(8 * j + 2 * q + c), (uint32_t)k, kind, t, "B"));
+  return hsh;
 }
 
 void sync_warp(const char* name, uint64_t in, const void* p0, int arg, int width) {
@@ -162,6 +188,16 @@ void sm90_wgmma_wait(int n) {
       continue;
     }
     retired = true;
+    {
+      float a[2][16];
+      std::vector<float> b;
+      if (read_operands(ptx::state(), o.desc_a, o.desc_b, o.n, (WgmmaKind)o.kind, t, a, b) != o.operand_hash)
+        ptx::fail("wgmma operand changed while in flight", t,
+                  "wgmma.wait_group %d retires the m64n%dk16 of commit group %d, but the shared memory of its A or B "
+                  "operand (descriptors 0x%016llx, 0x%016llx) was written after the mma_async: the operands belong "
+                  "to the wgmma until the wait_group that retires it (a stage released or refilled too early?)",
+                  n, o.n, o.group, (unsigned long long)o.desc_a, (unsigned long long)o.desc_b);
+    }
     bool later = false; /* a later op on the same registers delivers instead */
     for (size_t j = i + 1; j < me.ops.size(); ++j) later |= me.ops[j].d == o.d;
     if (later) continue;
@@ -214,20 +250,16 @@ void sm90_wgmma(float* d, int n, uint64_t desc_a, uint64_t desc_b, int scale_d, 
   if (prev) std::memcpy(op.result.data(), prev->result.data(), sizeof(float) * (size_t)nr);
   else std::memcpy(op.result.data(), d, sizeof(float) * (size_t)nr);
   if (!scale_d) std::fill(op.result.begin(), op.result.end(), 0.0f);
-  /* This thread's fragment: rows 16w + g (+8), columns 8j + 2q (+1). */
-  const Desc da = decode(desc_a, t, "A"), db = decode(desc_b, t, "B");
-  const int lt = t % 128, w = lt / 32, g = (lt % 32) / 4, q = lt % 4;
   float a[2][16];
-  for (int h = 0; h < 2; ++h)
-    for (int k = 0; k < 16; ++k) a[h][k] = load_elem(s, da, (uint32_t)(16 * w + g + 8 * h), (uint32_t)k, kind, t, "A");
+  std::vector<float> b;
+  op.desc_a = desc_a, op.desc_b = desc_b, op.kind = kind;
+  op.operand_hash = read_operands(s, desc_a, desc_b, n, kind, t, a, b);
   for (int j = 0; j < n / 8; ++j)
     for (int c = 0; c < 2; ++c) {
-      float b[16];
-      const uint32_t col = (uint32_t)(8 * j + 2 * q + c);
-      for (int k = 0; k < 16; ++k) b[k] = load_elem(s, db, col, (uint32_t)k, kind, t, "B");
+      const float* bc = &b[(size_t)(2 * j + c) * 16];
       for (int h = 0; h < 2; ++h) {
         float acc = op.result[(size_t)(4 * j + 2 * h + c)];
-        for (int k = 0; k < 16; ++k) acc += a[h][k] * b[k];
+        for (int k = 0; k < 16; ++k) acc += a[h][k] * bc[k];
         op.result[(size_t)(4 * j + 2 * h + c)] = acc;
       }
     }
@@ -235,7 +267,7 @@ void sm90_wgmma(float* d, int n, uint64_t desc_a, uint64_t desc_b, int scale_d, 
   for (int r = 0; r < nr; ++r) std::memcpy(&d[r], &kAccPoison, 4);
   s.wgmma_used = true;
   S.any_wgmma = true;
-  if (lt == 0) note_mma(2ull * 64 * (uint64_t)n * 16);
+  if (t % 128 == 0) note_mma(2ull * 64 * (uint64_t)n * 16);
 }
 
 void sm90_check_taint(const void* src, int bytes, const char* op) {

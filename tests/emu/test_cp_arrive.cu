@@ -19,6 +19,7 @@ struct Knobs {
   int full_count = 33;  /* arrivals per phase of full[s]: lane 0's expect_tx + 32 cp.async arrivals */
   int wait_full = 1;    /* the consumers wait on full[s] */
   int arrive = 1;       /* the producer lanes arrive through cp.async.mbarrier.arrive.noinc */
+  int early_release = 0; /* the consumers release the slot before their wgmma retired */
 };
 
 /* Warp 0 produces (every lane: 16 chunks of A in the 128-byte swizzle, then its cp.async
@@ -71,8 +72,9 @@ __global__ void cp_ring_kernel(const uint16_t* A, const __grid_constant__ CUtens
                               fh_ptx::make_smem_desc(st + kRows * kRowB + 32 * ks, 16, 1024, fh_ptx::SWIZZLE_128B),
                               kb > 0 || ks > 0);
     fh_ptx::wgmma_commit();
+    if (kn.early_release) fh_ptx::mbar_arrive(&empty[s]);
     fh_ptx::wgmma_wait<0>();
-    fh_ptx::mbar_arrive(&empty[s]);
+    if (!kn.early_release) fh_ptx::mbar_arrive(&empty[s]);
   }
   if (!kn.wait_full) fh_ptx::mbar_wait(&full[(kblocks - 1) % kStages], (uint32_t)((kblocks - 1) / kStages) & 1u);
   const int w = t / 32, g = (t % 32) / 4, q = t % 4;
@@ -185,4 +187,17 @@ static void run_count_too_large() {
 Test(emu_cp_arrive, report_init_count_too_large_deadlocks) {
   expect_report(run_count_too_large, {"fh_emu synccheck: mbarrier wait can never complete (deadlock)",
                                       "still misses 1 of 34 arrivals"});
+}
+
+/* The consumers release the slot before wgmma.wait_group: the producer refills it while the
+ * wgmma still reads it. */
+static void run_early_release() {
+  fh_emu_set_seed(1);
+  fh_emu_set_yield(1.0);
+  g_kn = Knobs{};
+  g_kn.early_release = 1;
+  (void)run_ring();
+}
+Test(emu_cp_arrive, report_slot_released_before_wgmma_retired) {
+  expect_report(run_early_release, {"read of shared bytes written by cp.async still in flight", "(wgmma operand)"});
 }

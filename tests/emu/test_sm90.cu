@@ -543,3 +543,38 @@ static void run_inval_in_progress() {
 Test(emu_sm90, report_mbarrier_inval_with_phase_in_progress) {
   expect_report(run_inval_in_progress, {"mbarrier.inval with a phase in progress", "misses 1 of 2 arrivals"});
 }
+
+/* wgmma by a warpgroup the block does not hold whole: with 288 threads, warps 0-7 form two
+ * warpgroups (a producer warp beside them is fine), warp 8 alone is not one. */
+__global__ void partial_warpgroup_kernel(int from) {
+  if ((int)threadIdx.x >= from) fh_ptx::wgmma_fence();
+}
+static void run_partial_warpgroup() { FH_LAUNCH(partial_warpgroup_kernel, 1, 288, 0, nullptr, 256); }
+Test(emu_sm90, wgmma_needs_a_whole_warpgroup_not_a_whole_block) {
+  FH_LAUNCH(partial_warpgroup_kernel, 1, 288, 0, nullptr, 288); /* nobody calls it */
+  EMU_CHECK_LAUNCH();
+  expect_report(run_partial_warpgroup, {"fh_emu ptx: wgmma outside a full warpgroup", "thread 256",
+                                        "warpgroup 2 (threads 256-383) is not whole"});
+}
+
+/* st.shared into a wgmma's operand between mma_async and the wait_group that retires it. */
+__global__ void operand_write_kernel(int write) {
+  FH_DYNAMIC_SMEM(unsigned char, smem);
+  for (int i = (int)threadIdx.x; i < 1024; i += 128) fh_ptx::sts_u32(smem + 4 * i, 0x3e003e00u);
+  __syncthreads();
+  fh_ptx::fence_proxy_async();
+  float d[32];
+  fh_ptx::wgmma_fence();
+  fh_ptx::wgmma_zero<64, true>(d, fh_ptx::make_smem_desc(smem, 128, 256, fh_ptx::SWIZZLE_NONE),
+                               fh_ptx::make_smem_desc(smem + 2048, 128, 256, fh_ptx::SWIZZLE_NONE));
+  fh_ptx::wgmma_commit();
+  if (write && threadIdx.x == 0) fh_ptx::sts_u32(smem + 2048 + 64, 0u);
+  fh_ptx::wgmma_wait<0>();
+  fh_ptx::wgmma_fence_operand(d);
+}
+static void run_operand_write() { FH_LAUNCH(operand_write_kernel, 1, 128, 4096, nullptr, 1); }
+Test(emu_sm90, report_operand_written_while_in_flight) {
+  FH_LAUNCH(operand_write_kernel, 1, 128, 4096, nullptr, 0);
+  EMU_CHECK_LAUNCH();
+  expect_report(run_operand_write, {"fh_emu ptx: wgmma operand changed while in flight", "commit group 0"});
+}

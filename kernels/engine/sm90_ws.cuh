@@ -1,0 +1,228 @@
+/* engine/sm90_ws.cuh: the warp-specialized sm_90a mainloop, fh_eng::mainloop<T, tma90ws>: the
+ * same 128 x 128 tile of A·Bᵀ as engine/sm90.cuh, from the same slots, descriptors and wgmma
+ * chain (wgmma_kblock), handed to the epilogues in the same registers (exchange), but with the
+ * loads taken off the 256 threads that hold the tile. docs/hopper.md "The warp-specialized
+ * mainloop" has the design and its cost.
+ *
+ *   - The CTA has WS_THREADS = 288 threads: warps 0-7 hold the tile as in every mainloop (the
+ *     epilogues index them by threadIdx.x < 256 unchanged), warp 8 is the producer.
+ *   - The producer warp fills a ring of STAGES = 4 slots of 32 KiB: lane 0 announces B's bytes
+ *     (expect_tx) and issues its TMA box (or, in a 2-CTA cluster, its half, multicast to both);
+ *     every lane copies 32 16-byte chunks of A's gathered rows by cp.async and then arrives on
+ *     the slot's full barrier with cp.async.mbarrier.arrive.noinc, which fires once its copies
+ *     landed. full[s] thus counts 1 + 32 arrivals and B's bytes.
+ *   - The consumers wait on full[s] (parity = the ring's pass), order the cp.async bytes for
+ *     the async proxy (fence.proxy.async), run the k-block's wgmma chain, and once its group
+ *     retired (one k-block later: wait_group 1) each warp's lane 0 releases the slot on empty[s]
+ *     (8 arrivals, 16 in a cluster, where each warp also arrives on the peer's barrier: the
+ *     peer's producer multicasts into this CTA's slot too). No CTA-wide barrier in the loop.
+ *   - The ring persists across the tiles of a kernel (ws_pipe: the k-blocks each role has passed,
+ *     so the slot and the parity), so the producer runs ahead into the next tile's k-blocks while
+ *     the consumers run this tile's epilogue. The accumulators therefore go through their own
+ *     exchange buffer (not the slots), behind a named barrier of the 256 consumers.
+ *   - The barriers are initialized by the first tile (all 288 threads, then __syncthreads or
+ *     barrier.cluster) and invalidated by finish(), which every thread calls after its tile loop:
+ *     it waits for the whole CTA (and the cluster's peer, whose arrivals and multicast reach this
+ *     CTA until it is done), after which the caller may reuse every byte.
+ *   - Summation order: the wgmma chain of engine/sm90.cuh, so the tiles are bitwise equal to the
+ *     tma90 and sm_80 loops' on the emulator (tested).
+ *
+ * A kernel on this loop: launches WS_THREADS threads (block_threads<tma90ws>), calls
+ * run(acc, a, b, K, smem, pipe) per tile with one ws_pipe for all its tiles, skips its epilogue
+ * when pipe.producer, calls finish(smem, pipe) after the loop, and keeps the producer warp out of
+ * anything indexed by warp (it holds no tile). */
+#ifndef FH_KERNELS_ENGINE_SM90_WS_CUH
+#define FH_KERNELS_ENGINE_SM90_WS_CUH
+
+#include "sm90.cuh"
+
+namespace fh_eng {
+
+namespace ws {
+constexpr int THREADS_WS = THREADS + 32; /* 8 consumer warps, then the producer warp */
+constexpr int STAGES = 4;
+constexpr size_t HEADER = 1024;                                    /* full[4], empty[4] */
+constexpr size_t SLOTS = (size_t)STAGES * sm90::STAGE_BYTES;       /* 128 KiB */
+constexpr size_t XBYTES = (size_t)BM * sm90::XP * sizeof(float);   /* 68 KiB */
+constexpr size_t RING_BYTES = HEADER + 1024 + SLOTS + XBYTES;      /* 198 KiB */
+constexpr int A_PER_LANE = BM * (sm90::ROWB / 16) / 32;            /* 32 chunks of A per lane */
+constexpr uint32_t FULL_COUNT = 1 + 32;
+static_assert(RING_BYTES + 2 * BM * sizeof(int) <= 232448, "the ring and a kernel's row tables fit in 227 KiB");
+} /* namespace ws */
+
+template <>
+struct ring<tma90ws> {
+  static constexpr size_t bytes = ws::RING_BYTES;
+};
+template <>
+struct block_threads<tma90ws> {
+  static constexpr int value = ws::THREADS_WS;
+};
+template <>
+struct optin<tma90ws> {
+  static constexpr size_t max = SMEM_OPTIN_MAX_SM90;
+};
+
+/* The ring's position, per thread, across the tiles of one kernel. */
+struct ws_pipe {
+  bool producer = threadIdx.x >= (unsigned)THREADS;
+  bool ready = false; /* the barriers are initialized */
+  uint32_t it = 0;    /* k-blocks this thread's role has passed through the ring */
+};
+template <>
+struct pipe_of<tma90ws> {
+  using type = ws_pipe;
+};
+
+template <typename T>
+struct mainloop<T, tma90ws> {
+  static_assert(sizeof(T) == 2, "the sm_90a mainloop takes bf16 or fp16 operands");
+  static constexpr bool BF16 = operand<T>::BF16;
+
+  static __device__ __forceinline__ unsigned char* slots(unsigned char* smem) {
+    return smem + ws::HEADER + ((1024u - (fh_ptx::smem_u32(smem + ws::HEADER) & 1023u)) & 1023u);
+  }
+
+  static __device__ __forceinline__ void run(acc_t& acc, const nt_operand<T>& a, const nt_operand<T>& b, int K,
+                                             unsigned char* smem, ws_pipe& p) {
+    const int tid = (int)threadIdx.x;
+    const bool mc = fh_ptx::cluster_nctarank() == 2;
+    const uint32_t crank = mc ? fh_ptx::cluster_ctarank() : 0u;
+    uint64_t* full = (uint64_t*)smem;
+    uint64_t* empty = full + ws::STAGES;
+    unsigned char* ring = slots(smem);
+    if (!p.ready) {
+      __syncthreads(); /* the caller's last readers of these bytes are done */
+      if (tid == 0) {
+        FH_UNROLL
+        for (int s = 0; s < ws::STAGES; ++s) {
+          fh_ptx::mbar_init(&full[s], ws::FULL_COUNT);
+          fh_ptx::mbar_init(&empty[s], mc ? 16u : 8u);
+        }
+        fh_ptx::fence_mbar_init();
+        fh_ptx::fence_proxy_async();
+      }
+      if (mc) fh_ptx::cluster_sync(); /* the peer's barriers exist before anything reaches them */
+      else __syncthreads();
+      p.ready = true;
+    }
+    const int kt = (K * (int)sizeof(T) + sm90::ROWB - 1) / sm90::ROWB;
+    if (p.producer) {
+      produce(a, b, K, kt, ring, full, empty, mc, crank, p.it);
+      p.it += (uint32_t)kt;
+      return;
+    }
+    const int wg = tid >> 7;
+    const bool releaser = (tid & 31) == 0;
+    /* The slot of k-block number i (counted over the kernel's tiles) may be refilled. */
+    auto release = [&](uint32_t i) {
+      if (!releaser) return;
+      uint64_t* e = &empty[i % ws::STAGES];
+      fh_ptx::mbar_arrive(e);
+      if (mc) fh_ptx::mbar_arrive_cluster(e, crank ^ 1u);
+    };
+    auto block = [&](float (&d)[BN / 2], uint32_t i, auto first) {
+      const uint32_t s = i % ws::STAGES;
+      fh_ptx::mbar_wait(&full[s], (i / ws::STAGES) & 1u);
+      fh_ptx::fence_proxy_async(); /* the producer's cp.async bytes, for the wgmma's async proxy */
+      wgmma_kblock<BF16, decltype(first)::value>(d, ring + (size_t)s * sm90::STAGE_BYTES, wg);
+    };
+    float d[BN / 2]; /* written first by the scale-d 0 wgmma of block 0 */
+    block(d, p.it, std::true_type{}); /* kt >= 1: K > 0 (pick_tma90) */
+    FH_NO_UNROLL
+    for (int kb = 1; kb < kt; ++kb) {
+      block(d, p.it + (uint32_t)kb, std::false_type{});
+      release(p.it + (uint32_t)kb - 1u); /* its group retired in the wait_group 1 */
+    }
+    fh_ptx::wgmma_wait<0>();
+    fh_ptx::wgmma_fence_operand(d);
+    release(p.it + (uint32_t)kt - 1u);
+    p.it += (uint32_t)kt;
+    exchange(acc, d, (float*)(ring + ws::SLOTS), [] { fh_ptx::bar_sync(1, THREADS); });
+  }
+
+  /* The producer warp: k-blocks it .. it + kt - 1 of the ring, this tile's. */
+  static __device__ __forceinline__ void produce(const nt_operand<T>& a, const nt_operand<T>& b, int K, int kt,
+                                                 unsigned char* ring, uint64_t* full, uint64_t* empty, bool mc,
+                                                 uint32_t crank, uint32_t it) {
+    const int lane = (int)threadIdx.x & 31, c = lane & 7;
+    const int kbytes = K * (int)sizeof(T);
+    /* Lane l copies chunk c = l % 8 of rows 4q + l / 8, q = 0 .. 31: row r's source, or null past n. */
+    const unsigned char* src[ws::A_PER_LANE];
+    FH_UNROLL
+    for (int q = 0; q < ws::A_PER_LANE; ++q) {
+      const int r = 4 * q + (lane >> 3);
+      const int64_t row = r < a.n ? (a.gather ? (int64_t)a.gather[r] : (int64_t)(a.row0 + r)) : -1;
+      src[q] = row >= 0 ? (const unsigned char*)(a.base + row * a.ld) : nullptr;
+    }
+    const CUtensorMap* map = static_cast<const CUtensorMap*>(b.tmap);
+    FH_NO_UNROLL
+    for (int kb = 0; kb < kt; ++kb) {
+      const uint32_t i = it + (uint32_t)kb, s = i % ws::STAGES;
+      /* the slot's previous k-block (i - STAGES) is retired, in both CTAs of a cluster */
+      if (i >= (uint32_t)ws::STAGES) fh_ptx::mbar_wait(&empty[s], ((i / ws::STAGES) & 1u) ^ 1u);
+      unsigned char* st = ring + (size_t)s * sm90::STAGE_BYTES;
+      if (lane == 0) {
+        fh_ptx::mbar_arrive_expect_tx(&full[s], (uint32_t)sm90::TILE_B); /* both halves, with a cluster */
+        if (mc) {
+          constexpr int HALF = BN / 2;
+          fh_ptx::tma_load_2d_multicast(st + sm90::TILE_A + (size_t)crank * HALF * sm90::ROWB, map, kb * sm90::KB,
+                                        b.row0 + (int)crank * HALF, &full[s], (uint16_t)0x3);
+        } else {
+          fh_ptx::tma_load_2d(st + sm90::TILE_A, map, kb * sm90::KB, b.row0, &full[s]);
+        }
+      }
+      const int k0 = kb * sm90::ROWB + 16 * c;
+      int n = kbytes - k0;
+      n = n < 0 ? 0 : (n > 16 ? 16 : n);
+      FH_UNROLL
+      for (int q = 0; q < ws::A_PER_LANE; ++q) {
+        const int r = 4 * q + (lane >> 3);
+        const int nq = src[q] ? n : 0;
+        fh_ptx::cp_async_16(st + r * sm90::ROWB + ((c ^ (r & 7)) << 4), nq > 0 ? src[q] + k0 : (const unsigned char*)a.base, nq);
+      }
+      fh_ptx::cp_async_mbar_arrive_noinc(&full[s]);
+    }
+  }
+
+  /* After the tile loop, every thread: the ring is idle (every k-block consumed and released, in
+   * the peer too) and the barriers invalidated, so the caller may reuse every byte. */
+  static __device__ __forceinline__ void finish(unsigned char* smem, ws_pipe& p) {
+    if (!p.ready) return; /* no tile ran: uniform over the CTA (and the cluster) */
+    const bool mc = fh_ptx::cluster_nctarank() == 2;
+    if (mc) fh_ptx::cluster_sync();
+    else __syncthreads();
+    if (threadIdx.x == 0) {
+      uint64_t* full = (uint64_t*)smem;
+      FH_UNROLL
+      for (int s = 0; s < ws::STAGES; ++s) {
+        fh_ptx::mbar_inval(&full[s]);
+        fh_ptx::mbar_inval(&full[ws::STAGES + s]);
+      }
+    }
+    __syncthreads();
+    p.ready = false;
+  }
+};
+
+/* One tile of any mainloop, and the end of a kernel's tiles: the kernels' single call sites. */
+template <typename T, typename Align, typename Pipe>
+__device__ __forceinline__ void run_tile(acc_t& acc, const nt_operand<T>& a, const nt_operand<T>& b, int K,
+                                         unsigned char* smem, Pipe& p) {
+  if constexpr (std::is_same<Align, tma90ws>::value) mainloop<T, Align>::run(acc, a, b, K, smem, p);
+  else mainloop<T, Align>::run(acc, a, b, K, smem);
+}
+template <typename T, typename Align, typename Pipe>
+__device__ __forceinline__ void finish_tiles(unsigned char* smem, Pipe& p) {
+  if constexpr (std::is_same<Align, tma90ws>::value) mainloop<T, Align>::finish(smem, p);
+  else (void)smem, (void)p;
+}
+
+/* The mainloop tag of a 16-bit T's warp-specialized sm_90a path (vec16 for fp32, never launched
+ * on it: no wgmma form). */
+template <typename T>
+using tma90ws_for = typename std::conditional<sizeof(T) == 2, tma90ws, vec16>::type;
+
+} /* namespace fh_eng */
+
+#endif
