@@ -258,9 +258,12 @@ def is_library(k):
 
 
 def gemm_class(k, patterns):
-    """vec16 / tma90 / scalar (engine tags), gemm (matched by a pattern of gemm_kernels.txt,
-    untagged), ''. tma90 (the wgmma mainloop) is a GEMM kernel on sm_90a only: on other
-    architectures its wgmma wrappers are __trap() (no HGMMA), and it is not checked ('')."""
+    """vec16 / tma90 / tma90ws / scalar (engine tags), gemm (matched by a pattern of
+    gemm_kernels.txt, untagged), ''. tma90 and tma90ws (the wgmma mainloops, the second
+    warp-specialized) are GEMM kernels on sm_90a only: on other architectures their wgmma wrappers
+    are __trap() (no HGMMA), and they are not checked ('')."""
+    if "fh_eng::tma90ws" in k.name or "6fh_eng7tma90ws" in k.mangled:
+        return "tma90ws" if k.arch == "sm_90a" else ""
     if "fh_eng::tma90" in k.name or "6fh_eng5tma90" in k.mangled:
         return "tma90" if k.arch == "sm_90a" else ""
     if "fh_eng::vec16" in k.name or "6fh_eng5vec16" in k.mangled:
@@ -338,7 +341,8 @@ def tag(k, what):
 def check(kernels, patterns, pattern_texts, gemm_archs, patterns90=(), pattern90_texts=()):
     """Rule violations: list of (rule, message). (a) spills; (b) GEMM main loops; (b') expected:
     patterns (gemm_kernels.txt) match a vec16 kernel on each cubin of gemm_archs, patterns90
-    (gemm_kernels_sm90.txt) a tma90 kernel on the sm_90a cubin (when sm_90a is in gemm_archs)."""
+    (gemm_kernels_sm90.txt) a tma90 or tma90ws kernel on the sm_90a cubin (when sm_90a is in
+    gemm_archs)."""
     v = []
     for k in kernels:
         where = "%s %s" % (k.arch, short_name(k.name))
@@ -357,6 +361,9 @@ def check(kernels, patterns, pattern_texts, gemm_archs, patterns90=(), pattern90
             continue
         if k.cls == "tma90":
             check_tma90(k, where, v)
+            continue
+        if k.cls == "tma90ws":
+            check_tma90ws(k, where, v)
             continue
         for (t, b), (c, nar) in zip(k.loops, k.loop_counts):
             bad = []
@@ -396,11 +403,44 @@ def check(kernels, patterns, pattern_texts, gemm_archs, patterns90=(), pattern90
             if "sm_90a" not in present:
                 break
             m = [k for k in kernels if k.arch == "sm_90a" and p.search(k.name)]
-            if not any(k.cls == "tma90" for k in m):
-                v.append(("b", "sm_90a: no fh_eng::tma90 kernel matches the expected wgmma GEMM "
+            if not any(k.cls in ("tma90", "tma90ws") for k in m):
+                v.append(("b", "sm_90a: no fh_eng::tma90 or tma90ws kernel matches the expected wgmma GEMM "
                           "pattern '%s' (gemm_kernels_sm90.txt; found: %s)" % (
                               text, ", ".join(short_name(k.name) for k in m) or "none")))
     return v
+
+
+def producer_loops(k):
+    """The loops of a warp-specialized kernel's producer: UTMALDG and LDGSTS, no tensor op."""
+    out = []
+    for t, b in loops(k):
+        ops = [base(op) for a, op, _ in k.instrs if t <= a <= b]
+        if "UTMALDG" in ops and "LDGSTS" in ops and not any(o in TENSOR_OPS for o in ops):
+            out.append((t, b))
+    return out
+
+
+def check_tma90ws(k, where, v):
+    """Rule (b) for a tma90ws kernel on sm_90a: its consumers' HGMMA loop(s) have no narrow
+    global load and an unserialized wgmma chain (their loads are the producer's), and the kernel
+    has a producer loop issuing both the TMA (UTMALDG) and cp.async (LDGSTS)."""
+    if not any(c["HGMMA"] for c, _ in k.loop_counts):
+        v.append(("b", "%s: no main loop with HGMMA (wgmma)" % where))
+        tag(k, "no HGMMA")
+    for (t, b), (c, nar) in zip(k.loops, k.loop_counts):
+        bad = []
+        if c["narrow_LDG"] or c["narrow_LD"] or c["narrow_LDGSTS"]:
+            bad.append("narrow global loads (%s)" % fmt_narrow(nar))
+            tag(k, "narrow loads")
+        n, g = wgmma_chain(k, t, b)
+        if n > 1 and g == n:
+            bad.append("wgmma chain serialized (gsb0 on all %d HGMMA: ptxas C7514/C7520)" % n)
+            tag(k, "wgmma serialized")
+        if bad:
+            v.append(("b", "%s: main loop 0x%04x-0x%04x: %s" % (where, t, b, "; ".join(bad))))
+    if not producer_loops(k):
+        v.append(("b", "%s: no producer loop (UTMALDG and LDGSTS, no HGMMA)" % where))
+        tag(k, "no producer loop")
 
 
 def check_tma90(k, where, v):
@@ -517,10 +557,11 @@ def summary(kernels, violations):
         ks = [k for k in kernels if k.arch == arch]
         g = [k for k in ks if k.cls]
         lines.append(
-            "sass: %s: %d kernels (%d library), %d GEMM (%d vec16, %d tma90, %d scalar, "
+            "sass: %s: %d kernels (%d library), %d GEMM (%d vec16, %d tma90, %d tma90ws, %d scalar, "
             "%d untagged by pattern), %d with spills, %d GEMM kernels violating rule (b)" % (
                 arch, len(ks), sum(k.library for k in ks), len(g),
                 sum(k.cls == "vec16" for k in g), sum(k.cls == "tma90" for k in g),
+                sum(k.cls == "tma90ws" for k in g),
                 sum(k.cls == "scalar" for k in g),
                 sum(k.cls == "gemm" for k in g), sum("spills" in k.violations for k in ks),
                 sum(bool(set(k.violations) - {"spills"}) for k in g)))
@@ -544,162 +585,6 @@ def run(sass_text, res_text, patterns, pattern_texts, gemm_archs, patterns90=(),
     return kernels, check(kernels, patterns, pattern_texts, gemm_archs, patterns90, pattern90_texts)
 
 
-# ---------------------------------------------------------------------------------------------
-# Self-test on canned SASS (scripts/testdata/sass_selftest.sass)
-# ---------------------------------------------------------------------------------------------
-
-def self_test(datadir):
-    with open(os.path.join(datadir, "sass_selftest.sass")) as f:
-        sass = f.read()
-    with open(os.path.join(datadir, "sass_selftest.res")) as f:
-        res = f.read()
-    texts = ["lce_fwd_tile_kernel", "topk_fused_tile_kernel"]
-    texts90 = ["lce_fwd_tile_kernel", "lce_bwd_rows_kernel", "topk_fused_tile_kernel"]
-    pats, pats90 = [re.compile(t) for t in texts], [re.compile(t) for t in texts90]
-    # the default architectures (sm_80 sm_90a) and sm_90, whose cubin holds no vec16 kernel
-    kernels, viol = run(sass, res, pats, texts, ["sm_80", "sm_90", "sm_90a"], pats90, texts90)
-    fails = []
-
-    def expect(what, got, want):
-        if got != want:
-            fails.append("%s: got %r, want %r" % (what, got, want))
-
-    expect("kernels", [(k.arch, k.mangled[:20]) for k in kernels],
-           [("sm_80", "_ZN6fh_lce19lce_fwd_"), ("sm_80", "_ZN6fh_lce19lce_fwd_"),
-            ("sm_80", "_ZN6fh_lce19lce_fwd_"), ("sm_80", "_Z12spill_kernelv"),
-            ("sm_80", "_ZN6fh_lce19lce_fwd_"), ("sm_90", "_ZN6fh_lce19lce_fwd_"),
-            ("sm_90", "_ZN3cub11EmptyKernel"), ("sm_90a", "_ZN6fh_lce19lce_bwd_"),
-            ("sm_90a", "_ZN6fh_lce19lce_fwd_"), ("sm_90a", "_ZN6fh_lce19lce_fwd_")])
-    good, bad, wmma, spill, trap80, lab, lib, wg, tma, ser = kernels
-    # good: outer tile loop 0x0010-0x0160 holds the inner K loop 0x0040-0x00f0 and an epilogue
-    # with a narrow load; the main loop is the inner one.
-    expect("good demangled", short_name(good.name),
-           "fh_lce::lce_fwd_tile_kernel<__nv_bfloat16, fh_eng::vec16>")
-    expect("good class", good.cls, "vec16")
-    expect("good loops", loops(good), [(0x10, 0x160), (0x40, 0xf0)])
-    expect("good main loops", good.loops, [(0x40, 0xf0)])
-    expect("good totals", [good.total[c] for c in ("HMMA", "LDSM", "LDGSTS", "LDG", "narrow_LDG",
-                                                   "narrow_LD", "MUFU", "BAR", "STL", "LDL")],
-           [2, 2, 2, 3, 2, 1, 1, 2, 0, 0])
-    expect("good loop", [good.loop_total[c] for c in ("HMMA", "LDSM", "LDGSTS", "LDG",
-                                                      "narrow_LDG", "BAR")], [2, 2, 2, 1, 0, 1])
-    expect("good res", (good.res.get("REG"), good.res.get("SHARED"), good.res.get("STACK")),
-           (128, 49152, 0))
-    expect("good violations", good.violations, [])
-    # bad: a loop with narrow loads (an 8-byte cp.async too), no LDSM; a BRA.DIV (forward).
-    expect("bad class", bad.cls, "vec16")
-    expect("bad main loops", bad.loops, [(0x20, 0x90)])
-    expect("bad loop narrow", dict(bad.loop_narrow),
-           {"LDG.E.U16": 2, "LDG.E.64.CONSTANT": 1, "LDGSTS.E.64": 1})
-    expect("bad violations", bad.violations, ["narrow loads", "no LDSM"])
-    # wmma (untagged, a gemm by pattern): the innermost HMMA loop 0x40-0x60 steps k over shared
-    # memory (generic LD.E), the enclosing loop 0x10-0x80 stages the tile with LDG.E.U16: it is
-    # the main loop.
-    expect("wmma class", wmma.cls, "gemm")
-    expect("wmma loops", loops(wmma), [(0x10, 0x80), (0x40, 0x60)])
-    expect("wmma main loops", wmma.loops, [(0x10, 0x80)])
-    expect("wmma loop narrow", dict(wmma.loop_narrow), {"LDG.E.U16": 1, "LD.E": 1})
-    expect("wmma totals", (wmma.total["narrow_LDG"], wmma.loop_total["narrow_LDG"],
-                           wmma.loop_total["BAR"]), (2, 1, 2))
-    # spill: STL/LDL, the self-branch at the end is no loop.
-    expect("spill loops", loops(spill), [])
-    expect("spill counts", (spill.total["STL"], spill.total["LDL"]), (1, 2))
-    expect("spill violations", spill.violations, ["spills"])
-    # labelled branches (`(.L_x_1)`) on sm_90, scalar tag: a main loop is all it needs.
-    expect("label class", lab.cls, "scalar")
-    expect("label loops", lab.loops, [(0x10, 0x50)])
-    expect("label violations", lab.violations, [])
-    expect("library", (lib.library, lib.violations), (True, []))
-    # sm_90a: TMA (UTMALDG) into HGMMA, which reads shared memory itself (no LDSM needed).
-    expect("wgmma main loops", wg.loops, [(0x10, 0x50)])
-    expect("wgmma counts", (wg.total["HGMMA"], wg.total["UTMALDG"]), (1, 1))
-    expect("wgmma violations", wg.violations, [])
-    expect("wgmma chain (single HGMMA)", wgmma_chain(wg, 0x10, 0x50), (1, 0))
-    # tma90 on sm_80: compiled, but the wgmma wrappers are __trap(): no HGMMA, not a GEMM kernel
-    # there (its loop has a narrow load and no tensor op), no violation.
-    expect("tma90 sm_80 class", (short_name(trap80.name), trap80.cls),
-           ("fh_lce::lce_fwd_tile_kernel<__nv_bfloat16, fh_eng::tma90>", ""))
-    expect("tma90 sm_80 violations", trap80.violations, [])
-    # tma90 on sm_90a, good: LDGSTS + UTMALDG and a chain of 4 HGMMA with gsb0 on the last one in
-    # the K loop 0x40-0x100; the mbarrier retry 0x150-0x160 behind the EXIT branches back into the
-    # loop (BRA 0xa0): no loop. The epilogue's narrow load (0x120) is outside the main loop.
-    expect("tma90 class", (short_name(tma.name), tma.cls),
-           ("fh_lce::lce_fwd_tile_kernel<__nv_bfloat16, fh_eng::tma90>", "tma90"))
-    expect("tma90 loops", loops(tma), [(0x40, 0x100), (0x150, 0x160)])
-    expect("tma90 main loops", tma.loops, [(0x40, 0x100)])
-    expect("tma90 operands", [o for a, op, o in tma.instrs if a in (0xb0, 0xe0)],
-           ["R24, gdesc[UR8], R24, UP0", "R24, gdesc[UR8], R24, gsb0"])
-    expect("tma90 predicates", (tma.preds.get(0x90), tma.preds.get(0x170)), ("@!P0", None))
-    expect("tma90 chain", wgmma_chain(tma, 0x40, 0x100), (4, 1))
-    expect("tma90 loop", [tma.loop_total[c] for c in ("HGMMA", "LDGSTS", "UTMALDG", "narrow_LDG")],
-           [4, 1, 1, 0])
-    expect("tma90 res", (tma.res.get("REG"), tma.res.get("SHARED")), (168, 1024))
-    expect("tma90 violations", tma.violations, [])
-    # tma90 on sm_90a, serialized by ptxas: gsb0 on every HGMMA, WARPGROUP.DEPBAR.LE gsb0, 0x0
-    # between them; a predicated EXIT inside the loop does not break it.
-    expect("serialized class", ser.cls, "tma90")
-    expect("serialized main loops", ser.loops, [(0x20, 0x110)])
-    expect("serialized chain", wgmma_chain(ser, 0x20, 0x110), (4, 4))
-    expect("serialized violations", ser.violations, ["wgmma serialized"])
-    summ = "\n".join(summary(kernels, viol))
-    for want in ("sass: sm_80: 5 kernels (0 library), 3 GEMM (2 vec16, 0 tma90, 0 scalar, "
-                 "1 untagged by pattern), 1 with spills, 2 GEMM kernels violating rule (b)",
-                 "sass: sm_90a: 3 kernels (0 library), 3 GEMM (1 vec16, 2 tma90, 0 scalar, "
-                 "0 untagged by pattern), 0 with spills, 1 GEMM kernels violating rule (b)"):
-        if want not in summ:
-            fails.append("missing summary %r in:\n%s" % (want, summ))
-    rules = sorted(set(r for r, _ in viol))
-    expect("rules", rules, ["a", "b"])
-    msgs = "\n".join(m for _, m in viol)
-    for want in ("sm_80 spill_kernel: local memory traffic (spills, or a local array): 1 STL, 2 LDL",
-                 "main loop 0x0020-0x0090: narrow global loads (LDG.E.64.CONSTANT x1, LDG.E.U16 x2, "
-                 "LDGSTS.E.64 x1); no LDSM (ldmatrix)",
-                 "sm_80 fh_lce::lce_fwd_tile_kernel<float>: main loop 0x0010-0x0080: narrow global "
-                 "loads (LD.E x1, LDG.E.U16 x1); no LDGSTS (cp.async); no LDSM (ldmatrix)",
-                 "sm_80: no kernel matches the expected GEMM pattern 'topk_fused_tile_kernel'",
-                 "sm_90: no kernel matching 'lce_fwd_tile_kernel' is an fh_eng::vec16 instantiation",
-                 "sm_90a fh_lce::lce_fwd_tile_kernel<__half, fh_eng::tma90>: main loop 0x0020-0x0110: "
-                 "wgmma chain serialized (gsb0 on all 4 HGMMA: ptxas C7514/C7520)",
-                 "sm_90a: no kernel matching 'lce_fwd_tile_kernel' is an fh_eng::vec16 instantiation "
-                 "(found: fh_lce::lce_fwd_tile_kernel<__nv_bfloat16, fh_eng::tma90>, "
-                 "fh_lce::lce_fwd_tile_kernel<__half, fh_eng::tma90>)",
-                 "sm_90a: no fh_eng::tma90 kernel matches the expected wgmma GEMM pattern "
-                 "'lce_bwd_rows_kernel' (gemm_kernels_sm90.txt; found: "
-                 "fh_lce::lce_bwd_rows_kernel<__nv_bfloat16, fh_eng::vec16>)",
-                 "sm_90a: no fh_eng::tma90 kernel matches the expected wgmma GEMM pattern "
-                 "'topk_fused_tile_kernel' (gemm_kernels_sm90.txt; found: none)"):
-        if want not in msgs:
-            fails.append("missing message %r in:\n%s" % (want, msgs))
-    if any("sm_90: no kernel matches the expected GEMM pattern 'lce_fwd" in m for _, m in viol):
-        fails.append("lce_fwd_tile_kernel exists on sm_90")
-    if any("'lce_fwd_tile_kernel' (gemm_kernels_sm90.txt" in m or "sm_80 fh_lce::lce_fwd_tile_kernel"
-           "<__nv_bfloat16, fh_eng::tma90>" in m or "fh_eng::tma90>: main loop 0x0040" in m
-           for _, m in viol):
-        fails.append("a tma90 kernel that passes (sm_90a) or is not checked (sm_80) is reported:\n%s"
-                     % "\n".join(m for _, m in viol))
-    # sm_90a not among the checked architectures: gemm_kernels_sm90.txt is not checked; a library
-    # without an sm_90a cubin when it is: reported.
-    _, v2 = run(sass, res, pats, texts, ["sm_80", "sm_90"], pats90, texts90)
-    expect("sm90 patterns unchecked", [m for _, m in v2 if "gemm_kernels_sm90" in m], [])
-    no90a = sass[:sass.index("arch = sm_90a")]
-    _, v3 = run(no90a, res, pats, texts, ["sm_80", "sm_90a"], pats90, texts90)
-    expect("no sm_90a cubin", [m for _, m in v3 if "sm_90a" in m],
-           ["no sm_90a cubin in the library: the tma90 kernels of gemm_kernels_sm90.txt cannot be "
-            "checked"])
-    widths = [load_width(o) for o in ("LDG.E", "LDG.E.U8", "LDG.E.S16", "LDG.E.64",
-                                      "LDG.E.128.CONSTANT", "LDG.E.LTC128B", "LD.E.U16")]
-    expect("widths", widths, [32, 8, 16, 64, 128, 32, 16])
-    md = markdown(kernels)
-    expect("markdown rows", md.count("\n"), 2 + len(kernels))
-    for f in fails:
-        print("sass_table self-test: FAIL: " + f)
-    if fails:
-        print("sass_table self-test: FAILED (%d checks failed)" % len(fails))
-        return 1
-    print("sass_table self-test: OK (parser, loop detection, counting, rules, tma90/wgmma)")
-    return 0
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--self-test", action="store_true")
@@ -717,6 +602,7 @@ def main():
     ap.add_argument("--enforce", default=os.environ.get("FH_SASS_ENFORCE", "1"))
     a = ap.parse_args()
     if a.self_test:
+        from sass_table_selftest import self_test  # the checks on canned SASS, beside this file
         return self_test(os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata"))
     if not a.sass or not a.res:
         ap.error("--sass and --res are required")
