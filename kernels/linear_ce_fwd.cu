@@ -12,7 +12,7 @@
  *   1. lce_prep_kernel (1 block x 256): compacts the valid rows in row order (block prefix sum,
  *      deterministic), flags targets outside [0, V) on the device (those rows count as ignored).
  *   2. lce_fwd_tile_kernel<T, Align>, grid (ceil(N/128) row blocks) x (S vocabulary splits),
- *      256 threads (288 on sm_90a: a producer warp, engine/sm90_ws.cuh): each block loops over its split's 128-class tiles; per tile the engine's
+ *      256 threads (384 on sm_90a: a producer warpgroup, engine/sm90_ws.cuh): each block loops over its split's 128-class tiles; per tile the engine's
  *      mainloop (kernels/engine/sm80.cuh, docs/engine.md) leaves the raw logits in registers and
  *      the register epilogue updates, per row, the online stats m, Z = Σ e^{z−m},
  *      F = Σ e^{z−m}(z−m), Σ w_j z_j (label smoothing only), z_y and the argmax of r, merged
@@ -160,27 +160,40 @@ __global__ void __launch_bounds__(fh_eng::block_threads<Align>::value, 1)
   }
   __syncthreads();
 
+  const nt_operand<T> a{(const T*)p.E, p.lde, s_rows, 0, nr};
+  const int t0 = blockIdx.y * p.tps, t1 = t0 + p.tps < p.vt ? t0 + p.tps : p.vt;
+  auto b_of = [&](int tile) {
+    const int v0 = tile * kBN;
+    return nt_operand<T>{(const T*)p.C, p.ldc, nullptr, v0, p.V - v0 < kBN ? p.V - v0 : kBN, &p.tmc};
+  };
+  /* The warp-specialized loop's producer warpgroup loads every tile, then leaves (engine/sm90_ws.cuh). */
+  typename pipe_of<Align>::type pp;
+  start_tiles<T, Align>(smem);
+  if (pp.producer) {
+    producer_role<Align>();
+    for (int tile = t0; tile < t1; ++tile) produce_tile<T, Align>(a, b_of(tile), p.D, smem, pp);
+    finish_tiles<T, Align>(smem, pp);
+    return;
+  }
+  consumer_role<Align>();
+
   const T* bias = (const T*)p.bias;
   const float inv_cap = p.cap > 0.0f ? 1.0f / p.cap : 0.0f;
   constexpr int SLOTS = 2 * MI; /* rows of this thread: (i, h) -> frag_row(i, 2h) */
   row_stats st[SLOTS];
   float swz[SLOTS], zy[SLOTS], av[SLOTS], nun[SLOTS], wun[SLOTS];
   int ai[SLOTS], ys[SLOTS];
-  typename pipe_of<Align>::type pp; /* the producer warp (sm90_ws.cuh) holds no rows */
   FH_UNROLL
   for (int s = 0; s < SLOTS; ++s) {
     st[s].init();
     swz[s] = 0.0f, zy[s] = 0.0f, av[s] = -INFINITY, ai[s] = INT32_MAX, nun[s] = 0.0f, wun[s] = 0.0f;
-    ys[s] = pp.producer ? -1 : s_y[frag_row(s >> 1, 2 * (s & 1))];
+    ys[s] = s_y[frag_row(s >> 1, 2 * (s & 1))];
   }
-  const nt_operand<T> a{(const T*)p.E, p.lde, s_rows, 0, nr};
-  const int t0 = blockIdx.y * p.tps, t1 = t0 + p.tps < p.vt ? t0 + p.tps : p.vt;
   for (int tile = t0; tile < t1; ++tile) {
-    const int v0 = tile * kBN, nv = p.V - v0 < kBN ? p.V - v0 : kBN;
-    const nt_operand<T> b{(const T*)p.C, p.ldc, nullptr, v0, nv, &p.tmc};
+    const nt_operand<T> b = b_of(tile);
+    const int v0 = b.row0, nv = b.n;
     acc_t acc;
     run_tile<T, Align>(acc, a, b, p.D, smem, pp);
-    if (pp.producer) continue; /* on to the next tile's loads */
     float bj[NJ][2], wj[NJ][2];
     tile_bias<T>(bj, bias, v0, nv);
     tile_weights(wj, p.cw, v0, nv); /* Σ w z, W_i: read only with label smoothing */
@@ -240,7 +253,7 @@ __global__ void __launch_bounds__(fh_eng::block_threads<Align>::value, 1)
   /* Then the four warps along N, in warp order, through the free stage buffers. */
   float* scr = (float*)smem; /* [WARPS_N][nq][kBM] */
   const int nq = p.nq;
-  if (!pp.producer && (threadIdx.x & 3) == 0) {
+  if ((threadIdx.x & 3) == 0) {
     FH_UNROLL
     for (int s = 0; s < SLOTS; ++s) {
       float* q = scr + (size_t)warp_n() * nq * kBM + frag_row(s >> 1, 2 * (s & 1));
@@ -249,7 +262,7 @@ __global__ void __launch_bounds__(fh_eng::block_threads<Align>::value, 1)
       if (nq > NQ) q[7 * kBM] = nun[s], q[8 * kBM] = wun[s];
     }
   }
-  __syncthreads();
+  tile_sync<Align>();
   const int r = threadIdx.x;
   if (r < nr) {
     row_stats t;

@@ -26,9 +26,11 @@
 /* Loop unrolling hints for nvcc; the emulator's host compiler gets none (g++ would warn). */
 #ifdef __CUDACC__
 #define FH_UNROLL _Pragma("unroll")
+#define FH_UNROLL4 _Pragma("unroll 4")
 #define FH_NO_UNROLL _Pragma("unroll 1")
 #else
 #define FH_UNROLL
+#define FH_UNROLL4
 #define FH_NO_UNROLL
 #endif
 

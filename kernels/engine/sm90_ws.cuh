@@ -39,7 +39,7 @@
 namespace fh_eng {
 
 namespace ws {
-constexpr int THREADS_WS = THREADS + 32; /* 8 consumer warps, then the producer warp */
+constexpr int THREADS_WS = THREADS + 128; /* 2 consumer warpgroups, then the producer warpgroup */
 constexpr int STAGES = 4;
 constexpr size_t HEADER = 1024;                                    /* full[4], empty[4] */
 constexpr size_t SLOTS = (size_t)STAGES * sm90::STAGE_BYTES;       /* 128 KiB */
@@ -47,6 +47,10 @@ constexpr size_t XBYTES = (size_t)BM * sm90::XP * sizeof(float);   /* 68 KiB */
 constexpr size_t RING_BYTES = HEADER + 1024 + SLOTS + XBYTES;      /* 198 KiB */
 constexpr int A_PER_LANE = BM * (sm90::ROWB / 16) / 32;            /* 32 chunks of A per lane */
 constexpr uint32_t FULL_COUNT = 1 + 32;
+/* Registers per thread after setmaxnreg: each SM sub-partition holds one producer warp and two
+ * consumer warps of the 12 (16384 registers, 512 per lane): 56 + 2 x 224 = 504. */
+constexpr int PRODUCER_REGS = 56, CONSUMER_REGS = 224;
+static_assert(PRODUCER_REGS + 2 * CONSUMER_REGS <= 512, "one producer and two consumer warps per sub-partition");
 static_assert(RING_BYTES + 2 * BM * sizeof(int) <= 232448, "the ring and a kernel's row tables fit in 227 KiB");
 } /* namespace ws */
 
@@ -65,9 +69,8 @@ struct optin<tma90ws> {
 
 /* The ring's position, per thread, across the tiles of one kernel. */
 struct ws_pipe {
-  bool producer = threadIdx.x >= (unsigned)THREADS;
-  bool ready = false; /* the barriers are initialized */
-  uint32_t it = 0;    /* k-blocks this thread's role has passed through the ring */
+  bool producer = threadIdx.x >= (unsigned)THREADS; /* warpgroup 2 */
+  uint32_t it = 0; /* k-blocks this thread's role has passed through the ring */
 };
 template <>
 struct pipe_of<tma90ws> {
@@ -82,37 +85,37 @@ struct mainloop<T, tma90ws> {
   static __device__ __forceinline__ unsigned char* slots(unsigned char* smem) {
     return smem + ws::HEADER + ((1024u - (fh_ptx::smem_u32(smem + ws::HEADER) & 1023u)) & 1023u);
   }
+  static __device__ __forceinline__ int kblocks(int K) { return (K * (int)sizeof(T) + sm90::ROWB - 1) / sm90::ROWB; }
 
+  /* Every thread, before its role: the barriers, seen by the whole CTA (and cluster). */
+  static __device__ __forceinline__ void start(unsigned char* smem) {
+    const bool mc = fh_ptx::cluster_nctarank() == 2;
+    uint64_t* full = (uint64_t*)smem;
+    __syncthreads(); /* the caller's last readers of these bytes are done */
+    if (threadIdx.x == 0) {
+      FH_UNROLL
+      for (int s = 0; s < ws::STAGES; ++s) {
+        fh_ptx::mbar_init(&full[s], ws::FULL_COUNT);
+        fh_ptx::mbar_init(&full[ws::STAGES + s], mc ? 16u : 8u);
+      }
+      fh_ptx::fence_mbar_init();
+      fh_ptx::fence_proxy_async();
+    }
+    if (mc) fh_ptx::cluster_sync(); /* the peer's barriers exist before anything reaches them */
+    else __syncthreads();
+  }
+
+  /* The consumers (warpgroups 0 and 1): one tile into acc, as every mainloop's run. */
   static __device__ __forceinline__ void run(acc_t& acc, const nt_operand<T>& a, const nt_operand<T>& b, int K,
                                              unsigned char* smem, ws_pipe& p) {
-    const int tid = (int)threadIdx.x;
+    (void)a, (void)b;
+    const int tid = (int)threadIdx.x, wg = tid >> 7;
     const bool mc = fh_ptx::cluster_nctarank() == 2;
     const uint32_t crank = mc ? fh_ptx::cluster_ctarank() : 0u;
     uint64_t* full = (uint64_t*)smem;
     uint64_t* empty = full + ws::STAGES;
     unsigned char* ring = slots(smem);
-    if (!p.ready) {
-      __syncthreads(); /* the caller's last readers of these bytes are done */
-      if (tid == 0) {
-        FH_UNROLL
-        for (int s = 0; s < ws::STAGES; ++s) {
-          fh_ptx::mbar_init(&full[s], ws::FULL_COUNT);
-          fh_ptx::mbar_init(&empty[s], mc ? 16u : 8u);
-        }
-        fh_ptx::fence_mbar_init();
-        fh_ptx::fence_proxy_async();
-      }
-      if (mc) fh_ptx::cluster_sync(); /* the peer's barriers exist before anything reaches them */
-      else __syncthreads();
-      p.ready = true;
-    }
-    const int kt = (K * (int)sizeof(T) + sm90::ROWB - 1) / sm90::ROWB;
-    if (p.producer) {
-      produce(a, b, K, kt, ring, full, empty, mc, crank, p.it);
-      p.it += (uint32_t)kt;
-      return;
-    }
-    const int wg = tid >> 7;
+    const int kt = kblocks(K);
     const bool releaser = (tid & 31) == 0;
     /* The slot of k-block number i (counted over the kernel's tiles) may be refilled. */
     auto release = [&](uint32_t i) {
@@ -141,20 +144,23 @@ struct mainloop<T, tma90ws> {
     exchange(acc, d, (float*)(ring + ws::SLOTS), [] { fh_ptx::bar_sync(1, THREADS); });
   }
 
-  /* The producer warp: k-blocks it .. it + kt - 1 of the ring, this tile's. */
-  static __device__ __forceinline__ void produce(const nt_operand<T>& a, const nt_operand<T>& b, int K, int kt,
-                                                 unsigned char* ring, uint64_t* full, uint64_t* empty, bool mc,
-                                                 uint32_t crank, uint32_t it) {
+  /* The producer warpgroup, for one tile: warp 8 issues its k-blocks into the ring (the other
+   * three warps only keep the warpgroup whole for setmaxnreg). */
+  static __device__ __forceinline__ void produce(const nt_operand<T>& a, const nt_operand<T>& b, int K,
+                                                 unsigned char* smem, ws_pipe& p) {
+    const int kt = kblocks(K);
+    const uint32_t it = p.it;
+    p.it += (uint32_t)kt;
+    if ((threadIdx.x >> 5) != (unsigned)(THREADS / 32)) return;
+    const bool mc = fh_ptx::cluster_nctarank() == 2;
+    const uint32_t crank = mc ? fh_ptx::cluster_ctarank() : 0u;
+    uint64_t* full = (uint64_t*)smem;
+    uint64_t* empty = full + ws::STAGES;
+    unsigned char* ring = slots(smem);
     const int lane = (int)threadIdx.x & 31, c = lane & 7;
     const int kbytes = K * (int)sizeof(T);
-    /* Lane l copies chunk c = l % 8 of rows 4q + l / 8, q = 0 .. 31: row r's source, or null past n. */
-    const unsigned char* src[ws::A_PER_LANE];
-    FH_UNROLL
-    for (int q = 0; q < ws::A_PER_LANE; ++q) {
-      const int r = 4 * q + (lane >> 3);
-      const int64_t row = r < a.n ? (a.gather ? (int64_t)a.gather[r] : (int64_t)(a.row0 + r)) : -1;
-      src[q] = row >= 0 ? (const unsigned char*)(a.base + row * a.ld) : nullptr;
-    }
+    const unsigned char* base = (const unsigned char*)a.base;
+    const int64_t ldb = a.ld * (int64_t)sizeof(T);
     const CUtensorMap* map = static_cast<const CUtensorMap*>(b.tmap);
     FH_NO_UNROLL
     for (int kb = 0; kb < kt; ++kb) {
@@ -172,50 +178,90 @@ struct mainloop<T, tma90ws> {
           fh_ptx::tma_load_2d(st + sm90::TILE_A, map, kb * sm90::KB, b.row0, &full[s]);
         }
       }
+      /* Lane l: chunk c = l % 8 of rows r = 4q + l / 8, q = 0 .. 31; the row's index is read again
+       * per k-block (the gather table, or row0 + r), which keeps the producer within its
+       * registers. Rows past n and bytes past K copy nothing (zero fill). */
       const int k0 = kb * sm90::ROWB + 16 * c;
       int n = kbytes - k0;
       n = n < 0 ? 0 : (n > 16 ? 16 : n);
-      FH_UNROLL
+      FH_UNROLL4
       for (int q = 0; q < ws::A_PER_LANE; ++q) {
         const int r = 4 * q + (lane >> 3);
-        const int nq = src[q] ? n : 0;
-        fh_ptx::cp_async_16(st + r * sm90::ROWB + ((c ^ (r & 7)) << 4), nq > 0 ? src[q] + k0 : (const unsigned char*)a.base, nq);
+        const int row = r < a.n ? (a.gather ? a.gather[r] : a.row0 + r) : -1;
+        const int nq = row >= 0 ? n : 0;
+        fh_ptx::cp_async_16(st + r * sm90::ROWB + ((c ^ (r & 7)) << 4), nq > 0 ? base + row * ldb + k0 : base, nq);
       }
       fh_ptx::cp_async_mbar_arrive_noinc(&full[s]);
     }
   }
 
-  /* After the tile loop, every thread: the ring is idle (every k-block consumed and released, in
-   * the peer too) and the barriers invalidated, so the caller may reuse every byte. */
-  static __device__ __forceinline__ void finish(unsigned char* smem, ws_pipe& p) {
-    if (!p.ready) return; /* no tile ran: uniform over the CTA (and the cluster) */
+  /* After its role's tiles, every thread: the ring is idle (every k-block consumed and released,
+   * in the peer too) and the barriers invalidated; on return the consumers may reuse every byte
+   * (the producer warpgroup leaves). */
+  static __device__ __forceinline__ void finish(unsigned char* smem, const ws_pipe& p) {
     const bool mc = fh_ptx::cluster_nctarank() == 2;
     if (mc) fh_ptx::cluster_sync();
     else __syncthreads();
     if (threadIdx.x == 0) {
       uint64_t* full = (uint64_t*)smem;
       FH_UNROLL
-      for (int s = 0; s < ws::STAGES; ++s) {
-        fh_ptx::mbar_inval(&full[s]);
-        fh_ptx::mbar_inval(&full[ws::STAGES + s]);
-      }
+      for (int s = 0; s < 2 * ws::STAGES; ++s) fh_ptx::mbar_inval(&full[s]);
     }
-    __syncthreads();
-    p.ready = false;
+    if (!p.producer) fh_ptx::bar_sync(1, THREADS); /* thread 0's inval before the consumers' reuse */
   }
 };
 
-/* One tile of any mainloop, and the end of a kernel's tiles: the kernels' single call sites. */
+/* The kernels' single call sites for every mainloop (for those other than tma90ws: the plain run,
+ * and nothing else). A kernel's tiles:
+ *
+ *   typename pipe_of<Align>::type pipe;
+ *   start_tiles<T, Align>(smem);                    // every thread
+ *   if (pipe.producer) {                            // the producer warpgroup (tma90ws only)
+ *     producer_role<Align>();
+ *     for (each tile) produce_tile<T, Align>(a, b, K, smem, pipe);
+ *     finish_tiles<T, Align>(smem, pipe);
+ *     return;
+ *   }
+ *   consumer_role<Align>();
+ *   for (each tile, the same) { run_tile<T, Align>(acc, a, b, K, smem, pipe); epilogue; }
+ *   finish_tiles<T, Align>(smem, pipe);
+ *   ... tile_sync<Align>() in place of __syncthreads from here on. */
+template <typename T, typename Align>
+__device__ __forceinline__ void start_tiles(unsigned char* smem) {
+  if constexpr (std::is_same<Align, tma90ws>::value) mainloop<T, Align>::start(smem);
+  else (void)smem;
+}
+template <typename Align>
+__device__ __forceinline__ void producer_role() {
+  if constexpr (std::is_same<Align, tma90ws>::value) fh_ptx::setmaxnreg_dec<ws::PRODUCER_REGS>();
+}
+template <typename Align>
+__device__ __forceinline__ void consumer_role() {
+  if constexpr (std::is_same<Align, tma90ws>::value) fh_ptx::setmaxnreg_inc<ws::CONSUMER_REGS>();
+}
+template <typename T, typename Align, typename Pipe>
+__device__ __forceinline__ void produce_tile(const nt_operand<T>& a, const nt_operand<T>& b, int K,
+                                             unsigned char* smem, Pipe& p) {
+  if constexpr (std::is_same<Align, tma90ws>::value) mainloop<T, Align>::produce(a, b, K, smem, p);
+  else (void)a, (void)b, (void)K, (void)smem, (void)p;
+}
 template <typename T, typename Align, typename Pipe>
 __device__ __forceinline__ void run_tile(acc_t& acc, const nt_operand<T>& a, const nt_operand<T>& b, int K,
                                          unsigned char* smem, Pipe& p) {
   if constexpr (std::is_same<Align, tma90ws>::value) mainloop<T, Align>::run(acc, a, b, K, smem, p);
-  else mainloop<T, Align>::run(acc, a, b, K, smem);
+  else mainloop<T, Align>::run(acc, a, b, K, smem), (void)p;
 }
 template <typename T, typename Align, typename Pipe>
-__device__ __forceinline__ void finish_tiles(unsigned char* smem, Pipe& p) {
+__device__ __forceinline__ void finish_tiles(unsigned char* smem, const Pipe& p) {
   if constexpr (std::is_same<Align, tma90ws>::value) mainloop<T, Align>::finish(smem, p);
   else (void)smem, (void)p;
+}
+/* The barrier of the 256 threads that hold the tile: __syncthreads, or named barrier 1 when the
+ * producer warpgroup has left (tma90ws). */
+template <typename Align>
+__device__ __forceinline__ void tile_sync() {
+  if constexpr (std::is_same<Align, tma90ws>::value) fh_ptx::bar_sync(1, THREADS);
+  else __syncthreads();
 }
 
 /* The mainloop tag of a 16-bit T's warp-specialized sm_90a path (vec16 for fp32, never launched
