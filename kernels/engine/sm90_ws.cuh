@@ -4,9 +4,12 @@
  * loads taken off the 256 threads that hold the tile. docs/hopper.md "The warp-specialized
  * mainloop" has the design and its cost.
  *
- *   - The CTA has WS_THREADS = 288 threads: warps 0-7 hold the tile as in every mainloop (the
- *     epilogues index them by threadIdx.x < 256 unchanged), warp 8 is the producer.
- *   - The producer warp fills a ring of STAGES = 4 slots of 32 KiB: lane 0 announces B's bytes
+ *   - The CTA has 384 threads: warpgroups 0 and 1 hold the tile as in every mainloop (the
+ *     epilogues index them by threadIdx.x < 256 unchanged), warpgroup 2 is the producer; its warp
+ *     8 issues the copies. A whole warpgroup, because setmaxnreg works per warpgroup and 9 warps
+ *     would cap every thread at 168 registers anyway (3 warps in one SM sub-partition): the
+ *     producer drops to 56 registers, the consumers rise to 224.
+ *   - The producer fills a ring of STAGES = 4 slots of 32 KiB: lane 0 announces B's bytes
  *     (expect_tx) and issues its TMA box (or, in a 2-CTA cluster, its half, multicast to both);
  *     every lane copies 32 16-byte chunks of A's gathered rows by cp.async and then arrives on
  *     the slot's full barrier with cp.async.mbarrier.arrive.noinc, which fires once its copies
@@ -17,20 +20,17 @@
  *     (8 arrivals, 16 in a cluster, where each warp also arrives on the peer's barrier: the
  *     peer's producer multicasts into this CTA's slot too). No CTA-wide barrier in the loop.
  *   - The ring persists across the tiles of a kernel (ws_pipe: the k-blocks each role has passed,
- *     so the slot and the parity), so the producer runs ahead into the next tile's k-blocks while
- *     the consumers run this tile's epilogue. The accumulators therefore go through their own
- *     exchange buffer (not the slots), behind a named barrier of the 256 consumers.
- *   - The barriers are initialized by the first tile (all 288 threads, then __syncthreads or
- *     barrier.cluster) and invalidated by finish(), which every thread calls after its tile loop:
- *     it waits for the whole CTA (and the cluster's peer, whose arrivals and multicast reach this
- *     CTA until it is done), after which the caller may reuse every byte.
+ *     so the slot and the parity). The producer runs its own loop over the kernel's tiles, so it
+ *     loads the next tile's k-blocks while the consumers run this tile's epilogue; the
+ *     accumulators therefore go through their own exchange buffer (not the slots), behind named
+ *     barrier 1 of the 256 consumers.
+ *   - The barriers are set up once (start, all threads) and invalidated by finish, which both
+ *     roles call after their loops; it waits for the whole CTA and the cluster's peer, whose
+ *     arrivals and multicast reach this CTA until it is done.
  *   - Summation order: the wgmma chain of engine/sm90.cuh, so the tiles are bitwise equal to the
  *     tma90 and sm_80 loops' on the emulator (tested).
  *
- * A kernel on this loop: launches WS_THREADS threads (block_threads<tma90ws>), calls
- * run(acc, a, b, K, smem, pipe) per tile with one ws_pipe for all its tiles, skips its epilogue
- * when pipe.producer, calls finish(smem, pipe) after the loop, and keeps the producer warp out of
- * anything indexed by warp (it holds no tile). */
+ * How a kernel uses it: the comment above start_tiles below. */
 #ifndef FH_KERNELS_ENGINE_SM90_WS_CUH
 #define FH_KERNELS_ENGINE_SM90_WS_CUH
 
