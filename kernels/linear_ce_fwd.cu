@@ -412,7 +412,22 @@ __global__ void __launch_bounds__(256) lce_fwd_reduce_kernel(red_params p) {
 
 using namespace fh_lce;
 
-/* Launches the tile kernel for every valid row and split (the partials of fwd_layout_of). */
+/* The tile kernel for 16-bit T on the sm_90a loop of tag A90 when the host picks it (pick_tma90:
+ * Hopper, 16-byte rows, the tensor map encodes), in 2-CTA clusters when multicast_enabled, else
+ * on the sm_80 loop (vec16, or scalar for unaligned operands). */
+template <typename T, typename A90>
+static fh_status_t launch_tiles_on(const char* fn, dim3 grid, cudaStream_t stream, fwd_params& fp, bool vec,
+                                   int64_t V, int64_t D) {
+  const bool mc = fh_eng::multicast_enabled<T>(grid.x, lce_fwd_tile_kernel<T, A90>, fwd_smem<A90>(),
+                                               fh_eng::block_threads<A90>::value);
+  if (fh_eng::pick_tma90<T>(vec, &fp.tmc, fp.C, V, D, fp.ldc, mc)) return launch_fwd_tile<T, A90>(fn, grid, stream, fp, mc);
+  if (vec) return launch_fwd_tile<T, fh_eng::vec16>(fn, grid, stream, fp);
+  return launch_fwd_tile<T, fh_eng::scalar>(fn, grid, stream, fp);
+}
+
+/* Launches the tile kernel for every valid row and split (the partials of fwd_layout_of). On
+ * Hopper the warp-specialized loop (tma90ws) unless FH_WS=0, which keeps the tma90 loop
+ * (comparisons: the same bits, and the GPU check times both). */
 static fh_status_t launch_tiles(const char* fn, cudaStream_t stream, const fh_lce_problem_t* p, const fwd_layout& L,
                                 const int* rows, const lce_ws_header* hdr, float* part) {
   const fh_linear_ce_options_t* o = &p->opt;
@@ -433,13 +448,8 @@ static fh_status_t launch_tiles(const char* fn, cudaStream_t stream, const fh_lc
   const bool vec = fh_eng::vec16_ok(fp.E, fp.lde, fh_dtype_size(p->dtype)) &&
                    fh_eng::vec16_ok(fp.C, fp.ldc, fh_dtype_size(p->dtype));
   LCE_DTYPE_SWITCH(p->dtype, T, {
-    using A90 = fh_eng::tma90ws_for<T>;
-    const bool mc = fh_eng::multicast_enabled<T>(grid.x, lce_fwd_tile_kernel<T, A90>, fwd_smem<A90>(),
-                                                 fh_eng::block_threads<A90>::value);
-    if (fh_eng::pick_tma90<T>(vec, &fp.tmc, fp.C, p->V, p->D, fp.ldc, mc))
-      FH_TRY((launch_fwd_tile<T, A90>(fn, grid, stream, fp, mc)));
-    else if (vec) FH_TRY((launch_fwd_tile<T, fh_eng::vec16>(fn, grid, stream, fp)));
-    else FH_TRY((launch_fwd_tile<T, fh_eng::scalar>(fn, grid, stream, fp)));
+    if (fh_eng::ws_enabled()) FH_TRY((launch_tiles_on<T, fh_eng::tma90ws_for<T>>(fn, grid, stream, fp, vec, p->V, p->D)));
+    else FH_TRY((launch_tiles_on<T, fh_eng::tma90_for<T>>(fn, grid, stream, fp, vec, p->V, p->D)));
   });
   return FH_SUCCESS;
 }

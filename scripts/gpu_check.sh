@@ -234,14 +234,16 @@ if [ "$BUILD_OK" = 1 ] && [ "${NUM:-0}" = 90 ]; then
     syn=$(grep -o 'Synthesis: .*' "$LOGS/gpu_suite_sm80.log" | tail -1 | sed 's/ *$//')
     step "gpu suite with FH_ENGINE=sm80 (the sm_80 mainloop on Hopper): $([ $ok = 1 ] && echo ok || echo FAILED), ${syn:-no synthesis line}, $(($(date +%s) - t)) s"
   fi
-  # sm90a: the default (the forward in 2-CTA clusters with the classifier tile multicast);
-  # sm90a_1cta: FH_MULTICAST=0 (one CTA per row block); sm80: the sm_80 loop.
-  for eng in sm90a sm90a_1cta sm80; do
+  # sm90a: the default (the forward warp-specialized, in 2-CTA clusters with the classifier tile
+  # multicast); sm90a_nows: FH_WS=0 (the forward on the plain sm_90a loop, what the producer
+  # warpgroup buys); sm90a_1cta: FH_MULTICAST=0 (one CTA per row block); sm80: the sm_80 loop.
+  for eng in sm90a sm90a_nows sm90a_1cta sm80; do
     t=$(date +%s)
     case "$eng" in
       sm80) envs=(env FH_ENGINE=sm80) ;;
-      sm90a_1cta) envs=(env -u FH_ENGINE FH_MULTICAST=0) ;;
-      *) envs=(env -u FH_ENGINE -u FH_MULTICAST) ;;
+      sm90a_1cta) envs=(env -u FH_ENGINE -u FH_WS FH_MULTICAST=0) ;;
+      sm90a_nows) envs=(env -u FH_ENGINE -u FH_MULTICAST FH_WS=0) ;;
+      *) envs=(env -u FH_ENGINE -u FH_MULTICAST -u FH_WS) ;;
     esac
     if run_logged "bench_engine_$eng" "$(cap 120)" "${envs[@]}" "$BUILD/bench_linear_ce" --gpu-shape 8192 128256 4096 \
       --gpu-reps "$REPS" --warmup "$WARMUP" --reps 1 --cpu-shape 8 64 16; then

@@ -264,6 +264,14 @@ __device__ __forceinline__ void tile_sync() {
   else __syncthreads();
 }
 
+/* Whether a kernel that has both takes the warp-specialized loop over the tma90 one: unless the
+ * environment variable FH_WS is "0" (comparisons: both give the same bits; the GPU check times
+ * both). The sm_90a conditions themselves are pick_tma90's. */
+static inline bool ws_enabled() {
+  const char* e = getenv("FH_WS");
+  return !(e && strcmp(e, "0") == 0);
+}
+
 /* The mainloop tag of a 16-bit T's warp-specialized sm_90a path (vec16 for fp32, never launched
  * on it: no wgmma form). */
 template <typename T>

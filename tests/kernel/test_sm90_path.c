@@ -33,12 +33,15 @@ static const fh_dtype_t DT[2] = {FH_DTYPE_BF16, FH_DTYPE_F16};
 static const char* DN[2] = {"bf16", "f16"};
 
 /* sm90: 0 the sm_80 loop (FH_ENGINE=sm80), 1 the sm_90a loop one CTA per row block
- * (FH_MULTICAST=0), 2 the default: sm_90a, the linear CE forward in clusters of 2. */
+ * (FH_MULTICAST=0), 2 the default: sm_90a, the linear CE forward warp-specialized in clusters
+ * of 2, 3 the same with the forward on the tma90 loop (FH_WS=0). */
 static void use_engine(int sm90) {
   if (sm90) unsetenv("FH_ENGINE");
   else setenv("FH_ENGINE", "sm80", 1);
   if (sm90 == 1) setenv("FH_MULTICAST", "0", 1);
   else unsetenv("FH_MULTICAST");
+  if (sm90 == 3) setenv("FH_WS", "0", 1);
+  else unsetenv("FH_WS");
 }
 
 typedef struct path_out {
@@ -47,6 +50,7 @@ typedef struct path_out {
   int64_t nv;         /* valid rows */
   uint64_t fwd_flops; /* tensor-core FLOPs of the forward */
   uint64_t c_bytes;   /* bytes of C read by the forward (cp.async or TMA) */
+  uint64_t threads;   /* threads the forward's launches ran (384 per tile CTA warp-specialized) */
 } path_out_t;
 
 static void run_path(int64_t N, int64_t V, int64_t D, int dt, float softcap, int sm90, path_out_t* o) {
@@ -70,7 +74,7 @@ static void run_path(int64_t N, int64_t V, int64_t D, int dt, float softcap, int
   fh_emu_reset_counters();
   cr_assert_eq(lk_run_forward(ctx, &P, &o->f, lse, ent), FH_SUCCESS);
   const fh_emu_counters_t c = fh_emu_total_counters();
-  o->fwd_flops = c.mma_flops, o->c_bytes = c.bytes_g2s_watched;
+  o->fwd_flops = c.mma_flops, o->c_bytes = c.bytes_g2s_watched, o->threads = c.threads;
   fh_emu_watch_global(NULL, 0);
   lk_bwd_in_t in;
   lk_bwd_in_make(&in, &P, 1, 7);
@@ -81,6 +85,7 @@ static void run_path(int64_t N, int64_t V, int64_t D, int dt, float softcap, int
   lk_free(&P);
   unsetenv("FH_ENGINE");
   unsetenv("FH_MULTICAST");
+  unsetenv("FH_WS");
 }
 
 static void free_path(path_out_t* o) {
@@ -89,15 +94,22 @@ static void free_path(path_out_t* o) {
 }
 
 static void compare_lce(int64_t N, int64_t V, int64_t D, float softcap) {
-  static const char* PN[3] = {"sm_80", "sm_90a", "sm_90a in clusters of 2"};
+  static const char* PN[4] = {"sm_80", "sm_90a", "sm_90a in clusters of 2", "sm_90a tma90 forward (FH_WS=0)"};
   for (int dt = 0; dt < 2; ++dt) {
-    path_out_t o[3]; /* by use_engine's mode; o[0] (sm_80) is the reference */
-    for (int m = 0; m < 3; ++m) run_path(N, V, D, dt, softcap, m, &o[m]);
+    path_out_t o[4]; /* by use_engine's mode; o[0] (sm_80) is the reference */
+    for (int m = 0; m < 4; ++m) run_path(N, V, D, dt, softcap, m, &o[m]);
     const int64_t nv = o[0].nv, rb = (nv + 127) / 128;
     const uint64_t c_tile = (uint64_t)(V * D) * fh_dtype_size(DT[dt]);
-    for (int m = 0; m < 3; ++m) {
+    /* The warp-specialized forward's tile CTAs have a producer warpgroup: 128 more threads each,
+     * over ceil(N / 128) row blocks (even in clusters) x S = ceil(V / 128) splits (V <= 2048). */
+    const int mc2 = N > 128 && lk_multicast_on();
+    const uint64_t gx = (uint64_t)((N + 127) / 128), ctas = (mc2 ? gx + (gx & 1u) : gx) * (uint64_t)((V + 127) / 128);
+    cr_expect_eq(o[2].threads - o[3].threads, ctas * 128u,
+                 "%s: the default forward is not the warp-specialized one (%llu threads against %llu)", DN[dt],
+                 (unsigned long long)o[2].threads, (unsigned long long)o[3].threads);
+    for (int m = 0; m < 4; ++m) {
       /* clusters when the grid has two row blocks or more and the device schedules clusters */
-      const int mc = m == 2 && N > 128 && lk_multicast_on();
+      const int mc = m >= 2 && N > 128 && lk_multicast_on();
       const uint64_t flops = lk_tile_gemm_flops(nv, V, D, DT[dt], mc ? 2 : (m ? 1 : 0));
       /* C once per row block, or once per cluster of two (multicast) */
       const uint64_t c_model = (uint64_t)(mc ? (rb + 1) / 2 : rb) * c_tile;
@@ -120,7 +132,7 @@ static void compare_lce(int64_t N, int64_t V, int64_t D, float softcap) {
     }
     cr_expect_neq(lk_tile_gemm_flops(nv, V, D, DT[dt], 1), lk_tile_gemm_flops(nv, V, D, DT[dt], 0),
                   "%s: the shape does not tell the loops apart", DN[dt]);
-    for (int m = 0; m < 3; ++m) free_path(&o[m]);
+    for (int m = 0; m < 4; ++m) free_path(&o[m]);
   }
 }
 
