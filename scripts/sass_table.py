@@ -420,6 +420,20 @@ def producer_loops(k):
     return out
 
 
+def hgmma_loop_faults(k, t, b, c, nar):
+    """What an HGMMA main loop [t, b] (counts c, narrow opcodes nar) must not have, in either
+    wgmma class: narrow global loads, a serialized wgmma chain. Tags the kernel."""
+    bad = []
+    if c["narrow_LDG"] or c["narrow_LD"] or c["narrow_LDGSTS"]:
+        bad.append("narrow global loads (%s)" % fmt_narrow(nar))
+        tag(k, "narrow loads")
+    n, g = wgmma_chain(k, t, b)
+    if n > 1 and g == n:
+        bad.append("wgmma chain serialized (gsb0 on all %d HGMMA: ptxas C7514/C7520)" % n)
+        tag(k, "wgmma serialized")
+    return bad
+
+
 def check_tma90ws(k, where, v):
     """Rule (b) for a tma90ws kernel on sm_90a: its consumers' HGMMA loop(s) have no narrow
     global load and an unserialized wgmma chain (their loads are the producer's), and the kernel
@@ -428,14 +442,7 @@ def check_tma90ws(k, where, v):
         v.append(("b", "%s: no main loop with HGMMA (wgmma)" % where))
         tag(k, "no HGMMA")
     for (t, b), (c, nar) in zip(k.loops, k.loop_counts):
-        bad = []
-        if c["narrow_LDG"] or c["narrow_LD"] or c["narrow_LDGSTS"]:
-            bad.append("narrow global loads (%s)" % fmt_narrow(nar))
-            tag(k, "narrow loads")
-        n, g = wgmma_chain(k, t, b)
-        if n > 1 and g == n:
-            bad.append("wgmma chain serialized (gsb0 on all %d HGMMA: ptxas C7514/C7520)" % n)
-            tag(k, "wgmma serialized")
+        bad = hgmma_loop_faults(k, t, b, c, nar)
         if bad:
             v.append(("b", "%s: main loop 0x%04x-0x%04x: %s" % (where, t, b, "; ".join(bad))))
     if not producer_loops(k):
@@ -472,13 +479,7 @@ def check_tma90(k, where, v):
         if not (c["UTMALDG"] or c["LDGSTS"]):
             bad.append("no UTMALDG (TMA) or LDGSTS (cp.async)")
             tag(k, "no TMA/LDGSTS")
-        if c["narrow_LDG"] or c["narrow_LD"] or c["narrow_LDGSTS"]:
-            bad.append("narrow global loads (%s)" % fmt_narrow(nar))
-            tag(k, "narrow loads")
-        n, g = wgmma_chain(k, t, b)
-        if n > 1 and g == n:
-            bad.append("wgmma chain serialized (gsb0 on all %d HGMMA: ptxas C7514/C7520)" % n)
-            tag(k, "wgmma serialized")
+        bad += hgmma_loop_faults(k, t, b, c, nar)
         if bad:
             v.append(("b", "%s: main loop 0x%04x-0x%04x: %s" % (where, t, b, "; ".join(bad))))
 

@@ -5,9 +5,8 @@
  * child, expect_report). Data are multiples of 1/8: every sum is exact, results compare equal. */
 #include <cuda.h>
 
-#include <cstring>
-
 #include "emu_test.h"
+#include "emu_test_gemm.h"
 #include "engine/ptx_sm90.cuh"
 
 namespace {
@@ -81,52 +80,23 @@ __global__ void cp_ring_kernel(const uint16_t* A, const __grid_constant__ CUtens
   for (int i = 0; i < 32; ++i) out[(16 * w + g + 8 * (i % 4 / 2)) * 64 + 8 * (i / 4) + 2 * q + i % 2] = d[i];
 }
 
-uint16_t to_bf16(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  return (uint16_t)(b >> 16); /* the values are exact in bf16 */
-}
-
-std::vector<float> eighths(int n, unsigned seed) {
-  std::vector<float> v((size_t)n);
-  for (float& x : v) {
-    seed = seed * 1664525u + 1013904223u;
-    x = (float)((int)(seed >> 24) % 17 - 8) / 8.0f;
-  }
-  return v;
-}
-
-uint16_t* upload(const std::vector<float>& v) {
-  std::vector<uint16_t> h(v.size());
-  for (size_t i = 0; i < v.size(); ++i) h[i] = to_bf16(v[i]);
-  return dev_upload(h);
-}
-
 Knobs g_kn;
 int run_ring() {
   const int K = 64 * 5; /* 5 k-blocks through 2 slots: the parities flip twice */
-  const std::vector<float> A = eighths(kRows * K, 7), B = eighths(kRows * K, 8);
+  const std::vector<float> A = random_matrix(kRows, K, 7), B = random_matrix(kRows, K, 8);
   CUtensorMap tb;
   const cuuint64_t dim[2] = {(cuuint64_t)K, (cuuint64_t)kRows};
   const cuuint64_t stride[1] = {(cuuint64_t)K * 2};
   const cuuint32_t box[2] = {64, (cuuint32_t)kRows};
   const cuuint32_t es[2] = {1, 1};
-  cr_assert_eq(cuTensorMapEncodeTiled(&tb, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, upload(B), dim, stride, box, es,
+  cr_assert_eq(cuTensorMapEncodeTiled(&tb, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, upload_bf16(B), dim, stride, box, es,
                                       CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                                       CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
                CUDA_SUCCESS);
   float* out = dev_alloc<float>(64 * 64);
-  FH_LAUNCH(cp_ring_kernel, 1, 256, 1024 + kStages * kSlot, nullptr, upload(A), tb, K, g_kn, out);
+  FH_LAUNCH(cp_ring_kernel, 1, 256, 1024 + kStages * kSlot, nullptr, upload_bf16(A), tb, K, g_kn, out);
   EMU_CHECK_LAUNCH();
-  const std::vector<float> h = dev_download(out, 64 * 64);
-  int bad = 0;
-  for (int m = 0; m < 64; ++m)
-    for (int n = 0; n < 64; ++n) {
-      float ref = 0.0f;
-      for (int k = 0; k < K; ++k) ref += A[(size_t)m * K + k] * B[(size_t)n * K + k];
-      bad += !(h[(size_t)m * 64 + n] == ref);
-    }
-  return bad;
+  return gemm_mismatches(dev_download(out, 64 * 64), A, B, 64, 64, K);
 }
 
 } // namespace

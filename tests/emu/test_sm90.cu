@@ -9,6 +9,7 @@
 #include <cstdlib>
 
 #include "emu_test.h"
+#include "emu_test_gemm.h"
 #include "engine/ptx_sm90.cuh"
 
 namespace {
@@ -96,27 +97,6 @@ __global__ void tile_kernel(const __grid_constant__ CUtensorMap ta, const __grid
     const int j = i / 4, r = i % 4;
     out[(16 * w + g + 8 * (r / 2)) * N + 8 * j + 2 * q + r % 2] = d[i];
   }
-}
-
-uint16_t to_bf16(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  return (uint16_t)(b >> 16); /* the values are exact in bf16 */
-}
-
-std::vector<float> random_matrix(int rows, int cols, unsigned seed) {
-  std::vector<float> v((size_t)rows * cols);
-  for (float& x : v) {
-    seed = seed * 1664525u + 1013904223u;
-    x = (float)((int)(seed >> 24) % 17 - 8) / 8.0f;
-  }
-  return v;
-}
-
-uint16_t* upload_bf16(const std::vector<float>& v, bool f16 = false) {
-  std::vector<uint16_t> h(v.size());
-  for (size_t i = 0; i < v.size(); ++i) h[i] = f16 ? __half_as_ushort(__float2half(v[i])) : to_bf16(v[i]);
-  return dev_upload(h);
 }
 
 CUtensorMap make_map(uint16_t* g, int rows_global, int k, int box_rows, int span, bool f16 = false) {
@@ -377,15 +357,7 @@ static int run_pipe() {
   float* out = dev_alloc<float>(64 * 64);
   FH_LAUNCH(pipe_kernel, 1, 256, 1024 + kStages * kStageBytes, nullptr, ta, tb, k / 64, g_skip_empty, out);
   EMU_CHECK_LAUNCH();
-  const std::vector<float> h = dev_download(out, 64 * 64);
-  int bad = 0;
-  for (int m = 0; m < 64; ++m)
-    for (int n = 0; n < 64; ++n) {
-      float ref = 0.0f;
-      for (int kk = 0; kk < k; ++kk) ref += A[(size_t)m * k + kk] * B[(size_t)n * k + kk];
-      bad += !(h[(size_t)m * 64 + n] == ref);
-    }
-  return bad;
+  return gemm_mismatches(dev_download(out, 64 * 64), A, B, 64, 64, k);
 }
 Test(emu_sm90, producer_consumer_ring_exact) {
   for (uint64_t seed = 1; seed <= 3; ++seed) {
