@@ -400,6 +400,7 @@ void add_counters(fh_emu_counters_t& to, const fh_emu_counters_t& c) {
   to.bank_conflict_max_ways = std::max(to.bank_conflict_max_ways, c.bank_conflict_max_ways);
   to.mufu_ops += c.mufu_ops;
   to.bytes_g2s_watched += c.bytes_g2s_watched;
+  to.named_barriers += c.named_barriers;
 }
 
 } // namespace sched

@@ -67,7 +67,7 @@ void named_barrier(int id, int count, bool wait) {
     b = NamedBar{0, 0, -1, phase + 1};
     for (int i = 0; i < w.nthreads; ++i) w.threads[i].nbar_in = (uint16_t)(w.threads[i].nbar_in & ~(1u << id));
     async_wake(&b);
-    ++w.counters.barriers;
+    ++w.counters.named_barriers;
     if (w.ptx_active) ptx_on_barrier(*w.ptx); /* a new racecheck interval (see the file comment) */
   } else if (wait) {
     while (b.phase == phase) async_sleep(&b);

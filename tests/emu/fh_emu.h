@@ -16,7 +16,7 @@ typedef struct fh_emu_counters {
   uint64_t launches;         /* kernel launches that ran (1 in fh_emu_last_counters) */
   uint64_t blocks;           /* thread blocks executed */
   uint64_t threads;          /* CUDA threads executed (blocks x threads per block) */
-  uint64_t barriers;         /* completed __syncthreads* barriers, summed over blocks */
+  uint64_t barriers;         /* completed __syncthreads* barriers (barrier 0), summed over blocks */
   uint64_t warp_collectives; /* completed warp collectives: shuffles, votes, __syncwarp, reduces */
   uint64_t shuffles;         /* of which __shfl*_sync */
   uint64_t atomics;          /* atomic* calls, per thread */
@@ -35,6 +35,8 @@ typedef struct fh_emu_counters {
   uint64_t bank_conflict_max_ways; /* worst phase of any instruction (a maximum, not a sum) */
   uint64_t mufu_ops;               /* ex2/rcp/lg2.approx calls, per thread */
   uint64_t bytes_g2s_watched;      /* of bytes_g2s, those read from the watched range (below) */
+  uint64_t named_barriers;         /* completed phases of named barriers (bar.sync / bar.arrive with
+                                      an id of 1-15); `barriers` counts __syncthreads only */
 } fh_emu_counters_t;
 
 /* Counters of the most recent launch that ran (zeros before any launch). */

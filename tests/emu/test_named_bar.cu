@@ -47,8 +47,14 @@ __global__ void ring_kernel(int* out, int rounds) {
 Test(emu_named_bar, producer_and_consumer_warpgroups) {
   const int rounds = 7;
   int* out = dev_alloc<int>(4 * kConsumers);
+  fh_emu_reset_counters();
   FH_LAUNCH(ring_kernel, 4, kAll, (size_t)3 * kConsumers * sizeof(int), nullptr, out, rounds);
   EMU_CHECK_LAUNCH();
+  /* Per block: 7 rounds signalled, 5 slots released (rounds 0-4, refilled at 2-6), 2 exchange
+   * phases per round; no __syncthreads. */
+  const fh_emu_counters_t n = fh_emu_total_counters();
+  cr_expect_eq(n.named_barriers, 4u * (7 + 5 + 2 * 7), "named barrier phases: %llu", (unsigned long long)n.named_barriers);
+  cr_expect_eq(n.barriers, 0u, "__syncthreads: %llu", (unsigned long long)n.barriers);
   const std::vector<int> h = dev_download(out, 4 * kConsumers);
   for (int b = 0; b < 4; ++b)
     for (int c = 0; c < kConsumers; ++c) {

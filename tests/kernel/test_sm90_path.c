@@ -51,6 +51,7 @@ typedef struct path_out {
   uint64_t fwd_flops; /* tensor-core FLOPs of the forward */
   uint64_t c_bytes;   /* bytes of C read by the forward (cp.async or TMA) */
   uint64_t threads;   /* threads the forward's launches ran (384 per tile CTA warp-specialized) */
+  uint64_t bars, named; /* the forward's completed __syncthreads and named-barrier phases */
 } path_out_t;
 
 static void run_path(int64_t N, int64_t V, int64_t D, int dt, float softcap, int sm90, path_out_t* o) {
@@ -75,6 +76,7 @@ static void run_path(int64_t N, int64_t V, int64_t D, int dt, float softcap, int
   cr_assert_eq(lk_run_forward(ctx, &P, &o->f, lse, ent), FH_SUCCESS);
   const fh_emu_counters_t c = fh_emu_total_counters();
   o->fwd_flops = c.mma_flops, o->c_bytes = c.bytes_g2s_watched, o->threads = c.threads;
+  o->bars = c.barriers, o->named = c.named_barriers;
   fh_emu_watch_global(NULL, 0);
   lk_bwd_in_t in;
   lk_bwd_in_make(&in, &P, 1, 7);
@@ -107,6 +109,13 @@ static void compare_lce(int64_t N, int64_t V, int64_t D, float softcap) {
     cr_expect_eq(o[2].threads - o[3].threads, ctas * 128u,
                  "%s: the default forward is not the warp-specialized one (%llu threads against %llu)", DN[dt],
                  (unsigned long long)o[2].threads, (unsigned long long)o[3].threads);
+    /* The warp-specialized forward's consumers meet at no CTA barrier per k-block: its
+     * __syncthreads count does not grow with K or the tiles, the tma90 loop's does. */
+    printf("sm90 path %s N=%lld V=%lld D=%lld: forward __syncthreads %llu (tma90 loop) vs %llu (warp-specialized, "
+           "+%llu named-barrier phases)\n", DN[dt], (long long)N, (long long)V, (long long)D,
+           (unsigned long long)o[3].bars, (unsigned long long)o[2].bars, (unsigned long long)o[2].named);
+    cr_expect_lt(o[2].bars, o[3].bars, "%s: the warp-specialized forward passes as many CTA barriers", DN[dt]);
+    cr_expect_eq(o[3].named, 0u, "%s: the tma90 loop uses no named barrier", DN[dt]);
     for (int m = 0; m < 4; ++m) {
       /* clusters when the grid has two row blocks or more and the device schedules clusters */
       const int mc = m >= 2 && N > 128 && lk_multicast_on();
