@@ -60,8 +60,8 @@ namespace fh_eng {
 struct tma90 {
   static constexpr bool kVec = true; /* the streamed GEMMs of the backward run their vec16 loop */
 };
-/* The warp-specialized sm_90a mainloop (engine/sm90_ws.cuh): a producer warp beside the 256
- * threads that hold the tile. */
+/* The warp-specialized sm_90a mainloop (engine/sm90_ws.cuh): a producer warpgroup beside the
+ * 256 threads that hold the tile. */
 struct tma90ws {
   static constexpr bool kVec = true;
 };
@@ -89,8 +89,8 @@ struct ring<tma90> {
   static constexpr size_t bytes = sm90::RING_BYTES;
 };
 
-/* Threads per CTA of a kernel on the mainloop of tag Align (the tile's 256, plus a producer warp
- * in engine/sm90_ws.cuh). */
+/* Threads per CTA of a kernel on the mainloop of tag Align (the tile's 256, plus a producer
+ * warpgroup in engine/sm90_ws.cuh). */
 template <typename Align>
 struct block_threads {
   static constexpr int value = THREADS;

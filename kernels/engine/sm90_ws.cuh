@@ -91,12 +91,13 @@ struct mainloop<T, tma90ws> {
   static __device__ __forceinline__ void start(unsigned char* smem) {
     const bool mc = fh_ptx::cluster_nctarank() == 2;
     uint64_t* full = (uint64_t*)smem;
+    uint64_t* empty = full + ws::STAGES;
     __syncthreads(); /* the caller's last readers of these bytes are done */
     if (threadIdx.x == 0) {
       FH_UNROLL
       for (int s = 0; s < ws::STAGES; ++s) {
         fh_ptx::mbar_init(&full[s], ws::FULL_COUNT);
-        fh_ptx::mbar_init(&full[ws::STAGES + s], mc ? 16u : 8u);
+        fh_ptx::mbar_init(&empty[s], mc ? 16u : 8u); /* a lane per consumer warp, of both CTAs */
       }
       fh_ptx::fence_mbar_init();
       fh_ptx::fence_proxy_async();
