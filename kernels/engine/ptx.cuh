@@ -92,6 +92,23 @@ __device__ __forceinline__ void bar_arrive(int id, int count) {
 #endif
 }
 
+/* bar.red.or.pred on barrier id for `count` threads: bar_sync that also returns whether any
+ * participant's pred was nonzero (__syncthreads_or for a subset of the CTA's warps). Every
+ * arrival of a phase must be a bar.red.or. */
+__device__ __forceinline__ int bar_red_or(int id, int count, int pred) {
+#ifdef __CUDACC__
+  uint32_t r;
+  asm volatile(
+      "{\n.reg .pred c, p;\nsetp.ne.u32 c, %1, 0;\nbar.red.or.pred p, %2, %3, c;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(r)
+      : "r"(pred), "r"(id), "r"(count)
+      : "memory");
+  return (int)r;
+#else
+  return ::fh_emu::named_barrier_or(id, count, pred);
+#endif
+}
+
 /* ldmatrix.sync.aligned.m8n8.{x1,x2,x4}[.trans].shared.b16 (warp collective, all 32 lanes). */
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
 #ifdef __CUDACC__

@@ -265,6 +265,14 @@ __device__ __forceinline__ void tile_sync() {
   else __syncthreads();
 }
 
+/* tile_sync that also returns whether any of the 256 threads' pred was nonzero: __syncthreads_or,
+ * or bar.red.or on barrier 1 (tma90ws). */
+template <typename Align>
+__device__ __forceinline__ int tile_sync_or(int pred) {
+  if constexpr (std::is_same<Align, tma90ws>::value) return fh_ptx::bar_red_or(1, THREADS, pred);
+  else return __syncthreads_or(pred);
+}
+
 /* Whether a kernel that has both takes the warp-specialized loop over the tma90 one: unless the
  * environment variable FH_WS is "0" (comparisons: both give the same bits; the GPU check times
  * both). The sm_90a conditions themselves are pick_tma90's. */

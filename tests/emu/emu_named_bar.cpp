@@ -14,6 +14,9 @@
  *   - bar.sync waits for the phase it arrived on; bar.arrive does not wait. A thread that
  *     arrives twice before the phase completes is a report (on the hardware its warp would count
  *     twice).
+ *   - bar.red.or.pred (named_barrier_or) is bar.sync that also ORs a predicate over the phase's
+ *     arrivals and gives the result to every participant. One phase's arrivals are all bar.red
+ *     or all bar.sync / bar.arrive (the ISA requires it: a mix is a report).
  *   - Completion orders the participants' shared-memory accesses. Racecheck (emu_ptx.cpp) keeps
  *     one barrier epoch per block, so a completed named barrier starts a new epoch for every
  *     thread: a race between a participant and a thread outside the barrier goes unreported
@@ -42,10 +45,13 @@ void describe_named_bar(const Worker& w, const NamedBar& b, const char* ids) {
 
 using namespace sched;
 
-void named_barrier(int id, int count, bool wait) {
+namespace {
+/* One arrival of the calling thread at barrier id (count threads); red: a bar.red.or arrival with
+ * predicate pred. Returns the phase's OR to a bar.red waiter. */
+int arrive(int id, int count, bool wait, bool red, int pred) {
   Worker& w = worker();
   Thread& t = current();
-  const char* op = wait ? "bar.sync" : "bar.arrive";
+  const char* op = red ? "bar.red.or" : wait ? "bar.sync" : "bar.arrive";
   if (id < 1 || id >= kNamedBars)
     report_and_abort("invalid named barrier", "%s %d, %d: named barriers are 1-%d (barrier 0 is the one of "
                      "__syncthreads)", op, id, count, kNamedBars - 1);
@@ -60,11 +66,19 @@ void named_barrier(int id, int count, bool wait) {
     report_and_abort("thread arrives twice at a named barrier in one phase", "%s %d, %d: the thread already arrived "
                      "at phase %u (%d of %d arrivals so far); it must wait for the phase to complete first", op, id,
                      count, b.phase, b.arrived, b.count);
-  if (!b.count) b.count = count, b.first = t.linear;
+  const int kind = red ? 2 : 1;
+  if (b.kind && b.kind != kind)
+    report_and_abort("bar.red mixed with bar.sync / bar.arrive in one phase", "%s %d, %d: thread %d arrived at this "
+                     "phase (%u) with %s; every arrival of a phase must be a bar.red with the same operation, or none",
+                     op, id, count, b.first, b.phase, b.kind == 2 ? "bar.red.or" : "bar.sync or bar.arrive");
+  if (!b.count) b.count = count, b.first = t.linear, b.kind = kind;
+  b.acc |= pred != 0;
   t.nbar_in = (uint16_t)(t.nbar_in | 1u << id);
   const uint32_t phase = b.phase;
   if (++b.arrived == b.count) {
-    b = NamedBar{0, 0, -1, phase + 1};
+    /* Last arrival: the next phase, and the OR kept for this one's waiters. No thread can
+     * complete the next phase (and overwrite result) before all of them have read it. */
+    b = NamedBar{0, 0, -1, phase + 1, 0, 0, b.acc};
     for (int i = 0; i < w.nthreads; ++i) w.threads[i].nbar_in = (uint16_t)(w.threads[i].nbar_in & ~(1u << id));
     async_wake(&b);
     ++w.counters.named_barriers;
@@ -72,6 +86,12 @@ void named_barrier(int id, int count, bool wait) {
   } else if (wait) {
     while (b.phase == phase) async_sleep(&b);
   }
+  return b.result;
 }
+} // namespace
+
+void named_barrier(int id, int count, bool wait) { (void)arrive(id, count, wait, false, 0); }
+
+int named_barrier_or(int id, int count, int pred) { return arrive(id, count, true, true, pred); }
 
 } // namespace fh_emu

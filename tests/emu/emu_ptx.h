@@ -48,6 +48,7 @@ void ptx_ld_shared(const void* p, void* dst, int bytes);
 /* bar.sync id, count (wait) and bar.arrive id, count (no wait) on named barrier id 1-15
  * (emu_named_bar.cpp). */
 void named_barrier(int id, int count, bool wait);
+int named_barrier_or(int id, int count, int pred); /* bar.red.or.pred: waits, returns the OR */
 
 /* ex2/rcp/lg2.approx.ftz.f32. */
 float ptx_ex2_approx(float x);

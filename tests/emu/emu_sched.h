@@ -55,6 +55,9 @@ struct Warp {
 struct NamedBar {
   int count = 0, arrived = 0, first = -1;
   uint32_t phase = 0;
+  int kind = 0;       /* this phase's arrivals: 0 none yet, 1 bar.sync / bar.arrive, 2 bar.red.or */
+  int acc = 0;        /* bar.red.or: the OR of this phase's predicates so far */
+  int result = 0;     /* bar.red.or: the OR of the last completed phase (read by its waiters) */
 };
 constexpr int kNamedBars = 16;
 

@@ -116,3 +116,36 @@ Test(emu_named_bar, report_partial_warp) {
 }
 
 } // namespace
+
+/* ---- bar.red.or: __syncthreads_or for the consumers alone ----
+ * The producer warpgroup exits at once; per round, the 256 consumers OR a predicate that one of
+ * them sets in even rounds and none in odd ones, and each gets the OR. */
+__global__ void red_or_kernel(int* out, int rounds) {
+  const int tid = (int)threadIdx.x;
+  if (tid < kProducer) return;
+  const int c = tid - kProducer;
+  for (int r = 0; r < rounds; ++r) out[r * kConsumers + c] = fh_ptx::bar_red_or(2, kConsumers, r % 2 == 0 && c == (37 * r) % kConsumers);
+}
+
+Test(emu_named_bar, red_or_among_the_consumers) {
+  const int rounds = 6;
+  int* out = dev_alloc<int>(rounds * kConsumers);
+  fh_emu_reset_counters();
+  FH_LAUNCH(red_or_kernel, 1, kAll, 0, nullptr, out, rounds);
+  EMU_CHECK_LAUNCH();
+  const std::vector<int> h = dev_download(out, rounds * kConsumers);
+  for (int r = 0; r < rounds; ++r)
+    for (int c = 0; c < kConsumers; ++c)
+      cr_assert_eq(h[(size_t)(r * kConsumers + c)], r % 2 == 0, "round %d consumer %d", r, c);
+  cr_expect_eq(fh_emu_total_counters().named_barriers, (uint64_t)rounds);
+}
+
+/* Half the consumers reduce, the other half only synchronize, on one phase. */
+__global__ void red_mixed_kernel() {
+  if (threadIdx.x < 128) (void)fh_ptx::bar_red_or(3, 256, 1);
+  else fh_ptx::bar_sync(3, 256);
+}
+void red_mixed() { FH_LAUNCH(red_mixed_kernel, 1, 256, 0, nullptr); }
+Test(emu_named_bar, report_red_mixed_with_sync) {
+  expect_report(red_mixed, {"bar.red mixed with bar.sync / bar.arrive in one phase", " 3, 256: thread "});
+}

@@ -66,6 +66,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     fh_ptx::fence_proxy_async();
     void* peer = fh_ptx::mapa(smem, fh_ptx::cluster_ctarank());
     if (t == 0) out[0] += (float)(uintptr_t)peer;
+    out[t] += (float)fh_ptx::bar_red_or(1, 128, t == 0); /* the consumers' __syncthreads_or */
     (void)fh_ptx::mbar_arrive(full);
   }
 }
