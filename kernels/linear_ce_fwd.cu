@@ -12,7 +12,8 @@
  *   1. lce_prep_kernel (1 block x 256): compacts the valid rows in row order (block prefix sum,
  *      deterministic), flags targets outside [0, V) on the device (those rows count as ignored).
  *   2. lce_fwd_tile_kernel<T, Align>, grid (ceil(N/128) row blocks) x (S vocabulary splits),
- *      256 threads (384 on sm_90a: a producer warpgroup, engine/sm90_ws.cuh): each block loops over its split's 128-class tiles; per tile the engine's
+ *      256 threads (384 on sm_90a, with a producer warpgroup: engine/sm90_ws.cuh): each block
+ *      loops over its split's 128-class tiles; per tile the engine's
  *      mainloop (kernels/engine/sm80.cuh, docs/engine.md) leaves the raw logits in registers and
  *      the register epilogue updates, per row, the online stats m, Z = Σ e^{z−m},
  *      F = Σ e^{z−m}(z−m), Σ w_j z_j (label smoothing only), z_y and the argmax of r, merged
@@ -166,7 +167,8 @@ __global__ void __launch_bounds__(fh_eng::block_threads<Align>::value, 1)
     const int v0 = tile * kBN;
     return nt_operand<T>{(const T*)p.C, p.ldc, nullptr, v0, p.V - v0 < kBN ? p.V - v0 : kBN, &p.tmc};
   };
-  /* The warp-specialized loop's producer warpgroup loads every tile, then leaves (engine/sm90_ws.cuh). */
+  /* The warp-specialized loop's producer warpgroup loads every tile, then leaves
+   * (engine/sm90_ws.cuh; for the other loops pp.producer is false and these calls do nothing). */
   typename pipe_of<Align>::type pp;
   start_tiles<T, Align>(smem);
   if (pp.producer) {
@@ -420,7 +422,8 @@ static fh_status_t launch_tiles_on(const char* fn, dim3 grid, cudaStream_t strea
                                    int64_t V, int64_t D) {
   const bool mc = fh_eng::multicast_enabled<T>(grid.x, lce_fwd_tile_kernel<T, A90>, fwd_smem<A90>(),
                                                fh_eng::block_threads<A90>::value);
-  if (fh_eng::pick_tma90<T>(vec, &fp.tmc, fp.C, V, D, fp.ldc, mc)) return launch_fwd_tile<T, A90>(fn, grid, stream, fp, mc);
+  if (fh_eng::pick_tma90<T>(vec, &fp.tmc, fp.C, V, D, fp.ldc, mc))
+    return launch_fwd_tile<T, A90>(fn, grid, stream, fp, mc);
   if (vec) return launch_fwd_tile<T, fh_eng::vec16>(fn, grid, stream, fp);
   return launch_fwd_tile<T, fh_eng::scalar>(fn, grid, stream, fp);
 }
@@ -448,8 +451,10 @@ static fh_status_t launch_tiles(const char* fn, cudaStream_t stream, const fh_lc
   const bool vec = fh_eng::vec16_ok(fp.E, fp.lde, fh_dtype_size(p->dtype)) &&
                    fh_eng::vec16_ok(fp.C, fp.ldc, fh_dtype_size(p->dtype));
   LCE_DTYPE_SWITCH(p->dtype, T, {
-    if (fh_eng::ws_enabled()) FH_TRY((launch_tiles_on<T, fh_eng::tma90ws_for<T>>(fn, grid, stream, fp, vec, p->V, p->D)));
-    else FH_TRY((launch_tiles_on<T, fh_eng::tma90_for<T>>(fn, grid, stream, fp, vec, p->V, p->D)));
+    if (fh_eng::ws_enabled())
+      FH_TRY((launch_tiles_on<T, fh_eng::tma90ws_for<T>>(fn, grid, stream, fp, vec, p->V, p->D)));
+    else
+      FH_TRY((launch_tiles_on<T, fh_eng::tma90_for<T>>(fn, grid, stream, fp, vec, p->V, p->D)));
   });
   return FH_SUCCESS;
 }

@@ -14,6 +14,10 @@
  *   linear CE forward runs in clusters of 2 CTAs that multicast halves of each classifier tile,
  *   and reads it once per cluster (FH_MULTICAST=0 runs one CTA per row block), with results
  *   bitwise equal to both others.
+ * - The linear CE forward's default on sm_90a is the warp-specialized loop (engine/sm90_ws.cuh);
+ *   FH_WS=0 keeps the tma90 loop. The two are bitwise equal, told apart by the producer
+ *   warpgroup's 128 extra threads per tile CTA, and the warp-specialized one passes fewer
+ *   __syncthreads (the emulator's counters).
  * - Distillation: both heads' tiles, forward and deterministic backward, bitwise likewise. */
 #define _POSIX_C_SOURCE 200809L /* setenv, unsetenv */
 #include <criterion/criterion.h>
