@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_bwd_rows_kernel(co
     const int v0 = tile * TBV, nv = p.V - v0 < TBV ? p.V - v0 : TBV;
     fh_eng::acc_t acc;
     g_tile<T, Align>(p, sm, acc, nr, v0);
-    fh_lce::store_g<T>(sm, acc);
+    fh_lce::store_g<T, Align>(sm, acc);
     fh_lce::grad_gemm_rows<T, Align>(sm, p.dE, (const T*)p.hs.C, p.hs.ldc, v0, nv, p.hs.D, nr);
   }
 }
@@ -180,12 +180,12 @@ __global__ void __launch_bounds__(fh_eng::THREADS, 1) distill_bwd_cols_kernel(co
     load_row_block<T>(p, sm, row0, nr);
     fh_eng::acc_t acc;
     g_tile<T, Align>(p, sm, acc, nr, v0);
-    if (p.dbias) fh_lce::dbias_tile<T>(sm, acc, db);
+    if (p.dbias) fh_lce::dbias_tile<T, Align>(sm, acc, db);
     const bool want_c = p.dC.kind != fh_lce::ST_NONE;
-    const bool tr = fh_lce::store_g_for<T>(sm, acc, want_c);
+    const bool tr = fh_lce::store_g_for<T, Align>(sm, acc, want_c);
     if (want_c) fh_lce::grad_gemm_cols<T, Align>(sm, p.dC, (const T*)p.hs.E, p.hs.lde, nr, v0, nv, p.hs.D);
     if (p.dE.kind != fh_lce::ST_NONE) {
-      fh_lce::g_for_rows<T>(sm, tr);
+      fh_lce::g_for_rows<T, Align>(sm, tr);
       fh_lce::grad_gemm_rows<T, Align>(sm, p.dE, (const T*)p.hs.C, p.hs.ldc, v0, nv, p.hs.D, nr);
     }
   }

@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "engine/sm80.cuh"
+#include "engine/sm90_ws.cuh" /* tile_sync, tile_scratch */
 #include "engine/stream.cuh"
 #include "linear_ce_common.cuh"
 
@@ -93,7 +94,9 @@ __device__ __forceinline__ void dst_add8(const grad_dst& g, int64_t row, int d, 
 /* Shared memory of the backward tile kernels, after the engine's stages (which the streamed
  * GEMMs reuse for their B chunks): the G tile in the operand type (fp32 adds its transpose:
  * ldmatrix cannot transpose 32-bit elements), the output staging chunk, row data, coefficients
- * and the dbias scratch. */
+ * and the dbias scratch. On the warp-specialized loop the producer refills the slots while the
+ * consumers run the streamed GEMMs, so their chunks and the staging chunk go in the ring's
+ * consumer bytes instead (`inner`, fh_eng::tile_scratch; docs/hopper.md). */
 template <typename T>
 struct bwd_smem {
   typedef fh_eng::stream_cfg<T> cfg;
@@ -105,9 +108,13 @@ struct bwd_smem {
    * fragment pairs' 8-byte stores (two half-warp phases of 4 rows x 4 pairs) hit 32 distinct banks. */
   static constexpr int OLD = cfg::DC + 8;
   static constexpr size_t o_b = sizeof(float) * TBM * OLD;
-  /* ring: the mainloop's bytes (fh_eng::ring<Align>::bytes: the sm_90a ring is larger) */
-  static constexpr size_t bytes_for(size_t ring) {
-    return ring + g_b + o_b + sizeof(float) * NCOEF * TBM + 2 * sizeof(int) * TBM + sizeof(float) * 2 * TBV;
+  /* The streamed GEMMs' chunks, then the staging chunk: what `inner` holds. */
+  static constexpr size_t scratch_b = fh_eng::STAGES * fh_eng::CHUNK_BYTES + o_b;
+  /* ring: the mainloop's bytes (fh_eng::ring<Align>::bytes: the sm_90a ring is larger); inner:
+   * the staging chunk is inside it */
+  static constexpr size_t bytes_for(size_t ring, bool inner = false) {
+    return ring + g_b + (inner ? 0 : o_b) + sizeof(float) * NCOEF * TBM + 2 * sizeof(int) * TBM +
+           sizeof(float) * 2 * TBV;
   }
   static constexpr size_t bytes = bytes_for(fh_eng::SMEM_BYTES);
   unsigned char* stages;
@@ -118,12 +125,15 @@ struct bwd_smem {
   int* y;
   float* db; /* [2][TBV] */
   /* gap: bytes a kernel adds after the staging chunk, for its own scratch over g .. o + gap
-   * while those are free (the distillation backward parks its tiles there). */
-  __device__ explicit bwd_smem(unsigned char* base, size_t gap = 0, size_t ring = fh_eng::SMEM_BYTES) {
-    stages = base;
+   * while those are free (the distillation backward parks its tiles there). inner: scratch_b
+   * bytes inside the ring for the chunks and the staging chunk (nullptr: the chunks over the
+   * ring's start, the staging chunk after g). */
+  __device__ explicit bwd_smem(unsigned char* base, size_t gap = 0, size_t ring = fh_eng::SMEM_BYTES,
+                               unsigned char* inner = nullptr) {
+    stages = inner ? inner : base;
     g = base + ring;
-    o = (float*)(g + g_b);
-    coef = (float*)((unsigned char*)o + o_b + gap);
+    o = (float*)(inner ? inner + fh_eng::STAGES * fh_eng::CHUNK_BYTES : g + g_b);
+    coef = (float*)(g + g_b + (inner ? 0 : o_b) + gap);
     rows = (int*)(coef + NCOEF * TBM);
     y = rows + TBM;
     db = (float*)(y + TBM);
@@ -132,7 +142,7 @@ struct bwd_smem {
 
 /* Column sums of G over the tile's rows into db (thread c < 128 owns class v0 + c): per thread
  * over its rows, then lanes g (xor 4, 8, 16), then the two warps along M in order. */
-template <typename T>
+template <typename T, typename Align>
 __device__ __forceinline__ void dbias_tile(bwd_smem<T>& sm, const fh_eng::acc_t& acc, float& db) {
   using namespace fh_eng;
   FH_UNROLL
@@ -145,7 +155,7 @@ __device__ __forceinline__ void dbias_tile(bwd_smem<T>& sm, const fh_eng::acc_t&
       for (int off = 4; off < 32; off <<= 1) s += __shfl_xor_sync(FH_FULL_MASK, s, off);
       if ((threadIdx.x & 31) < 4) fh_ptx::sts_u32(sm.db + warp_m() * TBV + frag_col(j, e), __float_as_uint(s));
     }
-  __syncthreads();
+  tile_sync<Align>();
   if (threadIdx.x < TBV)
     db += __uint_as_float(fh_ptx::lds_u32(sm.db + threadIdx.x)) + __uint_as_float(fh_ptx::lds_u32(sm.db + TBV + threadIdx.x));
 }
@@ -153,7 +163,7 @@ __device__ __forceinline__ void dbias_tile(bwd_smem<T>& sm, const fh_eng::acc_t&
 /* G (registers) -> the resident tile in the operand type (fp32 stays fp32). fp32 with
  * transposed: Gᵀ, for dC = Gᵀ·E (ldmatrix cannot transpose 32-bit elements); 16-bit types
  * always store G. */
-template <typename T>
+template <typename T, typename Align>
 __device__ __forceinline__ void store_g(bwd_smem<T>& sm, const fh_eng::acc_t& acc, bool transposed = false) {
   using namespace fh_eng;
   FH_UNROLL
@@ -180,12 +190,12 @@ __device__ __forceinline__ void store_g(bwd_smem<T>& sm, const fh_eng::acc_t& ac
           }
         }
       }
-  __syncthreads();
+  fh_eng::tile_sync<Align>();
 }
 
 /* fp32: Gᵀ -> G in place, after dC's GEMM and before dE's (each unordered pair of elements is
  * swapped by one thread; the streamed GEMM ended with a barrier, and this ends with one). */
-template <typename T>
+template <typename T, typename Align>
 __device__ __forceinline__ void transpose_g(bwd_smem<T>& sm) {
   static_assert(sizeof(T) == 4, "16-bit G tiles are read transposed by ldmatrix.trans");
   for (int idx = threadIdx.x; idx < TBM * TBV; idx += fh_eng::THREADS) {
@@ -197,21 +207,21 @@ __device__ __forceinline__ void transpose_g(bwd_smem<T>& sm) {
     fh_ptx::sts_u32(a, y);
     fh_ptx::sts_u32(b, x);
   }
-  __syncthreads();
+  fh_eng::tile_sync<Align>();
 }
 
 /* Stores G for the GEMMs a block is about to run and, for fp32 with both, turns the tile around
  * between them: call store_g_for before the first, g_for_rows between dC and dE. */
-template <typename T>
+template <typename T, typename Align>
 __device__ __forceinline__ bool store_g_for(bwd_smem<T>& sm, const fh_eng::acc_t& acc, bool want_cols) {
   const bool transposed = sizeof(T) == 4 && want_cols;
-  store_g<T>(sm, acc, transposed);
+  store_g<T, Align>(sm, acc, transposed);
   return transposed;
 }
-template <typename T>
+template <typename T, typename Align>
 __device__ __forceinline__ void g_for_rows(bwd_smem<T>& sm, bool transposed) {
   if constexpr (sizeof(T) == 4) {
-    if (transposed) transpose_g<T>(sm);
+    if (transposed) transpose_g<T, Align>(sm);
   } else {
     (void)sm, (void)transposed;
   }
@@ -238,7 +248,7 @@ struct rmw_epi {
         for (int h = 0; h < 2; ++h)
           fh_ptx::sts_v2(sm->o + fh_eng::s_row(i, 2 * h) * OLD + fh_eng::s_col<T>(j, 0),
                          make_uint2(__float_as_uint(acc.v[i][j][2 * h]), __float_as_uint(acc.v[i][j][2 * h + 1])));
-    __syncthreads();
+    fh_eng::tile_sync<Align>();
     constexpr int UPR = cfg::DC / 8; /* 8-column units per row */
     for (int u = threadIdx.x; u < TBM * UPR; u += fh_eng::THREADS) {
       const int r = u / UPR, c = (u % UPR) * 8, d = d0 + c;

@@ -55,7 +55,7 @@
 #include <math.h>
 
 #include "engine/epilogue.cuh"
-#include "engine/sm90.cuh"
+#include "engine/sm90_ws.cuh"
 #include "engine/stream.cuh"
 #include "grad_common.cuh"
 #include "linear_ce_common.cuh"
@@ -85,8 +85,9 @@ struct bwd_params {
 };
 
 
-/* Loads the row block's indices, targets and coefficients into shared memory. */
-template <typename T>
+/* Loads the row block's indices, targets and coefficients into shared memory (the 256 threads
+ * that hold the tile). */
+template <typename T, typename Align>
 __device__ __forceinline__ void load_row_block(const bwd_params& p, bwd_smem<T>& sm, int row0, int nr) {
   for (int r = threadIdx.x; r < TBM; r += fh_eng::THREADS) {
     const int i = r < nr ? p.rows[row0 + r] : 0;
@@ -94,19 +95,31 @@ __device__ __forceinline__ void load_row_block(const bwd_params& p, bwd_smem<T>&
     sm.y[r] = r < nr ? (int)p.targets[i] : -1;
     for (int q = 0; q < NCOEF; ++q) sm.coef[q * TBM + r] = r < nr ? p.coef[(size_t)q * p.N + i] : 0.0f;
   }
-  __syncthreads();
+  fh_eng::tile_sync<Align>();
+}
+
+/* The operands of the logit tile: nr rows of E through the gather table `table` (the
+ * consumers' copy in shared memory; the warp-specialized loop's producer, which runs ahead of
+ * that copy, reads the compacted rows in global memory), classes from v0. */
+template <typename T>
+__device__ __forceinline__ fh_eng::nt_operand<T> rows_of(const bwd_params& p, const int* table, int nr) {
+  return fh_eng::nt_operand<T>{(const T*)p.E, p.lde, table, 0, nr};
+}
+template <typename T>
+__device__ __forceinline__ fh_eng::nt_operand<T> classes_of(const bwd_params& p, int v0) {
+  const int nv = p.V - v0 < TBV ? p.V - v0 : TBV;
+  return fh_eng::nt_operand<T>{(const T*)p.C, p.ldc, nullptr, v0, nv, &p.tmc};
 }
 
 /* Recompute the tile's logits with the forward's mainloop and tiling (so z is bitwise the
  * forward's) and form G in the accumulator registers (0 past the valid rows and classes).
  * Returns, block-uniformly, 1 when some entry has |p − δ| >= eps (the tile matters). */
-template <typename T, typename Align>
-__device__ __forceinline__ int g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_eng::acc_t& acc, int nr, int v0) {
+template <typename T, typename Align, typename Pipe>
+__device__ __forceinline__ int g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_eng::acc_t& acc, int nr, int v0,
+                                      unsigned char* smem, Pipe& pipe) {
   using namespace fh_eng;
   const int nv = p.V - v0 < TBV ? p.V - v0 : TBV;
-  const nt_operand<T> a{(const T*)p.E, p.lde, sm.rows, 0, nr};
-  const nt_operand<T> b{(const T*)p.C, p.ldc, nullptr, v0, nv, &p.tmc};
-  mainloop<T, Align>::run(acc, a, b, p.D, sm.stages);
+  run_tile<T, Align>(acc, rows_of<T>(p, sm.rows, nr), classes_of<T>(p, v0), p.D, smem, pipe);
   const T* bias = (const T*)p.bias;
   float bj[NJ][2], wj[NJ][2];
   tile_bias<T>(bj, bias, v0, nv);
@@ -144,7 +157,7 @@ __device__ __forceinline__ int g_tile(const bwd_params& p, bwd_smem<T>& sm, fh_e
           acc.v[i][j][2 * h + e] = g;
         }
     }
-  const int any = __syncthreads_or(big);
+  const int any = tile_sync_or<Align>(big);
   return p.eps > 0.0f ? any : 1;
 }
 
@@ -163,50 +176,93 @@ __device__ __forceinline__ void accumulate_dC(const bwd_params& p, bwd_smem<T>& 
   grad_gemm_cols<T, Align>(sm, p.dC, (const T*)p.E, p.lde, nr, v0, nv, p.D);
 }
 
+/* The kernels' shared memory on the mainloop of tag Align (bwd_smem: on the warp-specialized
+ * loop the streamed GEMMs' chunks and staging chunk live in the ring's consumer bytes). */
 template <typename T, typename Align>
-__global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_bwd_rows_kernel(const __grid_constant__ bwd_params p) {
+__device__ __forceinline__ bwd_smem<T> bwd_smem_on(unsigned char* smem) {
+  constexpr bool inner = fh_eng::is_ws<Align>::value;
+  return bwd_smem<T>(smem, 0, fh_eng::ring<Align>::bytes, inner ? fh_eng::tile_scratch<T, Align>(smem) : nullptr);
+}
+template <typename T, typename Align>
+constexpr size_t bwd_smem_bytes() {
+  return bwd_smem<T>::bytes_for(fh_eng::ring<Align>::bytes, fh_eng::is_ws<Align>::value);
+}
+
+/* Both kernels run their tiles as engine/sm90_ws.cuh lays out: with the warp-specialized loop
+ * the producer warpgroup loads every logit tile of the block's loop (it needs no filter
+ * decision: every tile's logits are recomputed), and the 256 consumers do the rest, meeting at
+ * tile_sync; with the other loops the producer part is empty. */
+template <typename T, typename Align>
+__global__ void __launch_bounds__(fh_eng::block_threads<Align>::value, 1)
+    lce_bwd_rows_kernel(const __grid_constant__ bwd_params p) {
+  using namespace fh_eng;
   FH_DYNAMIC_SMEM(unsigned char, smem);
-  bwd_smem<T> sm(smem, 0, fh_eng::ring<Align>::bytes);
+  bwd_smem<T> sm = bwd_smem_on<T, Align>(smem);
   const int count = p.hdr->count, row0 = blockIdx.x * TBM;
   if (row0 >= count) return;
   const int nr = count - row0 < TBM ? count - row0 : TBM;
-  load_row_block<T>(p, sm, row0, nr);
+  typename pipe_of<Align>::type pp;
+  start_tiles<T, Align>(smem);
+  if (pp.producer) {
+    producer_role<Align>();
+    for (int tile = 0; tile < p.vt; ++tile)
+      produce_tile<T, Align>(rows_of<T>(p, p.rows + row0, nr), classes_of<T>(p, tile * TBV), p.D, smem, pp);
+    finish_tiles<T, Align>(smem, pp);
+    return;
+  }
+  consumer_role<Align>();
+  load_row_block<T, Align>(p, sm, row0, nr);
   for (int tile = 0; tile < p.vt; ++tile) { /* class order: fixed, so dE is deterministic */
     const int v0 = tile * TBV;
-    fh_eng::acc_t acc;
-    const int keep = g_tile<T, Align>(p, sm, acc, nr, v0);
+    acc_t acc;
+    const int keep = g_tile<T, Align>(p, sm, acc, nr, v0, smem, pp);
     if (!keep && p.filter_e) continue;
-    store_g<T>(sm, acc);
+    store_g<T, Align>(sm, acc);
     accumulate_dE<T, Align>(p, sm, p.dE, nr, v0);
   }
+  finish_tiles<T, Align>(smem, pp);
 }
 
 template <typename T, typename Align>
-__global__ void __launch_bounds__(fh_eng::THREADS, 1) lce_bwd_cols_kernel(const __grid_constant__ bwd_params p) {
+__global__ void __launch_bounds__(fh_eng::block_threads<Align>::value, 1)
+    lce_bwd_cols_kernel(const __grid_constant__ bwd_params p) {
+  using namespace fh_eng;
   FH_DYNAMIC_SMEM(unsigned char, smem);
-  bwd_smem<T> sm(smem, 0, fh_eng::ring<Align>::bytes);
+  bwd_smem<T> sm = bwd_smem_on<T, Align>(smem);
   const int count = p.hdr->count, v0 = blockIdx.x * TBV;
   __shared__ int range[2];
   compacted_range(p.rows, count, p.r_lo, p.r_hi, range);
   const int c_lo = range[0], c_hi = range[1];
+  auto rows_in = [&](int row0) { return c_hi - row0 < TBM ? c_hi - row0 : TBM; };
+  typename pipe_of<Align>::type pp;
+  start_tiles<T, Align>(smem);
+  if (pp.producer) {
+    producer_role<Align>();
+    for (int row0 = c_lo; row0 < c_hi; row0 += TBM)
+      produce_tile<T, Align>(rows_of<T>(p, p.rows + row0, rows_in(row0)), classes_of<T>(p, v0), p.D, smem, pp);
+    finish_tiles<T, Align>(smem, pp);
+    return;
+  }
+  consumer_role<Align>();
   float db = 0.0f; /* thread c < 128 owns dbias[v0 + c] */
   for (int row0 = c_lo; row0 < c_hi; row0 += TBM) { /* row order: fixed, so dC and dbias are deterministic */
-    const int nr = c_hi - row0 < TBM ? c_hi - row0 : TBM;
-    __syncthreads(); /* the previous block's readers of the row data are done */
-    load_row_block<T>(p, sm, row0, nr);
-    fh_eng::acc_t acc;
-    const int keep = g_tile<T, Align>(p, sm, acc, nr, v0);
+    const int nr = rows_in(row0);
+    tile_sync<Align>(); /* the previous block's readers of the row data are done */
+    load_row_block<T, Align>(p, sm, row0, nr);
+    acc_t acc;
+    const int keep = g_tile<T, Align>(p, sm, acc, nr, v0, smem, pp);
     const bool do_c = keep || !p.filter_c, do_e = p.dE.kind != ST_NONE && (keep || !p.filter_e);
     if (!do_c && !do_e) continue;
-    if (do_c && p.dbias) dbias_tile<T>(sm, acc, db);
+    if (do_c && p.dbias) dbias_tile<T, Align>(sm, acc, db);
     const bool want_c = do_c && p.dC.kind != ST_NONE;
-    const bool tr = store_g_for<T>(sm, acc, want_c);
+    const bool tr = store_g_for<T, Align>(sm, acc, want_c);
     if (want_c) accumulate_dC<T, Align>(p, sm, nr, v0);
     if (do_e) {
-      g_for_rows<T>(sm, tr);
+      g_for_rows<T, Align>(sm, tr);
       accumulate_dE<T, Align>(p, sm, p.dE, nr, v0);
     }
   }
+  finish_tiles<T, Align>(smem, pp);
   dbias_store<T>(p.dbias, p.db32, p.db_last, p.accumulate, v0, p.V, db);
 }
 
@@ -307,6 +363,12 @@ float filter_eps_of(const fh_linear_ce_options_t* o, fh_dtype_t dtype) {
   return dtype == FH_DTYPE_BF16 ? 0x1p-12f : dtype == FH_DTYPE_F16 ? 0x1p-15f : 0x1p-28f;
 }
 
+/* The warp-specialized loop of the backward (16-bit T): 3 slots, so that the consumers' bytes
+ * hold the streamed GEMMs' chunks and staging chunk beside the G tile within 227 KiB
+ * (docs/hopper.md "The warp-specialized backward"). */
+template <typename T>
+using bwd_ws_for = fh_eng::tma90ws_for<T, fh_eng::tma90ws_t<3, bwd_smem<T>::scratch_b>>;
+
 bool bwd_vec16_ok(const bwd_params& bp, size_t esize) {
   return bp.D % 8 == 0 && fh_eng::vec16_ok(bp.E, bp.lde, esize) && fh_eng::vec16_ok(bp.C, bp.ldc, esize) &&
          dst_vec_ok(bp.dE, esize) && dst_vec_ok(bp.dC, esize);
@@ -315,10 +377,10 @@ bool bwd_vec16_ok(const bwd_params& bp, size_t esize) {
 template <typename T, typename Align, bool ROWS>
 fh_status_t launch_bwd(const char* fn, dim3 grid, cudaStream_t stream, const bwd_params& bp) {
   auto k = ROWS ? lce_bwd_rows_kernel<T, Align> : lce_bwd_cols_kernel<T, Align>;
-  constexpr size_t smem = bwd_smem<T>::bytes_for(fh_eng::ring<Align>::bytes);
+  constexpr size_t smem = bwd_smem_bytes<T, Align>();
   FH_TRY(fh_cuda_status(fh_eng::allow_smem<smem, fh_eng::optin<Align>::max>(k), fn,
                         "cudaFuncSetAttribute(lce_bwd kernel)"));
-  FH_LAUNCH(k, grid, dim3(fh_eng::THREADS), smem, stream, bp);
+  FH_LAUNCH(k, grid, dim3(fh_eng::block_threads<Align>::value), smem, stream, bp);
   LCE_CHECK_LAUNCH(fn, ROWS ? "lce_bwd_rows_kernel" : "lce_bwd_cols_kernel");
   return FH_SUCCESS;
 }
@@ -387,7 +449,10 @@ extern "C" fh_status_t fh_cuda_linear_ce_backward(fh_cuda_state_t* st, struct CU
   LCE_DTYPE_SWITCH(p->dtype, T, {
     const bool vec = bwd_vec16_ok(bp, fh_dtype_size(p->dtype));
     const bool tma = fh_eng::pick_tma90<T>(vec, &bp.tmc, bp.C, p->V, p->D, bp.ldc);
+    const bool spec = tma && fh_eng::ws_enabled(); /* the warp-specialized loop */
     auto launch = [&](bool row_owner, dim3 grid, const bwd_params& q) -> fh_status_t {
+      if (spec) return row_owner ? launch_bwd<T, bwd_ws_for<T>, true>(fn, grid, stream, q)
+                               : launch_bwd<T, bwd_ws_for<T>, false>(fn, grid, stream, q);
       if (tma) return row_owner ? launch_bwd<T, fh_eng::tma90_for<T>, true>(fn, grid, stream, q)
                                 : launch_bwd<T, fh_eng::tma90_for<T>, false>(fn, grid, stream, q);
       if (vec) return row_owner ? launch_bwd<T, fh_eng::vec16, true>(fn, grid, stream, q)

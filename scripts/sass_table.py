@@ -434,15 +434,36 @@ def hgmma_loop_faults(k, t, b, c, nar):
     return bad
 
 
+def stream_loop_faults(k, c, nar):
+    """What a wgmma kernel's main loop without HGMMA (the backward's streamed gradient GEMMs, which
+    stay on mma.sync) must have: the vec16 rule, HMMA fed by LDGSTS and LDSM, no narrow global
+    load. Tags the kernel."""
+    bad = []
+    if not c["HMMA"]:
+        bad.append("no HGMMA (wgmma) or HMMA")
+        tag(k, "no HGMMA")
+    if not c["LDGSTS"]:
+        bad.append("no LDGSTS (cp.async)")
+        tag(k, "no LDGSTS")
+    if not c["LDSM"]:
+        bad.append("no LDSM (ldmatrix)")
+        tag(k, "no LDSM")
+    if c["narrow_LDG"] or c["narrow_LD"] or c["narrow_LDGSTS"]:
+        bad.append("narrow global loads (%s)" % fmt_narrow(nar))
+        tag(k, "narrow loads")
+    return bad
+
+
 def check_tma90ws(k, where, v):
     """Rule (b) for a tma90ws kernel on sm_90a: its consumers' HGMMA loop(s) have no narrow
-    global load and an unserialized wgmma chain (their loads are the producer's), and the kernel
-    has a producer loop issuing both the TMA (UTMALDG) and cp.async (LDGSTS)."""
+    global load and an unserialized wgmma chain (their loads are the producer's), their other
+    main loops (the backward's streamed GEMMs) the vec16 rule, and the kernel has a producer loop
+    issuing both the TMA (UTMALDG) and cp.async (LDGSTS)."""
     if not any(c["HGMMA"] for c, _ in k.loop_counts):
         v.append(("b", "%s: no main loop with HGMMA (wgmma)" % where))
         tag(k, "no HGMMA")
     for (t, b), (c, nar) in zip(k.loops, k.loop_counts):
-        bad = hgmma_loop_faults(k, t, b, c, nar)
+        bad = hgmma_loop_faults(k, t, b, c, nar) if c["HGMMA"] else stream_loop_faults(k, c, nar)
         if bad:
             v.append(("b", "%s: main loop 0x%04x-0x%04x: %s" % (where, t, b, "; ".join(bad))))
     if not producer_loops(k):
@@ -461,18 +482,7 @@ def check_tma90(k, where, v):
     for (t, b), (c, nar) in zip(k.loops, k.loop_counts):
         bad = []
         if not c["HGMMA"]:
-            if not c["HMMA"]:
-                bad.append("no HGMMA (wgmma) or HMMA")
-                tag(k, "no HGMMA")
-            if not c["LDGSTS"]:
-                bad.append("no LDGSTS (cp.async)")
-                tag(k, "no LDGSTS")
-            if not c["LDSM"]:
-                bad.append("no LDSM (ldmatrix)")
-                tag(k, "no LDSM")
-            if c["narrow_LDG"] or c["narrow_LD"] or c["narrow_LDGSTS"]:
-                bad.append("narrow global loads (%s)" % fmt_narrow(nar))
-                tag(k, "narrow loads")
+            bad = stream_loop_faults(k, c, nar)
             if bad:
                 v.append(("b", "%s: main loop 0x%04x-0x%04x: %s" % (where, t, b, "; ".join(bad))))
             continue

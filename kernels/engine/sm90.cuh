@@ -61,10 +61,17 @@ struct tma90 {
   static constexpr bool kVec = true; /* the streamed GEMMs of the backward run their vec16 loop */
 };
 /* The warp-specialized sm_90a mainloop (engine/sm90_ws.cuh): a producer warpgroup beside the
- * 256 threads that hold the tile. */
-struct tma90ws {
+ * 256 threads that hold the tile, S slots in its ring, and after them X bytes that only the
+ * consumers use (the accumulators' exchange, and whatever a kernel's epilogue keeps there between
+ * tiles: the backward's streamed GEMMs). fh_eng::tma90ws is the forward's, 4 slots. */
+template <int S, size_t X>
+struct tma90ws_t {
   static constexpr bool kVec = true;
 };
+template <typename Align>
+struct is_ws : std::false_type {};
+template <int S, size_t X>
+struct is_ws<tma90ws_t<S, X>> : std::true_type {};
 
 namespace sm90 {
 constexpr int STAGES = 4, LOOKAHEAD = STAGES - 2;
@@ -262,9 +269,25 @@ struct mainloop<T, tma90> {
  * early only when its whole cluster has none: the peer still needs its half of every tile. */
 template <typename Align>
 __device__ __forceinline__ int cluster_ctas() {
-  if constexpr (std::is_same<Align, tma90>::value || std::is_same<Align, tma90ws>::value)
+  if constexpr (std::is_same<Align, tma90>::value || is_ws<Align>::value)
     return (int)fh_ptx::cluster_nctarank();
   else return 1;
+}
+
+/* The barrier of the 256 threads that hold the tile: __syncthreads, or named barrier 1 when a
+ * producer warpgroup is beside them (is_ws: it runs ahead, or has left). */
+template <typename Align>
+__device__ __forceinline__ void tile_sync() {
+  if constexpr (is_ws<Align>::value) fh_ptx::bar_sync(1, THREADS);
+  else __syncthreads();
+}
+
+/* tile_sync that also returns whether any of the 256 threads' pred was nonzero: __syncthreads_or,
+ * or bar.red.or on barrier 1 (is_ws). */
+template <typename Align>
+__device__ __forceinline__ int tile_sync_or(int pred) {
+  if constexpr (is_ws<Align>::value) return fh_ptx::bar_red_or(1, THREADS, pred);
+  else return __syncthreads_or(pred);
 }
 
 /* ---- host side: selection and the tensor map of B ---- */

@@ -9,7 +9,8 @@
  *     8 issues the copies. A whole warpgroup, because setmaxnreg works per warpgroup and 9 warps
  *     would cap every thread at 168 registers anyway (3 warps in one SM sub-partition): the
  *     producer drops to 56 registers, the consumers rise to 224.
- *   - The producer fills a ring of STAGES = 4 slots of 32 KiB: lane 0 announces B's bytes
+ *   - The producer fills a ring of S slots of 32 KiB (4 for the forward, 3 for the backward, whose
+ *     streamed GEMMs need their own room: the tag's X bytes after the slots): lane 0 announces B's bytes
  *     (expect_tx) and issues its TMA box (or, in a 2-CTA cluster, its half, multicast to both);
  *     every lane copies 32 16-byte chunks of A's gathered rows by cp.async and then arrives on
  *     the slot's full barrier with cp.async.mbarrier.arrive.noinc, which fires once its copies
@@ -40,30 +41,33 @@ namespace fh_eng {
 
 namespace ws {
 constexpr int THREADS_WS = THREADS + 128; /* 2 consumer warpgroups, then the producer warpgroup */
-constexpr int STAGES = 4;
-constexpr size_t HEADER = 1024;                                    /* full[4], empty[4] */
-constexpr size_t SLOTS = (size_t)STAGES * sm90::STAGE_BYTES;       /* 128 KiB */
-constexpr size_t XBYTES = (size_t)BM * sm90::XP * sizeof(float);   /* 68 KiB */
-constexpr size_t RING_BYTES = HEADER + 1024 + SLOTS + XBYTES;      /* 198 KiB */
+constexpr size_t HEADER = 1024;                                    /* full[S], empty[S] */
+constexpr size_t XBYTES = (size_t)BM * sm90::XP * sizeof(float);   /* the exchange: 68 KiB */
+/* The ring's bytes: the header, slack to align the slots, S slots, the consumers' X bytes. */
+constexpr size_t ring_bytes(int S, size_t X) { return HEADER + 1024 + (size_t)S * sm90::STAGE_BYTES + X; }
 constexpr int A_PER_LANE = BM * (sm90::ROWB / 16) / 32;            /* 32 chunks of A per lane */
 constexpr uint32_t FULL_COUNT = 1 + 32;
 /* Registers per thread after setmaxnreg: each SM sub-partition holds one producer warp and two
  * consumer warps of the 12 (16384 registers, 512 per lane): 56 + 2 x 224 = 504. */
 constexpr int PRODUCER_REGS = 56, CONSUMER_REGS = 224;
 static_assert(PRODUCER_REGS + 2 * CONSUMER_REGS <= 512, "one producer and two consumer warps per sub-partition");
-static_assert(RING_BYTES + 2 * BM * sizeof(int) <= 232448, "the ring and a kernel's row tables fit in 227 KiB");
 } /* namespace ws */
 
-template <>
-struct ring<tma90ws> {
-  static constexpr size_t bytes = ws::RING_BYTES;
+/* The linear CE forward's: 4 slots and the exchange (198 KiB, beside its 1 KiB of row tables). */
+using tma90ws = tma90ws_t<4, ws::XBYTES>;
+
+template <int S, size_t X>
+struct ring<tma90ws_t<S, X>> {
+  static_assert(S >= 2 && 2 * S * sizeof(uint64_t) <= ws::HEADER, "the slots' mbarriers fit in the header");
+  static_assert(X >= ws::XBYTES, "the exchange fits in the consumers' bytes");
+  static constexpr size_t bytes = ws::ring_bytes(S, X);
 };
-template <>
-struct block_threads<tma90ws> {
+template <int S, size_t X>
+struct block_threads<tma90ws_t<S, X>> {
   static constexpr int value = ws::THREADS_WS;
 };
-template <>
-struct optin<tma90ws> {
+template <int S, size_t X>
+struct optin<tma90ws_t<S, X>> {
   static constexpr size_t max = SMEM_OPTIN_MAX_SM90;
 };
 
@@ -72,30 +76,33 @@ struct ws_pipe {
   bool producer = threadIdx.x >= (unsigned)THREADS; /* warpgroup 2 */
   uint32_t it = 0; /* k-blocks this thread's role has passed through the ring */
 };
-template <>
-struct pipe_of<tma90ws> {
+template <int S, size_t X>
+struct pipe_of<tma90ws_t<S, X>> {
   using type = ws_pipe;
 };
 
-template <typename T>
-struct mainloop<T, tma90ws> {
+template <typename T, int S, size_t X>
+struct mainloop<T, tma90ws_t<S, X>> {
   static_assert(sizeof(T) == 2, "the sm_90a mainloop takes bf16 or fp16 operands");
   static constexpr bool BF16 = operand<T>::BF16;
+  static constexpr size_t SLOTS = (size_t)S * sm90::STAGE_BYTES;
 
   static __device__ __forceinline__ unsigned char* slots(unsigned char* smem) {
     return smem + ws::HEADER + ((1024u - (fh_ptx::smem_u32(smem + ws::HEADER) & 1023u)) & 1023u);
   }
+  /* The consumers' X bytes (the exchange, then a kernel's use between tiles). */
+  static __device__ __forceinline__ unsigned char* scratch(unsigned char* smem) { return slots(smem) + SLOTS; }
   static __device__ __forceinline__ int kblocks(int K) { return (K * (int)sizeof(T) + sm90::ROWB - 1) / sm90::ROWB; }
 
   /* Every thread, before its role: the barriers, seen by the whole CTA (and cluster). */
   static __device__ __forceinline__ void start(unsigned char* smem) {
     const bool mc = fh_ptx::cluster_nctarank() == 2;
     uint64_t* full = (uint64_t*)smem;
-    uint64_t* empty = full + ws::STAGES;
+    uint64_t* empty = full + S;
     __syncthreads(); /* the caller's last readers of these bytes are done */
     if (threadIdx.x == 0) {
       FH_UNROLL
-      for (int s = 0; s < ws::STAGES; ++s) {
+      for (int s = 0; s < S; ++s) {
         fh_ptx::mbar_init(&full[s], ws::FULL_COUNT);
         fh_ptx::mbar_init(&empty[s], mc ? 16u : 8u); /* a lane per consumer warp, of both CTAs */
       }
@@ -114,20 +121,20 @@ struct mainloop<T, tma90ws> {
     const bool mc = fh_ptx::cluster_nctarank() == 2;
     const uint32_t crank = mc ? fh_ptx::cluster_ctarank() : 0u;
     uint64_t* full = (uint64_t*)smem;
-    uint64_t* empty = full + ws::STAGES;
+    uint64_t* empty = full + S;
     unsigned char* ring = slots(smem);
     const int kt = kblocks(K);
     const bool releaser = (tid & 31) == 0;
     /* The slot of k-block number i (counted over the kernel's tiles) may be refilled. */
     auto release = [&](uint32_t i) {
       if (!releaser) return;
-      uint64_t* e = &empty[i % ws::STAGES];
+      uint64_t* e = &empty[i % S];
       fh_ptx::mbar_arrive(e);
       if (mc) fh_ptx::mbar_arrive_cluster(e, crank ^ 1u);
     };
     auto block = [&](float (&d)[BN / 2], uint32_t i, auto first) {
-      const uint32_t s = i % ws::STAGES;
-      fh_ptx::mbar_wait(&full[s], (i / ws::STAGES) & 1u);
+      const uint32_t s = i % S;
+      fh_ptx::mbar_wait(&full[s], (i / S) & 1u);
       fh_ptx::fence_proxy_async(); /* the producer's cp.async bytes, for the wgmma's async proxy */
       wgmma_kblock<BF16, decltype(first)::value>(d, ring + (size_t)s * sm90::STAGE_BYTES, wg);
     };
@@ -142,7 +149,7 @@ struct mainloop<T, tma90ws> {
     fh_ptx::wgmma_fence_operand(d);
     release(p.it + (uint32_t)kt - 1u);
     p.it += (uint32_t)kt;
-    exchange(acc, d, (float*)(ring + ws::SLOTS), [] { fh_ptx::bar_sync(1, THREADS); });
+    exchange(acc, d, (float*)scratch(smem), [] { fh_ptx::bar_sync(1, THREADS); });
   }
 
   /* The producer warpgroup, for one tile: warp 8 issues its k-blocks into the ring (the other
@@ -156,7 +163,7 @@ struct mainloop<T, tma90ws> {
     const bool mc = fh_ptx::cluster_nctarank() == 2;
     const uint32_t crank = mc ? fh_ptx::cluster_ctarank() : 0u;
     uint64_t* full = (uint64_t*)smem;
-    uint64_t* empty = full + ws::STAGES;
+    uint64_t* empty = full + S;
     unsigned char* ring = slots(smem);
     const int lane = (int)threadIdx.x & 31, c = lane & 7;
     const int kbytes = K * (int)sizeof(T);
@@ -165,9 +172,9 @@ struct mainloop<T, tma90ws> {
     const CUtensorMap* map = static_cast<const CUtensorMap*>(b.tmap);
     FH_NO_UNROLL
     for (int kb = 0; kb < kt; ++kb) {
-      const uint32_t i = it + (uint32_t)kb, s = i % ws::STAGES;
+      const uint32_t i = it + (uint32_t)kb, s = i % S;
       /* the slot's previous k-block (i - STAGES) is retired, in both CTAs of a cluster */
-      if (i >= (uint32_t)ws::STAGES) fh_ptx::mbar_wait(&empty[s], ((i / ws::STAGES) & 1u) ^ 1u);
+      if (i >= (uint32_t)S) fh_ptx::mbar_wait(&empty[s], ((i / S) & 1u) ^ 1u);
       unsigned char* st = ring + (size_t)s * sm90::STAGE_BYTES;
       if (lane == 0) {
         fh_ptx::mbar_arrive_expect_tx(&full[s], (uint32_t)sm90::TILE_B); /* both halves, with a cluster */
@@ -206,7 +213,7 @@ struct mainloop<T, tma90ws> {
     if (threadIdx.x == 0) {
       uint64_t* full = (uint64_t*)smem;
       FH_UNROLL
-      for (int s = 0; s < 2 * ws::STAGES; ++s) fh_ptx::mbar_inval(&full[s]);
+      for (int s = 0; s < 2 * S; ++s) fh_ptx::mbar_inval(&full[s]);
     }
     if (!p.producer) fh_ptx::bar_sync(1, THREADS); /* thread 0's inval before the consumers' reuse */
   }
@@ -229,50 +236,34 @@ struct mainloop<T, tma90ws> {
  *   ... tile_sync<Align>() in place of __syncthreads from here on. */
 template <typename T, typename Align>
 __device__ __forceinline__ void start_tiles(unsigned char* smem) {
-  if constexpr (std::is_same<Align, tma90ws>::value) mainloop<T, Align>::start(smem);
+  if constexpr (is_ws<Align>::value) mainloop<T, Align>::start(smem);
   else (void)smem;
 }
 template <typename Align>
 __device__ __forceinline__ void producer_role() {
-  if constexpr (std::is_same<Align, tma90ws>::value) fh_ptx::setmaxnreg_dec<ws::PRODUCER_REGS>();
+  if constexpr (is_ws<Align>::value) fh_ptx::setmaxnreg_dec<ws::PRODUCER_REGS>();
 }
 template <typename Align>
 __device__ __forceinline__ void consumer_role() {
-  if constexpr (std::is_same<Align, tma90ws>::value) fh_ptx::setmaxnreg_inc<ws::CONSUMER_REGS>();
+  if constexpr (is_ws<Align>::value) fh_ptx::setmaxnreg_inc<ws::CONSUMER_REGS>();
 }
 template <typename T, typename Align, typename Pipe>
 __device__ __forceinline__ void produce_tile(const nt_operand<T>& a, const nt_operand<T>& b, int K,
                                              unsigned char* smem, Pipe& p) {
-  if constexpr (std::is_same<Align, tma90ws>::value) mainloop<T, Align>::produce(a, b, K, smem, p);
+  if constexpr (is_ws<Align>::value) mainloop<T, Align>::produce(a, b, K, smem, p);
   else (void)a, (void)b, (void)K, (void)smem, (void)p;
 }
 template <typename T, typename Align, typename Pipe>
 __device__ __forceinline__ void run_tile(acc_t& acc, const nt_operand<T>& a, const nt_operand<T>& b, int K,
                                          unsigned char* smem, Pipe& p) {
-  if constexpr (std::is_same<Align, tma90ws>::value) mainloop<T, Align>::run(acc, a, b, K, smem, p);
+  if constexpr (is_ws<Align>::value) mainloop<T, Align>::run(acc, a, b, K, smem, p);
   else mainloop<T, Align>::run(acc, a, b, K, smem), (void)p;
 }
 template <typename T, typename Align, typename Pipe>
 __device__ __forceinline__ void finish_tiles(unsigned char* smem, const Pipe& p) {
-  if constexpr (std::is_same<Align, tma90ws>::value) mainloop<T, Align>::finish(smem, p);
+  if constexpr (is_ws<Align>::value) mainloop<T, Align>::finish(smem, p);
   else (void)smem, (void)p;
 }
-/* The barrier of the 256 threads that hold the tile: __syncthreads, or named barrier 1 when the
- * producer warpgroup has left (tma90ws). */
-template <typename Align>
-__device__ __forceinline__ void tile_sync() {
-  if constexpr (std::is_same<Align, tma90ws>::value) fh_ptx::bar_sync(1, THREADS);
-  else __syncthreads();
-}
-
-/* tile_sync that also returns whether any of the 256 threads' pred was nonzero: __syncthreads_or,
- * or bar.red.or on barrier 1 (tma90ws). */
-template <typename Align>
-__device__ __forceinline__ int tile_sync_or(int pred) {
-  if constexpr (std::is_same<Align, tma90ws>::value) return fh_ptx::bar_red_or(1, THREADS, pred);
-  else return __syncthreads_or(pred);
-}
-
 /* Whether a kernel that has both takes the warp-specialized loop over the tma90 one: unless the
  * environment variable FH_WS is "0" (comparisons: both give the same bits; the GPU check times
  * both). The sm_90a conditions themselves are pick_tma90's. */
@@ -281,10 +272,19 @@ static inline bool ws_enabled() {
   return !(e && strcmp(e, "0") == 0);
 }
 
-/* The mainloop tag of a 16-bit T's warp-specialized sm_90a path (vec16 for fp32, never launched
- * on it: no wgmma form). */
-template <typename T>
-using tma90ws_for = typename std::conditional<sizeof(T) == 2, tma90ws, vec16>::type;
+/* The mainloop tag of a 16-bit T's warp-specialized sm_90a path, WS (vec16 for fp32, never
+ * launched on it: no wgmma form). */
+template <typename T, typename WS = tma90ws>
+using tma90ws_for = typename std::conditional<sizeof(T) == 2, WS, vec16>::type;
+
+/* Where a kernel's consumers may keep their own data between tiles (the backward's streamed
+ * GEMMs): the consumers' bytes of the warp-specialized ring, else the whole ring, which every
+ * other mainloop leaves free when its run returns. */
+template <typename T, typename Align>
+__device__ __forceinline__ unsigned char* tile_scratch(unsigned char* smem) {
+  if constexpr (is_ws<Align>::value) return mainloop<T, Align>::scratch(smem);
+  else return smem;
+}
 
 } /* namespace fh_eng */
 

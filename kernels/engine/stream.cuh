@@ -7,7 +7,8 @@
  * differs is that B's rows are k (classes or rows) with the output dimension d contiguous, so
  * B's fragments come from ldmatrix.trans (16-bit) or 32-bit shared loads (fp32, which ldmatrix
  * cannot transpose; fp32 goes through the three-piece bf16 split f32x3 of sm80.cuh). The loop over d-chunks is the pipelined main loop: 16-byte cp.async of
- * chunk c + STAGES - 1 while chunk c is multiplied, one barrier per chunk.
+ * chunk c + STAGES - 1 while chunk c is multiplied, one barrier of the 256 threads per chunk
+ * (tile_sync: a named barrier beside the warp-specialized loop's producer).
  *
  * B's non-finite elements enter the products as 0 (finite_or_zero in sm80.cuh): the gradient
  * sums never form 0·∞ for a masked class or row (docs/conventions.md), and a NaN gradient row
@@ -20,7 +21,7 @@
 #ifndef FH_KERNELS_ENGINE_STREAM_CUH
 #define FH_KERNELS_ENGINE_STREAM_CUH
 
-#include "sm80.cuh"
+#include "sm90.cuh" /* tile_sync */
 
 namespace fh_eng {
 
@@ -63,7 +64,8 @@ __device__ __forceinline__ int s_col(int j, int e) {
 /* TRANS_A: A = the resident tile transposed (16-bit types: ldmatrix.trans of the tile; for fp32
  * the caller stores the tile transposed and TRANS_A is false). n_out: output rows that matter
  * (warp-uniform skipping of m16 tiles past it). epi(acc, d0) is called once per chunk by every
- * thread, with d0 the chunk's first column; it may use __syncthreads. */
+ * thread (the 256 that hold the tile), with d0 the chunk's first column; it may use
+ * tile_sync<Align>. */
 template <typename T, typename Align, bool TRANS_A>
 struct stream_gemm {
   typedef stream_cfg<T> cfg;
@@ -88,7 +90,7 @@ struct stream_gemm {
     FH_NO_UNROLL
     for (int ch = 0; ch < nch; ++ch) {
       fh_ptx::cp_async_wait<STAGES - 2>();
-      __syncthreads(); /* chunk ch visible; the slot of ch - 1 and the epilogue's buffers free */
+      tile_sync<Align>(); /* chunk ch visible; the slot of ch - 1 and the epilogue's buffers free */
       {
         const int nc = ch + STAGES - 1;
         if (nc < nch) lb.issue(stages + (nc % STAGES) * CHUNK_BYTES, nc, dbytes);
@@ -159,7 +161,7 @@ struct stream_gemm {
       epi(acc, ch * cfg::DC);
     }
     fh_ptx::cp_async_wait<0>();
-    __syncthreads(); /* the stages and the resident tile may be rewritten by the caller */
+    tile_sync<Align>(); /* the stages and the resident tile may be rewritten by the caller */
   }
 };
 

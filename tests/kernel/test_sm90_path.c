@@ -14,10 +14,10 @@
  *   linear CE forward runs in clusters of 2 CTAs that multicast halves of each classifier tile,
  *   and reads it once per cluster (FH_MULTICAST=0 runs one CTA per row block), with results
  *   bitwise equal to both others.
- * - The linear CE forward's default on sm_90a is the warp-specialized loop (engine/sm90_ws.cuh);
- *   FH_WS=0 keeps the tma90 loop. The two are bitwise equal, told apart by the producer
- *   warpgroup's 128 extra threads per tile CTA, and the warp-specialized one passes fewer
- *   __syncthreads (the emulator's counters).
+ * - The linear CE forward's and backward's default on sm_90a is the warp-specialized loop
+ *   (engine/sm90_ws.cuh); FH_WS=0 keeps the tma90 loop. The two are bitwise equal, told apart by
+ *   the producer warpgroup's 128 extra threads per tile CTA, and the warp-specialized one passes
+ *   fewer __syncthreads (the emulator's counters).
  * - Distillation: both heads' tiles, forward and deterministic backward, bitwise likewise. */
 #define _POSIX_C_SOURCE 200809L /* setenv, unsetenv */
 #include <criterion/criterion.h>
@@ -37,8 +37,8 @@ static const fh_dtype_t DT[2] = {FH_DTYPE_BF16, FH_DTYPE_F16};
 static const char* DN[2] = {"bf16", "f16"};
 
 /* sm90: 0 the sm_80 loop (FH_ENGINE=sm80), 1 the sm_90a loop one CTA per row block
- * (FH_MULTICAST=0), 2 the default: sm_90a, the linear CE forward warp-specialized in clusters
- * of 2, 3 the same with the forward on the tma90 loop (FH_WS=0). */
+ * (FH_MULTICAST=0), 2 the default: sm_90a, the linear CE forward and backward warp-specialized,
+ * the forward in clusters of 2, 3 the same on the tma90 loop (FH_WS=0). */
 static void use_engine(int sm90) {
   if (sm90) unsetenv("FH_ENGINE");
   else setenv("FH_ENGINE", "sm80", 1);
@@ -56,6 +56,7 @@ typedef struct path_out {
   uint64_t c_bytes;   /* bytes of C read by the forward (cp.async or TMA) */
   uint64_t threads;   /* threads the forward's launches ran (384 per tile CTA warp-specialized) */
   uint64_t bars, named; /* the forward's completed __syncthreads and named-barrier phases */
+  uint64_t b_threads, b_bars, b_named; /* the same three of the backward */
 } path_out_t;
 
 static void run_path(int64_t N, int64_t V, int64_t D, int dt, float softcap, int sm90, path_out_t* o) {
@@ -84,7 +85,10 @@ static void run_path(int64_t N, int64_t V, int64_t D, int dt, float softcap, int
   fh_emu_watch_global(NULL, 0);
   lk_bwd_in_t in;
   lk_bwd_in_make(&in, &P, 1, 7);
+  fh_emu_reset_counters();
   cr_assert_eq(lk_run_backward(ctx, &P, &in, lse, ent, 7, NULL, &o->g), FH_SUCCESS);
+  const fh_emu_counters_t cb = fh_emu_total_counters();
+  o->b_threads = cb.threads, o->b_bars = cb.barriers, o->b_named = cb.named_barriers;
   lk_bwd_in_free(&in);
   free(lse), free(ent);
   fh_context_destroy(ctx);
@@ -120,6 +124,19 @@ static void compare_lce(int64_t N, int64_t V, int64_t D, float softcap) {
            (unsigned long long)o[3].bars, (unsigned long long)o[2].bars, (unsigned long long)o[2].named);
     cr_expect_lt(o[2].bars, o[3].bars, "%s: the warp-specialized forward passes as many CTA barriers", DN[dt]);
     cr_expect_eq(o[3].named, 0u, "%s: the tma90 loop uses no named barrier", DN[dt]);
+    /* The deterministic backward: the row-owner kernel over ceil(N / 128) blocks and the
+     * class-owner kernel over the class tiles, each CTA with a producer warpgroup. Its consumers
+     * meet at named barriers; __syncthreads remain only before the roles split (the ring's set-up
+     * and end, the class-owner kernel's row range). */
+    const uint64_t bctas = gx + (uint64_t)((V + 127) / 128);
+    cr_expect_eq(o[2].b_threads - o[3].b_threads, bctas * 128u,
+                 "%s: the default backward is not the warp-specialized one (%llu threads against %llu)", DN[dt],
+                 (unsigned long long)o[2].b_threads, (unsigned long long)o[3].b_threads);
+    printf("sm90 path %s N=%lld V=%lld D=%lld: backward __syncthreads %llu (tma90 loop) vs %llu (warp-specialized, "
+           "+%llu named-barrier phases)\n", DN[dt], (long long)N, (long long)V, (long long)D,
+           (unsigned long long)o[3].b_bars, (unsigned long long)o[2].b_bars, (unsigned long long)o[2].b_named);
+    cr_expect_lt(o[2].b_bars, o[3].b_bars, "%s: the warp-specialized backward passes as many CTA barriers", DN[dt]);
+    cr_expect_eq(o[3].b_named, 0u, "%s: the tma90 backward uses no named barrier", DN[dt]);
     for (int m = 0; m < 4; ++m) {
       /* clusters when the grid has two row blocks or more and the device schedules clusters */
       const int mc = m >= 2 && N > 128 && lk_multicast_on();
