@@ -15,11 +15,12 @@
  * (fp32 stays fp32) only as an mma operand, as CCE does.
  *
  * Shapes: E [N x D], C [V x D], bias [V]; 128 compacted rows x 128 classes per tile, 256 threads
- * (the engine's tile, docs/engine.md); each logit tile is recomputed by the forward's mainloop
- * with the forward's decomposition, so z is bitwise the forward's. G is formed in registers,
- * stored once to shared memory (grad_common.cuh), and the gradient GEMMs stream C or E through
- * the engine's second arrangement (engine/stream.cuh) in 128-byte chunks of D, each chunk's
- * result added to its destination by 16-byte read-modify-writes.
+ * (the engine's tile, docs/engine.md; 384 on sm_90a, with the warp-specialized loop's producer
+ * warpgroup: docs/hopper.md "The warp-specialized backward"); each logit tile is recomputed by
+ * the forward's mainloop with the forward's decomposition, so z is bitwise the forward's. G is
+ * formed in registers, stored once to shared memory (grad_common.cuh), and the gradient GEMMs
+ * stream C or E through the engine's second arrangement (engine/stream.cuh) in 128-byte chunks
+ * of D, each chunk's result added to its destination by 16-byte read-modify-writes.
  *
  * Filter (CCE): a tile is skipped for dE (filter_e_grad) / dC and dbias (filter_c_grad) when every
  * |p_ij − δ_jy| < filter_eps ("auto": eps(dtype)/32). It is tested on the unscaled softmax

@@ -234,9 +234,10 @@ if [ "$BUILD_OK" = 1 ] && [ "${NUM:-0}" = 90 ]; then
     syn=$(grep -o 'Synthesis: .*' "$LOGS/gpu_suite_sm80.log" | tail -1 | sed 's/ *$//')
     step "gpu suite with FH_ENGINE=sm80 (the sm_80 mainloop on Hopper): $([ $ok = 1 ] && echo ok || echo FAILED), ${syn:-no synthesis line}, $(($(date +%s) - t)) s"
   fi
-  # sm90a: the default (the forward warp-specialized, in 2-CTA clusters with the classifier tile
-  # multicast); sm90a_nows: FH_WS=0 (the forward on the plain sm_90a loop, what the producer
-  # warpgroup buys); sm90a_1cta: FH_MULTICAST=0 (one CTA per row block); sm80: the sm_80 loop.
+  # sm90a: the default (the linear CE forward and backward warp-specialized, the forward in 2-CTA
+  # clusters with the classifier tile multicast); sm90a_nows: FH_WS=0 (both on the plain sm_90a
+  # loop, what the producer warpgroup buys); sm90a_1cta: FH_MULTICAST=0 (one CTA per row block);
+  # sm80: the sm_80 loop.
   for eng in sm90a sm90a_nows sm90a_1cta sm80; do
     t=$(date +%s)
     case "$eng" in

@@ -1,4 +1,4 @@
-/* engine/stream.cuh: the engine's second operand arrangement (docs/engine.md "Streamed GEMM"):
+/* engine/stream.cuh: the engine's second operand arrangement (docs/engine.md "The streamed GEMM"):
  * a resident 128 x 128 A tile in shared memory times a B operand streamed from global memory in
  * chunks, out[128 x D] = A · B[128 x D], one [128 x DC] output chunk at a time handed to an
  * epilogue. The backward uses it for dE = G · C_tile (A = G) and dC = Gᵀ · E_rows (A = Gᵀ).

@@ -27,6 +27,7 @@ struct PtxState;
 void ptx_state_free(PtxState* s);
 /* Hooks the scheduler calls while the block's PTX state is active. */
 void ptx_on_barrier(PtxState& s);                        /* a __syncthreads completed */
+void ptx_on_named_barrier(PtxState& s, uint64_t warps);  /* a named barrier of these warps (bit w) completed */
 void ptx_on_warp_sync(PtxState& s, int warp, unsigned mask); /* a warp collective completed */
 void ptx_on_block_end(PtxState& s);                      /* every thread exited */
 

@@ -79,10 +79,15 @@ int arrive(int id, int count, bool wait, bool red, int pred) {
     /* Last arrival: the next phase, and the OR kept for this one's waiters. No thread can
      * complete the next phase (and overwrite result) before all of them have read it. */
     b = NamedBar{0, 0, -1, phase + 1, 0, 0, b.acc};
-    for (int i = 0; i < w.nthreads; ++i) w.threads[i].nbar_in = (uint16_t)(w.threads[i].nbar_in & ~(1u << id));
+    uint64_t warps = 0; /* the participants' warps */
+    for (int i = 0; i < w.nthreads; ++i) {
+      if (w.threads[i].nbar_in >> id & 1u) warps |= 1ull << (i / 32);
+      w.threads[i].nbar_in = (uint16_t)(w.threads[i].nbar_in & ~(1u << id));
+    }
     async_wake(&b);
     ++w.counters.named_barriers;
-    if (w.ptx_active) ptx_on_barrier(*w.ptx); /* a new racecheck interval (see the file comment) */
+    /* a new racecheck interval (see the file comment), and the participants' accesses regrouped */
+    if (w.ptx_active) ptx_on_named_barrier(*w.ptx, warps);
   } else if (wait) {
     while (b.phase == phase) async_sleep(&b);
   }

@@ -340,6 +340,15 @@ void ptx_on_barrier(PtxState& s) {
   ptx::flush_instructions(s);
 }
 
+/* Only the participants' warps are realigned: a warp outside the barrier (a producer running
+ * on) may have lanes at different accesses right now, and restarting their counts would group
+ * one lane's n-th access with another's m-th (false bank conflicts). */
+void ptx_on_named_barrier(PtxState& s, uint64_t warps) {
+  ++s.epoch;
+  for (size_t w = 0; w < s.warps.size() && w < 64; ++w)
+    if (warps >> w & 1u) ptx::flush_warp(s, (int)w);
+}
+
 /* Vector clocks: every lane of the collective ticks its own clock, then all learn the maximum
  * of what any of them knew, so an access a lane made before the collective is ordered before
  * whatever the others do after it. */

@@ -133,6 +133,8 @@ void note_phase(int ways);
  * instructions are counted at once, partial ones at the next barrier or the block's end. */
 void group_access(PtxState& s, Stream st, const void* saddr, int sbytes, const void* gaddr, int gbytes);
 void flush_instructions(PtxState& s);
+/* The same for one warp: its partial instructions counted, its lanes' access counts restarted. */
+void flush_warp(PtxState& s, int warp);
 
 } // namespace ptx
 } // namespace fh_emu

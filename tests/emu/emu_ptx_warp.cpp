@@ -99,14 +99,19 @@ void group_access(PtxState& s, Stream st, const void* saddr, int sbytes, const v
   }
 }
 
+void flush_warp(PtxState& s, int warp) {
+  WarpPtx& w = s.warps[(size_t)warp];
+  for (int st = 0; st < S_COUNT; ++st) {
+    for (const Instr& in : w.q[st]) count_instruction(in, (Stream)st);
+    w.q[st].clear();
+    w.base[st] = 0;
+  }
+  for (int t = warp * 32; t < warp * 32 + 32 && t < s.nthreads; ++t)
+    std::memset(s.threads[(size_t)t].k, 0, sizeof s.threads[(size_t)t].k);
+}
+
 void flush_instructions(PtxState& s) {
-  for (WarpPtx& w : s.warps)
-    for (int st = 0; st < S_COUNT; ++st) {
-      for (const Instr& in : w.q[st]) count_instruction(in, (Stream)st);
-      w.q[st].clear();
-      w.base[st] = 0;
-    }
-  for (int t = 0; t < s.nthreads; ++t) std::memset(s.threads[(size_t)t].k, 0, sizeof s.threads[(size_t)t].k);
+  for (size_t w = 0; w < s.warps.size(); ++w) flush_warp(s, (int)w);
 }
 
 namespace {

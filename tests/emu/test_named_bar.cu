@@ -149,3 +149,37 @@ void red_mixed() { FH_LAUNCH(red_mixed_kernel, 1, 256, 0, nullptr); }
 Test(emu_named_bar, report_red_mixed_with_sync) {
   expect_report(red_mixed, {"bar.red mixed with bar.sync / bar.arrive in one phase", " 3, 256: thread "});
 }
+
+/* ---- bank accounting across a named barrier ----
+ * The twins group a lane's n-th shared access with the n-th of its warp's other lanes, and
+ * restart the counts at a barrier (a divergent access leaves them unequal). Warp 0 passes named
+ * barrier 1 alone, after a store of 4 lanes, while warp 1 runs on: 256 stores, row i with lane l
+ * in bank (l + i) % 32, conflict-free when grouped by i, while a lane of row i beside one of row j
+ * may share a bank. Random preemption lets warp 1's lanes drift apart, so restarting their
+ * counts at warp 0's barrier (they are not in it) would group rows i and j and count conflicts. */
+__global__ void bank_runner_kernel(int rounds) {
+  FH_DYNAMIC_SMEM(uint32_t, sm);
+  const int lane = (int)threadIdx.x & 31;
+  if (threadIdx.x >= 32) {
+    for (int i = 0; i < 256; ++i) fh_ptx::sts_u32(sm + 64 + 32 * i + ((lane + i) & 31), (uint32_t)i);
+    return;
+  }
+  for (int r = 0; r < rounds; ++r) {
+    if (lane < 4) fh_ptx::sts_u32(sm + lane, (uint32_t)r);
+    fh_ptx::bar_sync(1, 32);
+    fh_ptx::sts_u32(sm + 32 + lane, (uint32_t)r);
+  }
+}
+
+Test(emu_named_bar, bank_accounting_outside_the_barrier) {
+  fh_emu_set_yield(0.5);
+  fh_emu_reset_counters();
+  FH_LAUNCH(bank_runner_kernel, 4, 64, (size_t)(64 + 32 * 256) * sizeof(uint32_t), nullptr, 64);
+  EMU_CHECK_LAUNCH();
+  const fh_emu_counters_t n = fh_emu_total_counters();
+  cr_expect_eq(n.named_barriers, 4u * 64u);
+  /* per block: warp 1's 256 one-phase stores, warp 0's 64 x 2 */
+  cr_expect_eq(n.smem_wavefronts, 4u * (256u + 128u), "shared wavefronts %llu", (unsigned long long)n.smem_wavefronts);
+  cr_expect_eq(n.bank_conflict_replays, 0u, "bank-conflict replays %llu (worst %llu-way)",
+               (unsigned long long)n.bank_conflict_replays, (unsigned long long)n.bank_conflict_max_ways);
+}
