@@ -9,12 +9,12 @@
  *     8 issues the copies. A whole warpgroup, because setmaxnreg works per warpgroup and 9 warps
  *     would cap every thread at 168 registers anyway (3 warps in one SM sub-partition): the
  *     producer drops to 56 registers, the consumers rise to 224.
- *   - The producer fills a ring of S slots of 32 KiB (4 for the forward, 3 for the backward, whose
- *     streamed GEMMs need their own room: the tag's X bytes after the slots): lane 0 announces B's bytes
- *     (expect_tx) and issues its TMA box (or, in a 2-CTA cluster, its half, multicast to both);
- *     every lane copies 32 16-byte chunks of A's gathered rows by cp.async and then arrives on
- *     the slot's full barrier with cp.async.mbarrier.arrive.noinc, which fires once its copies
- *     landed. full[s] thus counts 1 + 32 arrivals and B's bytes.
+ *   - The producer fills a ring of S slots of 32 KiB (4 for the forward, 3 for the backward,
+ *     whose streamed GEMMs need room of their own: the tag's X bytes after the slots): lane 0
+ *     announces B's bytes (expect_tx) and issues its TMA box (or, in a 2-CTA cluster, its half,
+ *     multicast to both); every lane copies 32 16-byte chunks of A's gathered rows by cp.async
+ *     and then arrives on the slot's full barrier with cp.async.mbarrier.arrive.noinc, which
+ *     fires once its copies landed. full[s] thus counts 1 + 32 arrivals and B's bytes.
  *   - The consumers wait on full[s] (parity = the ring's pass), order the cp.async bytes for
  *     the async proxy (fence.proxy.async), run the k-block's wgmma chain, and once its group
  *     retired (one k-block later: wait_group 1) each warp's lane 0 releases the slot on empty[s]
@@ -173,7 +173,7 @@ struct mainloop<T, tma90ws_t<S, X>> {
     FH_NO_UNROLL
     for (int kb = 0; kb < kt; ++kb) {
       const uint32_t i = it + (uint32_t)kb, s = i % S;
-      /* the slot's previous k-block (i - STAGES) is retired, in both CTAs of a cluster */
+      /* the slot's previous k-block (i - S) is retired, in both CTAs of a cluster */
       if (i >= (uint32_t)S) fh_ptx::mbar_wait(&empty[s], ((i / S) & 1u) ^ 1u);
       unsigned char* st = ring + (size_t)s * sm90::STAGE_BYTES;
       if (lane == 0) {

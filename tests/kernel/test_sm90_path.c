@@ -54,9 +54,9 @@ typedef struct path_out {
   int64_t nv;         /* valid rows */
   uint64_t fwd_flops; /* tensor-core FLOPs of the forward */
   uint64_t c_bytes;   /* bytes of C read by the forward (cp.async or TMA) */
-  uint64_t threads;   /* threads the forward's launches ran (384 per tile CTA warp-specialized) */
-  uint64_t bars, named; /* the forward's completed __syncthreads and named-barrier phases */
-  uint64_t b_threads, b_bars, b_named; /* the same three of the backward */
+  /* per pass (0 forward, 1 backward): threads its launches ran (384 per tile CTA
+   * warp-specialized), its completed __syncthreads and named-barrier phases */
+  uint64_t threads[2], bars[2], named[2];
 } path_out_t;
 
 static void run_path(int64_t N, int64_t V, int64_t D, int dt, float softcap, int sm90, path_out_t* o) {
@@ -80,15 +80,15 @@ static void run_path(int64_t N, int64_t V, int64_t D, int dt, float softcap, int
   fh_emu_reset_counters();
   cr_assert_eq(lk_run_forward(ctx, &P, &o->f, lse, ent), FH_SUCCESS);
   const fh_emu_counters_t c = fh_emu_total_counters();
-  o->fwd_flops = c.mma_flops, o->c_bytes = c.bytes_g2s_watched, o->threads = c.threads;
-  o->bars = c.barriers, o->named = c.named_barriers;
+  o->fwd_flops = c.mma_flops, o->c_bytes = c.bytes_g2s_watched;
+  o->threads[0] = c.threads, o->bars[0] = c.barriers, o->named[0] = c.named_barriers;
   fh_emu_watch_global(NULL, 0);
   lk_bwd_in_t in;
   lk_bwd_in_make(&in, &P, 1, 7);
   fh_emu_reset_counters();
   cr_assert_eq(lk_run_backward(ctx, &P, &in, lse, ent, 7, NULL, &o->g), FH_SUCCESS);
   const fh_emu_counters_t cb = fh_emu_total_counters();
-  o->b_threads = cb.threads, o->b_bars = cb.barriers, o->b_named = cb.named_barriers;
+  o->threads[1] = cb.threads, o->bars[1] = cb.barriers, o->named[1] = cb.named_barriers;
   lk_bwd_in_free(&in);
   free(lse), free(ent);
   fh_context_destroy(ctx);
@@ -103,8 +103,26 @@ static void free_path(path_out_t* o) {
   lk_grads_free(&o->g);
 }
 
+/* The default path (ws) against FH_WS=0 (nows) on one pass of the linear CE: 128 more threads per
+ * tile CTA (ctas of them), and consumers that meet at no CTA barrier per k-block: the
+ * warp-specialized pass's __syncthreads (only before the roles split: the ring's set-up and end,
+ * the class-owner kernel's row range) do not grow with K or the tiles, the tma90 loop's do. */
+static void check_ws_pass(const path_out_t* ws, const path_out_t* nows, int pass, uint64_t ctas, int dt, int64_t N,
+                          int64_t V, int64_t D) {
+  static const char* PASS[2] = {"forward", "backward"};
+  cr_expect_eq(ws->threads[pass] - nows->threads[pass], ctas * 128u,
+               "%s: the default %s is not the warp-specialized one (%llu threads against %llu)", DN[dt], PASS[pass],
+               (unsigned long long)ws->threads[pass], (unsigned long long)nows->threads[pass]);
+  printf("sm90 path %s N=%lld V=%lld D=%lld: %s __syncthreads %llu (tma90 loop) vs %llu (warp-specialized, "
+         "+%llu named-barrier phases)\n", DN[dt], (long long)N, (long long)V, (long long)D, PASS[pass],
+         (unsigned long long)nows->bars[pass], (unsigned long long)ws->bars[pass], (unsigned long long)ws->named[pass]);
+  cr_expect_lt(ws->bars[pass], nows->bars[pass], "%s: the warp-specialized %s passes as many CTA barriers", DN[dt],
+               PASS[pass]);
+  cr_expect_eq(nows->named[pass], 0u, "%s: the tma90 %s uses no named barrier", DN[dt], PASS[pass]);
+}
+
 static void compare_lce(int64_t N, int64_t V, int64_t D, float softcap) {
-  static const char* PN[4] = {"sm_80", "sm_90a", "sm_90a in clusters of 2", "sm_90a tma90 forward (FH_WS=0)"};
+  static const char* PN[4] = {"sm_80", "sm_90a", "sm_90a in clusters of 2", "sm_90a tma90 loop (FH_WS=0)"};
   for (int dt = 0; dt < 2; ++dt) {
     path_out_t o[4]; /* by use_engine's mode; o[0] (sm_80) is the reference */
     for (int m = 0; m < 4; ++m) run_path(N, V, D, dt, softcap, m, &o[m]);
@@ -114,29 +132,11 @@ static void compare_lce(int64_t N, int64_t V, int64_t D, float softcap) {
      * over ceil(N / 128) row blocks (even in clusters) x S = ceil(V / 128) splits (V <= 2048). */
     const int mc2 = N > 128 && lk_multicast_on();
     const uint64_t gx = (uint64_t)((N + 127) / 128), ctas = (mc2 ? gx + (gx & 1u) : gx) * (uint64_t)((V + 127) / 128);
-    cr_expect_eq(o[2].threads - o[3].threads, ctas * 128u,
-                 "%s: the default forward is not the warp-specialized one (%llu threads against %llu)", DN[dt],
-                 (unsigned long long)o[2].threads, (unsigned long long)o[3].threads);
-    /* The warp-specialized forward's consumers meet at no CTA barrier per k-block: its
-     * __syncthreads count does not grow with K or the tiles, the tma90 loop's does. */
-    printf("sm90 path %s N=%lld V=%lld D=%lld: forward __syncthreads %llu (tma90 loop) vs %llu (warp-specialized, "
-           "+%llu named-barrier phases)\n", DN[dt], (long long)N, (long long)V, (long long)D,
-           (unsigned long long)o[3].bars, (unsigned long long)o[2].bars, (unsigned long long)o[2].named);
-    cr_expect_lt(o[2].bars, o[3].bars, "%s: the warp-specialized forward passes as many CTA barriers", DN[dt]);
-    cr_expect_eq(o[3].named, 0u, "%s: the tma90 loop uses no named barrier", DN[dt]);
     /* The deterministic backward: the row-owner kernel over ceil(N / 128) blocks and the
-     * class-owner kernel over the class tiles, each CTA with a producer warpgroup. Its consumers
-     * meet at named barriers; __syncthreads remain only before the roles split (the ring's set-up
-     * and end, the class-owner kernel's row range). */
+     * class-owner kernel over the class tiles, each CTA with a producer warpgroup too. */
     const uint64_t bctas = gx + (uint64_t)((V + 127) / 128);
-    cr_expect_eq(o[2].b_threads - o[3].b_threads, bctas * 128u,
-                 "%s: the default backward is not the warp-specialized one (%llu threads against %llu)", DN[dt],
-                 (unsigned long long)o[2].b_threads, (unsigned long long)o[3].b_threads);
-    printf("sm90 path %s N=%lld V=%lld D=%lld: backward __syncthreads %llu (tma90 loop) vs %llu (warp-specialized, "
-           "+%llu named-barrier phases)\n", DN[dt], (long long)N, (long long)V, (long long)D,
-           (unsigned long long)o[3].b_bars, (unsigned long long)o[2].b_bars, (unsigned long long)o[2].b_named);
-    cr_expect_lt(o[2].b_bars, o[3].b_bars, "%s: the warp-specialized backward passes as many CTA barriers", DN[dt]);
-    cr_expect_eq(o[3].b_named, 0u, "%s: the tma90 backward uses no named barrier", DN[dt]);
+    for (int pass = 0; pass < 2; ++pass)
+      check_ws_pass(&o[2], &o[3], pass, pass ? bctas : ctas, dt, N, V, D);
     for (int m = 0; m < 4; ++m) {
       /* clusters when the grid has two row blocks or more and the device schedules clusters */
       const int mc = m >= 2 && N > 128 && lk_multicast_on();
