@@ -89,6 +89,7 @@ void activate(PtxState& s) {
     t.committed = 0;
     std::memset(t.k, 0, sizeof t.k);
     std::memset(t.vc, 0, sizeof t.vc);
+    t.fence_seq = 0;
   }
   s.warps.resize((size_t)(s.nthreads + 31) / 32);
   for (WarpPtx& w : s.warps)
@@ -297,6 +298,7 @@ void shadow_write(PtxState& s, int thread, const unsigned char* p, int bytes, Ki
   const size_t w0 = (size_t)(p - s.smem) / 4, w1 = ((size_t)(p - s.smem) + (size_t)bytes + 3) / 4;
   const uint32_t E = s.epoch, clock = s.threads[(size_t)thread].vc[thread % 32];
   const int warp = thread / 32;
+  const uint64_t gseq = claim < 0 ? ++s.gseq : 0; /* st.shared and cp.async: the generic proxy */
   for (size_t w = w0; w < w1; ++w) {
     WordShadow& x = s.shadow[w];
     if (x.inflight) report_inflight(s, thread, true, kind, p, bytes, s.copies[(size_t)x.inflight - 1]);
@@ -322,7 +324,31 @@ void shadow_write(PtxState& s, int thread, const unsigned char* p, int bytes, Ki
       x.w_clock = clock;
       x.w_thread = (uint16_t)thread;
       x.w_kind = kind;
+      x.g_seq = gseq;
     }
+  }
+}
+
+void note_async_write(PtxState& s, const unsigned char* p, uint32_t bytes) {
+  if (!(s.smem_bytes && p >= s.smem && p < s.smem + s.smem_bytes)) return;
+  const size_t w0 = (size_t)(p - s.smem) / 4, w1 = std::min(((size_t)(p - s.smem) + bytes + 3) / 4, s.shadow.size());
+  for (size_t w = w0; w < w1; ++w) s.shadow[w].g_seq = 0;
+}
+
+void fence_proxy(PtxState& s, int thread) { s.threads[(size_t)thread].fence_seq = s.gseq; }
+
+void check_async_read(PtxState& s, int thread, const unsigned char* p, int bytes, const char* what) {
+  if (!(s.smem_bytes && p >= s.smem && p < s.smem + s.smem_bytes)) return;
+  const size_t w0 = (size_t)(p - s.smem) / 4, w1 = ((size_t)(p - s.smem) + (size_t)bytes + 3) / 4;
+  for (size_t w = w0; w < w1; ++w) {
+    const WordShadow& x = s.shadow[w];
+    if (!x.g_seq || x.w_epoch < s.base) continue; /* async-proxy write, none, or an earlier block's */
+    if (s.threads[(size_t)thread].fence_seq >= x.g_seq || s.threads[(size_t)x.w_thread].fence_seq >= x.g_seq) continue;
+    fail("async-proxy read of a generic-proxy write without fence.proxy.async", thread,
+         "%s reads bytes %zu-%zu of dynamic shared memory, last written by %s (%s), and neither that thread after "
+         "its write nor this one before the read executed fence.proxy.async: the async proxy (wgmma, TMA) need "
+         "not see generic-proxy writes (st.shared, cp.async) without it", what, 4 * w, 4 * w + 3,
+         thread_name(x.w_thread).c_str(), kind_name(x.w_kind));
   }
 }
 

@@ -13,7 +13,17 @@
  *
  * cp.async. A copy is in flight from its issue to the cp.async.wait_group that retires it: its
  * destination words carry the copy's id, and any twin access to them is reported. At the wait
- * it lands (source read, zero fill) and is recorded as a write of the issuing thread then. */
+ * it lands (source read, zero fill) and is recorded as a write of the issuing thread then.
+ *
+ * Proxies (PTX ISA, "Memory Consistency Model: Proxies", "membar/fence": fence.proxy.async).
+ * st.shared and cp.async write through the generic proxy, wgmma reads its operands through the
+ * async proxy, which need not see a generic write unless a fence.proxy.async lies between them.
+ * Every generic write stamps its words with a per-worker sequence number (g_seq), a TMA box
+ * clears them (an async-proxy write), and fence.proxy.async records the sequence number of the
+ * executing thread's moment (fence_seq). A wgmma operand word is in order when the reading thread
+ * fenced after the write, or the writing thread did (the write before its own fence, then a
+ * barrier or mbarrier to the reader: racecheck and the in-flight checks cover that part). The
+ * other direction (generic accesses after async-proxy ones) is not modelled. */
 #ifndef FH_EMU_PTX_STATE_H
 #define FH_EMU_PTX_STATE_H
 
@@ -40,6 +50,7 @@ struct WordShadow {
   uint16_t w_thread, r_thread;
   uint8_t w_kind, r_kind;
   int32_t inflight; /* id + 1 of the cp.async in flight to this word, 0 if none */
+  uint64_t g_seq;   /* the last write, when through the generic proxy: its sequence number, else 0 */
 };
 
 struct Copy {
@@ -59,6 +70,7 @@ struct ThreadPtx {
   int committed;            /* commit groups closed so far */
   uint32_t k[S_COUNT];
   uint32_t vc[32]; /* vector clock over the lanes of the warp */
+  uint64_t fence_seq; /* PtxState::gseq at this thread's last fence.proxy.async (0: none) */
 };
 
 struct Instr {
@@ -94,6 +106,7 @@ struct PtxState {
   std::vector<ptx::Copy> copies; /* in flight; slots reused through free_copies */
   std::vector<int> free_copies;
   int outside_pending = 0; /* copies in flight to static __shared__ variables */
+  uint64_t gseq = 0;       /* generic-proxy shared writes so far (see Proxies above) */
   /* Hopper twins (emu_sm90*.cpp): bulk tensor copies in flight, and whether any wgmma ran in
    * this block (only then are st.shared values checked for accumulator poison) */
   int bulk_inflight = 0;
@@ -119,6 +132,11 @@ void check_cp_landed(PtxState& s, int thread, const unsigned char* p, int bytes,
  * thread's pending list. */
 void land_copy(PtxState& s, int id);
 void shadow_write(PtxState& s, int thread, const unsigned char* p, int bytes, Kind kind, int claim = -1);
+/* Proxies (see above): an async-proxy write of [p, p + bytes) (a TMA box), a thread's
+ * fence.proxy.async, and an async-proxy read by `thread` (what names the operand in a report). */
+void note_async_write(PtxState& s, const unsigned char* p, uint32_t bytes);
+void fence_proxy(PtxState& s, int thread);
+void check_async_read(PtxState& s, int thread, const unsigned char* p, int bytes, const char* what);
 /* "bytes 16-31 of dynamic shared memory" / "16 bytes at 0x... (a __shared__ variable)" */
 std::string describe(PtxState& s, const void* p, int bytes);
 std::string thread_name(int thread); /* "thread 37 (warp 1, lane 5)" */

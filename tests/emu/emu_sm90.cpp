@@ -353,8 +353,9 @@ bool sm90_mbar_try_wait(void* bar, uint32_t parity) {
 }
 
 void sm90_fence_proxy_async() {
-  ptx::state();
-  /* Generic-to-async proxy ordering is not modelled (docs/hopper.md): a no-op. */
+  /* Generic-to-async ordering: what the executing thread has seen so far may be read through the
+   * async proxy (emu_ptx_state.h, "Proxies"). */
+  ptx::fence_proxy(ptx::state(), running_thread().linear);
 }
 
 void sm90_setmaxnreg(int n, bool inc) {

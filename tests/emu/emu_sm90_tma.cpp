@@ -143,6 +143,7 @@ void sm90_tma_load_2d(void* dst, const void* tmap, int32_t c0, int32_t c1, void*
     check_bulk(rs, t, d, (int)bytes, true, "cp.async.bulk.tensor destination");
     Bulk b{d, off, bytes, rbar, m, c0, c1, t, mb->phase, cluster_rank()};
     std::memset(d, 0xff, bytes); /* poisoned (NaN) until it lands */
+    ptx::note_async_write(rs, d, bytes); /* through the async proxy: no proxy fence needed */
     st_of(rs).bulks.push_back(b);
     ++rs.bulk_inflight;
   }

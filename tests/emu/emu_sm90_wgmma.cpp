@@ -125,7 +125,7 @@ int warpgroup_thread(const char* op) {
  * some point between mma_async and the wait_group that retires it, so the twin reads them at both
  * ends and reports a difference. */
 uint64_t read_operands(PtxState& s, uint64_t desc_a, uint64_t desc_b, int n, WgmmaKind kind, int t, float (&a)[2][16],
-                       std::vector<float>& b) {
+                       std::vector<float>& b, bool issue) {
   const Desc da = decode(desc_a, t, "A"), db = decode(desc_b, t, "B");
   const int lt = t % 128, w = lt / 32, g = (lt % 32) / 4, q = lt % 4;
   uint64_t hsh = 0xcbf29ce484222325ull;
@@ -141,6 +141,16 @@ uint64_t read_operands(PtxState& s, uint64_t desc_a, uint64_t desc_b, int n, Wgm
     for (int c = 0; c < 2; ++c)
       for (int k = 0; k < 16; ++k)
         mix(b[(size_t)(2 * j + c) * 16 + k] = load_elem(s, db, (uint32_t)(8 * j + 2 * q + c), (uint32_t)k, kind, t, "B"));
+  /* At issue, after every element passed the in-flight checks (a copy not yet landed is the
+   * first mistake to name): the proxy order of the landed ones (emu_ptx_state.h, "Proxies"). */
+  for (int h = 0; issue && h < 2; ++h)
+    for (int k = 0; k < 16; ++k)
+      ptx::check_async_read(s, t, s.smem + elem_off(da, (uint32_t)(16 * w + g + 8 * h), (uint32_t)k), 2, "wgmma operand A");
+  for (int j = 0; issue && j < n / 8; ++j)
+    for (int c = 0; c < 2; ++c)
+      for (int k = 0; k < 16; ++k)
+        ptx::check_async_read(s, t, s.smem + elem_off(db, (uint32_t)(8 * j + 2 * q + c), (uint32_t)k), 2,
+                              "wgmma operand B");
   return hsh;
 }
 
@@ -191,7 +201,7 @@ void sm90_wgmma_wait(int n) {
     {
       float a[2][16];
       std::vector<float> b;
-      if (read_operands(ptx::state(), o.desc_a, o.desc_b, o.n, (WgmmaKind)o.kind, t, a, b) != o.operand_hash)
+      if (read_operands(ptx::state(), o.desc_a, o.desc_b, o.n, (WgmmaKind)o.kind, t, a, b, false) != o.operand_hash)
         ptx::fail("wgmma operand changed while in flight", t,
                   "wgmma.wait_group %d retires the m64n%dk16 of commit group %d, but the shared memory of its A or B "
                   "operand (descriptors 0x%016llx, 0x%016llx) was written after the mma_async: the operands belong "
@@ -253,7 +263,7 @@ void sm90_wgmma(float* d, int n, uint64_t desc_a, uint64_t desc_b, int scale_d, 
   float a[2][16];
   std::vector<float> b;
   op.desc_a = desc_a, op.desc_b = desc_b, op.kind = kind;
-  op.operand_hash = read_operands(s, desc_a, desc_b, n, kind, t, a, b);
+  op.operand_hash = read_operands(s, desc_a, desc_b, n, kind, t, a, b, true);
   for (int j = 0; j < n / 8; ++j)
     for (int c = 0; c < 2; ++c) {
       const float* bc = &b[(size_t)(2 * j + c) * 16];

@@ -550,3 +550,30 @@ Test(emu_sm90, report_operand_written_while_in_flight) {
   EMU_CHECK_LAUNCH();
   expect_report(run_operand_write, {"fh_emu ptx: wgmma operand changed while in flight", "commit group 0"});
 }
+
+/* st.shared operands read by wgmma: the async proxy sees them after a fence.proxy.async by the
+ * reading threads after the barrier (mode 1) or by the writing threads before it (mode 2), and
+ * not at all without one (mode 0, a report). */
+__global__ void proxy_fence_kernel(int mode) {
+  FH_DYNAMIC_SMEM(unsigned char, smem);
+  for (int i = (int)threadIdx.x; i < 1024; i += 128) fh_ptx::sts_u32(smem + 4 * i, 0x3e003e00u);
+  if (mode == 2) fh_ptx::fence_proxy_async();
+  __syncthreads();
+  if (mode == 1) fh_ptx::fence_proxy_async();
+  float d[32];
+  fh_ptx::wgmma_fence();
+  fh_ptx::wgmma_zero<64, true>(d, fh_ptx::make_smem_desc(smem, 128, 256, fh_ptx::SWIZZLE_NONE),
+                               fh_ptx::make_smem_desc(smem + 2048, 128, 256, fh_ptx::SWIZZLE_NONE));
+  fh_ptx::wgmma_commit();
+  fh_ptx::wgmma_wait<0>();
+  fh_ptx::wgmma_fence_operand(d);
+}
+static void run_proxy_unfenced() { FH_LAUNCH(proxy_fence_kernel, 1, 128, 4096, nullptr, 0); }
+Test(emu_sm90, report_generic_write_read_by_wgmma_without_proxy_fence) {
+  for (int mode = 1; mode <= 2; ++mode) {
+    FH_LAUNCH(proxy_fence_kernel, 1, 128, 4096, nullptr, mode);
+    EMU_CHECK_LAUNCH();
+  }
+  expect_report(run_proxy_unfenced, {"fh_emu ptx: async-proxy read of a generic-proxy write without fence.proxy.async",
+                                     "wgmma operand A reads bytes", "(st.shared)"});
+}
